@@ -1,0 +1,89 @@
+"""Store locations: a local path or an fsspec URL (s3://bucket/prefix), opened as a zarr store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from zarr.abc.store import Store
+from zarr.storage import FsspecStore, LocalStore
+
+from .errors import UserError
+
+
+def is_remote(url: str | os.PathLike) -> bool:
+    """True for fsspec URLs such as s3://bucket/key; False for local paths (and file://)."""
+    s = str(url)
+    return "://" in s and not s.startswith("file://")
+
+
+def local_path(url: str | os.PathLike) -> Path:
+    s = str(url)
+    return Path(s[len("file://"):] if s.startswith("file://") else s).expanduser()
+
+
+def open_store(url: str | os.PathLike, read_only: bool = False) -> Store:
+    """A zarr Store for a location. S3 uses s3fs; endpoint and keys come from the usual AWS
+    environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_DEFAULT_REGION...)."""
+    if not is_remote(url):
+        return LocalStore(local_path(url), read_only=read_only)
+    s = str(url)
+    try:
+        storage_options: dict = {}
+        if s.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
+            storage_options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+        return FsspecStore.from_url(s, storage_options=storage_options, read_only=read_only)
+    except ImportError as e:
+        raise UserError(f"cannot open {s}: {e}; install the S3 extra: pip install 'actcache[s3]'") from None
+
+
+def exists(url: str | os.PathLike) -> bool:
+    """Whether anything is at this location (a file, a non-empty folder, or objects under a prefix)."""
+    if not is_remote(url):
+        p = local_path(url)
+        return p.exists() and (p.is_file() or any(p.iterdir()))
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(str(url), **_fs_options(str(url)))
+    try:
+        return bool(fs.exists(path) and (fs.isfile(path) or fs.ls(path)))
+    except FileNotFoundError:
+        return False
+
+
+def remove(url: str | os.PathLike) -> None:
+    """Delete everything at a location (used by --overwrite)."""
+    if not is_remote(url):
+        import shutil
+
+        p = local_path(url)
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+        return
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(str(url), **_fs_options(str(url)))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def disk_usage(url: str | os.PathLike, prefix: str = "") -> int:
+    """Bytes stored under a location (optionally under a sub-prefix such as 'activations')."""
+    if not is_remote(url):
+        root = local_path(url) / prefix
+        if root.is_file():
+            return root.stat().st_size
+        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(str(url), **_fs_options(str(url)))
+    full = f"{path.rstrip('/')}/{prefix}" if prefix else path
+    return int(fs.du(full, total=True)) if fs.exists(full) else 0
+
+
+def _fs_options(url: str) -> dict:
+    if url.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
+        return {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
+    return {}

@@ -1,0 +1,133 @@
+"""The manifest: everything needed to interpret (and reproduce) a store, kept in the root group's
+attrs["actcache"]. Part of the public store format (see the README)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from . import __version__
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelInfo:
+    name: str  # as given: a hub name, a local folder, a .gguf file, an alias or a random: spec
+    revision: str | None = None
+    d_model: int = 0
+    n_layers: int = 0
+    n_ctx: int = 0
+    dtype: str = "float32"  # the compute dtype of the forward pass
+    architecture: str | None = None
+
+
+@dataclass
+class TokenizerInfo:
+    name: str | None = None
+    vocab_size: int = 0
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+
+@dataclass
+class DatasetInfo:
+    path: str = ""
+    name: str | None = None  # the dataset config name
+    split: str = "train"
+    text_column: str | None = "text"  # None when the data is pre-tokenised (input_ids)
+    revision: str | None = None
+    fingerprint: str | None = None  # a hash of local files (path, size, mtime-free content sample)
+    streaming: bool = False
+    data_files: list[str] | None = None
+
+
+@dataclass
+class HookInfo:
+    name: str
+    d: int
+
+
+@dataclass
+class Manifest:
+    model: ModelInfo
+    tokenizer: TokenizerInfo
+    dataset: DatasetInfo
+    hooks: list[HookInfo]
+    context_size: int
+    prepend_bos: bool
+    seed: int
+    n_sequences: int  # planned; the arrays have this many rows of sequences
+    chunk_sequences: int  # sequences per chunk, identical in every array
+    codec: str
+    batch_size: int  # sequences per forward pass (affects float rounding, so part of identity)
+    overflow: str = "error"  # "error" or "clamp"
+    dtype: str = "float16"
+    n_chunks_committed: int = 0
+    complete: bool = False
+    format_version: int = FORMAT_VERSION
+    package_version: str = __version__
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # fields that change while a harvest runs, or that do not bear on the bytes of the arrays
+    PROGRESS_FIELDS = ("n_chunks_committed", "complete", "package_version", "extra")
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_sequences // self.chunk_sequences)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_sequences * self.context_size
+
+    @property
+    def hook_names(self) -> list[str]:
+        return [h.name for h in self.hooks]
+
+    def hook(self, name: str) -> HookInfo:
+        for h in self.hooks:
+            if h.name == name:
+                return h
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        d = dict(d)
+        known = {f.name for f in fields(cls)}
+        return cls(
+            model=ModelInfo(**d.pop("model")),
+            tokenizer=TokenizerInfo(**d.pop("tokenizer")),
+            dataset=DatasetInfo(**d.pop("dataset")),
+            hooks=[HookInfo(**h) for h in d.pop("hooks")],
+            **{k: v for k, v in d.items() if k in known},
+        )
+
+    def first_difference(self, other: "Manifest") -> str | None:
+        """The first field (dotted path) whose value differs, ignoring progress fields."""
+        a, b = self.to_dict(), other.to_dict()
+        for k in self.PROGRESS_FIELDS:
+            a.pop(k, None)
+            b.pop(k, None)
+        return _first_diff(a, b, "")
+
+
+def _first_diff(a: Any, b: Any, path: str) -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            d = _first_diff(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+            if d:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = _first_diff(x, y, f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    if a != b:
+        return f"{path} (store has {a!r}, now {b!r})"
+    return None
