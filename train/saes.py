@@ -91,12 +91,10 @@ class TrainingSAE(nn.Module):
     # ------------------------------------------------------------------ export
     def export_state(self, scale: float) -> tuple[str, dict, dict[str, torch.Tensor]]:
         """(SAELens architecture, extra cfg fields, weights) with x -> scale * x folded in."""
-        st = {
-            "W_enc": self.W_enc.detach() * scale,
-            "b_enc": self.b_enc.detach().clone(),
-            "W_dec": self.W_dec.detach() / scale,
-            "b_dec": self.b_dec.detach() / scale,
-        }
+        st = {"W_enc": self.W_enc.detach() * scale, "W_dec": self.W_dec.detach() / scale,
+              "b_dec": self.b_dec.detach() / scale}
+        if hasattr(self, "b_enc"):
+            st["b_enc"] = self.b_enc.detach().clone()
         return self.export_architecture, {}, st
 
 
@@ -149,7 +147,6 @@ class GatedSAE(TrainingSAE):
 
     def export_state(self, scale):
         _, _, st = super().export_state(scale)
-        del st["b_enc"]
         st.update(b_gate=self.b_gate.detach().clone(), b_mag=self.b_mag.detach().clone(),
                   r_mag=self.r_mag.detach().clone())
         return "gated", {}, st
