@@ -118,10 +118,12 @@ class StandardSAE(TrainingSAE):
 class GatedSAE(TrainingSAE):
     """Gated SAE (Rajamanoharan et al. 2024): a gate path decides which latents fire, a magnitude path
     (sharing W_enc, rescaled by exp(r_mag)) how strongly; L1 on the gate path plus an auxiliary
-    reconstruction from the gate path through a frozen decoder."""
+    reconstruction from the gate path through a frozen decoder. Decoder rows stay at unit norm, as in
+    the paper; otherwise shrinking them (with r_mag compensating) would dodge the L1 penalty."""
 
     architecture = "gated"
     export_architecture = "gated"
+    unit_norm_decoder = True
 
     def init_params(self, device) -> None:
         d_sae = self.cfg.d_sae
