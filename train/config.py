@@ -265,8 +265,16 @@ def _make_sae(entry: dict[str, Any], explicit: set[str], defaults: dict[str, Any
     values.update({k: v for k, v in defaults.items() if k in accepted})
     values.update(entry)
     values["architecture"] = arch
-    if "d_sae" in values and "expansion" not in explicit:
-        values["expansion"] = None
+    # width: an SAE's own expansion/d_sae beats [defaults]; giving both at one level is ambiguous
+    for level in (explicit, set(defaults)):
+        if "expansion" in level and "d_sae" in level:
+            raise UserError(f"SAE {name!r}: give expansion or d_sae, not both")
+        if "expansion" in level:
+            values["d_sae"] = None
+            break
+        if "d_sae" in level:
+            values["expansion"] = None
+            break
     if arch in ("topk", "batchtopk", "matryoshka_batchtopk") and values.get("k") is None:
         raise UserError(f"SAE {name!r}: architecture {arch!r} needs k (the number of active latents)")
     try:
