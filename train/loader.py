@@ -57,7 +57,7 @@ class ActivationLoader:
     def __init__(self, store: ActivationStore | str, hook: str, batch_size: int, seed: int = 0,
                  window_chunks: int = 8, threads: int = 4, device: str | torch.device = "cpu",
                  skip_special_tokens: bool = False, normalize: bool = True, repeat: bool = True,
-                 prefetch: bool = True):
+                 prefetch: bool = True, max_chunks: int | None = None):
         self.store = ActivationStore.open(store) if isinstance(store, str) else store
         self.hook = hook
         self.array = self.store.activations(hook)
@@ -71,7 +71,7 @@ class ActivationLoader:
         self.repeat = repeat
         self.prefetch = prefetch
         self.scale = normalisation_scale(self.store, hook) if normalize else 1.0
-        self.n_chunks = self.store.n_committed
+        self.n_chunks = self.store.n_committed if max_chunks is None else min(max_chunks, self.store.n_committed)
         if self.n_chunks == 0:
             raise UserError(f"the store {self.store.url} holds no committed chunk yet")
         tok = self.store.manifest.tokenizer
