@@ -55,6 +55,8 @@ def run_loader(store_url: str, hook: str, batch_size: int = 4096, window_chunks:
     n_batches = max(1, n_tokens // batch_size)
     loader = ActivationLoader(store, hook, batch_size, seed=0, window_chunks=window_chunks, threads=threads,
                               device=dev, repeat=True, max_chunks=n_chunks)
+    loader.next_batch()  # steady state: the first window's load is start-up latency, not throughput
+    _sync(dev)
     t = time.perf_counter()
     for _ in range(n_batches):
         x = loader.next_batch()

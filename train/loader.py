@@ -44,7 +44,7 @@ def normalisation_scale(store: ActivationStore, hook: str) -> float:
 class _Window:
     epoch: int
     index: int
-    acts: torch.Tensor  # float16 [rows, d], pinned when CUDA is used
+    acts: torch.Tensor  # [rows, d]: float16 in pinned memory with CUDA, else float32 already scaled
     rows: torch.Tensor  # int64 [rows]: the store row of each kept position
     perm: torch.Tensor  # int64 [rows]
 
@@ -91,6 +91,10 @@ class ActivationLoader:
         self.wait_seconds = 0.0  # time next_batch spent waiting for a window that was not ready
         self._staging: list[torch.Tensor | None] = [None, None]
         self._copied: list = [None, None]
+        # two reusable window buffers: one being consumed, one being filled (no fresh allocation per window)
+        per_chunk = self.store.manifest.chunk_sequences * self.store.manifest.context_size
+        self._slot_rows = per_chunk * min(self.window_chunks, self.n_chunks)
+        self._slots: list[torch.Tensor | None] = [None, None]
 
     # ------------------------------------------------------------------ geometry
     def chunk_order(self, epoch: int) -> list[int]:
@@ -104,27 +108,62 @@ class ActivationLoader:
         return order[w * self.window_chunks:(w + 1) * self.window_chunks]
 
     # ------------------------------------------------------------------ reading
-    def _read_chunk(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+    def _slot(self, epoch: int, w: int) -> torch.Tensor:
+        i = (epoch * self.n_windows() + w) % 2
+        if self._slots[i] is None:
+            # CPU: float32, already scaled; CUDA: float16 in pinned memory (half the bytes to copy; the GPU converts)
+            dtype = torch.float16 if self.cuda else torch.float32
+            self._slots[i] = torch.empty((self._slot_rows, self.d), dtype=dtype, pin_memory=self.cuda)
+        return self._slots[i]
+
+    def _put(self, dst: torch.Tensor, src: np.ndarray) -> None:
+        """Copy (and on the CPU convert and scale) float16 rows into a window buffer. Done in slices below
+        torch's parallel grain so it runs single-threaded in the calling reader thread: the readers are
+        the parallelism, and nested thread teams would only fight over the cores."""
+        x = torch.from_numpy(src)
+        step = max(1, 16384 // self.d)
+        for r in range(0, x.shape[0], step):
+            part = dst[r:r + step]
+            part.copy_(x[r:r + step])
+            if not self.cuda and self.scale != 1.0:
+                part.mul_(self.scale)
+
+    def _read_into(self, j: int, dst: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Decode chunk j; write it into dst when its place is known, else return the kept rows."""
         r0, _ = self.store.chunk_row_range(j)
         acts = self.store.read_chunk(self.hook, j)
         rows = np.arange(r0, r0 + acts.shape[0], dtype=np.int64)
         if self.skip_special_tokens and self.special_ids:
             keep = ~np.isin(self.store.read_tokens(j).reshape(-1), self.special_ids)
             acts, rows = acts[keep], rows[keep]
-        return acts, rows
+        if dst is not None:
+            self._put(dst, acts)
+            return rows, None
+        return rows, acts
 
     def _load_window(self, epoch: int, w: int) -> _Window:
         ids = self.window_chunk_ids(epoch, w)
-        parts = [f.result() for f in [self.pool.submit(self._read_chunk, j) for j in ids]]
-        n = sum(p[0].shape[0] for p in parts)
-        acts = torch.empty((n, self.d), dtype=torch.float16, pin_memory=self.cuda)
-        at = 0
-        for a, _ in parts:
-            acts[at:at + a.shape[0]].copy_(torch.from_numpy(a))
-            at += a.shape[0]
-        rows = torch.from_numpy(np.concatenate([r for _, r in parts]))
+        slot = self._slot(epoch, w)
+        if self.skip_special_tokens and self.special_ids:
+            # kept rows per chunk are known only once its tokens are read: place chunks as they arrive
+            futures = [self.pool.submit(self._read_into, j, None) for j in ids]
+            at, rows = 0, []
+            for f in futures:
+                r, acts = f.result()
+                self._put(slot[at:at + acts.shape[0]], acts)
+                at += acts.shape[0]
+                rows.append(r)
+        else:
+            offsets, at = [], 0
+            for j in ids:
+                r0, r1 = self.store.chunk_row_range(j)
+                offsets.append((at, r1 - r0))
+                at += r1 - r0
+            futures = [self.pool.submit(self._read_into, j, slot[o:o + size]) for j, (o, size) in zip(ids, offsets)]
+            rows = [f.result()[0] for f in futures]
+        n = at
         perm = permutation(n, self.seed, "window", epoch, w)
-        return _Window(epoch, w, acts, rows, perm)
+        return _Window(epoch, w, slot[:n], torch.from_numpy(np.concatenate(rows)), perm)
 
     def _following(self, epoch: int, w: int) -> tuple[int, int]:
         return (epoch, w + 1) if w + 1 < self.n_windows() else (epoch + 1, 0)
@@ -158,40 +197,44 @@ class ActivationLoader:
     # ------------------------------------------------------------------ batches
     def next_batch(self, return_rows: bool = False):
         """The next batch [batch_size, d] (float32, scaled, on the device); with return_rows also the store rows."""
-        segments, need = [], self.batch_size
-        while need:
+        slot = self.step % 2
+        host = self._batch_buffer(slot)
+        row_parts, at = [], 0
+        while at < self.batch_size:
             win = self._window_at(self.epoch, self.window)
             n = win.perm.shape[0]
-            take = min(need, n - self.offset)
-            segments.append((win, win.perm[self.offset:self.offset + take]))
+            take = min(self.batch_size - at, n - self.offset)
+            idx = win.perm[self.offset:self.offset + take]
+            # gather now: the window's buffer is refilled once the stream moves two windows on
+            np.take(win.acts.numpy(), idx.numpy(), axis=0, out=host[at:at + take].numpy())
+            if return_rows:
+                row_parts.append(win.rows.index_select(0, idx))
+            at += take
             self.offset += take
-            need -= take
             if self.offset >= n:
                 self.epoch, self.window = self._following(self.epoch, self.window)
                 self.offset = 0
         self.step += 1
-        x = self._gather_to_device(segments)
+        x = self._to_device(host, slot)
         if return_rows:
-            return x, torch.cat([w.rows.index_select(0, idx) for w, idx in segments])
+            return x, torch.cat(row_parts)
         return x
 
-    def _gather_to_device(self, segments) -> torch.Tensor:
+    def _batch_buffer(self, slot: int) -> torch.Tensor:
         if not self.cuda:
-            parts = [w.acts.index_select(0, idx) for w, idx in segments]
-            x = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(torch.float32)
-            return x.mul_(self.scale) if self.scale != 1.0 else x
-        # gather into one of two pinned staging buffers, copy it on a side stream with non_blocking;
-        # the compute stream waits for that copy only, and the buffer is reused two batches later
-        slot = self.step % 2
+            return torch.empty((self.batch_size, self.d), dtype=torch.float32)
+        # one of two pinned staging buffers; the copy out of it two batches ago is waited for
         if self._staging[slot] is None:
             self._staging[slot] = torch.empty((self.batch_size, self.d), dtype=torch.float16, pin_memory=True)
             self._copied[slot] = torch.cuda.Event()
         else:
             self._copied[slot].synchronize()
-        host, at = self._staging[slot], 0
-        for w, idx in segments:
-            torch.index_select(w.acts, 0, idx, out=host[at:at + idx.shape[0]])
-            at += idx.shape[0]
+        return self._staging[slot]
+
+    def _to_device(self, host: torch.Tensor, slot: int) -> torch.Tensor:
+        if not self.cuda:
+            return host
+        # non_blocking copy on a side stream; the compute stream waits for this copy only
         main = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.copy_stream):
             dev = host.to(self.device, non_blocking=True)
