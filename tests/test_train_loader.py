@@ -116,3 +116,19 @@ def test_incomplete_store_serves_committed_chunks_only(tmp_path):
     rows = torch.cat([ld.next_batch(return_rows=True)[1] for _ in range(8)])
     assert int(rows.max()) < 2 * 16 * 32
     assert np.array_equal(np.sort(rows.numpy()), np.arange(2 * 16 * 32))
+
+
+def test_load_state_dict_mid_stream_while_a_prefetch_runs(store):
+    first = loader(store)
+    ref = [first.next_batch() for _ in range(20)]
+    ld = loader(store)
+    for _ in range(5):
+        ld.next_batch()  # a prefetch of the following window is now in flight
+    other = loader(store)
+    for _ in range(11):
+        other.next_batch()
+    ld.load_state_dict(other.state_dict())
+    for i in range(11, 20):
+        assert torch.equal(ld.next_batch(), ref[i])
+    ld.seek(2)
+    assert torch.equal(ld.next_batch(), ref[2])

@@ -147,11 +147,6 @@ class SweepConfig:
         d["saes"] = [s.to_dict() for s in self.saes]
         return d
 
-    def data_dict(self) -> dict[str, Any]:
-        """The keys that decide the batch stream (every SAE of a run must agree on them)."""
-        keys = ("hook", "batch_size", "seed", "window_chunks", "skip_special_tokens", "normalize")
-        return {k: getattr(self, k) for k in keys}
-
 
 # ------------------------------------------------------------------------- loading
 def load_config(source: str | Path | dict) -> SweepConfig:

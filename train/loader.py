@@ -184,6 +184,7 @@ class ActivationLoader:
             win = self._next.result()
             self.wait_seconds += time.perf_counter() - t
         else:
+            self._drain()  # a prefetch of another window must not be writing while this one loads
             t = time.perf_counter()
             win = self._load_window(epoch, w)
             self.wait_seconds += time.perf_counter() - t
@@ -193,6 +194,15 @@ class ActivationLoader:
         if self.prefetch:
             self._start_loading(self._following(epoch, w))
         return win
+
+    def _drain(self) -> None:
+        """Wait for an in-flight prefetch and forget it (its window is no longer the next one)."""
+        if self._next is not None:
+            try:
+                self._next.result()
+            except Exception:
+                pass
+        self._next, self._next_key = None, None
 
     # ------------------------------------------------------------------ batches
     def next_batch(self, return_rows: bool = False):
@@ -261,10 +271,14 @@ class ActivationLoader:
             if state[key] != getattr(self, key):
                 raise UserError(f"the saved loader state has {key} = {state[key]}, this loader {getattr(self, key)}; "
                                 "resume with the same config and store")
+        self._drain()
+        self._current = None
         self.epoch, self.window, self.offset, self.step = state["epoch"], state["window"], state["offset"], state["step"]
 
     def seek(self, step: int) -> None:
         """Move to the position of batch `step` from the start (reads token ids only when skipping)."""
+        self._drain()
+        self._current = None
         self.epoch, self.window, self.offset, self.step = 0, 0, 0, 0
         remaining = step * self.batch_size
         while remaining:
@@ -287,6 +301,7 @@ class ActivationLoader:
         return total
 
     def close(self) -> None:
+        self._drain()
         self.assembler.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True, cancel_futures=True)
 
