@@ -137,7 +137,8 @@ def run_sweep(store_url: str, hook: str, tokens: int, configs: list[dict] | None
 
 
 def _compute_only_seconds(store_url: str, toml: str, out: Path, device: str | None) -> float:
-    """The lockstep loop with the data taken away: every step reuses one batch already on the device.
+    """The lockstep loop with the data taken away: its batches are read onto the device beforehand (up
+    to 16 distinct ones, cycled; a single repeated batch is overfitted into denormal-slow arithmetic).
     Compared with the real loop it shows how long the device waited for data."""
     from train.config import load_config, resolve
     from train.trainer import Trainer
@@ -146,19 +147,23 @@ def _compute_only_seconds(store_url: str, toml: str, out: Path, device: str | No
     cfg = resolve(load_config(toml), store, allow_repeat=True)
     dev = pick_device(device)
     loader = ActivationLoader(store, cfg.hook, cfg.batch_size, seed=0, window_chunks=cfg.window_chunks, device=dev)
-    x = loader.next_batch()
-    loader.close()
-    trainer = Trainer(cfg, loader, out, dev, progress=False)
-    for m in trainer.members:
-        m.sae.init_b_dec(x)
-    _sync(dev)
-    t = time.perf_counter()
-    for step in range(cfg.n_steps):
-        trainer.step = step
-        for m in trainer.members:
-            trainer._step_member(m, x)
-    _sync(dev)
-    return time.perf_counter() - t
+    try:
+        trainer = Trainer(cfg, loader, out, dev, progress=False)
+        batches = [loader.next_batch() for _ in range(min(16, cfg.n_steps))]
+        _sync(dev)
+        t = time.perf_counter()
+        for step in range(cfg.n_steps):
+            x = batches[step % len(batches)]
+            if step == 0:
+                for m in trainer.members:
+                    m.sae.init_b_dec(x)
+            trainer.step = step
+            for m in trainer.members:
+                trainer._step_member(m, x)
+        _sync(dev)
+        return time.perf_counter() - t
+    finally:
+        loader.close()
 
 
 def run_fused_encoder(d_in: int = 576, d_sae: int = 4608, n_saes: int = 4, batch_size: int = 4096,
@@ -236,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--device", default=None)
     p.add_argument("--parts", default="loader,sweep,fused")
+    p.add_argument("--ks", default="16,32,64,128", help="TopK k values of the sweep")
+    p.add_argument("--expansions", default="8,16", help="expansion factors of the sweep")
     args = p.parse_args(argv)
     store = args.store or synthetic_store(str(Path(tempfile.gettempdir()) / "actcache_bench_576.zarr"),
                                           parse_count(args.store_tokens))
@@ -247,8 +254,9 @@ def main(argv: list[str] | None = None) -> None:
         out["loader"] = run_loader(store, args.hook, args.batch_size, threads=args.threads, device=args.device)
         print(json.dumps(out["loader"]), file=sys.stderr)
     if "sweep" in parts:
-        out["sweep"] = run_sweep(store, args.hook, parse_count(args.tokens), batch_size=args.batch_size,
-                                 device=args.device)
+        configs = [{"k": int(k), "expansion": int(e)} for e in args.expansions.split(",") for k in args.ks.split(",")]
+        out["sweep"] = run_sweep(store, args.hook, parse_count(args.tokens), configs=configs,
+                                 batch_size=args.batch_size, device=args.device)
         print(json.dumps(out["sweep"]), file=sys.stderr)
     if "cuda" in parts and torch.cuda.is_available():
         out["cuda_check"] = check_cuda_path(store, args.hook, args.batch_size)
