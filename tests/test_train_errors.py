@@ -1,0 +1,170 @@
+"""Every bad input of the train stage gives one clear line (UserError, exit 2) and writes nothing."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.errors import UserError
+from common.store import ActivationStore, chunk_stats
+from tests.synthetic import make_store
+from train.config import load_config
+from train.sweep import train_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+HOOK = "blocks.0.hook_resid_pre"
+
+
+def toml(sae: str = '[[sae]]\nname = "t"\narchitecture = "topk"\nk = 4\n', **top) -> str:
+    head = {"hook": f'"{HOOK}"', "batch_size": 128, "tokens": 2048, "log_every_steps": 4, "eval_tokens": 512}
+    head.update({k: (f'"{v}"' if isinstance(v, str) else v) for k, v in top.items()})
+    return "\n".join(f"{k} = {v}" for k, v in head.items()) + "\n[defaults]\nd_sae = 32\nlr = 1e-3\n" + sae
+
+
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory):
+    url = tmp_path_factory.mktemp("errors") / "s.zarr"
+    make_store(url, d=8, n_features=16, n_sequences=128, context_size=16, chunk_sequences=16)  # 2048 tokens
+    return str(url)
+
+
+def fails(store_url, text, out, match, **kw):
+    with pytest.raises(UserError, match=match) as e:
+        train_sweep(store_url, text, out, progress=False, **kw)
+    assert "\n" not in str(e.value)
+    assert not Path(out).exists(), "a refused run must not create its output folder"
+    return str(e.value)
+
+
+def test_hook_not_in_store(store_url, tmp_path):
+    msg = fails(store_url, toml(hook="blocks.9.hook_resid_post"), tmp_path / "o", "not in the store")
+    assert HOOK in msg  # names the hooks it has
+
+
+def test_d_in_mismatch(store_url, tmp_path):
+    fails(store_url, toml(d_in=576), tmp_path / "o", r"d_in = 576 .* has d = 8")
+
+
+def test_unknown_architecture_names_the_accepted_ones(store_url, tmp_path):
+    msg = fails(store_url, toml('[[sae]]\nname = "x"\narchitecture = "topkk"\nk = 4\n'), tmp_path / "o",
+                "unknown architecture 'topkk'")
+    assert "standard, topk, batchtopk, jumprelu, gated, matryoshka_batchtopk" in msg
+
+
+def test_parameter_the_architecture_does_not_take(store_url, tmp_path):
+    msg = fails(store_url, toml('[[sae]]\nname = "x"\narchitecture = "topk"\nk = 4\nl1_coefficient = 2.0\n'),
+                tmp_path / "o", "does not take 'l1_coefficient'")
+    assert "aux_loss_coefficient" in msg and "k," in msg
+    # in a grid too
+    fails(store_url, toml("[grid]\narchitecture = [\"standard\"]\nk = [4]\n"), tmp_path / "o",
+          "'standard' does not take 'k'")
+
+
+def test_k_larger_than_d_sae(store_url, tmp_path):
+    fails(store_url, toml('[[sae]]\nname = "x"\narchitecture = "batchtopk"\nk = 64\n'), tmp_path / "o",
+          "k = 64 must be between 1 and d_sae = 32")
+
+
+def test_more_tokens_than_the_store_needs_permission(store_url, tmp_path):
+    fails(store_url, toml(tokens=4096), tmp_path / "o", "store holds 2,048.*--allow-repeat")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        s = train_sweep(store_url, toml(tokens=4096), tmp_path / "ok", allow_repeat=True, progress=False)
+        assert s["tokens"] == 4096
+        s = train_sweep(store_url, toml(tokens=4096, repeat_epochs="true").replace('"true"', "true"),
+                        tmp_path / "ok2", progress=False)
+        assert s["tokens"] == 4096
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_config_mistakes(store_url, tmp_path):
+    fails(store_url, toml().replace("batch_size", "batchsize"), tmp_path / "o", "unknown config key 'batchsize'")
+    fails(store_url, toml('[[sae]]\nname = "x"\narchitecture = "topk"\n'), tmp_path / "o", "needs k")
+    fails(store_url, toml('[[sae]]\nname = "a"\narchitecture = "topk"\nk = 2\n[[sae]]\nname = "a"\n'
+                          'architecture = "topk"\nk = 3\n'), tmp_path / "o", "two SAEs are named 'a'")
+    fails(store_url, toml("[grid]\nk = [4]\n"), tmp_path / "o", "has no architecture")
+    fails(store_url, toml() + "\n[[sae\n", tmp_path / "o", "not valid TOML")
+    with pytest.raises(UserError, match="no config file"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_grid_expands_with_automatic_names():
+    cfg = load_config(toml('[[sae]]\nname = "relu"\narchitecture = "standard"\n\n'
+                           '[grid]\narchitecture = ["batchtopk"]\nk = [16, 64]\nexpansion = [8, 16]\n'))
+    assert [s.name for s in cfg.saes] == ["relu", "batchtopk-k16-x8", "batchtopk-k16-x16", "batchtopk-k64-x8",
+                                          "batchtopk-k64-x16"]
+    s = cfg.saes[3]
+    assert (s.k, s.expansion, s.d_sae, s.lr, s.topk_threshold_lr, s.l1_coefficient) == (64, 8, None, 1e-3, 0.01, None)
+    assert (cfg.saes[0].d_sae, cfg.saes[0].expansion) == (32, None)  # from [defaults]
+    # [defaults] keys that an architecture does not take are skipped for it
+    assert cfg.saes[0].k is None and cfg.saes[0].l1_coefficient == 5.0
+
+
+def test_output_folder_rules(store_url, tmp_path):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path / "run"
+        train_sweep(store_url, toml(), out, progress=False)
+        with pytest.raises(UserError, match="already holds a training run; pass --resume"):
+            train_sweep(store_url, toml(), out, progress=False)
+        with pytest.raises(UserError, match="holds a different run"):
+            train_sweep(store_url, toml(seed=5), out, resume=True, progress=False)
+        # resuming a finished run only re-exports it
+        again = train_sweep(store_url, toml(), out, resume=True, progress=False)
+        assert again["steps"] == 16
+        other = tmp_path / "other"
+        other.mkdir()
+        (other / "notes.txt").write_text("mine")
+        with pytest.raises(UserError, match="not empty and holds no actcache run"):
+            train_sweep(store_url, toml(), other, progress=False)
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_nan_loss_stops_with_the_sae_name_and_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    url = tmp_path / "bad.zarr"
+    make_store(url, d=8, n_features=16, n_sequences=128, context_size=16, chunk_sequences=16)
+    store = ActivationStore.open(url, mode="r+")
+    bad_chunk = 5
+    acts = np.full((16 * 16, 8), np.inf, dtype=np.float16)
+    store.write_chunk(bad_chunk, store.read_tokens(bad_chunk), {HOOK: acts}, {HOOK: chunk_stats(acts)})
+    store.finalize()
+    # window_chunks = 1: the bad chunk's window starts at a known step
+    from train.loader import ActivationLoader
+
+    order = ActivationLoader(str(url), HOOK, 128, seed=0, window_chunks=1).chunk_order(0)
+    bad_step = order.index(bad_chunk) * 256 // 128
+    assert bad_step >= 2, "choose another bad chunk so that a checkpoint comes first"
+    text = toml('[[sae]]\nname = "fine"\narchitecture = "standard"\n[[sae]]\nname = "victim"\n'
+                'architecture = "topk"\nk = 4\n', window_chunks=1, checkpoint_every_tokens=128)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(UserError) as e:
+            train_sweep(str(url), text, tmp_path / "out", progress=False)
+    finally:
+        torch.set_num_threads(n)
+    msg = str(e.value)
+    assert "SAE 'fine'" in msg and f"at step {bad_step}" in msg and f"checkpoint (step {bad_step})" in msg
+    ckpt = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == bad_step
+    for member in ckpt["members"].values():
+        assert all(bool(torch.isfinite(v).all()) for v in member["sae"].values())
+
+
+def test_cli_prints_one_line_and_exits_2(store_url, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml('[[sae]]\nname = "x"\narchitecture = "topk"\nk = 4\nl1_coefficient = 2.0\n'))
+    proc = subprocess.run([sys.executable, "-m", "common.cli", "train", store_url, "--config", str(cfg),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("actcache: error: SAE 'x'")
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,272 @@
+"""Lockstep sweeps, SAELens export, and resuming after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.synthetic import make_store
+from train.sae import SAE, WEIGHT_KEYS
+from train.sweep import train_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+HOOK = "blocks.0.hook_resid_pre"
+
+
+def sweep_toml(saes: str, tokens: int = 16384, **top) -> str:
+    head = {"hook": f'"{HOOK}"', "batch_size": 256, "tokens": tokens, "seed": 3, "log_every_steps": 10,
+            "dead_window_tokens": 2048, "eval_tokens": 2048, "window_chunks": 2}
+    head.update({k: (f'"{v}"' if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v)
+                 for k, v in top.items()})
+    return "\n".join(f"{k} = {v}" for k, v in head.items()) + "\n\n[defaults]\nlr = 1e-3\nd_sae = 64\n\n" + saes
+
+
+ALL_SAES = """
+[[sae]]
+name = "relu"
+architecture = "standard"
+l1_coefficient = 0.5
+
+[[sae]]
+name = "gated"
+architecture = "gated"
+
+[[sae]]
+name = "jump"
+architecture = "jumprelu"
+l0_coefficient = 0.5
+
+[[sae]]
+name = "matryoshka"
+architecture = "matryoshka_batchtopk"
+k = 4
+matryoshka_widths = [16]
+
+[grid]
+architecture = ["topk", "batchtopk"]
+k = [4]
+"""
+
+
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory):
+    url = tmp_path_factory.mktemp("sweep") / "s.zarr"
+    make_store(url, d=16, n_features=48, n_sequences=512, context_size=32, chunk_sequences=16)
+    return str(url)
+
+
+@pytest.fixture(scope="module")
+def all_archs(store_url, tmp_path_factory):
+    out = tmp_path_factory.mktemp("all") / "out"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = train_sweep(store_url, sweep_toml(ALL_SAES), out, progress=False)
+    finally:
+        torch.set_num_threads(n)
+    return summary, out
+
+
+def _metrics(out: Path, name: str) -> list:
+    return [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(folder: Path) -> dict:
+    return load_file(str(folder / "sae_weights.safetensors"))
+
+
+def test_lockstep_sweep_equals_single_sae_runs(store_url, all_archs, tmp_path):
+    """Every SAE of the sweep saw exactly the batches a run of that SAE alone sees."""
+    _, out = all_archs
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, entry in [("topk-k4", '[[sae]]\nname = "topk-k4"\narchitecture = "topk"\nk = 4\n'),
+                            ("jump", '[[sae]]\nname = "jump"\narchitecture = "jumprelu"\nl0_coefficient = 0.5\n')]:
+            single = train_sweep(store_url, sweep_toml(entry), tmp_path / name, progress=False)
+            assert len(single["saes"]) == 1
+            a, b = _weights(out / name), _weights(tmp_path / name / name)
+            assert a.keys() == b.keys()
+            for k in a:
+                assert torch.equal(a[k], b[k]), (name, k)
+            assert _metrics(out, name) == _metrics(tmp_path / name, name)
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_folders_have_saelens_layout(all_archs):
+    summary, out = all_archs
+    for row in summary["saes"]:
+        folder = Path(row["path"])
+        cfg = json.loads((folder / "cfg.json").read_text())
+        for key in ("architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
+                    "normalize_activations", "reshape_activations", "metadata"):
+            assert key in cfg, (row["name"], key)
+        assert cfg["normalize_activations"] == "none" and cfg["reshape_activations"] == "none"
+        for key in ("sae_lens_version", "model_name", "hook_name", "context_size", "prepend_bos", "dataset_path"):
+            assert key in cfg["metadata"], key
+        assert cfg["metadata"]["hook_name"] == HOOK
+        assert ("k" in cfg) == (cfg["architecture"] == "topk")
+        assert set(_weights(folder)) == set(WEIGHT_KEYS[cfg["architecture"]])
+        density = load_file(str(folder / "sparsity.safetensors"))["sparsity"]
+        assert density.shape == (cfg["d_sae"],) and float(density.max()) <= 0
+        assert (folder / "metrics.jsonl").read_text().count("\n") >= 6
+
+
+def test_python_api_matches_training_and_folds_normalisation(all_archs, store_url):
+    """Exported SAEs run on raw activations x and give what the trained SAE gives on scale * x, / scale."""
+    from common.store import ActivationStore
+    from train.config import load_config, resolve
+    from train.loader import normalisation_scale
+    from train.saes import build_sae
+
+    summary, out = all_archs
+    store = ActivationStore.open(store_url)
+    scale = normalisation_scale(store, HOOK)
+    assert abs(scale - 1.0) > 0.05  # the fold is really exercised
+    x = torch.from_numpy(store.read_chunk(HOOK, 0)[:512]).float()
+    cfg = resolve(load_config(sweep_toml(ALL_SAES)), store)
+    trained = torch.load(out / "checkpoint.pt", weights_only=False)["members"]
+    for sc in cfg.saes:
+        sae = SAE.load_from_disk(out / sc.name)
+        assert sae.W_enc.shape == (16, 64) and sae.W_dec.shape == (64, 16) and sae.b_dec.shape == (16,)
+        f = sae.encode(x)
+        assert f.shape == (512, 64) and bool((f >= 0).all())
+        torch.testing.assert_close(sae(x), sae.decode(f))
+        if sc.architecture in ("standard", "gated", "jumprelu", "topk"):  # batch top-k differs by design
+            ts = build_sae(sc, torch.Generator().manual_seed(0))
+            ts.load_state_dict(trained[sc.name]["sae"])
+            with torch.no_grad():
+                x_hat = ts.step_loss(x * scale, 1.0, torch.zeros(64, dtype=torch.bool), False).x_hat
+            torch.testing.assert_close(sae(x), x_hat / scale, atol=1e-4, rtol=1e-4)
+        if sc.architecture == "topk":
+            assert int((f > 0).sum(1).max()) <= 4
+        again_dir = out / "_copy" / sc.name
+        sae.save_model(again_dir)
+        torch.testing.assert_close(SAE.load_from_disk(again_dir).encode(x), f)
+
+
+SAELENS_CHECK = r"""
+import json, sys, torch
+from pathlib import Path
+from safetensors.torch import load_file
+from sae_lens import SAE
+x = torch.load(sys.argv[1])
+out = {}
+for folder in sys.argv[2:]:
+    sae = SAE.load_from_disk(folder, device="cpu")
+    with torch.no_grad():
+        f = sae.encode(x)
+        out[Path(folder).name] = {"arch": sae.cfg.architecture(), "encode": f, "decode": sae.decode(f)}
+torch.save(out, sys.argv[1] + ".out")
+"""
+
+
+def saelens_python() -> str | None:
+    py = os.environ.get("ACTCACHE_SAELENS_PYTHON") or str(ROOT / ".venv-saelens" / "bin" / "python")
+    return py if Path(py).is_file() else None
+
+
+def test_saelens_loads_every_folder_and_encodes_identically(all_archs, store_url, tmp_path):
+    py = saelens_python()
+    if py is None:
+        pytest.skip("no SAELens environment: set ACTCACHE_SAELENS_PYTHON or run `make setup-saelens` "
+                    "(sae-lens needs transformer-lens < 4, so it lives in its own virtualenv)")
+    from common.store import ActivationStore
+
+    summary, _ = all_archs
+    x = torch.from_numpy(ActivationStore.open(store_url).read_chunk(HOOK, 1)[:256]).float()
+    torch.save(x, tmp_path / "x.pt")
+    script = tmp_path / "check.py"
+    script.write_text(SAELENS_CHECK)
+    folders = [r["path"] for r in summary["saes"]]
+    proc = subprocess.run([py, str(script), str(tmp_path / "x.pt"), *folders], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = torch.load(tmp_path / "x.pt.out")
+    for row in summary["saes"]:
+        ours = SAE.load_from_disk(row["path"])
+        t = theirs[row["name"]]
+        assert t["arch"] == ours.cfg.architecture == row["exported_as"]
+        f = ours.encode(x)
+        torch.testing.assert_close(t["encode"], f, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(t["decode"], ours.decode(f), atol=1e-5, rtol=1e-5)
+        assert float((f > 0).float().sum(1).mean()) > 0  # not a trivially silent SAE
+
+
+# ---------------------------------------------------------------------------------------- resume
+RESUME_SAES = """
+[[sae]]
+name = "topk"
+architecture = "topk"
+k = 4
+
+[[sae]]
+name = "batchtopk"
+architecture = "batchtopk"
+k = 4
+
+[[sae]]
+name = "jump"
+architecture = "jumprelu"
+l0_coefficient = 0.5
+"""
+
+
+def _run_cli(args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "common.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(store_url, tmp_path):
+    cfg = tmp_path / "sweep.toml"
+    # 400 steps of 256 tokens over a 16384-token store (repeated epochs), a checkpoint every 20 steps
+    cfg.write_text(sweep_toml(RESUME_SAES, tokens=102400, checkpoint_every_tokens=5120, repeat_epochs=True))
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    ref = _run_cli(["train", store_url, "--config", str(cfg), "--out", str(full), "--no-progress"])
+
+    victim = _run_cli(["train", store_url, "--config", str(cfg), "--out", str(cut), "--no-progress"])
+    ckpt = cut / "checkpoint.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and victim.poll() is None:
+        if ckpt.is_file() and torch.load(ckpt, weights_only=False)["step"] >= 60:
+            break
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run ended before it could be killed: make it longer"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = torch.load(ckpt, weights_only=False)["step"]
+    assert 60 <= killed_at < 400 and not (cut / "summary.json").exists()
+
+    # the folder now holds a run: without --resume it is refused with one line
+    refused = _run_cli(["train", store_url, "--config", str(cfg), "--out", str(cut)])
+    _, err = refused.communicate(timeout=120)
+    assert refused.returncode == 2 and "--resume" in err and "Traceback" not in err
+
+    resumed = _run_cli(["train", store_url, "--config", str(cfg), "--out", str(cut), "--resume", "--no-progress"])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    assert f"resuming at step {killed_at}" in err
+    _, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err[-2000:]
+
+    a, b = torch.load(full / "checkpoint.pt", weights_only=False), torch.load(ckpt, weights_only=False)
+    assert a["step"] == b["step"] == 400
+    for name in ("topk", "batchtopk", "jump"):
+        sa, sb = a["members"][name], b["members"][name]
+        for k in sa["sae"]:
+            assert torch.equal(sa["sae"][k], sb["sae"][k]), (name, k)
+        assert torch.equal(sa["since_fired"], sb["since_fired"])
+        for pa, pb in zip(sa["opt"]["state"].values(), sb["opt"]["state"].values()):
+            assert all(torch.equal(pa[k], pb[k]) for k in pa)
+        wa, wb = _weights(full / name), _weights(cut / name)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+        assert (full / name / "metrics.jsonl").read_text().count("\n") == (cut / name / "metrics.jsonl").read_text().count("\n")

@@ -1,0 +1,11 @@
+"""Train many sparse autoencoders in lockstep from an actcache store and export them for SAELens.
+
+    from train import train_sweep, SAE
+    summary = train_sweep("acts.zarr", "sweep.toml", "runs/sweep1")
+    sae = SAE.load_from_disk("runs/sweep1/topk-k32")
+"""
+
+from .sae import SAE
+from .sweep import train_sweep
+
+__all__ = ["SAE", "train_sweep"]

@@ -1,0 +1,138 @@
+"""Export trained SAEs as SAELens folders, evaluate them, and write the sweep summary.
+
+Each SAE folder gets cfg.json and sae_weights.safetensors (normalisation folded into the weights, so
+normalize_activations is "none" and the SAE runs on raw activations), sparsity.safetensors (log10
+feature density over the evaluation tokens, key "sparsity" as SAELens writes it), and keeps the
+trainer's metrics.jsonl. The sweep gets summary.json, summary.md (a markdown table) and frontier.png
+(L0 against fraction of variance unexplained)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from common import __version__
+from common.store import ActivationStore
+
+from .config import SweepConfig
+from .loader import ActivationLoader
+from .sae import SAE, SAELENS_FORMAT_VERSION, SPARSITY_FILENAME, Metadata, SAEConfig
+from .saes import TrainingSAE
+
+
+def to_inference_sae(sae: TrainingSAE, scale: float, store: ActivationStore, cfg: SweepConfig) -> SAE:
+    """The exported form of a trained SAE: SAELens architecture, weights with the scale folded in."""
+    arch, extra, weights = sae.export_state(scale)
+    m = store.manifest
+    metadata = Metadata(
+        sae_lens_version=SAELENS_FORMAT_VERSION,
+        sae_lens_training_version=SAELENS_FORMAT_VERSION,
+        model_name=m.model.name,
+        hook_name=cfg.hook,
+        hook_head_index=None,
+        context_size=m.context_size,
+        prepend_bos=m.prepend_bos,
+        dataset_path=m.dataset.path,
+        exclude_special_tokens=cfg.skip_special_tokens,
+        trained_with="actcache",
+        actcache_version=__version__,
+        trained_architecture=sae.architecture,
+        training_tokens=cfg.n_steps * cfg.batch_size,
+        normalization_scale_folded=scale,
+    )
+    scfg = SAEConfig(architecture=arch, d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, metadata=metadata, **extra)
+    return SAE(scfg, {k: v.detach().float().cpu() for k, v in weights.items()})
+
+
+@torch.no_grad()
+def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, device: torch.device) -> dict:
+    """L0, FVU, MSE and feature density of exported SAEs on raw activations (a separately seeded stream)."""
+    batch = min(cfg.batch_size, cfg.eval_tokens)
+    n_batches = max(1, cfg.eval_tokens // batch)
+    loader = ActivationLoader(store, cfg.hook, batch, seed=cfg.seed + 1, window_chunks=cfg.window_chunks,
+                              threads=cfg.loader_threads, device=device, normalize=False,
+                              skip_special_tokens=cfg.skip_special_tokens, repeat=True)
+    acc = {name: {"err": 0.0, "l0": 0.0, "fired": torch.zeros(s.cfg.d_sae, dtype=torch.float64)}
+           for name, s in saes.items()}
+    total_var, n = 0.0, 0
+    try:
+        for _ in range(n_batches):
+            x = loader.next_batch()
+            total_var += float((x - x.mean(0)).pow(2).sum())
+            n += x.shape[0]
+            for name, s in saes.items():
+                s.to(device)
+                f = s.encode(x)
+                a = acc[name]
+                a["err"] += float((s.decode(f) - x).pow(2).sum())
+                active = f > 0
+                a["l0"] += float(active.sum())
+                a["fired"] += active.sum(0).double().cpu()
+                s.to("cpu")
+    finally:
+        loader.close()
+    results = {}
+    for name, a in acc.items():
+        fvu = a["err"] / total_var if total_var else float("nan")
+        density = a["fired"] / n
+        results[name] = {"l0": a["l0"] / n, "fvu": fvu, "explained_variance": 1 - fvu, "mse": a["err"] / n,
+                         "dead_fraction_eval": float((density == 0).double().mean()), "eval_tokens": n,
+                         "log10_density": torch.log10(density + 1e-10).float()}
+    return results
+
+
+def write_sae_folder(sae: SAE, folder: Path, log10_density: torch.Tensor) -> None:
+    sae.save_model(folder)
+    save_file({"sparsity": log10_density.contiguous()}, str(Path(folder) / SPARSITY_FILENAME))
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    """summary.json, summary.md and frontier.png in the sweep folder."""
+    out = Path(out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text(summary_table(summary) + "\n")
+    plot_frontier(summary, out / "frontier.png")
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    head = "| SAE | architecture | d_sae | k | L0 | FVU | explained var. | dead (eval) |"
+    lines = [head, "|" + "---|" * 8]
+    for r in summary["saes"]:
+        k = r.get("k")
+        lines.append(f"| {r['name']} | {r['architecture']} | {r['d_sae']} | {'' if k is None else k} "
+                     f"| {r['l0']:.1f} | {r['fvu']:.4f} | {r['explained_variance']:.4f} | {r['dead_fraction_eval']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot_frontier(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    by_arch: dict[str, list] = {}
+    for r in summary["saes"]:
+        by_arch.setdefault(r["architecture"], []).append(r)
+    for arch, rows in sorted(by_arch.items()):
+        xs = [max(r["l0"], 1e-3) for r in rows]
+        ys = [r["fvu"] for r in rows]
+        ax.scatter(xs, ys, label=arch)
+        for r, x, y in zip(rows, xs, ys):
+            ax.annotate(r["name"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    if all(r["fvu"] > 0 and math.isfinite(r["fvu"]) for r in summary["saes"]):
+        ax.set_yscale("log")
+    ax.set_xlabel("L0 (active latents per token)")
+    ax.set_ylabel("fraction of variance unexplained")
+    ax.set_title(f"{summary['hook']}: sparsity / reconstruction frontier", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

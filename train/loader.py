@@ -1,0 +1,347 @@
+"""The batch stream: shuffled windows of store chunks, decoded by threads, shuffled per token.
+
+Order of operations for epoch e:
+  1. the committed chunks in the order of a seeded permutation (seed, "chunks", e);
+  2. consecutive groups of `window_chunks` of them form windows; a window's chunks are fetched and
+     decoded by a thread pool (zarr's codecs release the GIL) into one host buffer (pinned when CUDA
+     is there), optionally leaving out BOS/EOS/pad positions;
+  3. the window's rows are permuted by (seed, "window", e, w), so a batch mixes many sequences and chunks;
+  4. batches are consecutive slices of the concatenation of all permuted windows of all epochs.
+So batch `step` is a pure function of (store, seed, step), every SAE of a sweep sees the same stream,
+and the position (epoch, window, offset) is all the state there is. While one window is consumed the
+next is fetched and decoded in the background.
+
+Normalisation: x is multiplied by one constant, sqrt(d_in / E||x||^2), with E||x||^2 = sum over
+dimensions of (var + mean^2) from the store's statistics, so that E||x||^2 = d_in after scaling.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common.errors import UserError
+from common.seeding import permutation
+from common.store import ActivationStore
+
+
+def normalisation_scale(store: ActivationStore, hook: str) -> float:
+    """The constant that brings E||x||^2 to d_in, from the harvest statistics (no pass over the data)."""
+    s = store.stats(hook)
+    if not s["count"]:
+        raise UserError(f"the store {store.url} has no statistics for {hook!r}; finish the harvest first")
+    mean_sq = float(np.sum(s["var"] + s["mean"] ** 2))
+    d = store.manifest.hook(hook).d
+    return math.sqrt(d / mean_sq) if mean_sq > 0 else 1.0
+
+
+@dataclass
+class _Window:
+    epoch: int
+    index: int
+    acts: torch.Tensor  # [rows, d]: float16 in pinned memory with CUDA, else float32 already scaled
+    rows: torch.Tensor  # int64 [rows]: the store row of each kept position
+    perm: torch.Tensor  # int64 [rows]
+
+
+class ActivationLoader:
+    """Batches of float32 activations [batch_size, d] on `device`, scaled by `scale`.
+
+    Iterate it, or call next_batch(). state_dict()/load_state_dict() save and restore the position."""
+
+    def __init__(self, store: ActivationStore | str, hook: str, batch_size: int, seed: int = 0,
+                 window_chunks: int = 8, threads: int = 4, device: str | torch.device = "cpu",
+                 skip_special_tokens: bool = False, normalize: bool = True, repeat: bool = True,
+                 prefetch: bool = True, max_chunks: int | None = None):
+        self.store = ActivationStore.open(store) if isinstance(store, str) else store
+        self.hook = hook
+        self.array = self.store.activations(hook)
+        self.d = self.store.manifest.hook(hook).d
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.window_chunks = int(window_chunks)
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        self.skip_special_tokens = skip_special_tokens
+        self.repeat = repeat
+        self.prefetch = prefetch
+        self.scale = normalisation_scale(self.store, hook) if normalize else 1.0
+        self.n_chunks = self.store.n_committed if max_chunks is None else min(max_chunks, self.store.n_committed)
+        if self.n_chunks == 0:
+            raise UserError(f"the store {self.store.url} holds no committed chunk yet")
+        tok = self.store.manifest.tokenizer
+        self.special_ids = sorted({i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None})
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="actcache-read")
+        # one more thread assembles the next window (it waits on the readers, so it cannot be one of them)
+        self.assembler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="actcache-window")
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        # position of the next batch
+        self.epoch = 0
+        self.window = 0
+        self.offset = 0
+        self.step = 0
+        self._current: _Window | None = None
+        self._next: Future | None = None
+        self._next_key: tuple[int, int] | None = None
+        self.wait_seconds = 0.0  # time next_batch spent waiting for a window that was not ready
+        self._staging: list[torch.Tensor | None] = [None, None]
+        self._copied: list = [None, None]
+        # two reusable window buffers: one being consumed, one being filled (no fresh allocation per window)
+        per_chunk = self.store.manifest.chunk_sequences * self.store.manifest.context_size
+        self._slot_rows = per_chunk * min(self.window_chunks, self.n_chunks)
+        self._slots: list[torch.Tensor | None] = [None, None]
+
+    # ------------------------------------------------------------------ geometry
+    def chunk_order(self, epoch: int) -> list[int]:
+        return permutation(self.n_chunks, self.seed, "chunks", epoch).tolist()
+
+    def n_windows(self) -> int:
+        return -(-self.n_chunks // self.window_chunks)
+
+    def window_chunk_ids(self, epoch: int, w: int) -> list[int]:
+        order = self.chunk_order(epoch)
+        return order[w * self.window_chunks:(w + 1) * self.window_chunks]
+
+    # ------------------------------------------------------------------ reading
+    def _slot(self, epoch: int, w: int) -> torch.Tensor:
+        i = (epoch * self.n_windows() + w) % 2
+        if self._slots[i] is None:
+            # CPU: float32, already scaled; CUDA: float16 in pinned memory (half the bytes to copy; the GPU converts)
+            dtype = torch.float16 if self.cuda else torch.float32
+            self._slots[i] = torch.empty((self._slot_rows, self.d), dtype=dtype, pin_memory=self.cuda)
+        return self._slots[i]
+
+    def _put(self, dst: torch.Tensor, src: np.ndarray) -> None:
+        """Copy (and on the CPU convert and scale) float16 rows into a window buffer. Done in slices below
+        torch's parallel grain so it runs single-threaded in the calling reader thread: the readers are
+        the parallelism, and nested thread teams would only fight over the cores."""
+        x = torch.from_numpy(src)
+        step = max(1, 16384 // self.d)
+        for r in range(0, x.shape[0], step):
+            part = dst[r:r + step]
+            part.copy_(x[r:r + step])
+            if not self.cuda and self.scale != 1.0:
+                part.mul_(self.scale)
+
+    def _read_into(self, j: int, dst: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Decode chunk j; write it into dst when its place is known, else return the kept rows."""
+        r0, _ = self.store.chunk_row_range(j)
+        acts = self.store.read_chunk(self.hook, j)
+        rows = np.arange(r0, r0 + acts.shape[0], dtype=np.int64)
+        if self.skip_special_tokens and self.special_ids:
+            keep = ~np.isin(self.store.read_tokens(j).reshape(-1), self.special_ids)
+            acts, rows = acts[keep], rows[keep]
+        if dst is not None:
+            self._put(dst, acts)
+            return rows, None
+        return rows, acts
+
+    def _load_window(self, epoch: int, w: int) -> _Window:
+        ids = self.window_chunk_ids(epoch, w)
+        slot = self._slot(epoch, w)
+        if self.skip_special_tokens and self.special_ids:
+            # kept rows per chunk are known only once its tokens are read: place chunks as they arrive
+            futures = [self.pool.submit(self._read_into, j, None) for j in ids]
+            at, rows = 0, []
+            for f in futures:
+                r, acts = f.result()
+                self._put(slot[at:at + acts.shape[0]], acts)
+                at += acts.shape[0]
+                rows.append(r)
+        else:
+            offsets, at = [], 0
+            for j in ids:
+                r0, r1 = self.store.chunk_row_range(j)
+                offsets.append((at, r1 - r0))
+                at += r1 - r0
+            futures = [self.pool.submit(self._read_into, j, slot[o:o + size]) for j, (o, size) in zip(ids, offsets)]
+            rows = [f.result()[0] for f in futures]
+        n = at
+        perm = permutation(n, self.seed, "window", epoch, w)
+        return _Window(epoch, w, slot[:n], torch.from_numpy(np.concatenate(rows)), perm)
+
+    def _following(self, epoch: int, w: int) -> tuple[int, int]:
+        return (epoch, w + 1) if w + 1 < self.n_windows() else (epoch + 1, 0)
+
+    def _start_loading(self, key: tuple[int, int]) -> None:
+        if key[0] > 0 and not self.repeat:
+            return
+        self._next_key = key
+        self._next = self.assembler.submit(self._load_window, *key)
+
+    def _window_at(self, epoch: int, w: int) -> _Window:
+        if self._current is not None and (self._current.epoch, self._current.index) == (epoch, w):
+            return self._current
+        if epoch > 0 and not self.repeat:
+            raise UserError("the data ran out: the store holds fewer tokens than asked for; allow repeated epochs")
+        if self._next_key == (epoch, w) and self._next is not None:
+            t = time.perf_counter()
+            win = self._next.result()
+            self.wait_seconds += time.perf_counter() - t
+        else:
+            self._drain()  # a prefetch of another window must not be writing while this one loads
+            t = time.perf_counter()
+            win = self._load_window(epoch, w)
+            self.wait_seconds += time.perf_counter() - t
+        self._next = None
+        self._next_key = None
+        self._current = win
+        if self.prefetch:
+            self._start_loading(self._following(epoch, w))
+        return win
+
+    def _drain(self) -> None:
+        """Wait for an in-flight prefetch and forget it (its window is no longer the next one)."""
+        if self._next is not None:
+            try:
+                self._next.result()
+            except Exception:
+                pass
+        self._next, self._next_key = None, None
+
+    # ------------------------------------------------------------------ batches
+    def next_batch(self, return_rows: bool = False):
+        """The next batch [batch_size, d] (float32, scaled, on the device); with return_rows also the store rows."""
+        slot = self.step % 2
+        host = self._batch_buffer(slot)
+        row_parts, at = [], 0
+        while at < self.batch_size:
+            win = self._window_at(self.epoch, self.window)
+            n = win.perm.shape[0]
+            take = min(self.batch_size - at, n - self.offset)
+            idx = win.perm[self.offset:self.offset + take]
+            # gather now: the window's buffer is refilled once the stream moves two windows on
+            np.take(win.acts.numpy(), idx.numpy(), axis=0, out=host[at:at + take].numpy())
+            if return_rows:
+                row_parts.append(win.rows.index_select(0, idx))
+            at += take
+            self.offset += take
+            if self.offset >= n:
+                self.epoch, self.window = self._following(self.epoch, self.window)
+                self.offset = 0
+        self.step += 1
+        x = self._to_device(host, slot)
+        if return_rows:
+            return x, torch.cat(row_parts)
+        return x
+
+    def _batch_buffer(self, slot: int) -> torch.Tensor:
+        if not self.cuda:
+            return torch.empty((self.batch_size, self.d), dtype=torch.float32)
+        # one of two pinned staging buffers; the copy out of it two batches ago is waited for
+        if self._staging[slot] is None:
+            self._staging[slot] = torch.empty((self.batch_size, self.d), dtype=torch.float16, pin_memory=True)
+            self._copied[slot] = torch.cuda.Event()
+        else:
+            self._copied[slot].synchronize()
+        return self._staging[slot]
+
+    def _to_device(self, host: torch.Tensor, slot: int) -> torch.Tensor:
+        if not self.cuda:
+            return host
+        # non_blocking copy on a side stream; the compute stream waits for this copy only
+        main = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.copy_stream):
+            dev = host.to(self.device, non_blocking=True)
+            self._copied[slot].record(self.copy_stream)
+        main.wait_stream(self.copy_stream)
+        dev.record_stream(main)
+        x = dev.to(torch.float32)
+        return x.mul_(self.scale) if self.scale != 1.0 else x
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return self.next_batch()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "window": self.window, "offset": self.offset, "step": self.step,
+                "seed": self.seed, "batch_size": self.batch_size, "window_chunks": self.window_chunks,
+                "n_chunks": self.n_chunks, "skip_special_tokens": self.skip_special_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "batch_size", "window_chunks", "n_chunks", "skip_special_tokens"):
+            if state[key] != getattr(self, key):
+                raise UserError(f"the saved loader state has {key} = {state[key]}, this loader {getattr(self, key)}; "
+                                "resume with the same config and store")
+        self._drain()
+        self._current = None
+        self.epoch, self.window, self.offset, self.step = state["epoch"], state["window"], state["offset"], state["step"]
+
+    def seek(self, step: int) -> None:
+        """Move to the position of batch `step` from the start (reads token ids only when skipping)."""
+        self._drain()
+        self._current = None
+        self.epoch, self.window, self.offset, self.step = 0, 0, 0, 0
+        remaining = step * self.batch_size
+        while remaining:
+            n = self._window_rows(self.epoch, self.window)
+            if remaining < n:
+                self.offset = remaining
+                break
+            remaining -= n
+            self.epoch, self.window = self._following(self.epoch, self.window)
+        self.step = step
+
+    def _window_rows(self, epoch: int, w: int) -> int:
+        total = 0
+        for j in self.window_chunk_ids(epoch, w):
+            if self.skip_special_tokens and self.special_ids:
+                total += int((~np.isin(self.store.read_tokens(j), self.special_ids)).sum())
+            else:
+                r0, r1 = self.store.chunk_row_range(j)
+                total += r1 - r0
+        return total
+
+    def close(self) -> None:
+        self._drain()
+        self.assembler.shutdown(wait=True, cancel_futures=True)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------- measurements
+def raw_read_rate(store: ActivationStore | str, hook: str, max_chunks: int | None = None) -> dict:
+    """Read and decode chunks in order, one after another: the rate a loader cannot beat on one reader."""
+    store = ActivationStore.open(store) if isinstance(store, str) else store
+    n = store.n_committed if max_chunks is None else min(max_chunks, store.n_committed)
+    t = time.perf_counter()
+    rows = 0
+    for j in range(n):
+        rows += store.read_chunk(hook, j).shape[0]
+    dt = time.perf_counter() - t
+    return {"tokens": rows, "seconds": dt, "tokens_per_s": rows / dt}
+
+
+def shuffle_quality(loader: ActivationLoader, n_batches: int = 8) -> dict:
+    """How well batches mix sequences: the mean fraction of a batch's token pairs that come from the
+    same sequence, against that fraction for a uniform shuffle of the whole store (the ideal) and
+    for reading in order. A value near the ideal means batches look globally shuffled."""
+    ctx = loader.store.manifest.context_size
+    n_tokens = loader.store.n_committed * loader.store.manifest.chunk_sequences * ctx
+    n_tokens = min(n_tokens, loader.store.manifest.n_tokens)
+    fractions = []
+    for _ in range(n_batches):
+        _, rows = loader.next_batch(return_rows=True)
+        _, counts = torch.unique(rows // ctx, return_counts=True)
+        b = rows.shape[0]
+        same = float((counts * (counts - 1)).sum()) / (b * (b - 1))
+        fractions.append(same)
+    ideal = (ctx - 1) / max(n_tokens - 1, 1)
+    b = loader.batch_size
+    in_order = (min(ctx, b) - 1) / max(b - 1, 1)
+    mean = float(np.mean(fractions))
+    return {"same_sequence_pair_fraction": mean, "ideal_global_shuffle": ideal, "in_order": in_order,
+            "ratio_to_ideal": mean / ideal if ideal else float("nan")}

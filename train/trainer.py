@@ -1,0 +1,218 @@
+"""The lockstep trainer: one batch stream, K SAEs, K optimisers.
+
+Each batch is read, decoded and copied to the device once; every SAE then takes an Adam step on it.
+Per SAE: linear learning-rate warm-up and a linear decay to zero over the last lr_decay_steps,
+a linear warm-up of the sparsity coefficient, gradient-norm clipping, and a count of tokens since
+each latent last fired (dead = not fired for dead_window_tokens). Nothing waits on the device
+between steps: values reach the host only at logging and checkpoint steps, where non-finite losses
+are also caught (the step where each SAE first went bad is recorded on the device)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.errors import UserError
+from common.progress import log, token_bar
+from common.seeding import generator
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import SAEConfig, SweepConfig
+from .loader import ActivationLoader
+from .saes import TrainingSAE, build_sae
+
+AUX_REFRESH_STEPS = 25  # how often the host looks at whether any latent is dead (switches AuxK on)
+
+
+def lr_at(cfg: SAEConfig, step: int, n_steps: int) -> float:
+    """Learning rate at a step: linear warm-up, constant, then linear decay to zero."""
+    lr = cfg.lr
+    if cfg.lr_warmup_steps and step < cfg.lr_warmup_steps:
+        lr *= (step + 1) / cfg.lr_warmup_steps
+    decay = cfg.lr_decay_steps or 0
+    if decay and step >= n_steps - decay:
+        lr *= (n_steps - step) / decay
+    return lr
+
+
+def sparsity_factor(cfg: SAEConfig, step: int) -> float:
+    """The fraction of the sparsity coefficient in force at a step (linear warm-up from 0)."""
+    w = cfg.sparsity_warmup_steps or 0
+    return min(1.0, (step + 1) / w) if w else 1.0
+
+
+@dataclass
+class Member:
+    """One SAE of the sweep with its optimiser and bookkeeping."""
+
+    cfg: SAEConfig
+    sae: TrainingSAE
+    opt: torch.optim.Optimizer
+    since_fired: torch.Tensor  # int64 [d_sae]: tokens since the latent last fired
+    first_bad: torch.Tensor  # int64 scalar: first step with a non-finite loss, -1 if none
+    aux_on: bool = False
+    metrics_path: Path | None = None
+
+    def state_dict(self) -> dict:
+        return {"sae": self.sae.state_dict(), "opt": self.opt.state_dict(), "since_fired": self.since_fired,
+                "first_bad": self.first_bad, "aux_on": self.aux_on}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.sae.load_state_dict(st["sae"])
+        self.opt.load_state_dict(st["opt"])
+        self.since_fired.copy_(st["since_fired"])
+        self.first_bad.copy_(st["first_bad"])
+        self.aux_on = bool(st["aux_on"])
+
+
+def build_members(cfg: SweepConfig, device: torch.device) -> list[Member]:
+    """Fresh SAEs (initialised from the seed and their own name, not their place in the list)."""
+    members = []
+    for c in cfg.saes:
+        sae = build_sae(c, generator(cfg.seed, "init", c.name), device)
+        opt = torch.optim.Adam(sae.parameters(), lr=c.lr, betas=(c.adam_beta1, c.adam_beta2))
+        members.append(Member(c, sae, opt, torch.zeros(c.d_sae, dtype=torch.int64, device=device),
+                              torch.full((), -1, dtype=torch.int64, device=device)))
+    return members
+
+
+class Trainer:
+    """Runs the steps of a sweep, writes metrics and checkpoints under `out`."""
+
+    def __init__(self, cfg: SweepConfig, loader: ActivationLoader, out: Path, device: torch.device,
+                 progress: bool = True):
+        self.cfg = cfg
+        self.loader = loader
+        self.out = Path(out)
+        self.device = device
+        self.progress = progress
+        self.members = build_members(cfg, device)
+        self.step = 0
+        self.last_checkpoint_step: int | None = None
+        self.train_seconds = 0.0
+        for m in self.members:
+            (self.out / m.cfg.name).mkdir(parents=True, exist_ok=True)
+            m.metrics_path = self.out / m.cfg.name / "metrics.jsonl"
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"step": self.step, "loader": self.loader.state_dict(),
+                "members": {m.cfg.name: m.state_dict() for m in self.members},
+                "torch_rng": torch.get_rng_state(), "train_seconds": self.train_seconds}
+
+    def resume(self) -> bool:
+        """Continue from out/checkpoint.pt if there is one; metrics lines past it are dropped."""
+        st = load_checkpoint(self.out)
+        if st is None:
+            return False
+        self.step = st["step"]
+        self.loader.load_state_dict(st["loader"])
+        for m in self.members:
+            m.load_state_dict(st["members"][m.cfg.name])
+        torch.set_rng_state(st["torch_rng"])
+        self.train_seconds = st.get("train_seconds", 0.0)
+        self.last_checkpoint_step = self.step
+        for m in self.members:
+            _truncate_metrics(m.metrics_path, self.step)
+        log.info(f"resuming at step {self.step} of {self.cfg.n_steps}")
+        return True
+
+    def checkpoint(self) -> None:
+        self.check_finite()
+        save_checkpoint(self.out, self.state_dict())
+        self.last_checkpoint_step = self.step
+
+    def check_finite(self) -> None:
+        for m in self.members:
+            bad = int(m.first_bad)
+            if bad >= 0:
+                kept = (f"the last good checkpoint (step {self.last_checkpoint_step}) is kept in {self.out}"
+                        if self.last_checkpoint_step is not None else "no checkpoint had been written yet")
+                raise UserError(f"SAE {m.cfg.name!r}: the loss became NaN or infinite at step {bad}; training "
+                                f"stopped and {kept}; lower its lr or check the store for bad values")
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> None:
+        cfg, n_steps = self.cfg, self.cfg.n_steps
+        every_ckpt = cfg.checkpoint_every_steps
+        bar = token_bar(n_steps * cfg.batch_size, "train", initial=self.step * cfg.batch_size,
+                        disable=not self.progress)
+        t0 = time.perf_counter()
+        try:
+            while self.step < n_steps:
+                x = self.loader.next_batch()
+                if self.step == 0:
+                    for m in self.members:
+                        m.sae.init_b_dec(x)
+                logging = self.step % cfg.log_every_steps == 0 or self.step == n_steps - 1
+                outs = [self._step_member(m, x) for m in self.members]
+                if logging:
+                    self._log(x, outs)
+                self.step += 1
+                if self.step % AUX_REFRESH_STEPS == 0:
+                    self._refresh_aux()
+                if self.step % every_ckpt == 0 and self.step < n_steps:
+                    self.train_seconds += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    self.checkpoint()
+                bar.update(cfg.batch_size)
+        finally:
+            bar.close()
+        self.train_seconds += time.perf_counter() - t0
+        self.checkpoint()
+
+    def _step_member(self, m: Member, x: torch.Tensor):
+        c, step = m.cfg, self.step
+        lr = lr_at(c, step, self.cfg.n_steps)
+        for group in m.opt.param_groups:
+            group["lr"] = lr
+        dead = m.since_fired >= self.cfg.dead_window_tokens
+        out = m.sae.step_loss(x, sparsity_factor(c, step), dead, m.aux_on)
+        m.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        m.sae.before_optimizer_step()
+        if c.grad_clip:
+            torch.nn.utils.clip_grad_norm_(m.sae.parameters(), c.grad_clip)
+        m.opt.step()
+        m.sae.after_optimizer_step()
+        m.since_fired.add_(x.shape[0]).masked_fill_(out.fired, 0)
+        bad = ~torch.isfinite(out.loss.detach())
+        m.first_bad.copy_(torch.where(bad & (m.first_bad < 0), torch.full_like(m.first_bad, step), m.first_bad))
+        out.extra["lr"] = torch.tensor(lr)
+        out.extra["dead_fraction"] = dead.float().mean()
+        return out
+
+    def _refresh_aux(self) -> None:
+        for m in self.members:
+            if m.sae.architecture in ("topk", "batchtopk", "matryoshka_batchtopk"):
+                m.aux_on = bool((m.since_fired >= self.cfg.dead_window_tokens).any())
+        self.check_finite()
+
+    @torch.no_grad()
+    def _log(self, x: torch.Tensor, outs) -> None:
+        self.check_finite()
+        centred = (x - x.mean(0)).pow(2).sum()
+        for m, out in zip(self.members, outs):
+            err = (out.x_hat - x).pow(2).sum()
+            fvu = float(err / centred)
+            row = {"step": self.step, "tokens": (self.step + 1) * self.cfg.batch_size,
+                   "loss": float(out.loss.detach()), **{k: float(v.detach()) for k, v in out.terms.items()},
+                   "l0": float(out.l0), "mse": float(err / x.shape[0]), "fvu": fvu, "explained_variance": 1 - fvu,
+                   "dead_fraction": float(out.extra["dead_fraction"]), "lr": float(out.extra["lr"]),
+                   "sparsity_factor": sparsity_factor(m.cfg, self.step)}
+            if hasattr(m.sae, "topk_threshold"):
+                row["topk_threshold"] = float(m.sae.topk_threshold)
+            with open(m.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics lines of steps before `step` (the rest are rewritten by the resumed run)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < step]
+    path.write_text("".join(line + "\n" for line in keep))
