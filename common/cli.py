@@ -1,6 +1,6 @@
 """The `actcache` command: one click group whose subcommands live beside the code they call.
 
-Subcommands are loaded lazily so that `actcache --help` does not import torch."""
+Subcommands are loaded lazily, so a command imports only the stage it runs."""
 
 from __future__ import annotations
 
@@ -18,18 +18,17 @@ SUBCOMMANDS = {
     "info": "harvest.cli:info_command",
     "verify": "harvest.cli:verify_command",
     "train": "train.cli:train_command",
-    "demo": "harvest.demo:demo_command",
 }
 
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(SUBCOMMANDS)
+        return sorted(set(SUBCOMMANDS) | set(self.commands))
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         target = SUBCOMMANDS.get(name)
         if target is None:
-            return None
+            return self.commands.get(name)
         module, attr = target.split(":")
         return getattr(importlib.import_module(module), attr)
 
@@ -42,6 +41,24 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     """Harvest language-model activations once; train many sparse autoencoders from them."""
     setup_logging(verbose)
     ctx.obj = {"verbose": verbose}
+
+
+@cli.command("demo")
+@click.option("--out", default="demo", show_default=True, help="Folder for the store (acts.zarr) and the sweep.")
+@click.option("--tokens", default="40960", show_default=True, help="Tokens to harvest, e.g. 100k.")
+def demo_command(out: str, tokens: str) -> None:
+    """The offline default: harvest the bundled SmolLM2-135M over the Python standard library's
+    sources, train a small sweep of SAEs on it, and print what was written and the results."""
+    from train.export import summary_table
+
+    from .demo import run_demo
+    from .progress import parse_count
+
+    r = run_demo(out, parse_count(tokens))
+    click.echo(r["harvest"].summary())
+    click.echo("")
+    click.echo(summary_table(r["summary"]))
+    click.echo(f"\nSAELens folders, summary.json, summary.md and frontier.png in {out}/sweep")
 
 
 def main() -> None:
