@@ -30,43 +30,17 @@ CONTEXT = 128
 def real_activations(n_tokens: int, resid_layers=RESID_LAYERS, mlp_layer: int = MLP_LAYER,
                      batch: int = 8) -> dict[str, np.ndarray]:
     """float16 activations [n_tokens, 576] of the bundled model on stdlib text, keyed by classic
-    TransformerLens hook names (blocks.L.hook_resid_post, blocks.L.hook_mlp_out). Uses plain
-    transformers hooks: this measurement needs the numbers, not the harvest code path."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    TransformerLens hook names. Plain transformers hooks: this needs the numbers, not the harvest."""
+    from benchmarks.data import token_windows
+    from benchmarks.hf_model import activations, load_smollm2
 
-    from benchmarks.data import bundled_gguf, load_tokenizer, token_windows
-
-    folder, name = bundled_gguf()
-    tok = load_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    model.config.architectures = ["LlamaForCausalLM"]
-    model.eval()
-    last = max(max(resid_layers), mlp_layer)
-    model.model.layers = model.model.layers[: last + 1]  # nothing past the deepest hook is needed
-
-    grabbed: dict[str, list] = {}
-
-    def keep(key):
-        def hook(_mod, _inp, out):
-            t = out[0] if isinstance(out, tuple) else out
-            grabbed.setdefault(key, []).append(t.detach().reshape(-1, t.shape[-1]).to(torch.float16))
-        return hook
-
-    handles = [model.model.layers[L].register_forward_hook(keep(f"blocks.{L}.hook_resid_post")) for L in resid_layers]
-    handles.append(model.model.layers[mlp_layer].mlp.register_forward_hook(keep(f"blocks.{mlp_layer}.hook_mlp_out")))
-    windows = token_windows(n_tokens, CONTEXT, tok)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for i in range(0, len(windows), batch):
-            ids = torch.as_tensor(windows[i:i + batch], dtype=torch.long)
-            model.model(input_ids=ids)
-            print(f"codecs: forward {min(i + batch, len(windows)) * CONTEXT}/{len(windows) * CONTEXT} tokens "
-                  f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, end="\r")
-    print(file=sys.stderr)
-    for h in handles:
-        h.remove()
-    return {k: torch.cat(v).numpy() for k, v in grabbed.items()}
+    hooks = [f"blocks.{L}.hook_resid_post" for L in resid_layers] + [f"blocks.{mlp_layer}.hook_mlp_out"]
+    model = load_smollm2(max(max(resid_layers), mlp_layer))
+    got: dict[str, list] = {h: [] for h in hooks}
+    for _tok, acts in activations(model, token_windows(n_tokens, CONTEXT), hooks, batch):
+        for h in hooks:
+            got[h].append(acts[h])
+    return {h: np.concatenate(v) for h, v in got.items()}
 
 
 def _dir_bytes(path: Path) -> int:
