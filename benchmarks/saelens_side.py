@@ -90,13 +90,15 @@ def bare_forward_rate(model, tokens: np.ndarray, hooks: list[str], batch: int) -
     """tokens/s of run_with_cache with the hooks and their stop layer, copied to CPU float16."""
     stop = max(layer_of(h) for h in hooks) + 1
     t = torch.as_tensor(tokens, dtype=torch.long)
-    model.run_with_cache(t[:batch], names_filter=hooks, stop_at_layer=stop)  # warm-up
-    t0 = time.perf_counter()
-    for i in range(0, len(t), batch):
-        _, cache = model.run_with_cache(t[i:i + batch], names_filter=hooks, stop_at_layer=stop)
-        for h in hooks:
-            cache[h].to("cpu", torch.float16)
-    return t.numel() / (time.perf_counter() - t0)
+    best = 0.0
+    for _ in range(2):  # the better of two passes: the bound should not carry first-call costs
+        t0 = time.perf_counter()
+        for i in range(0, len(t), batch):
+            _, cache = model.run_with_cache(t[i:i + batch], names_filter=hooks, stop_at_layer=stop)
+            for h in hooks:
+                cache[h].to("cpu", torch.float16)
+        best = max(best, t.numel() / (time.perf_counter() - t0))
+    return best
 
 
 def cache_run(model, tokens: np.ndarray, hook: str, batch: int, out: Path) -> dict:
@@ -131,6 +133,8 @@ def cache_run(model, tokens: np.ndarray, hook: str, batch: int, out: Path) -> di
 
 def part_harvest(model, tokens, hook, hooks4, batch, work: Path) -> dict:
     res: dict = {"hook": hook, "hooks4": hooks4, "tokens": int(tokens.size), "batch_sequences": batch}
+    with torch.no_grad():  # warm-up, so that no timed run pays for first calls
+        model(torch.as_tensor(tokens[:batch], dtype=torch.long), stop_at_layer=1 + max(map(layer_of, hooks4 + [hook])))
     log(f"bare forward, 1 hook ({tokens.size} tokens)")
     res["bare_1hook_tokens_per_s"] = bare_forward_rate(model, tokens, [hook], batch)
     log("CacheActivationsRunner, 1 hook")
@@ -174,16 +178,18 @@ def runner_config(hook: str, d: int, ctx: int, n_tokens: int, k: int, expansion:
         store_batch_size_prompts=seq_batch, n_batches_in_buffer=max(2, 2 * batch_size // ctx),
         prepend_bos=False, lr=lr, lr_warm_up_steps=0, lr_decay_steps=max(1, n_steps // 5), device="cpu",
         seed=seed, dtype="float32", exclude_special_tokens=list(SPECIAL_TOKENS),
-        n_batches_for_norm_estimate=min(8, n_steps), dead_feature_window=max(1, n_steps),
+        n_batches_for_norm_estimate=max(1, n_steps // 16),  # its default, 1000, would outweigh short runs
+        dead_feature_window=max(1, n_steps),
         feature_sampling_window=max(1, n_steps), logger=LoggingConfig(log_to_wandb=False),
         checkpoint_path=None, output_path=None, verbose=False,
     )
 
 
-def part_loader(model, tokens, hook, cache_dir: str, batch_size: int, seq_batch: int, n_batches: int) -> dict:
+def part_loader(model, tokens, hook, cache_dir: str, batch_size: int, n_batches: int, seq_batch: int = 32) -> dict:
     """tokens/s of ActivationsStore serving training batches from its cache (warm page cache)."""
     from sae_lens.training.activations_store import ActivationsStore
 
+    seq_batch = min(seq_batch, len(tokens))  # it cannot read more rows at once than the cache holds
     cfg = runner_config(hook, model.cfg.d_model, tokens.shape[1], tokens.size, 32, 8, batch_size=batch_size, lr=2e-4,
                         seq_batch=seq_batch, cached=cache_dir)
     cfg.exclude_special_tokens = False  # the plain loader, as a user starts it
@@ -199,7 +205,8 @@ def part_loader(model, tokens, hook, cache_dir: str, batch_size: int, seq_batch:
     dt = time.perf_counter() - t0
     return {"tokens_per_s": served / dt, "batches": n_batches, "batch_size": batch_size,
             "store_batch_size_prompts": seq_batch, "cache_dir": cache_dir,
-            "note": "ActivationsStore over its own CacheActivationsRunner output, float16 on disk, float32 batches"}
+            "note": "ActivationsStore over its own CacheActivationsRunner output (float16 on disk, float32 batches, "
+                "store_batch_size_prompts 32 = its default); the cache is re-read when it runs out"}
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -320,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model-batch", type=int, default=8, help="sequences per forward pass")
     ap.add_argument("--harvest-tokens", type=int, default=0, help="tokens for the harvest part (default: all)")
     ap.add_argument("--loader-batches", type=int, default=50)
+    ap.add_argument("--loader-batch-size", type=int, default=4096)
     ap.add_argument("--store", help="actcache store whose activations the sweep trains on")
     ap.add_argument("--eval-store", help="actcache store of held-out activations for eval")
     ap.add_argument("--eval-tokens", type=int, default=65536)
@@ -363,8 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
             if not (cache / "dataset_info.json").exists():
                 cache_run(model, ht, a.hook, a.model_batch, cache)
             log("ActivationsStore from its cache")
-            result["loader"] = part_loader(model, ht, a.hook, str(cache), a.batch_size, a.model_batch,
-                                           a.loader_batches)
+            result["loader"] = part_loader(model, ht, a.hook, str(cache), a.loader_batch_size, a.loader_batches)
     sweep_dirs: list[str] = []
     if "sweep" in parts:
         if not a.store:
