@@ -246,6 +246,10 @@ def ratios(r: dict) -> list[dict]:
         add(f"harvest {key}: ours / bare forward", h.get("ratio_vs_bare"), GOALS["harvest_vs_bare"])
         add(f"harvest {key}: ours / SAELens CacheActivationsRunner", _ratio(h.get("harvest_tokens_per_s"), sl_rate),
             GOALS["harvest_vs_saelens"], note="different model implementations of one shape; see the bare rates")
+        sl_vs_bare = slh.get("cache_vs_bare_" + key)
+        add(f"harvest {key}: (ours / our bare) / (SAELens / its bare)", _ratio(h.get("ratio_vs_bare"), sl_vs_bare),
+            GOALS["harvest_vs_saelens"], note="each tool against the bare forward of its own model: cancels the "
+            "model implementations")
     h1 = _get(oh, "harvest", "1hook") or {}
     add("bytes per token: ours / SAELens float16 cache", _ratio(h1.get("bytes_per_token"), slh.get("cache_bytes_per_token")),
         GOALS["bytes_vs_saelens"], higher=False)
@@ -362,6 +366,18 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def anonymise(obj, paths: dict[str, str]):
+    """The result with this machine's folders replaced by placeholders, so it can be published."""
+    if isinstance(obj, dict):
+        return {anonymise(k, paths): anonymise(v, paths) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [anonymise(v, paths) for v in obj]
+    if isinstance(obj, str):
+        for p, tag in sorted(paths.items(), key=lambda kv: -len(kv[0])):
+            obj = obj.replace(p, tag)
+    return obj
+
+
 def gpu_info() -> dict:
     import torch
 
@@ -432,6 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(a.results)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{now.strftime('%Y-%m-%d')}-{host}{'-quick' if a.quick else ''}"
+    r = anonymise(r, {str(work): "<work>", str(ROOT): "<repo>", str(Path.home()): "~"})
     (out / f"{stem}.json").write_text(json.dumps(r, indent=1, default=str))
     md = markdown(r)
     (out / f"{stem}.md").write_text(md)
