@@ -40,9 +40,11 @@ class Plan:
     harvest_tokens: int
     sweep_tokens: int
     eval_tokens: int
-    batch_size: int = 1024  # SAE training batch (tokens), both tools
+    # SAE training batch (tokens) and lr, both tools: at batch 1024 / lr 2e-4, 32 steps left every
+    # SAELens SAE below zero explained variance, so parity could not be judged; 128 steps at 1e-3 can
+    batch_size: int = 256
     loader_batch_size: int = 4096
-    lr: float = 2e-4
+    lr: float = 1e-3
     model_batch: int = 8  # sequences per forward pass, both tools
     context_size: int = 128
     configs: list = field(default_factory=lambda: list(CONFIGS))
