@@ -33,5 +33,11 @@ test: setup setup-saelens      ## the whole test suite (CPU, offline)
 demo: setup                    ## harvest + train a small sweep on the bundled model, offline
 	$(VENV)/bin/actcache demo
 
+bench: setup setup-saelens     ## the side-by-side benchmark vs SAELens (full sizes; what the README quotes)
+	$(VENV)/bin/python -m benchmarks.run --saelens-python $(abspath $(SL_VENV))/bin/python
+
+bench-quick: setup setup-saelens  ## the same at small sizes: a few minutes on 2 CPU cores
+	$(VENV)/bin/python -m benchmarks.run --quick --saelens-python $(abspath $(SL_VENV))/bin/python
+
 clean:
 	rm -rf $(VENV) $(SL_VENV)

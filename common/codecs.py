@@ -9,7 +9,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from .errors import UserError
 
 # Chosen by benchmarks/codecs.py on activations of the bundled model (see the README).
-DEFAULT_CODEC = "zstd-1"
+DEFAULT_CODEC = "blosc-zstd-5"
 
 _HELP = "zstd[-LEVEL], lz4, blosc-zstd[-LEVEL], blosc-lz4[-LEVEL], none"
 

@@ -1,0 +1,464 @@
+"""The side-by-side benchmark against SAELens, in one command (`make bench`, `make bench-quick`).
+
+Runs our side in this process (benchmarks.bench_harvest, benchmarks.bench_train, harvest, train)
+and SAELens's side in its own environment (benchmarks/saelens_side.py, a subprocess), on the same
+model shape, the same token windows and the same SAE configurations; computes the ratios against
+the goals of the issue and writes benchmarks/results/<date>-<host>.json and .md, and latest.md.
+A part whose code is not installed is recorded as missing, with the reason; the rest still runs.
+
+    python -m benchmarks.run [--quick] [--saelens-python PATH] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import inspect
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CONFIGS = [(k, x) for x in (8, 16) for k in (16, 32, 64, 128)]  # TopK: k x expansion
+
+
+@dataclass
+class Plan:
+    """Sizes of one benchmark run; --quick shrinks tokens and uses shallow hooks, same model shape."""
+
+    hook: str
+    hooks4: list[str]
+    harvest_tokens: int
+    sweep_tokens: int
+    eval_tokens: int
+    # SAE training batch (tokens) and lr, both tools: at batch 1024 / lr 2e-4, 32 steps left every
+    # SAELens SAE below zero explained variance, so parity could not be judged; 128 steps at 1e-3 can
+    batch_size: int = 256
+    loader_batch_size: int = 4096
+    lr: float = 1e-3
+    model_batch: int = 8  # sequences per forward pass, both tools
+    context_size: int = 128
+    configs: list = field(default_factory=lambda: list(CONFIGS))
+
+    @property
+    def configs_text(self) -> str:
+        return ",".join(f"{k}x{x}" for k, x in self.configs)
+
+
+QUICK = Plan(hook="blocks.3.hook_resid_post",
+             hooks4=["blocks.1.hook_resid_post", "blocks.2.hook_resid_post", "blocks.3.hook_resid_post",
+                     "blocks.3.hook_mlp_out"],
+             harvest_tokens=2048, sweep_tokens=4096, eval_tokens=4096)
+FULL = Plan(hook="blocks.12.hook_resid_post",
+            hooks4=["blocks.6.hook_resid_post", "blocks.12.hook_resid_post", "blocks.18.hook_resid_post",
+                    "blocks.12.hook_mlp_out"],
+            harvest_tokens=8192, sweep_tokens=32768, eval_tokens=16384)
+
+GOALS = {
+    "harvest_vs_bare": 0.9,
+    "harvest_vs_saelens": 1.4,
+    "bytes_vs_saelens": 1.0,  # ours / theirs, at most
+    "loader_vs_raw": 0.9,
+    "loader_vs_saelens": 2.0,
+    "sweep_vs_saelens_cached": 2.0,
+    "sweep_vs_saelens_cached_gpu": 4.0,
+    "sweep_vs_saelens_onthefly": 8.0,
+    "ev_gap": -0.01,  # ours - theirs, at least
+}
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def _missing(e: BaseException) -> dict:
+    return {"status": "missing" if isinstance(e, ImportError) else "failed",
+            "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+
+
+def _call(fn, **kwargs):
+    """Call fn with the keyword arguments it accepts (our modules' optional extras)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+# ----------------------------------------------------------------------------- our side
+def ours_harvest(plan: Plan, tokens_file: Path) -> dict:
+    """benchmarks.bench_harvest for one hook and for four hooks in one pass."""
+    try:
+        from benchmarks import bench_harvest
+    except ImportError as e:
+        return _missing(e)
+    out = {}
+    for key, hooks in (("1hook", [plan.hook]), ("4hooks", plan.hooks4)):
+        log(f"our harvest vs bare forward, {key}")
+        try:
+            out[key] = _call(bench_harvest.run, hooks=hooks, n_tokens=plan.harvest_tokens,
+                             context_size=plan.context_size, batch_size=plan.model_batch, device=None,
+                             tokens_file=str(tokens_file))
+        except Exception as e:  # one failing part must not lose the others
+            traceback.print_exc()
+            out[key] = _missing(e)
+    return out
+
+
+def write_tokens_jsonl(windows, path: Path) -> Path:
+    with open(path, "w") as f:
+        for row in windows:
+            f.write(json.dumps({"input_ids": [int(t) for t in row]}) + "\n")
+    return path
+
+
+def build_store(url: str, windows, plan: Plan, work: Path, name: str) -> dict:
+    """The store the loader and sweep read: `harvest.harvest` on exactly these windows, or the
+    benchmark's stand-in writer when the harvest package is absent (recorded as such)."""
+    t0 = time.perf_counter()
+    try:
+        import harvest
+    except ImportError as e:
+        log(f"harvest package absent ({e}); writing the {name} store with plain transformers hooks")
+        from benchmarks.hf_model import write_store
+
+        info = write_store(url, windows, [plan.hook], batch=plan.model_batch)
+        info["harvest_error"] = _missing(e)["error"]
+        return info
+    data = write_tokens_jsonl(windows, work / f"{name}-tokens.jsonl")
+    cfg = harvest.HarvestConfig(model="smollm2-135m-instruct-q4", hooks=[plan.hook], dataset=str(data),
+                                context_size=plan.context_size, tokens=int(windows.size), batch_size=plan.model_batch,
+                                out=url, prepend_bos=False, overwrite=True)
+    res = harvest.harvest(cfg)
+    dt = time.perf_counter() - t0
+    return {"seconds": dt, "tokens_per_s": float(getattr(res, "tokens_per_s", windows.size / dt)),
+            "bytes_on_disk": int(getattr(res, "bytes_on_disk", 0)), "writer": "harvest.harvest"}
+
+
+def ours_loader(store: str, plan: Plan) -> dict:
+    try:
+        from benchmarks import bench_train
+    except ImportError as e:
+        return _missing(e)
+    log("our loader vs raw read+decode")
+    try:
+        return bench_train.run_loader(store, plan.hook, batch_size=plan.loader_batch_size)
+    except Exception as e:
+        traceback.print_exc()
+        return _missing(e)
+
+
+def sweep_toml(plan: Plan) -> str:
+    ks = ", ".join(str(k) for k in sorted({k for k, _ in plan.configs}))
+    xs = ", ".join(str(x) for x in sorted({x for _, x in plan.configs}))
+    return (f'hook = "{plan.hook}"\ntokens = {plan.sweep_tokens}\nbatch_size = {plan.batch_size}\nseed = 0\n'
+            f"skip_special_tokens = true\nnormalize = true\neval_tokens = {plan.eval_tokens}\n\n"
+            f"[defaults]\narchitecture = \"topk\"\nlr = {plan.lr}\naux_loss_coefficient = {1 / 32}\n"
+            f"lr_decay_steps = {max(1, plan.sweep_tokens // plan.batch_size // 5)}\n\n"
+            f"[grid]\nk = [{ks}]\nexpansion = [{xs}]\n")
+
+
+def ours_sweep(store: str, plan: Plan, work: Path) -> dict:
+    """train.train_sweep: the 8 TopK SAEs in lockstep; wall time and the exported folders."""
+    try:
+        import train
+    except ImportError as e:
+        return _missing(e)
+    cfg = work / "sweep.toml"
+    cfg.write_text(sweep_toml(plan))
+    out = work / "ours_saes"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    log(f"our lockstep sweep: {len(plan.configs)} TopK SAEs on {plan.sweep_tokens} tokens")
+    try:
+        t0 = time.perf_counter()
+        summary = train.train_sweep(store, str(cfg), str(out))
+        dt = time.perf_counter() - t0
+    except Exception as e:
+        traceback.print_exc()
+        return _missing(e)
+    dirs = sorted(str(p.parent) for p in out.rglob("cfg.json"))
+    return {"seconds": dt, "summary": summary, "dirs": dirs, "config": cfg.read_text()}
+
+
+# ----------------------------------------------------------------------------- SAELens side
+def saelens_python(arg: str | None) -> str | None:
+    for cand in (arg, os.environ.get("ACTCACHE_SAELENS_PYTHON"), str(ROOT / ".venv-saelens" / "bin" / "python")):
+        if cand and Path(cand).exists():
+            return cand
+    return None
+
+
+def run_saelens(py: str, plan: Plan, tokens_file: Path, store: str, eval_store: str, eval_dirs: list[str],
+                work: Path) -> dict:
+    out_json = work / "saelens.json"
+    cmd = [py, str(ROOT / "benchmarks" / "saelens_side.py"), "--tokens", str(tokens_file),
+           "--parts", "harvest,loader,sweep,onthefly,eval", "--hook", plan.hook, "--hooks4", ",".join(plan.hooks4),
+           "--model-batch", str(plan.model_batch), "--loader-batch-size", str(plan.loader_batch_size),
+           "--harvest-tokens", str(plan.harvest_tokens),
+           "--store", store, "--eval-store", eval_store, "--eval-tokens", str(plan.eval_tokens),
+           "--eval-dirs", ",".join(eval_dirs), "--configs", plan.configs_text,
+           "--sweep-tokens", str(plan.sweep_tokens), "--batch-size", str(plan.batch_size), "--lr", str(plan.lr),
+           "--work", str(work / "saelens"), "--json", str(out_json)]
+    log("SAELens side: " + " ".join(cmd[1:3]) + " ...")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
+    env.pop("PYTHONPATH", None)
+    p = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=None)
+    if p.returncode != 0 or not out_json.exists():
+        return {"status": "failed", "error": f"saelens_side.py exited {p.returncode}"}
+    return json.loads(out_json.read_text())
+
+
+# ----------------------------------------------------------------------------- ratios
+def _get(d: dict, *keys, default=None):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return default
+        d = d[k]
+    return d
+
+
+def _ratio(a, b):
+    return a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+
+
+def ratios(r: dict) -> list[dict]:
+    """One row per goal of the issue: measured value, goal, met or not (None: not measured)."""
+    oh, sl = r.get("ours", {}), r.get("saelens", {})
+    slh = sl.get("harvest", {})
+    rows = []
+
+    def add(name, value, goal, higher=True, note=""):
+        met = None if value is None else (value >= goal if higher else value <= goal)
+        rows.append({"benchmark": name, "value": value, "goal": goal, "higher_is_better": higher, "met": met,
+                     "note": note})
+
+    for key, sl_rate in (("1hook", slh.get("cache_1hook_tokens_per_s")), ("4hooks", slh.get("cache_4hooks_tokens_per_s"))):
+        h = _get(oh, "harvest", key) or {}
+        add(f"harvest {key}: ours / bare forward", h.get("ratio_vs_bare"), GOALS["harvest_vs_bare"])
+        add(f"harvest {key}: ours / SAELens CacheActivationsRunner", _ratio(h.get("harvest_tokens_per_s"), sl_rate),
+            GOALS["harvest_vs_saelens"], note="different model implementations of one shape; see the bare rates")
+        sl_vs_bare = slh.get("cache_vs_bare_" + key)
+        add(f"harvest {key}: (ours / our bare) / (SAELens / its bare)", _ratio(h.get("ratio_vs_bare"), sl_vs_bare),
+            GOALS["harvest_vs_saelens"], note="each tool against the bare forward of its own model: cancels the "
+            "model implementations")
+    h1 = _get(oh, "harvest", "1hook") or {}
+    add("bytes per token: ours / SAELens float16 cache", _ratio(h1.get("bytes_per_token"), slh.get("cache_bytes_per_token")),
+        GOALS["bytes_vs_saelens"], higher=False)
+    ld = oh.get("loader") or {}
+    add("loader: ours / raw read+decode", ld.get("ratio"), GOALS["loader_vs_raw"])
+    add("loader: ours / SAELens ActivationsStore (cached)",
+        _ratio(ld.get("loader_tokens_per_s"), _get(sl, "loader", "tokens_per_s")), GOALS["loader_vs_saelens"])
+    sw = oh.get("sweep") or {}
+    add("sweep (8 TopK): SAELens from cache, one by one / ours lockstep",
+        _ratio(_get(sl, "sweep_cached", "seconds"), sw.get("seconds")), GOALS["sweep_vs_saelens_cached"])
+    ours_total = (sw.get("seconds") or 0) + (_get(oh, "store", "seconds") or 0) if sw.get("seconds") else None
+    add("sweep (8 TopK): SAELens on the fly / ours (harvest + lockstep)",
+        _ratio(_get(sl, "sweep_onthefly", "seconds"), ours_total), GOALS["sweep_vs_saelens_onthefly"],
+        note="ours counts harvesting the training tokens once")
+    for p in r.get("parity", []):
+        add(f"quality {p['name']}: EV ours - SAELens", p.get("ev_gap"), GOALS["ev_gap"])
+    return rows
+
+
+def parity(r: dict) -> list[dict]:
+    """Pair each of our SAEs with SAELens's of the same k and expansion, both evaluated by the same
+    code (sae_lens.SAE on held-out activations)."""
+    ev = _get(r, "saelens", "eval") or {}
+    ours = {}
+    theirs = {}
+    for key, m in ev.items():
+        name, where = key.split("@", 1)
+        k, x = _kx(name, where)
+        if k is None:
+            continue
+        (theirs if where.endswith("saes_cached") else ours)[(k, x)] = dict(m, name=name)
+    rows = []
+    for kx in sorted(set(ours) | set(theirs)):
+        o, t = ours.get(kx), theirs.get(kx)
+        row = {"name": f"topk-k{kx[0]}-x{kx[1]}"}
+        for tag, m in (("ours", o), ("saelens", t)):
+            for f in ("explained_variance", "l0", "dead_fraction"):
+                row[f"{tag}_{f}"] = m.get(f) if m else None
+        row["ev_gap"] = (o["explained_variance"] - t["explained_variance"]) if o and t else None
+        rows.append(row)
+    return rows
+
+
+def _kx(name: str, where: str) -> tuple[int | None, int | None]:
+    import re
+
+    m = re.search(r"k(\d+)[-_]x(\d+)", name)
+    return (int(m.group(1)), int(m.group(2))) if m else (None, None)
+
+
+# ----------------------------------------------------------------------------- report
+def _fmt(v, digits=3):
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown(r: dict) -> str:
+    m = r["meta"]
+    lines = [f"# actcache vs SAELens — {m['date']} on {m['host']} ({'quick' if m['quick'] else 'full'})", "",
+             f"{m['cpu']}, {m['cores']} cores; torch {m['torch']}; sae-lens {_get(r, 'saelens', 'sae_lens_version')}; "
+             f"hook `{r['plan']['hook']}`; {r['plan']['sweep_tokens']} training tokens, batch {r['plan']['batch_size']}, "
+             f"lr {r['plan']['lr']}; codec {m['codec']}.", "",
+             f"Command: `{m['command']}`", "",
+             "| benchmark | measured | goal | met |", "|---|---:|---:|:---:|"]
+    for row in r["ratios"]:
+        goal = ("≥ " if row["higher_is_better"] else "≤ ") + _fmt(row["goal"], 2)
+        met = {True: "yes", False: "**no**", None: "not measured"}[row["met"]]
+        lines.append(f"| {row['benchmark']} | {_fmt(row['value'])} | {goal} | {met} |")
+    lines += ["", "Rates (tokens/s):", "", "| | ours | SAELens |", "|---|---:|---:|"]
+    oh, sl = r.get("ours", {}), r.get("saelens", {})
+    for key in ("1hook", "4hooks"):
+        lines.append(f"| bare forward, {key} | {_fmt(_get(oh, 'harvest', key, 'bare_tokens_per_s'))} | "
+                     f"{_fmt(_get(sl, 'harvest', 'bare_' + key + '_tokens_per_s'))} |")
+        lines.append(f"| harvest / cache, {key} | {_fmt(_get(oh, 'harvest', key, 'harvest_tokens_per_s'))} | "
+                     f"{_fmt(_get(sl, 'harvest', 'cache_' + key + '_tokens_per_s'))} |")
+    lines.append(f"| bytes on disk per token | {_fmt(_get(oh, 'harvest', '1hook', 'bytes_per_token'), 1)} | "
+                 f"{_fmt(_get(sl, 'harvest', 'cache_bytes_per_token'), 1)} |")
+    lines.append(f"| loader (training batches) | {_fmt(_get(oh, 'loader', 'loader_tokens_per_s'))} | "
+                 f"{_fmt(_get(sl, 'loader', 'tokens_per_s'))} |")
+    lines.append(f"| raw read+decode (our store) | {_fmt(_get(oh, 'loader', 'raw_tokens_per_s'))} | |")
+    lines += ["", "Sweep wall time (s):", "", "| | seconds |", "|---|---:|",
+              f"| ours, lockstep | {_fmt(_get(oh, 'sweep', 'seconds'), 1)} |",
+              f"| ours, writing the training store | {_fmt(_get(oh, 'store', 'seconds'), 1)} ({_get(oh, 'store', 'writer')}) |",
+              f"| SAELens from cache, one after another | {_fmt(_get(sl, 'sweep_cached', 'seconds'), 1)} |",
+              f"| SAELens on the fly, one after another | {_fmt(_get(sl, 'sweep_onthefly', 'seconds'), 1)} |"]
+    if r.get("parity"):
+        lines += ["", "Quality on held-out tokens (same evaluator, sae_lens.SAE, for both):", "",
+                  "| SAE | EV ours | EV SAELens | L0 ours | L0 SAELens | dead ours | dead SAELens |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for p in r["parity"]:
+            lines.append(f"| {p['name']} | {_fmt(p['ours_explained_variance'])} | {_fmt(p['saelens_explained_variance'])} | "
+                         f"{_fmt(p['ours_l0'], 1)} | {_fmt(p['saelens_l0'], 1)} | {_fmt(p['ours_dead_fraction'])} | "
+                         f"{_fmt(p['saelens_dead_fraction'])} |")
+    lines += ["", f"GPU: {r['gpu'].get('note') or r['gpu'].get('device')}", ""]
+    notes = [_get(sl, "model_note")]
+    for part in ("harvest", "loader", "sweep", "store"):
+        v = oh.get(part)
+        if isinstance(v, dict) and v.get("status"):
+            notes.append(f"ours/{part}: {v['status']} ({v.get('error')})")
+        for sub in ("1hook", "4hooks"):
+            w = _get(oh, part, sub)
+            if isinstance(w, dict) and w.get("status"):
+                notes.append(f"ours/{part}/{sub}: {w['status']} ({w.get('error')})")
+    if _get(oh, "store", "writer") and _get(oh, "store", "writer") != "harvest.harvest":
+        notes.append(f"training store written by {_get(oh, 'store', 'writer')}")
+    if isinstance(sl, dict) and sl.get("status"):
+        notes.append(f"SAELens side: {sl['status']} ({sl.get('error')})")
+    lines += ["Notes:", ""] + [f"- {n}" for n in notes if n]
+    return "\n".join(lines) + "\n"
+
+
+def anonymise(obj, paths: dict[str, str]):
+    """The result with this machine's folders replaced by placeholders, so it can be published."""
+    if isinstance(obj, dict):
+        return {anonymise(k, paths): anonymise(v, paths) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [anonymise(v, paths) for v in obj]
+    if isinstance(obj, str):
+        for p, tag in sorted(paths.items(), key=lambda kv: -len(kv[0])):
+            obj = obj.replace(p, tag)
+    return obj
+
+
+def gpu_info() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"available": False, "note": "no GPU available (torch.cuda.is_available() is False); CPU numbers only"}
+    return {"available": True, "device": torch.cuda.get_device_name(0),
+            "note": "a GPU is present; the GPU section of the issue is not measured by this runner yet"}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes: a few minutes on 2 CPU cores")
+    ap.add_argument("--saelens-python", help="python of an environment with sae-lens (default: .venv-saelens)")
+    ap.add_argument("--work", help="folder for stores, caches and SAEs (default: a temporary one)")
+    ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--sweep-tokens", type=int, help="override the plan's training tokens")
+    a = ap.parse_args(argv)
+    plan = QUICK if a.quick else FULL
+    if a.sweep_tokens:
+        plan.sweep_tokens = a.sweep_tokens
+    import numpy as np
+    import torch
+
+    from benchmarks.data import token_windows
+    from common.codecs import DEFAULT_CODEC
+
+    work = Path(a.work or tempfile.mkdtemp(prefix="actcache-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    now = _dt.datetime.now()
+    host = socket.gethostname().split(".")[0] or "host"
+    r: dict = {"meta": {"date": now.strftime("%Y-%m-%d %H:%M"), "host": host, "quick": a.quick,
+                        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "codec": DEFAULT_CODEC,
+                        "command": "make bench-quick" if a.quick else "make bench", "python": sys.version.split()[0]},
+               "plan": asdict(plan), "goals": GOALS, "ours": {}, "gpu": gpu_info()}
+    t_start = time.perf_counter()
+
+    # the same token windows for both tools: training store (its first windows also serve the
+    # harvest benchmark) and held-out evaluation
+    n_s, n_e, ctx = plan.sweep_tokens, plan.eval_tokens, plan.context_size
+    windows = token_windows(n_s + n_e, ctx)
+    train_w, eval_w = windows[: n_s // ctx], windows[n_s // ctx:]
+    tokens_file = work / "tokens.npy"
+    np.save(tokens_file, train_w)
+
+    r["ours"]["harvest"] = ours_harvest(plan, tokens_file)
+    store, eval_store = str(work / "train.zarr"), str(work / "eval.zarr")
+    try:
+        r["ours"]["store"] = build_store(store, train_w, plan, work, "train")
+        r["ours"]["eval_store"] = build_store(eval_store, eval_w, plan, work, "eval")
+    except Exception as e:
+        traceback.print_exc()
+        r["ours"]["store"] = _missing(e)
+    r["ours"]["loader"] = ours_loader(store, plan)
+    r["ours"]["sweep"] = ours_sweep(store, plan, work)
+
+    py = saelens_python(a.saelens_python)
+    if py is None:
+        r["saelens"] = {"status": "missing", "error": "no sae-lens environment: run `make setup-saelens`"}
+    else:
+        r["saelens"] = run_saelens(py, plan, tokens_file, store, eval_store,
+                                   _get(r, "ours", "sweep", "dirs") or [], work)
+    r["parity"] = parity(r)
+    r["ratios"] = ratios(r)
+    r["meta"]["seconds"] = time.perf_counter() - t_start
+    r["meta"]["work"] = str(work)
+
+    out = Path(a.results)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{now.strftime('%Y-%m-%d')}-{host}{'-quick' if a.quick else ''}"
+    r = anonymise(r, {str(work): "<work>", str(ROOT): "<repo>", str(Path.home()): "~"})
+    (out / f"{stem}.json").write_text(json.dumps(r, indent=1, default=str))
+    md = markdown(r)
+    (out / f"{stem}.md").write_text(md)
+    (out / "latest.md").write_text(md)
+    print(md)
+    log(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')} in {r['meta']['seconds']:.0f}s")
+    return r
+
+
+if __name__ == "__main__":
+    main()
