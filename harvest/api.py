@@ -98,7 +98,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
     src = resolve_source(cfg.dataset, cfg.name, cfg.split, cfg.streaming)
     existing = _existing_store(cfg)
 
-    log.info(f"loading {cfg.model}")
+    log.debug(f"loading {cfg.model}")
     model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, tokenizer=cfg.tokenizer)
     if cfg.context_size > model.info.n_ctx:
         raise UserError(f"context size {cfg.context_size} is larger than the model's n_ctx ({model.info.n_ctx}): "

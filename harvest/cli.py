@@ -51,16 +51,18 @@ def _count(ctx: click.Context, param: click.Parameter, value: str) -> int:
 @click.option("--overflow", default="error", show_default=True, type=click.Choice(OVERFLOW_MODES),
               help="Values beyond float16's range: stop with an error, or clamp (recorded in the manifest).")
 @click.option("--no-prepend-bos", "no_bos", is_flag=True, help="Do not start every sequence with BOS.")
+@click.option("--chunk-sequences", default=None, type=int,
+              help="Sequences per chunk (default: about 16 MiB of float16 per chunk of the widest hook).")
 def harvest_command(model: str, hooks: tuple[str, ...], dataset: str, split: str, name: str | None,
                     text_column: str, streaming: bool, context_size: int, tokens: int, batch_size: int, out: str,
                     codec: str, seed: int, device: str | None, dtype: str, tokenizer: str | None, resume: bool,
-                    overwrite: bool, overflow: str, no_bos: bool) -> None:
+                    overwrite: bool, overflow: str, no_bos: bool, chunk_sequences: int | None) -> None:
     """Run a model once over a dataset; write the activations of its hooks to a compressed Zarr store."""
     cfg = HarvestConfig(
         out=out, hooks=list(hooks), model=model, dataset=dataset, split=split, name=name, text_column=text_column,
         streaming=streaming, context_size=context_size, tokens=tokens, batch_size=batch_size, codec=codec,
         seed=seed, device=device, dtype=dtype, tokenizer=tokenizer, prepend_bos=not no_bos, overflow=overflow,
-        resume=resume, overwrite=overwrite,
+        resume=resume, overwrite=overwrite, chunk_sequences=chunk_sequences,
     )
     click.echo(harvest(cfg).summary())
 
