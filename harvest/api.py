@@ -91,15 +91,20 @@ class HarvestResult:
 
 
 # ---------------------------------------------------------------------------------------------- harvest
-def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
-    """Harvest activations into cfg.out (see HarvestConfig). Resumable: rerun with resume=True."""
+def harvest(cfg: HarvestConfig, progress: bool = True, model: HookedModel | None = None) -> HarvestResult:
+    """Harvest activations into cfg.out (see HarvestConfig). Resumable: rerun with resume=True.
+    `model`: the result of load_model(cfg.model, ...) when the caller has it loaded already."""
     t_start = time.time()
     n_tokens = _validate(cfg)
     src = resolve_source(cfg.dataset, cfg.name, cfg.split, cfg.streaming)
     existing = _existing_store(cfg)
 
-    log.debug(f"loading {cfg.model}")
-    model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, tokenizer=cfg.tokenizer)
+    if model is None:
+        log.debug(f"loading {cfg.model}")
+        model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, tokenizer=cfg.tokenizer)
+    elif (model.info.name, model.info.dtype) != (cfg.model, cfg.dtype):
+        raise UserError(f"the loaded model is {model.info.name} ({model.info.dtype}) but the config asks for "
+                        f"{cfg.model} ({cfg.dtype})")
     if cfg.context_size > model.info.n_ctx:
         raise UserError(f"context size {cfg.context_size} is larger than the model's n_ctx ({model.info.n_ctx}): "
                         f"use --context-size {model.info.n_ctx} or less")

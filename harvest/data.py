@@ -86,6 +86,8 @@ def resolve_source(path: str, name: str | None = None, split: str = "train", str
     if None in kinds or len(kinds) != 1:
         raise UserError(f"dataset {path}: cannot mix or read these file kinds ({', '.join(sorted({_suffix(Path(f)) for f in files}))}); "
                         f"use one of {', '.join(sorted(_BUILDERS))}")
+    if all(Path(f).stat().st_size == 0 for f in files):
+        raise UserError(f"dataset {path} is empty: its files hold no data")
     builder = kinds.pop()
     # text files: one row per blank-line-separated paragraph, so code and prose keep their context
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
@@ -115,8 +117,12 @@ def load_rows(src: DataSource, seed: int) -> Any:
 
 
 def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__)[:300]
+    """The first line of an error, and of its root cause when datasets wrapped one."""
+    root = e
+    while root.__cause__ is not None:
+        root = root.__cause__
+    text = [(str(x).strip().splitlines() or [type(x).__name__])[0] for x in ((e, root) if root is not e else (e,))]
+    return ": ".join(text)[:300]
 
 
 class TokenWindows:
