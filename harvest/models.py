@@ -232,17 +232,38 @@ def _wrap_hf(spec: str, hf_model: Any, tok: Any, device: str, dtype: torch.dtype
 def _boot_pretrained(spec: str, tok: Any, device: str, dtype: torch.dtype) -> Any:
     """A hub name or a local Hugging Face folder, through TransformerLens."""
     try:
-        if tl_major_version() >= 4:
-            with _quiet_loading():
-                return _bridge_class().boot_transformers(spec, tokenizer=tok, dtype=dtype, device=device)
-        from transformer_lens import HookedTransformer
+        if tl_major_version() < 4:
+            from transformer_lens import HookedTransformer
 
-        return HookedTransformer.from_pretrained_no_processing(spec, tokenizer=tok, dtype=dtype, device=device)
+            return HookedTransformer.from_pretrained_no_processing(spec, tokenizer=tok, dtype=dtype, device=device)
+        tok = tok or _optional_tokenizer(spec)
+        with _quiet_loading():
+            if tok is not None:
+                return _bridge_class().boot_transformers(spec, tokenizer=tok, dtype=dtype, device=device)
+            # a folder without a tokenizer (pre-tokenised data): the bridge's lower-level builder accepts that
+            from transformers import AutoModelForCausalLM
+            from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+            hf = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype).to(device)
+            return build_bridge_from_module(hf, hf.config.architectures[0], hf_config=hf.config, dtype=dtype,
+                                            device=device, model_name=spec)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(
             f"unknown model {spec!r}: not a random: spec, a .gguf file, the alias {DEFAULT_MODEL!r}, "
             f"a local model folder, nor a model TransformerLens could load ({_first_line(e)[:160]})"
         ) from None
+
+
+def _optional_tokenizer(spec: str) -> Any:
+    """The tokenizer saved with a model, or None when a local folder has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError, TypeError):
+        if Path(spec).expanduser().is_dir():
+            return None
+        raise
 
 
 # ------------------------------------------------------------------------------------------ running

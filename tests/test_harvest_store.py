@@ -161,3 +161,22 @@ def test_dataset_running_out_gives_a_shorter_complete_store(tmp_path):
     assert verify(cfg.out).ok
     cfg.resume = True  # nothing left to do, and the planned size still matches
     assert harvest(cfg, progress=False).tokens_this_run == 0
+
+
+def test_local_hugging_face_folder_without_tokenizer(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128))
+    hf.save_pretrained(tmp_path / "tiny-llama")
+    data = write_token_jsonl(tmp_path / "toks.jsonl", n_docs=10)
+    cfg = HarvestConfig(out=str(tmp_path / "l.zarr"), hooks=["blocks.0.hook_resid_post"], model=str(tmp_path / "tiny-llama"),
+                        dataset=str(data), context_size=16, tokens=8 * 16, batch_size=4, device="cpu")
+    harvest(cfg, progress=False)
+    store = ActivationStore.open(cfg.out)
+    assert store.manifest.model.architecture == "LlamaForCausalLM" and store.manifest.tokenizer.name is None
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(store.tokens[:].astype(np.int64)), output_hidden_states=True).hidden_states[1]
+    torch.testing.assert_close(torch.from_numpy(store.activations("blocks.0.hook_resid_post")[:]).float(),
+                               ref.reshape(8 * 16, 64), rtol=2e-3, atol=1e-5)
