@@ -10,11 +10,13 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import zarr
 
 from common import codecs, location
 from common.errors import OverflowError16, UserError
 from common.manifest import HookInfo, Manifest
 from common.progress import human_bytes, log, parse_count, token_bar
+from common.store import ATTR as STORE_ATTR
 from common.store import ActivationStore, chunk_sequences_for
 
 from .data import STDLIB, TokenWindows, resolve_source
@@ -97,7 +99,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: HookedModel | None
     t_start = time.time()
     n_tokens = _validate(cfg)
     src = resolve_source(cfg.dataset, cfg.name, cfg.split, cfg.streaming)
-    existing = _existing_store(cfg)
+    existing, replace = _existing_store(cfg)
 
     if model is None:
         log.debug(f"loading {cfg.model}")
@@ -114,6 +116,9 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: HookedModel | None
     manifest = _manifest(cfg, model, data, dims, n_tokens)
 
     start = 0
+    if existing is not None and existing.n_committed == 0 and not existing.manifest.complete:
+        _check_same_arguments(existing.manifest, manifest, cfg.out)
+        existing, replace = None, True  # nothing committed yet: start afresh
     if existing is not None:
         _check_same_arguments(existing.manifest, manifest, cfg.out)
         store = ActivationStore.open(cfg.out, "r+")
@@ -132,7 +137,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: HookedModel | None
     windows = itertools.chain([first] if first is not None else [], windows)
 
     if existing is None:
-        if cfg.overwrite and location.exists(cfg.out):
+        if replace and location.exists(cfg.out):
             location.remove(cfg.out)
         store = ActivationStore.create(cfg.out, manifest)
         store.commit(0, device=model.device)
@@ -222,16 +227,28 @@ def _validate(cfg: HarvestConfig) -> int:
     return n_tokens
 
 
-def _existing_store(cfg: HarvestConfig) -> ActivationStore | None:
-    """The store to resume, if any; an existing output is never touched without resume or overwrite."""
+def _existing_store(cfg: HarvestConfig) -> tuple[ActivationStore | None, bool]:
+    """The store to resume (if any), and whether what is at cfg.out is to be replaced.
+    An existing output is never touched without resume or overwrite."""
     if not location.exists(cfg.out):
-        return None
-    if cfg.resume:
-        return ActivationStore.open(cfg.out, "r")
-    if not cfg.overwrite:
+        return None, False
+    if cfg.overwrite:
+        return None, True
+    if not cfg.resume:
         raise UserError(f"{cfg.out} already exists: pass --resume to continue that harvest, "
                         "or --overwrite to replace it")
-    return None
+    if _unfinished_create(cfg.out):
+        return None, True
+    return ActivationStore.open(cfg.out, "r"), False
+
+
+def _unfinished_create(url: str) -> bool:
+    """A store whose creation was interrupted: our arrays' group, but no manifest written yet."""
+    try:
+        group = zarr.open_group(store=location.open_store(url, read_only=True), mode="r", zarr_format=3)
+        return STORE_ATTR not in group.attrs and set(group.keys()) <= {"tokens", "activations", "stats"}
+    except Exception:  # noqa: BLE001  (not a zarr group at all: ActivationStore.open says so)
+        return False
 
 
 def _manifest(cfg: HarvestConfig, model: HookedModel, data: TokenWindows, dims: dict[str, int],

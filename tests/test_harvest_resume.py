@@ -116,3 +116,17 @@ def test_disk_full_mid_write_is_one_line_and_resume_completes(tmp_path):
     ref = reference(tmp_path, data, 16 * 8 * 32, hooks=hooks, seed=seed)
     got, want = array_files(out), array_files(ref)
     assert got.keys() == want.keys() and [k for k in want if got[k] != want[k]] == []
+
+
+def test_resume_after_a_kill_during_store_creation(tmp_path):
+    import zarr
+
+    data = write_token_jsonl(tmp_path / "toks.jsonl", n_docs=40)
+    out = tmp_path / "half.zarr"
+    group = zarr.open_group(str(out), mode="w", zarr_format=3)  # the group and an array, but no manifest yet
+    group.create_array("tokens", shape=(4, 32), dtype="int32")
+    cfg = HarvestConfig(out=str(out), hooks=HOOKS[:1], model=RANDOM, dataset=str(data), context_size=32,
+                        tokens=16 * 32, batch_size=4, chunk_sequences=8, device="cpu", resume=True)
+    harvest(cfg, progress=False)
+    ref = reference(tmp_path, data, 16 * 32, hooks=HOOKS[:1])
+    assert array_files(out) == array_files(ref) and verify(out).ok
