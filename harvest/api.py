@@ -19,7 +19,7 @@ from common.progress import human_bytes, log, parse_count, token_bar
 from common.store import ATTR as STORE_ATTR
 from common.store import ActivationStore, chunk_sequences_for
 
-from .data import STDLIB, TokenWindows, resolve_source
+from .data import STDLIB, TokenWindows, prefetch, resolve_source
 from .models import DEFAULT_MODEL, DTYPES, HookedModel, load_model
 from .writer import ChunkWriter
 
@@ -116,11 +116,11 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: HookedModel | None
     manifest = _manifest(cfg, model, data, dims, n_tokens)
 
     start = 0
-    if existing is not None and existing.n_committed == 0 and not existing.manifest.complete:
-        _check_same_arguments(existing.manifest, manifest, cfg.out)
-        existing, replace = None, True  # nothing committed yet: start afresh
     if existing is not None:
         _check_same_arguments(existing.manifest, manifest, cfg.out)
+        if existing.n_committed == 0 and not existing.manifest.complete:
+            existing, replace = None, True  # nothing committed yet: start afresh
+    if existing is not None:
         store = ActivationStore.open(cfg.out, "r+")
         start = store.n_committed
         if store.manifest.complete:
@@ -129,7 +129,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: HookedModel | None
         _remove_partial_files(cfg.out)
         log.info(f"resuming {cfg.out} at chunk {start} of {store.n_chunks}")
 
-    windows = data.windows(skip=start * manifest.chunk_sequences)
+    windows = prefetch(data.windows(skip=start * manifest.chunk_sequences))
     first = next(windows, None)
     if first is None and start == 0:
         raise UserError(f"dataset {cfg.dataset} gave no token window: it is empty, or its text is shorter "
@@ -195,9 +195,9 @@ def to_float16(x: torch.Tensor, hook: str, overflow: str, clamped: dict[str, int
                     f"{n} activations of {hook} are beyond the float16 range (largest magnitude {big:.4g} > "
                     f"{FLOAT16_MAX:.0f}): rerun with --overwrite --overflow clamp to clamp them (recorded in the "
                     "manifest), or harvest another hook")
-            x = x.clamp(-FLOAT16_MAX, FLOAT16_MAX)
+            x = torch.where(over, x.clamp(-FLOAT16_MAX, FLOAT16_MAX), x)  # infinities stay (counted as non-finite)
             clamped[hook] = clamped.get(hook, 0) + n
-    return x.to("cpu", torch.float16)
+    return x.to(torch.float16).cpu()  # convert where x is: half the bytes to copy
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import glob as globlib
 import hashlib
+import queue
 import sysconfig
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 import numpy as np
 
@@ -212,3 +214,41 @@ class TokenWindows:
         if self.bos is not None:
             body = np.concatenate([[self.bos], body])
         return body.astype(np.int32)
+
+
+T = TypeVar("T")
+_END = object()
+
+
+def prefetch(items: Iterator[T], depth: int = 256) -> Iterator[T]:
+    """Run an iterator on a background thread, up to `depth` items ahead, so that reading and
+    tokenising overlap the forward pass. Its exceptions are raised here, in order."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_END)
+        except BaseException as e:  # noqa: BLE001  (handed to the consumer)
+            q.put(e)
+
+    threading.Thread(target=produce, name="actcache-data", daemon=True).start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

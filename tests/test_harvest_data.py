@@ -101,3 +101,19 @@ def test_bad_sources(tmp_path):
     (tmp_path / "x.bin").write_bytes(b"1")
     with pytest.raises(UserError, match="holds no"):
         resolve_source(str(tmp_path))
+
+
+def test_prefetch_keeps_order_and_raises_in_order():
+    from harvest.data import prefetch
+
+    assert list(prefetch(iter(range(1000)), depth=7)) == list(range(1000))
+
+    def failing():
+        yield 1
+        yield 2
+        raise UserError("bad row")
+
+    got = prefetch(failing())
+    assert [next(got), next(got)] == [1, 2]
+    with pytest.raises(UserError, match="bad row"):
+        next(got)
