@@ -180,3 +180,17 @@ def test_local_hugging_face_folder_without_tokenizer(tmp_path):
         ref = hf(torch.from_numpy(store.tokens[:].astype(np.int64)), output_hidden_states=True).hidden_states[1]
     torch.testing.assert_close(torch.from_numpy(store.activations("blocks.0.hook_resid_post")[:]).float(),
                                ref.reshape(8 * 16, 64), rtol=2e-3, atol=1e-5)
+
+
+def test_chunk_stats_leave_out_and_count_non_finite_values():
+    from common.store import chunk_stats
+
+    x = np.arange(24, dtype=np.float16).reshape(6, 4) - 10
+    x[1, 2], x[4, 0] = np.inf, np.nan
+    s = chunk_stats(x)
+    clean = np.where(np.isfinite(x), x, 0).astype(np.float64)
+    assert s.count == 6 and s.n_nonfinite == 2 and s.max_abs == 13
+    np.testing.assert_array_equal(s.sum, clean.sum(0))
+    np.testing.assert_array_equal(s.sumsq, (clean**2).sum(0))
+    np.testing.assert_allclose(s.norm_sum, np.linalg.norm(clean, axis=1).sum(), rtol=1e-12)
+    assert chunk_stats(torch.from_numpy(x)).n_nonfinite == 2
