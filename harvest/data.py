@@ -26,7 +26,8 @@ from common.manifest import DatasetInfo
 STDLIB = "stdlib"
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text", ".rst": "text",
              ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-_ROWS_PER_BATCH = 256
+_ROWS_PER_BATCH = 64
+_CHARS_PER_CALL = 2**16  # text tokenised per tokenizer call: tokenise about as far as the harvest reads
 _SHUFFLE_BUFFER = 10_000  # rows, for streaming datasets
 
 
@@ -180,9 +181,14 @@ class TokenWindows:
                 yield from (list(r) for r in col)
                 continue
             texts = [t for t in col if t]
-            if texts:
-                for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            while texts:
+                n, size = 0, 0
+                while n < len(texts) and size < _CHARS_PER_CALL:
+                    size += len(texts[n])
+                    n += 1
+                for ids in self.tokenizer(texts[:n], add_special_tokens=False)["input_ids"]:
                     yield ids + [self.separator] if self.separator is not None else ids
+                texts = texts[n:]
 
     def windows(self, skip: int = 0) -> Iterator[np.ndarray]:
         """Windows [context_size] int32, in order, from window number `skip` on."""
