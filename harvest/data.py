@@ -23,6 +23,8 @@ import numpy as np
 from common.errors import UserError
 from common.manifest import DatasetInfo
 
+from .errors import first_line
+
 STDLIB = "stdlib"
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text", ".rst": "text",
              ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
@@ -113,19 +115,10 @@ def load_rows(src: DataSource, seed: int) -> Any:
         else:
             ds = datasets.load_dataset(src.path, src.name, split=src.split, streaming=src.streaming)
     except Exception as e:  # datasets raises many kinds: not found, offline, bad split, bad file
-        raise UserError(f"cannot load dataset {src.path}: {_first_line(e)}") from None
+        raise UserError(f"cannot load dataset {src.path}: {first_line(e)}") from None
     if src.streaming:
         return ds.shuffle(seed=seed, buffer_size=_SHUFFLE_BUFFER)
     return ds.shuffle(seed=seed)
-
-
-def _first_line(e: BaseException) -> str:
-    """The first line of an error, and of its root cause when datasets wrapped one."""
-    root = e
-    while root.__cause__ is not None:
-        root = root.__cause__
-    text = [(str(x).strip().splitlines() or [type(x).__name__])[0] for x in ((e, root) if root is not e else (e,))]
-    return ": ".join(text)[:300]
 
 
 class TokenWindows:

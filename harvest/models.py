@@ -22,6 +22,8 @@ import torch
 from common.errors import UserError
 from common.manifest import ModelInfo, TokenizerInfo
 
+from .errors import first_line
+
 DEFAULT_MODEL = "smollm2-135m-instruct-q4"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -107,7 +109,7 @@ def load_tokenizer(spec: str) -> Any:
             return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         return AutoTokenizer.from_pretrained(spec)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer from {spec!r} ({_first_line(e)}); "
+        raise UserError(f"cannot load a tokenizer from {spec!r} ({first_line(e)}); "
                         "give a tokenizer folder, a .gguf file, a model alias or a hub name") from None
 
 
@@ -120,11 +122,6 @@ def _gguf_path(spec: str) -> Path | None:
             raise UserError(f"model file {spec} does not exist")
         return p
     return None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str = "float32",
@@ -177,13 +174,13 @@ def _boot_random(cfg: dict[str, Any], device: str, dtype: torch.dtype) -> Any:
         try:
             return _bridge_class().boot_native(dict(cfg), device=device, dtype=dtype, model_name="random")
         except (TypeError, ValueError) as e:
-            raise UserError(f"bad random model config {cfg}: {_first_line(e)}") from None
+            raise UserError(f"bad random model config {cfg}: {first_line(e)}") from None
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     try:
         hcfg = HookedTransformerConfig(**cfg, device=device, dtype=dtype)
     except (TypeError, ValueError, AssertionError) as e:
-        raise UserError(f"bad random model config {cfg}: {_first_line(e)}") from None
+        raise UserError(f"bad random model config {cfg}: {first_line(e)}") from None
     return HookedTransformer(hcfg)
 
 
@@ -250,7 +247,7 @@ def _boot_pretrained(spec: str, tok: Any, device: str, dtype: torch.dtype) -> An
     except (OSError, ValueError, KeyError) as e:
         raise UserError(
             f"unknown model {spec!r}: not a random: spec, a .gguf file, the alias {DEFAULT_MODEL!r}, "
-            f"a local model folder, nor a model TransformerLens could load ({_first_line(e)[:160]})"
+            f"a local model folder, nor a model TransformerLens could load ({first_line(e, 160)})"
         ) from None
 
 
@@ -339,7 +336,7 @@ class HookedModel:
         try:
             out = self.run(probe, hooks)
         except ValueError as e:
-            raise UserError(f"cannot hook {', '.join(hooks)} on {self.info.name}: {_first_line(e)}") from None
+            raise UserError(f"cannot hook {', '.join(hooks)} on {self.info.name}: {first_line(e)}") from None
         missing = [h for h in hooks if h not in out]
         if missing:
             raise UserError(f"hook {missing[0]} does not fire on {self.info.name} "

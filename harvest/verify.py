@@ -12,6 +12,8 @@ from zarr.core.sync import sync
 from common.progress import token_bar
 from common.store import PARTIAL_FIELDS, ActivationStore, chunk_stats
 
+from .errors import first_line
+
 
 @dataclass
 class VerifyReport:
@@ -88,7 +90,7 @@ def _check_chunk(store: ActivationStore, j: int, rep: VerifyReport) -> None:
         try:
             data = read(j)
         except Exception as e:  # noqa: BLE001  (a crc32c mismatch or a broken compressed stream)
-            rep.problems.append(f"{path} chunk {j}: unreadable ({str(e).splitlines()[0][:120]})")
+            rep.problems.append(f"{path} chunk {j}: unreadable ({first_line(e, 120)})")
             continue
         if path == "tokens":
             vocab = m.tokenizer.vocab_size
@@ -106,7 +108,7 @@ def _check_stats(store: ActivationStore, hook: str, j: int, data: np.ndarray, re
         try:
             stored = part[f][j]
         except Exception as e:  # noqa: BLE001
-            rep.problems.append(f"stats/{hook}/chunks/{f} chunk {j}: unreadable ({str(e).splitlines()[0][:120]})")
+            rep.problems.append(f"stats/{hook}/chunks/{f} chunk {j}: unreadable ({first_line(e, 120)})")
             return
         if not np.allclose(stored, getattr(s, f), rtol=1e-9, atol=0.0, equal_nan=True):
             rep.problems.append(f"stats/{hook} chunk {j}: {f} does not match the stored activations")

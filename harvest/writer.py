@@ -17,6 +17,8 @@ import numpy as np
 from common.errors import UserError
 from common.store import ActivationStore, chunk_stats
 
+from .errors import first_line
+
 _DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _STOP = object()
 
@@ -116,8 +118,7 @@ def _as_user_error(e: BaseException, j: int | None, url: str) -> UserError:
     if os_err is not None and os_err.errno in _DISK_FULL:
         return UserError(f"disk full while writing {where} ({os_err.strerror}): "
                          "free some space and rerun the same command with --resume")
-    detail = str(os_err or e).strip().splitlines()
-    return UserError(f"writing {where} failed ({type(os_err or e).__name__}: {detail[0] if detail else ''}); "
+    return UserError(f"writing {where} failed ({type(os_err or e).__name__}: {first_line(os_err or e)}); "
                      "fix the cause and rerun the same command with --resume")
 
 
