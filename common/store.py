@@ -228,19 +228,26 @@ class ActivationStore:
 
 
 def chunk_stats(x: "np.ndarray | Any") -> ChunkStats:
-    """Partial statistics of float16 activations [rows, d] (a numpy array or a torch tensor)."""
-    import torch
+    """Partial statistics of float16 activations [rows, d] (a numpy array or a torch tensor).
 
-    t = torch.as_tensor(x).to(torch.float64)
-    finite = torch.isfinite(t)
-    n_nonfinite = float((~finite).sum())
-    if n_nonfinite:
-        t = torch.where(finite, t, torch.zeros((), dtype=t.dtype))
+    Computed in float64 with numpy, one float64 copy and no other large temporaries: this runs
+    on the harvest's writer thread beside the forward pass, so it must cost little CPU."""
+    if not isinstance(x, np.ndarray):  # a torch tensor
+        x = x.detach().cpu()
+        x = (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()
+    a = np.asarray(x, dtype=np.float64)
+    sq_rows = np.einsum("ij,ij->i", a, a)
+    n_nonfinite = 0.0
+    if not np.isfinite(sq_rows).all():  # a NaN or an infinity somewhere: count them, leave them out
+        finite = np.isfinite(a)
+        n_nonfinite = float(a.size - np.count_nonzero(finite))
+        a = np.where(finite, a, 0.0)
+        sq_rows = np.einsum("ij,ij->i", a, a)
     return ChunkStats(
-        count=float(t.shape[0]),
-        sum=t.sum(0).numpy(),
-        sumsq=(t * t).sum(0).numpy(),
-        norm_sum=float(t.norm(dim=1).sum()),
-        max_abs=float(t.abs().max()) if t.numel() else 0.0,
+        count=float(a.shape[0]),
+        sum=a.sum(0),
+        sumsq=np.einsum("ij,ij->j", a, a),
+        norm_sum=float(np.sqrt(sq_rows).sum()),
+        max_abs=float(max(a.max(), -a.min())) if a.size else 0.0,
         n_nonfinite=n_nonfinite,
     )

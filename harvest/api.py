@@ -1,0 +1,294 @@
+"""harvest(): run a model once over a dataset and write the activations of its hooks to a store."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import zarr
+
+from common import codecs, location
+from common.errors import OverflowError16, UserError
+from common.manifest import HookInfo, Manifest
+from common.progress import human_bytes, log, parse_count, token_bar
+from common.store import ATTR as STORE_ATTR
+from common.store import ActivationStore, chunk_sequences_for
+
+from .data import STDLIB, TokenWindows, prefetch, resolve_source
+from .models import DEFAULT_MODEL, DTYPES, HookedModel, load_model
+from .writer import ChunkWriter
+
+FLOAT16_MAX = 65504.0
+OVERFLOW_MODES = ("error", "clamp")
+
+
+@dataclass
+class HarvestConfig:
+    """Everything a harvest depends on; the CLI options map one to one onto these fields."""
+
+    out: str
+    hooks: list[str]
+    model: str = DEFAULT_MODEL
+    dataset: str = STDLIB
+    split: str = "train"
+    name: str | None = None  # the dataset's config name
+    text_column: str = "text"
+    streaming: bool = False
+    context_size: int = 128
+    tokens: int | str = 1_000_000
+    batch_size: int = 32
+    codec: str = codecs.DEFAULT_CODEC
+    seed: int = 0
+    device: str | None = None
+    dtype: str = "float32"
+    tokenizer: str | None = None
+    prepend_bos: bool = True
+    overflow: str = "error"
+    resume: bool = False
+    overwrite: bool = False
+    chunk_sequences: int | None = None  # sequences per chunk; None: about 16 MiB per chunk of the widest hook
+
+
+@dataclass
+class HarvestResult:
+    out: str
+    n_tokens: int  # in the finished store
+    hooks: dict[str, int]  # name -> d
+    bytes_on_disk: int  # the whole store
+    raw_bytes: int  # the activations as plain float16
+    activation_bytes: int  # the activations as stored
+    seconds: float  # wall time of this call, model loading included
+    tokens_this_run: int
+    loop_seconds: float  # forward passes and writes of this call
+    resumed_from_chunk: int = 0
+    model: str = ""
+    dataset: str = ""
+    codec: str = ""
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.raw_bytes / self.activation_bytes if self.activation_bytes else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_this_run / self.loop_seconds if self.loop_seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        """One paragraph for people."""
+        hooks = ", ".join(f"{h} [{d}]" for h, d in self.hooks.items())
+        resumed = f" (resumed at chunk {self.resumed_from_chunk})" if self.resumed_from_chunk else ""
+        return (
+            f"Harvested {self.n_tokens:,} tokens of {self.dataset} through {self.model}{resumed} into {self.out}: "
+            f"{len(self.hooks)} hook{'s' if len(self.hooks) != 1 else ''} ({hooks}). "
+            f"{human_bytes(self.bytes_on_disk)} on disk; the activations take {human_bytes(self.activation_bytes)}, "
+            f"{self.compression_ratio:.2f}x smaller than raw float16 ({human_bytes(self.raw_bytes)}, codec {self.codec}). "
+            f"{self.tokens_this_run:,} tokens this run at {self.tokens_per_s:,.0f} tokens/s "
+            f"({self.seconds:.1f} s in all, model loading included)."
+        )
+
+
+# ---------------------------------------------------------------------------------------------- harvest
+def harvest(cfg: HarvestConfig, progress: bool = True, model: HookedModel | None = None) -> HarvestResult:
+    """Harvest activations into cfg.out (see HarvestConfig). Resumable: rerun with resume=True.
+    `model`: the result of load_model(cfg.model, ...) when the caller has it loaded already."""
+    t_start = time.time()
+    n_tokens = _validate(cfg)
+    src = resolve_source(cfg.dataset, cfg.name, cfg.split, cfg.streaming)
+    existing, replace = _existing_store(cfg)
+
+    if model is None:
+        log.debug(f"loading {cfg.model}")
+        model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, tokenizer=cfg.tokenizer)
+    elif (model.info.name, model.info.dtype) != (cfg.model, cfg.dtype):
+        raise UserError(f"the loaded model is {model.info.name} ({model.info.dtype}) but the config asks for "
+                        f"{cfg.model} ({cfg.dtype})")
+    if cfg.context_size > model.info.n_ctx:
+        raise UserError(f"context size {cfg.context_size} is larger than the model's n_ctx ({model.info.n_ctx}): "
+                        f"use --context-size {model.info.n_ctx} or less")
+    dims = model.hook_dims(cfg.hooks)
+    data = TokenWindows(src, cfg.context_size, model.tokenizer, model.vocab_size, cfg.text_column,
+                        cfg.prepend_bos, cfg.seed)
+    manifest = _manifest(cfg, model, data, dims, n_tokens)
+
+    start = 0
+    if existing is not None:
+        _check_same_arguments(existing.manifest, manifest, cfg.out)
+        if existing.n_committed == 0 and not existing.manifest.complete:
+            existing, replace = None, True  # nothing committed yet: start afresh
+    if existing is not None:
+        store = ActivationStore.open(cfg.out, "r+")
+        start = store.n_committed
+        if store.manifest.complete:
+            log.info(f"{cfg.out} is already complete")
+            return _result(store, cfg, t_start, 0, 0.0, start)
+        _remove_partial_files(cfg.out)
+        log.info(f"resuming {cfg.out} at chunk {start} of {store.n_chunks}")
+
+    windows = prefetch(data.windows(skip=start * manifest.chunk_sequences))
+    first = next(windows, None)
+    if first is None and start == 0:
+        raise UserError(f"dataset {cfg.dataset} gave no token window: it is empty, or its text is shorter "
+                        f"than one window of {cfg.context_size} tokens")
+    windows = itertools.chain([first] if first is not None else [], windows)
+
+    if existing is None:
+        if replace and location.exists(cfg.out):
+            location.remove(cfg.out)
+        store = ActivationStore.create(cfg.out, manifest)
+        store.commit(0, device=model.device)
+
+    t_loop = time.time()
+    done = _harvest_chunks(store, model, windows, cfg, start, progress)
+    store.finalize()
+    return _result(store, cfg, t_start, done, time.time() - t_loop, start)
+
+
+def _harvest_chunks(store: ActivationStore, model: HookedModel, windows: Iterator[np.ndarray],
+                    cfg: HarvestConfig, start: int, progress: bool) -> int:
+    """The forward passes, chunk by chunk, handing each finished chunk to the writer. Returns tokens done."""
+    m = store.manifest
+    ctx, bs = m.context_size, m.batch_size
+    clamped = {h: int(n) for h, n in m.extra.get("n_clamped", {}).items()}
+    done = 0
+    with ChunkWriter(store) as writer, \
+            token_bar(m.n_tokens, "harvest", initial=start * m.chunk_sequences * ctx, disable=not progress) as bar:
+        for j in range(start, m.n_chunks):
+            a, b = store.chunk_sequence_range(j)
+            rows = list(itertools.islice(windows, b - a))
+            if len(rows) < b - a:  # the dataset ran out: keep what there is
+                log.info(f"the dataset ran out after {a + len(rows)} of {m.n_sequences} sequences")
+                writer.truncate(a + len(rows))
+                if not rows:
+                    break
+            tokens = np.stack(rows)
+            acts = {h.name: np.empty((len(rows) * ctx, h.d), dtype=np.float16) for h in m.hooks}
+            for s in range(0, len(rows), bs):  # batches never straddle chunks: a resumed run repeats them
+                batch = torch.from_numpy(tokens[s:s + bs]).to(model.device, torch.long)
+                for h, x in model.run(batch, m.hook_names).items():
+                    x16 = to_float16(x, h, m.overflow, clamped)
+                    acts[h][s * ctx:s * ctx + x16.shape[0] * ctx] = x16.reshape(-1, x16.shape[-1]).numpy()
+                writer.check()
+                bar.update(batch.numel())
+                done += batch.numel()
+            extra = {"n_clamped": dict(clamped)} if m.overflow == "clamp" else {}
+            writer.submit(j, tokens, acts, **extra)
+            if len(rows) < b - a:
+                break
+    return done
+
+
+def to_float16(x: torch.Tensor, hook: str, overflow: str, clamped: dict[str, int]) -> torch.Tensor:
+    """x as float16 on the CPU; values beyond float16's range stop the harvest or are clamped and counted."""
+    peak = x.abs().amax()
+    if not bool(peak <= FLOAT16_MAX):  # also true for NaN: then look closer
+        over = torch.isfinite(x) & (x.abs() > FLOAT16_MAX)
+        n = int(over.sum())
+        if n:
+            if overflow != "clamp":
+                big = float(x[over].abs().max())
+                raise OverflowError16(
+                    f"{n} activations of {hook} are beyond the float16 range (largest magnitude {big:.4g} > "
+                    f"{FLOAT16_MAX:.0f}): rerun with --overwrite --overflow clamp to clamp them (recorded in the "
+                    "manifest), or harvest another hook")
+            x = torch.where(over, x.clamp(-FLOAT16_MAX, FLOAT16_MAX), x)  # infinities stay (counted as non-finite)
+            clamped[hook] = clamped.get(hook, 0) + n
+    return x.to(torch.float16).cpu()  # convert where x is: half the bytes to copy
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _validate(cfg: HarvestConfig) -> int:
+    """Every cheap check, before any model is loaded; returns the number of tokens asked for."""
+    codecs.validate(cfg.codec)
+    if cfg.overflow not in OVERFLOW_MODES:
+        raise UserError(f"invalid overflow mode {cfg.overflow!r}; choose error or clamp")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"invalid dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
+    if not cfg.hooks:
+        raise UserError("no hook given: pass --hook NAME (e.g. --hook blocks.0.hook_resid_post)")
+    try:
+        n_tokens = parse_count(cfg.tokens)
+    except ValueError:
+        raise UserError(f"invalid token count {cfg.tokens!r}; write e.g. 100M, 2k or 50000") from None
+    for what, v, lo in (("context size", cfg.context_size, 2), ("token count", n_tokens, 1),
+                        ("batch size", cfg.batch_size, 1), ("chunk size", cfg.chunk_sequences or 1, 1)):
+        if v < lo:
+            raise UserError(f"the {what} must be at least {lo} (got {v})")
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume and --overwrite contradict each other: pick one")
+    if not location.is_remote(cfg.out):
+        parent = location.local_path(cfg.out).parent
+        if not parent.is_dir():
+            raise UserError(f"cannot write {cfg.out}: the folder {parent} does not exist")
+    return n_tokens
+
+
+def _existing_store(cfg: HarvestConfig) -> tuple[ActivationStore | None, bool]:
+    """The store to resume (if any), and whether what is at cfg.out is to be replaced.
+    An existing output is never touched without resume or overwrite."""
+    if not location.exists(cfg.out):
+        return None, False
+    if cfg.overwrite:
+        return None, True
+    if not cfg.resume:
+        raise UserError(f"{cfg.out} already exists: pass --resume to continue that harvest, "
+                        "or --overwrite to replace it")
+    if _unfinished_create(cfg.out):
+        return None, True
+    return ActivationStore.open(cfg.out, "r"), False
+
+
+def _unfinished_create(url: str) -> bool:
+    """A store whose creation was interrupted: our arrays' group, but no manifest written yet."""
+    try:
+        group = zarr.open_group(store=location.open_store(url, read_only=True), mode="r", zarr_format=3)
+        return STORE_ATTR not in group.attrs and set(group.keys()) <= {"tokens", "activations", "stats"}
+    except Exception:  # noqa: BLE001  (not a zarr group at all: ActivationStore.open says so)
+        return False
+
+
+def _manifest(cfg: HarvestConfig, model: HookedModel, data: TokenWindows, dims: dict[str, int],
+              n_tokens: int) -> Manifest:
+    n_sequences = math.ceil(n_tokens / cfg.context_size)
+    cs = cfg.chunk_sequences or chunk_sequences_for(cfg.context_size, max(dims.values()))
+    if cs > cfg.batch_size:
+        cs -= cs % cfg.batch_size  # whole batches per chunk
+    cs = min(cs, n_sequences)
+    return Manifest(
+        model=model.info, tokenizer=model.tokenizer_info(), dataset=data.info(),
+        hooks=[HookInfo(h, d) for h, d in dims.items()], context_size=cfg.context_size,
+        prepend_bos=data.prepend_bos, seed=cfg.seed, n_sequences=n_sequences, chunk_sequences=cs,
+        codec=codecs.validate(cfg.codec), batch_size=cfg.batch_size, overflow=cfg.overflow,
+    )
+
+
+def _check_same_arguments(stored: Manifest, new: Manifest, url: str) -> None:
+    if stored.extra.get("planned_n_sequences") == new.n_sequences:
+        new.n_sequences = stored.n_sequences  # the dataset ran out before the planned size
+    diff = stored.first_difference(new)
+    if diff:
+        raise UserError(f"cannot resume {url}: it was harvested with other arguments, first difference: {diff}; "
+                        "rerun with the same arguments, or pass --overwrite to start again")
+
+
+def _remove_partial_files(url: str) -> None:
+    """Temporary files that a killed process left behind in a local store."""
+    if not location.is_remote(url):
+        for f in location.local_path(url).rglob("*.partial"):
+            f.unlink(missing_ok=True)
+
+
+def _result(store: ActivationStore, cfg: HarvestConfig, t_start: float, done: int, loop_s: float,
+            start: int) -> HarvestResult:
+    m = store.manifest
+    return HarvestResult(
+        out=str(cfg.out), n_tokens=m.n_tokens, hooks={h.name: h.d for h in m.hooks},
+        bytes_on_disk=store.nbytes_stored(), raw_bytes=m.n_tokens * sum(h.d for h in m.hooks) * 2,
+        activation_bytes=store.nbytes_stored("activations"), seconds=time.time() - t_start,
+        tokens_this_run=done, loop_seconds=loop_s, resumed_from_chunk=start, model=m.model.name,
+        dataset=m.dataset.path, codec=m.codec,
+    )

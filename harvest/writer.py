@@ -1,0 +1,133 @@
+"""The background store writer: statistics, compression and chunk writes overlap the forward pass.
+
+The main thread hands over whole chunks through a bounded queue (so at most `max_pending` chunks
+wait in memory); one writer thread writes each chunk's arrays and then advances the commit counter,
+in order. A failure in the writer reaches the main thread as a one-line UserError at its next call,
+and the store stays resumable: every chunk below the counter is complete."""
+
+from __future__ import annotations
+
+import errno
+import queue
+import threading
+from typing import Any
+
+import numpy as np
+
+from common.errors import UserError
+from common.store import ActivationStore, chunk_stats
+
+from .errors import first_line
+
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_STOP = object()
+
+
+class ChunkWriter:
+    """Writes chunks of a store on a background thread; use as a context manager."""
+
+    def __init__(self, store: ActivationStore, max_pending: int = 2):
+        self.store = store
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: UserError | None = None
+        self._thread = threading.Thread(target=self._loop, name="actcache-writer", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- main thread
+    def submit(self, j: int, tokens: np.ndarray, acts: dict[str, np.ndarray], **extra: Any) -> None:
+        """Queue chunk j (tokens [n, ctx] int32, acts {hook: [n*ctx, d] float16}); blocks while the queue
+        is full. `extra` goes into the manifest with the chunk's commit."""
+        self._put(("chunk", j, tokens, acts, extra))
+
+    def truncate(self, n_sequences: int) -> None:
+        """Shrink the store to n_sequences, in order with the chunk writes (the data ran out)."""
+        self._put(("truncate", n_sequences))
+
+    def close(self) -> None:
+        """Wait for every queued chunk to be committed; raise the writer's error if it failed."""
+        if self._thread.is_alive():
+            self._put(_STOP)
+            self._thread.join()
+        self.check()
+
+    def abandon(self) -> None:
+        """Stop after the chunks already queued (the main thread failed); never raises."""
+        if self._thread.is_alive():
+            try:
+                self._put(_STOP)
+            except UserError:
+                pass
+            self._thread.join()
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _put(self, item: Any) -> None:
+        while True:
+            self.check()
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __enter__(self) -> "ChunkWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()
+
+    # ---------------------------------------------------------------- writer thread
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            try:
+                if item[0] == "truncate":
+                    self.store.manifest.extra.setdefault("planned_n_sequences", self.store.manifest.n_sequences)
+                    self.store.truncate(item[1])
+                else:
+                    _, j, tokens, acts, extra = item
+                    stats = {h: chunk_stats(x) for h, x in acts.items()}
+                    self.store.write_chunk(j, tokens, acts, stats)
+                    self.store.commit(j + 1, **extra)
+            except BaseException as e:  # noqa: BLE001  (every failure must reach the main thread)
+                self._error = _as_user_error(e, item[1] if item[0] == "chunk" else None, self.store.url)
+                self._drain()
+                return
+
+    def _drain(self) -> None:
+        """Empty the queue so a main thread blocked in put() wakes up and sees the error."""
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+
+def _as_user_error(e: BaseException, j: int | None, url: str) -> UserError:
+    if isinstance(e, UserError):
+        return e
+    where = f"chunk {j} of {url}" if j is not None else url
+    os_err = _find_os_error(e)
+    if os_err is not None and os_err.errno in _DISK_FULL:
+        return UserError(f"disk full while writing {where} ({os_err.strerror}): "
+                         "free some space and rerun the same command with --resume")
+    return UserError(f"writing {where} failed ({type(os_err or e).__name__}: {first_line(os_err or e)}); "
+                     "fix the cause and rerun the same command with --resume")
+
+
+def _find_os_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind an exception, following the cause chain (zarr and fsspec wrap them)."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return None

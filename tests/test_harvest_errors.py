@@ -1,0 +1,117 @@
+"""Bad input: one clear line on stderr, a non-zero exit, no traceback, and the store untouched."""
+
+import json
+import shutil
+
+import pytest
+
+from harvest import HarvestConfig, harvest
+from harvest_fixtures import HOOKS, RANDOM, cli_subprocess, harvest_args, run_cli, snapshot, write_token_jsonl
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_token_jsonl(tmp_path_factory.mktemp("data") / "toks.jsonl", n_docs=40)
+
+
+@pytest.fixture(scope="module")
+def existing(tmp_path_factory, data):
+    """A finished small store that the bad commands must leave exactly as it is."""
+    out = tmp_path_factory.mktemp("existing") / "acts.zarr"
+    harvest(HarvestConfig(out=str(out), hooks=HOOKS[:2], model=RANDOM, dataset=str(data), context_size=32,
+                          tokens=512, batch_size=4, chunk_sequences=8, device="cpu"), progress=False)
+    return out
+
+
+def assert_one_line_error(code, err, *fragments):
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("actcache: error: "), err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+CASES = {
+    # name: (extra args or overrides, expected fragments)
+    "unknown model": (dict(model="no-such-org/no-such-model-xyz"), ["unknown model 'no-such-org/no-such-model-xyz'"]),
+    "unknown hook": (dict(hooks=["blocks.1.hook_mlp_outt"]), ["unknown hook", "did you mean blocks.1.hook_mlp_out"]),
+    "hook past last layer": (dict(hooks=["blocks.7.hook_resid_post"]), ["past the last layer", "2 layers"]),
+    "missing dataset path": (dict(dataset="./no/such/dir/data.jsonl"), ["dataset path ./no/such/dir/data.jsonl does not exist"]),
+    "missing text column": (dict(dataset="columns"), ["no column 'text'", "columns: id, content", "--text-column"]),
+    "empty dataset": (dict(dataset="empty"), ["empty.txt is empty"]),
+    "short dataset": (dict(dataset="short"), ["gave no token window"]),
+    "context larger than n_ctx": (dict(extra=["--context-size", "512"]), ["context size 512", "n_ctx (256)"]),
+    "invalid codec": (dict(extra=["--codec", "zstd-99"]), ["invalid codec 'zstd-99'"]),
+    "unknown codec": (dict(extra=["--codec", "brotli"]), ["invalid codec 'brotli'", "zstd"]),
+    "token ids outside the vocabulary": (dict(dataset="bigids"), ["token id 5000", "outside the model's vocabulary"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, data, capfd):
+    over, fragments = CASES[case]
+    datasets = {
+        "columns": write(tmp_path / "c.jsonl", '{"id": 1, "content": "x"}\n'),
+        "empty": write(tmp_path / "empty.txt", ""),
+        "short": write(tmp_path / "short.jsonl", '{"input_ids": [1, 2, 3]}\n'),
+        "bigids": write(tmp_path / "big.jsonl", json.dumps({"input_ids": [5000] * 100}) + "\n"),
+    }
+    dataset = datasets.get(over.get("dataset"), over.get("dataset", data))
+    out = tmp_path / "new.zarr"
+    args = harvest_args(out, dataset, *over.get("extra", []), hooks=over.get("hooks", HOOKS[:1]),
+                        model=over.get("model", RANDOM), tokens=512)
+    code, _, err = run_cli(args, capfd)
+    assert_one_line_error(code, err, *fragments)
+    assert not out.exists()
+
+
+def test_existing_output_is_never_touched(existing, data, capfd):
+    before = snapshot(existing)
+    code, _, err = run_cli(harvest_args(existing, data, hooks=HOOKS[:2], tokens=512), capfd)
+    assert_one_line_error(code, err, "already exists", "--resume", "--overwrite")
+    assert snapshot(existing) == before
+
+
+@pytest.mark.parametrize("change,fragment", [
+    (["--seed", "3"], "seed (store has 0, now 3)"),
+    (["--batch-size", "8"], "batch_size (store has 4, now 8)"),
+    (["--hook", HOOKS[2]], "hooks"),
+])
+def test_resume_with_other_arguments_is_refused_naming_the_difference(existing, data, capfd, change, fragment):
+    before = snapshot(existing)
+    args = harvest_args(existing, data, "--resume", hooks=HOOKS[:2], tokens=512)
+    if change[0] == "--batch-size":
+        args[args.index("--batch-size") + 1] = change[1]
+    else:
+        args += change
+    code, _, err = run_cli(args, capfd)
+    assert_one_line_error(code, err, "cannot resume", fragment)
+    assert snapshot(existing) == before
+
+
+def test_other_format_version_is_refused(existing, data, tmp_path, capfd):
+    old = tmp_path / "v99.zarr"
+    shutil.copytree(existing, old)
+    meta = json.loads((old / "zarr.json").read_text())
+    meta["attributes"]["actcache"]["format_version"] = 99
+    (old / "zarr.json").write_text(json.dumps(meta))
+    before = snapshot(old)
+    for args in (harvest_args(old, data, "--resume", hooks=HOOKS[:2], tokens=512), ["info", str(old)],
+                 ["verify", str(old)]):
+        code, _, err = run_cli(args, capfd)
+        assert_one_line_error(code, err, "format version 99")
+    assert snapshot(old) == before
+
+
+def test_errors_in_a_real_process(existing, data, tmp_path):
+    p = cli_subprocess(harvest_args(tmp_path / "n.zarr", data, hooks=["blocks.0.hook_resid_psot"]))
+    assert_one_line_error(p.returncode, p.stderr, "did you mean blocks.0.hook_resid_post")
+    before = snapshot(existing)
+    p = cli_subprocess(harvest_args(existing, data, hooks=HOOKS[:2]))
+    assert_one_line_error(p.returncode, p.stderr, "already exists")
+    assert snapshot(existing) == before and not (tmp_path / "n.zarr").exists()
