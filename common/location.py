@@ -42,9 +42,7 @@ def exists(url: str | os.PathLike) -> bool:
     if not is_remote(url):
         p = local_path(url)
         return p.exists() and (p.is_file() or any(p.iterdir()))
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(str(url), **_fs_options(str(url)))
+    fs, path = _remote_fs(url)
     try:
         return bool(fs.exists(path) and (fs.isfile(path) or fs.ls(path)))
     except FileNotFoundError:
@@ -62,9 +60,7 @@ def remove(url: str | os.PathLike) -> None:
         elif p.exists():
             p.unlink()
         return
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(str(url), **_fs_options(str(url)))
+    fs, path = _remote_fs(url)
     if fs.exists(path):
         fs.rm(path, recursive=True)
 
@@ -76,11 +72,19 @@ def disk_usage(url: str | os.PathLike, prefix: str = "") -> int:
         if root.is_file():
             return root.stat().st_size
         return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    fs, path = _remote_fs(url)
+    full = f"{path.rstrip('/')}/{prefix}" if prefix else path
+    return int(fs.du(full, total=True)) if fs.exists(full) else 0
+
+
+def _remote_fs(url: str | os.PathLike):
+    """The fsspec filesystem and path of a URL, with its listing cache dropped: another process
+    (or an earlier harvest) may have changed what is there since fsspec last looked."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(str(url), **_fs_options(str(url)))
-    full = f"{path.rstrip('/')}/{prefix}" if prefix else path
-    return int(fs.du(full, total=True)) if fs.exists(full) else 0
+    fs.invalidate_cache()
+    return fs, path
 
 
 def _fs_options(url: str) -> dict:

@@ -48,7 +48,7 @@ def _manifest() -> Manifest:
 
 
 def test_store_round_trips_through_s3(s3_bucket):
-    url = f"{s3_bucket}/run1/acts.zarr"
+    url = f"{s3_bucket}/store-roundtrip/acts.zarr"  # in-process moto servers share one backend
     assert not location.exists(url)
     store = ActivationStore.create(url, _manifest())
     rng = np.random.default_rng(0)
