@@ -160,7 +160,7 @@ def sweep_toml(plan: Plan) -> str:
     ks = ", ".join(str(k) for k in sorted({k for k, _ in plan.configs}))
     xs = ", ".join(str(x) for x in sorted({x for _, x in plan.configs}))
     return (f'hook = "{plan.hook}"\ntokens = {plan.sweep_tokens}\nbatch_size = {plan.batch_size}\nseed = 0\n'
-            f"skip_special_tokens = true\nnormalize = true\neval_tokens = {plan.eval_tokens}\n\n"
+            f"skip_special_tokens = true\nrepeat_epochs = true\nnormalize = true\neval_tokens = {plan.eval_tokens}\n\n"
             f"[defaults]\narchitecture = \"topk\"\nlr = {plan.lr}\naux_loss_coefficient = {1 / 32}\n"
             f"lr_decay_steps = {max(1, plan.sweep_tokens // plan.batch_size // 5)}\n\n"
             f"[grid]\nk = [{ks}]\nexpansion = [{xs}]\n")
@@ -336,7 +336,7 @@ def markdown(r: dict) -> str:
                  f"{_fmt(_get(sl, 'harvest', 'cache_bytes_per_token'), 1)} |")
     lines.append(f"| loader (training batches) | {_fmt(_get(oh, 'loader', 'loader_tokens_per_s'))} | "
                  f"{_fmt(_get(sl, 'loader', 'tokens_per_s'))} |")
-    lines.append(f"| raw read+decode (our store) | {_fmt(_get(oh, 'loader', 'raw_tokens_per_s'))} | |")
+    lines.append(f"| raw read+decode (our store) | {_fmt(_get(oh, 'loader', 'raw_in_order_tokens_per_s'))} | |")
     lines += ["", "Sweep wall time (s):", "", "| | seconds |", "|---|---:|",
               f"| ours, lockstep | {_fmt(_get(oh, 'sweep', 'seconds'), 1)} |",
               f"| ours, writing the training store | {_fmt(_get(oh, 'store', 'seconds'), 1)} ({_get(oh, 'store', 'writer')}) |",
