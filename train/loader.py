@@ -44,7 +44,7 @@ def normalisation_scale(store: ActivationStore, hook: str) -> float:
 class _Window:
     epoch: int
     index: int
-    acts: torch.Tensor  # [rows, d]: float16 in pinned memory with CUDA, else float32 already scaled
+    acts: torch.Tensor  # [rows, d] float16 as stored (pinned memory with CUDA)
     rows: torch.Tensor  # int64 [rows]: the store row of each kept position
     perm: torch.Tensor  # int64 [rows]
 
@@ -111,22 +111,15 @@ class ActivationLoader:
     def _slot(self, epoch: int, w: int) -> torch.Tensor:
         i = (epoch * self.n_windows() + w) % 2
         if self._slots[i] is None:
-            # CPU: float32, already scaled; CUDA: float16 in pinned memory (half the bytes to copy; the GPU converts)
-            dtype = torch.float16 if self.cuda else torch.float32
-            self._slots[i] = torch.empty((self._slot_rows, self.d), dtype=dtype, pin_memory=self.cuda)
+            # float16 as stored (pinned with CUDA): the shuffle gather moves half the bytes, and only the
+            # rows of a batch are converted to scaled float32, once, after the gather
+            self._slots[i] = torch.empty((self._slot_rows, self.d), dtype=torch.float16, pin_memory=self.cuda)
         return self._slots[i]
 
     def _put(self, dst: torch.Tensor, src: np.ndarray) -> None:
-        """Copy (and on the CPU convert and scale) float16 rows into a window buffer. Done in slices below
-        torch's parallel grain so it runs single-threaded in the calling reader thread: the readers are
-        the parallelism, and nested thread teams would only fight over the cores."""
-        x = torch.from_numpy(src)
-        step = max(1, 16384 // self.d)
-        for r in range(0, x.shape[0], step):
-            part = dst[r:r + step]
-            part.copy_(x[r:r + step])
-            if not self.cuda and self.scale != 1.0:
-                part.mul_(self.scale)
+        """Copy float16 rows into a window buffer, in the calling reader thread (numpy's copy is
+        single-threaded: the readers are the parallelism, nested thread teams would fight over cores)."""
+        np.copyto(dst.numpy(), src)
 
     def _read_into(self, j: int, dst: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray | None]:
         """Decode chunk j; write it into dst when its place is known, else return the kept rows."""
@@ -232,7 +225,7 @@ class ActivationLoader:
 
     def _batch_buffer(self, slot: int) -> torch.Tensor:
         if not self.cuda:
-            return torch.empty((self.batch_size, self.d), dtype=torch.float32)
+            return torch.empty((self.batch_size, self.d), dtype=torch.float16)
         # one of two pinned staging buffers; the copy out of it two batches ago is waited for
         if self._staging[slot] is None:
             self._staging[slot] = torch.empty((self.batch_size, self.d), dtype=torch.float16, pin_memory=True)
@@ -243,7 +236,8 @@ class ActivationLoader:
 
     def _to_device(self, host: torch.Tensor, slot: int) -> torch.Tensor:
         if not self.cuda:
-            return host
+            x = host.to(torch.float32)
+            return x.mul_(self.scale) if self.scale != 1.0 else x
         # non_blocking copy on a side stream; the compute stream waits for this copy only
         main = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.copy_stream):
