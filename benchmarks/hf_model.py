@@ -1,7 +1,6 @@
 """The bundled SmolLM2-135M run through plain transformers forward hooks, with classic
-TransformerLens hook names (blocks.L.hook_resid_post, blocks.L.hook_mlp_out). The benchmarks use
-it where they need real activations without the harvest package: the codec measurement, and a
-store for the training benchmarks when harvest is not installed."""
+TransformerLens hook names (blocks.L.hook_resid_post, blocks.L.hook_mlp_out): real activations for
+the codec measurement, independent of the code whose store format it chooses a codec for."""
 
 from __future__ import annotations
 
@@ -63,53 +62,3 @@ def activations(model, windows: np.ndarray, hooks: list[str], batch: int = 8) ->
     finally:
         for hd in handles:
             hd.remove()
-
-
-def write_store(url: str, windows: np.ndarray, hooks: list[str], codec: str | None = None, batch: int = 8) -> dict:
-    """An actcache store (format 1, via common.store) of the bundled model's activations on these
-    token windows. A stand-in for `actcache harvest` where the harvest package is not installed."""
-    from common import codecs, location
-    from common.manifest import DatasetInfo, HookInfo, Manifest, ModelInfo, TokenizerInfo
-    from common.store import ActivationStore, chunk_stats, chunk_sequences_for
-
-    from benchmarks.data import GGUF_NAME
-
-    last = max(int(_HOOK.match(h).group(1)) for h in hooks)
-    model = load_smollm2(last)
-    n_seq, ctx = windows.shape
-    d = model.config.hidden_size
-    cs = chunk_sequences_for(ctx, d)
-    cs = max(batch, cs // batch * batch)
-    man = Manifest(
-        model=ModelInfo(name=GGUF_NAME, d_model=d, n_layers=model.config.num_hidden_layers, n_ctx=2048,
-                        architecture="LlamaForCausalLM"),
-        tokenizer=TokenizerInfo(name=GGUF_NAME, vocab_size=model.config.vocab_size, bos_token_id=1, eos_token_id=2,
-                                pad_token_id=2),
-        dataset=DatasetInfo(path="stdlib", text_column=None),
-        hooks=[HookInfo(h, d) for h in hooks], context_size=ctx, prepend_bos=True, seed=0, n_sequences=n_seq,
-        chunk_sequences=cs, codec=codec or codecs.DEFAULT_CODEC, batch_size=batch,
-    )
-    if location.exists(url):
-        location.remove(url)
-    store = ActivationStore.create(url, man)
-    t0 = time.perf_counter()
-    pend_tok, pend = [], {h: [] for h in hooks}
-    j = 0
-    for tok, acts in activations(model, windows, hooks, batch):
-        pend_tok.append(tok)
-        for h in hooks:
-            pend[h].append(acts[h])
-        if sum(len(t) for t in pend_tok) >= cs:
-            x = {h: np.concatenate(v) for h, v in pend.items()}
-            store.write_chunk(j, np.concatenate(pend_tok), x, {h: chunk_stats(v) for h, v in x.items()})
-            j += 1
-            store.commit(j)
-            pend_tok, pend = [], {h: [] for h in hooks}
-    if pend_tok:
-        x = {h: np.concatenate(v) for h, v in pend.items()}
-        store.write_chunk(j, np.concatenate(pend_tok), x, {h: chunk_stats(v) for h, v in x.items()})
-        store.commit(j + 1)
-    store.finalize()
-    dt = time.perf_counter() - t0
-    return {"seconds": dt, "tokens_per_s": windows.size / dt, "bytes_on_disk": store.nbytes_stored(),
-            "writer": "benchmarks.hf_model.write_store (harvest package absent)"}

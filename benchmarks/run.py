@@ -121,18 +121,10 @@ def write_tokens_jsonl(windows, path: Path) -> Path:
 
 
 def build_store(url: str, windows, plan: Plan, work: Path, name: str) -> dict:
-    """The store the loader and sweep read: `harvest.harvest` on exactly these windows, or the
-    benchmark's stand-in writer when the harvest package is absent (recorded as such)."""
-    t0 = time.perf_counter()
-    try:
-        import harvest
-    except ImportError as e:
-        log(f"harvest package absent ({e}); writing the {name} store with plain transformers hooks")
-        from benchmarks.hf_model import write_store
+    """The store the loader and sweep read: `harvest.harvest` on exactly these windows."""
+    import harvest
 
-        info = write_store(url, windows, [plan.hook], batch=plan.model_batch)
-        info["harvest_error"] = _missing(e)["error"]
-        return info
+    t0 = time.perf_counter()
     data = write_tokens_jsonl(windows, work / f"{name}-tokens.jsonl")
     cfg = harvest.HarvestConfig(model="smollm2-135m-instruct-q4", hooks=[plan.hook], dataset=str(data),
                                 context_size=plan.context_size, tokens=int(windows.size), batch_size=plan.model_batch,
