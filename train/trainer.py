@@ -74,7 +74,10 @@ def build_members(cfg: SweepConfig, device: torch.device) -> list[Member]:
     members = []
     for c in cfg.saes:
         sae = build_sae(c, generator(cfg.seed, "init", c.name), device)
-        opt = torch.optim.Adam(sae.parameters(), lr=c.lr, betas=(c.adam_beta1, c.adam_beta2))
+        # the fused kernel updates each parameter in one pass (3.6x faster than the default on a CPU
+        # for a 576 x 9216 SAE); the optimiser was the largest cost of a small-batch step
+        opt = torch.optim.Adam(sae.parameters(), lr=c.lr, betas=(c.adam_beta1, c.adam_beta2),
+                               fused=device.type in ("cpu", "cuda"))
         members.append(Member(c, sae, opt, torch.zeros(c.d_sae, dtype=torch.int64, device=device),
                               torch.full((), -1, dtype=torch.int64, device=device)))
     return members
