@@ -25,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.progress import parse_count  # noqa: E402
-from harvest import api as harvest_api  # noqa: E402
-from harvest.api import HarvestConfig, harvest  # noqa: E402
-from harvest.data import STDLIB, TokenWindows, resolve_source  # noqa: E402
-from harvest.models import DEFAULT_MODEL, load_model  # noqa: E402
+from actcache.common.progress import parse_count  # noqa: E402
+from actcache.harvest import api as harvest_api  # noqa: E402
+from actcache.harvest.api import HarvestConfig, harvest  # noqa: E402
+from actcache.harvest.data import STDLIB, TokenWindows, resolve_source  # noqa: E402
+from actcache.harvest.models import DEFAULT_MODEL, load_model  # noqa: E402
 
 
 def run(model: str = DEFAULT_MODEL, hooks: list[str] | None = None, n_tokens: int = 16384, context_size: int = 128,

@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.progress import parse_count  # noqa: E402
-from common.store import ActivationStore  # noqa: E402
-from train.loader import ActivationLoader, raw_read_rate, shuffle_quality  # noqa: E402
-from train.sweep import pick_device, train_sweep  # noqa: E402
+from actcache.common.progress import parse_count  # noqa: E402
+from actcache.common.store import ActivationStore  # noqa: E402
+from actcache.train.loader import ActivationLoader, raw_read_rate, shuffle_quality  # noqa: E402
+from actcache.train.sweep import pick_device, train_sweep  # noqa: E402
 
 DEFAULT_CONFIGS = [{"k": k, "expansion": e} for e in (8, 16) for k in (16, 32, 64, 128)]
 
@@ -140,8 +140,8 @@ def _compute_only_seconds(store_url: str, toml: str, out: Path, device: str | No
     """The lockstep loop with the data taken away: its batches are read onto the device beforehand (up
     to 16 distinct ones, cycled; a single repeated batch is overfitted into denormal-slow arithmetic).
     Compared with the real loop it shows how long the device waited for data."""
-    from train.config import load_config, resolve
-    from train.trainer import Trainer
+    from actcache.train.config import load_config, resolve
+    from actcache.train.trainer import Trainer
 
     store = ActivationStore.open(store_url)
     cfg = resolve(load_config(toml), store, allow_repeat=True)

@@ -51,7 +51,7 @@ def _once(x: np.ndarray, codec: str, path: Path) -> tuple[float, float, int]:
     """Write x as one chunk with this codec, read it back: (encode s, decode s, stored bytes)."""
     import zarr
 
-    from common.codecs import compressors
+    from actcache.common.codecs import compressors
 
     arr = zarr.create_array(store=str(path), shape=x.shape, chunks=x.shape, dtype="float16",
                             compressors=compressors(codec), fill_value=0, zarr_format=3)

@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench_train import synthetic_store
-from common.progress import parse_count
+from actcache.common.progress import parse_count
 
 
 def sweep_config(tokens: int, batch_size: int, hook: str) -> dict:
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--rows", type=int, default=15, help="operators to list")
     a = ap.parse_args()
-    from train import train_sweep
+    from actcache.train import train_sweep
 
     tokens = parse_count(a.tokens)
     with tempfile.TemporaryDirectory() as tmp:

@@ -122,7 +122,7 @@ def write_tokens_jsonl(windows, path: Path) -> Path:
 
 def build_store(url: str, windows, plan: Plan, work: Path, name: str) -> dict:
     """The store the loader and sweep read: `harvest.harvest` on exactly these windows."""
-    import harvest
+    import actcache.harvest
 
     t0 = time.perf_counter()
     data = write_tokens_jsonl(windows, work / f"{name}-tokens.jsonl")
@@ -161,7 +161,7 @@ def sweep_toml(plan: Plan) -> str:
 def ours_sweep(store: str, plan: Plan, work: Path) -> dict:
     """train.train_sweep: the 8 TopK SAEs in lockstep; wall time and the exported folders."""
     try:
-        import train
+        import actcache.train
     except ImportError as e:
         return _missing(e)
     cfg = work / "sweep.toml"
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from benchmarks.data import token_windows
-    from common.codecs import DEFAULT_CODEC
+    from actcache.common.codecs import DEFAULT_CODEC
 
     work = Path(a.work or tempfile.mkdtemp(prefix="actcache-bench-"))
     work.mkdir(parents=True, exist_ok=True)

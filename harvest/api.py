@@ -12,12 +12,12 @@ import numpy as np
 import torch
 import zarr
 
-from common import codecs, location
-from common.errors import OverflowError16, UserError
-from common.manifest import HookInfo, Manifest
-from common.progress import human_bytes, log, parse_count, token_bar
-from common.store import ATTR as STORE_ATTR
-from common.store import ActivationStore, chunk_sequences_for
+from ..common import codecs, location
+from ..common.errors import OverflowError16, UserError
+from ..common.manifest import HookInfo, Manifest
+from ..common.progress import human_bytes, log, parse_count, token_bar
+from ..common.store import ATTR as STORE_ATTR
+from ..common.store import ActivationStore, chunk_sequences_for
 
 from .data import STDLIB, TokenWindows, prefetch, resolve_source
 from .models import DEFAULT_MODEL, DTYPES, HookedModel, load_model

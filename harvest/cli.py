@@ -1,20 +1,15 @@
-"""`actcache harvest`, `actcache info` and `actcache verify`: parse the options, call the API, print."""
+"""`actcache harvest`: parse the options, call harvest(), print the summary."""
 
 from __future__ import annotations
 
-import json
-import sys
-
 import click
 
-from common import codecs
-from common.progress import parse_count
+from ..common import codecs
+from ..common.progress import parse_count
 
 from .api import OVERFLOW_MODES, HarvestConfig, harvest
 from .data import STDLIB
-from .info import format_info, info
 from .models import DEFAULT_MODEL, DTYPES
-from .verify import verify
 
 
 def _count(ctx: click.Context, param: click.Parameter, value: str) -> int:
@@ -65,23 +60,3 @@ def harvest_command(model: str, hooks: tuple[str, ...], dataset: str, split: str
         resume=resume, overwrite=overwrite, chunk_sequences=chunk_sequences,
     )
     click.echo(harvest(cfg).summary())
-
-
-@click.command("info")
-@click.argument("store")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
-def info_command(store: str, as_json: bool) -> None:
-    """What a store holds: manifest, hooks, tokens, size on disk, compression ratio, statistics."""
-    d = info(store)
-    click.echo(json.dumps(d, indent=2) if as_json else format_info(d))
-
-
-@click.command("verify")
-@click.argument("store")
-def verify_command(store: str) -> None:
-    """Read every committed chunk, check checksums and the manifest; exit 1 on damage."""
-    report = verify(store, progress=sys.stderr.isatty())
-    click.echo(report.summary())
-    if not report.ok:
-        sys.exit(1)
-

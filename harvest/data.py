@@ -20,10 +20,9 @@ from typing import Any, Iterator, TypeVar
 
 import numpy as np
 
-from common.errors import UserError
-from common.manifest import DatasetInfo
+from ..common.errors import UserError, first_line
+from ..common.manifest import DatasetInfo
 
-from .errors import first_line
 
 STDLIB = "stdlib"
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text", ".rst": "text",

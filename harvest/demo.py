@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from common.progress import parse_count
+from ..common.progress import parse_count
 
 from .api import HarvestConfig, HarvestResult, harvest
 from .data import STDLIB
@@ -25,7 +25,7 @@ def demo_harvest(out: str = DEMO_OUT, tokens: int = DEMO_TOKENS, overwrite: bool
     """Harvest the demo store: needs nothing from the internet."""
     from pathlib import Path
 
-    from common import location
+    from ..common import location
 
     if not location.is_remote(out):
         Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)

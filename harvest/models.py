@@ -19,10 +19,9 @@ from typing import Any, Iterator
 
 import torch
 
-from common.errors import UserError
-from common.manifest import ModelInfo, TokenizerInfo
+from ..common.errors import UserError, first_line
+from ..common.manifest import ModelInfo, TokenizerInfo
 
-from .errors import first_line
 
 DEFAULT_MODEL = "smollm2-135m-instruct-q4"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

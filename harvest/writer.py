@@ -14,10 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import UserError
-from common.store import ActivationStore, chunk_stats
+from ..common.errors import UserError, first_line
+from ..common.store import ActivationStore, chunk_stats
 
-from .errors import first_line
 
 _DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _STOP = object()

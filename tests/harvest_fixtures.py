@@ -43,14 +43,14 @@ def env() -> dict[str, str]:
 
 def cli_subprocess(args: list[str], **kw) -> subprocess.CompletedProcess:
     """Run `actcache ARGS` in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "common.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "actcache", *args], capture_output=True, text=True,
                           env=env(), cwd=ROOT, timeout=300, **kw)
 
 
 def run_cli(args: list[str], capfd) -> tuple[int, str, str]:
     """Run `actcache ARGS` in this process (as the console script does): exit code, stdout, stderr."""
-    from common import cli
-    from common.progress import log
+    from actcache import cli
+    from actcache.common.progress import log
 
     log.handlers.clear()  # bind the log handler to this test's stderr
     old = sys.argv

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common.manifest import DatasetInfo, HookInfo, Manifest, ModelInfo, TokenizerInfo
-from common.store import ActivationStore, chunk_stats
+from actcache.common.manifest import DatasetInfo, HookInfo, Manifest, ModelInfo, TokenizerInfo
+from actcache.common.store import ActivationStore, chunk_stats
 
 BOS_ID = 1
 VOCAB = 1000

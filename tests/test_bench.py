@@ -59,7 +59,7 @@ def test_codec_choice_rule():
 
 
 def test_default_codec_is_the_measured_choice():
-    from common.codecs import DEFAULT_CODEC
+    from actcache.common.codecs import DEFAULT_CODEC
 
     measured = json.loads((ROOT / "benchmarks" / "results" / "codecs-smollm2.json").read_text())
     assert DEFAULT_CODEC == measured["choice"] == bc.choose(measured["summary"])
@@ -70,7 +70,7 @@ def test_sweep_config_is_the_eight_topk_grid():
     assert raw["grid"] == {"k": [16, 32, 64, 128], "expansion": [8, 16]}
     assert raw["defaults"]["architecture"] == "topk" and raw["tokens"] == br.QUICK.sweep_tokens
     try:
-        from train.config import parse_config
+        from actcache.train.config import parse_config
     except ImportError:
         return
     cfg = parse_config(raw)
@@ -121,8 +121,8 @@ def test_ratios_against_the_goals():
 
 def _tiny_store(path: Path, n_seq: int, seed: int, d: int = 16, ctx: int = 16) -> None:
     """A real actcache store of planted sparse activations (a few directions, a few active each)."""
-    from common.manifest import DatasetInfo, HookInfo, Manifest, ModelInfo, TokenizerInfo
-    from common.store import ActivationStore, chunk_stats
+    from actcache.common.manifest import DatasetInfo, HookInfo, Manifest, ModelInfo, TokenizerInfo
+    from actcache.common.store import ActivationStore, chunk_stats
 
     rng = np.random.default_rng(seed)
     dirs = np.random.default_rng(99).standard_normal((32, d))

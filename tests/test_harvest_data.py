@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from common.errors import UserError
-from harvest.data import TokenWindows, resolve_source, stdlib_files
+from actcache.common.errors import UserError
+from actcache.harvest.data import TokenWindows, resolve_source, stdlib_files
 from harvest_fixtures import write_token_jsonl
 
 WORDS = ["<bos>", "<eos>", "<unk>"] + "alpha beta gamma delta one two three four".split()
@@ -104,7 +104,7 @@ def test_bad_sources(tmp_path):
 
 
 def test_prefetch_keeps_order_and_raises_in_order():
-    from harvest.data import prefetch
+    from actcache.harvest.data import prefetch
 
     assert list(prefetch(iter(range(1000)), depth=7)) == list(range(1000))
 

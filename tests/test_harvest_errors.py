@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from harvest import HarvestConfig, harvest
+from actcache.harvest import HarvestConfig, harvest
 from harvest_fixtures import HOOKS, RANDOM, cli_subprocess, harvest_args, run_cli, snapshot, write_token_jsonl
 
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.store import ActivationStore
-from harvest import HarvestConfig, harvest, verify
-from harvest.data import TokenWindows, resolve_source, stdlib_files
-from harvest.models import DEFAULT_MODEL, load_model
+from actcache.common.store import ActivationStore
+from actcache import HarvestConfig, harvest, verify
+from actcache.harvest.data import TokenWindows, resolve_source, stdlib_files
+from actcache.harvest.models import DEFAULT_MODEL, load_model
 
 pytestmark = pytest.mark.slow
 HOOKS = ["blocks.1.hook_resid_post", "blocks.2.attn.hook_z", "blocks.2.hook_mlp_out"]

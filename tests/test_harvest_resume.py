@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from harvest import HarvestConfig, harvest, verify
-from harvest.data import TokenWindows, resolve_source
+from actcache import HarvestConfig, harvest, verify
+from actcache.harvest.data import TokenWindows, resolve_source
 from harvest_fixtures import HOOKS, RANDOM, ROOT, array_files, cli_subprocess, env, harvest_args, write_token_jsonl
 
 
@@ -24,7 +24,7 @@ def committed(store) -> int:
 
 
 def start(args):
-    return subprocess.Popen([sys.executable, "-m", "common.cli", *args], stdout=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, "-m", "actcache", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
 
 
@@ -103,7 +103,7 @@ def test_disk_full_mid_write_is_one_line_and_resume_completes(tmp_path):
     def small_files():  # a real write failure: the kernel refuses files above 16 KiB (EFBIG)
         resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
-    p = subprocess.run([sys.executable, "-m", "common.cli", *args], capture_output=True, text=True, env=env(),
+    p = subprocess.run([sys.executable, "-m", "actcache", *args], capture_output=True, text=True, env=env(),
                        cwd=ROOT, timeout=300, preexec_fn=small_files)
     errors = [l for l in p.stderr.splitlines() if "error" in l.lower()]
     assert p.returncode != 0 and "Traceback" not in p.stderr

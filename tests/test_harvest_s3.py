@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from harvest import HarvestConfig, harvest, info, verify
+from actcache import HarvestConfig, harvest, info, verify
 from harvest_fixtures import HOOKS, RANDOM, write_token_jsonl
 
 
@@ -36,7 +36,7 @@ def test_harvest_to_s3_then_resume_and_verify(s3, tmp_path):
     again = harvest(HarvestConfig(out=url, tokens=12 * 32, resume=True, **common), progress=False)
     assert again.tokens_this_run == 0  # complete already
 
-    from common.store import ActivationStore
+    from actcache.common.store import ActivationStore
 
     a, b = ActivationStore.open(url), ActivationStore.open(tmp_path / "local.zarr")
     for h in HOOKS[:2]:

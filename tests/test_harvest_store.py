@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.store import ActivationStore
-from harvest import HarvestConfig, harvest, info, verify
-from harvest.models import load_model
+from actcache.common.store import ActivationStore
+from actcache import HarvestConfig, harvest, info, verify
+from actcache.harvest.models import load_model
 from harvest_fixtures import HOOKS, RANDOM, cli_subprocess, env, run_cli, write_token_jsonl
 
 
@@ -51,7 +51,7 @@ def test_stored_activations_equal_run_with_cache_on_stored_tokens(harvested):
 
 def test_tokens_are_the_dataset_packed_in_order(harvested):
     cfg, _ = harvested
-    from harvest.data import TokenWindows, resolve_source
+    from actcache.harvest.data import TokenWindows, resolve_source
 
     windows = TokenWindows(resolve_source(cfg.dataset), 32, vocab_size=1000, seed=0).windows()
     expected = np.stack([next(windows) for _ in range(30)])
@@ -134,7 +134,7 @@ def test_verify_passes_then_finds_corruption_and_missing_chunks(harvested, tmp_p
 
 
 def test_overflow_stops_by_default_and_clamps_when_asked(tmp_path):
-    from common.errors import OverflowError16
+    from actcache.common.errors import OverflowError16
 
     data = write_token_jsonl(tmp_path / "toks.jsonl", n_docs=20, vocab=100)
     big = "random:n_layers=1,d_model=32,n_heads=2,d_vocab=100,n_ctx=64,initializer_range=100000"
@@ -183,7 +183,7 @@ def test_local_hugging_face_folder_without_tokenizer(tmp_path):
 
 
 def test_chunk_stats_leave_out_and_count_non_finite_values():
-    from common.store import chunk_stats
+    from actcache.common.store import chunk_stats
 
     x = np.arange(24, dtype=np.float16).reshape(6, 4) - 10
     x[1, 2], x[4, 0] = np.inf, np.nan

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from common.errors import UserError
-from harvest.models import load_model, parse_random_spec
+from actcache.common.errors import UserError
+from actcache.harvest.models import load_model, parse_random_spec
 from harvest_fixtures import HOOKS, RANDOM
 
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from common import location
-from common.manifest import DatasetInfo, HookInfo, Manifest, ModelInfo, TokenizerInfo
-from common.store import ActivationStore, chunk_stats
+from actcache.common import location
+from actcache.common.manifest import DatasetInfo, HookInfo, Manifest, ModelInfo, TokenizerInfo
+from actcache.common.store import ActivationStore, chunk_stats
 
 moto_server = pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")

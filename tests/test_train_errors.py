@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import UserError
-from common.store import ActivationStore, chunk_stats
+from actcache.common.errors import UserError
+from actcache.common.store import ActivationStore, chunk_stats
 from tests.synthetic import make_store
-from train.config import load_config
-from train.sweep import train_sweep
+from actcache.train.config import load_config
+from actcache.train.sweep import train_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.hook_resid_pre"
@@ -137,7 +137,7 @@ def test_nan_loss_stops_with_the_sae_name_and_step_and_keeps_the_last_good_check
     store.write_chunk(bad_chunk, store.read_tokens(bad_chunk), {HOOK: acts}, {HOOK: chunk_stats(acts)})
     store.finalize()
     # window_chunks = 1: the bad chunk's window starts at a known step
-    from train.loader import ActivationLoader
+    from actcache.train.loader import ActivationLoader
 
     order = ActivationLoader(str(url), HOOK, 128, seed=0, window_chunks=1).chunk_order(0)
     bad_step = order.index(bad_chunk) * 256 // 128
@@ -162,7 +162,7 @@ def test_nan_loss_stops_with_the_sae_name_and_step_and_keeps_the_last_good_check
 def test_cli_prints_one_line_and_exits_2(store_url, tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(toml('[[sae]]\nname = "x"\narchitecture = "topk"\nk = 4\nl1_coefficient = 2.0\n'))
-    proc = subprocess.run([sys.executable, "-m", "common.cli", "train", store_url, "--config", str(cfg),
+    proc = subprocess.run([sys.executable, "-m", "actcache", "train", store_url, "--config", str(cfg),
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert proc.returncode == 2

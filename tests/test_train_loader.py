@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.store import ActivationStore
+from actcache.common.store import ActivationStore
 from tests.synthetic import BOS_ID, make_store
-from train.loader import ActivationLoader, normalisation_scale, raw_read_rate, shuffle_quality
+from actcache.train.loader import ActivationLoader, normalisation_scale, raw_read_rate, shuffle_quality
 
 HOOK = "blocks.0.hook_resid_pre"
 
@@ -63,7 +63,7 @@ def test_state_dict_resume_and_seek_continue_the_same_stream(store):
 
 
 def test_state_from_another_config_is_refused(store):
-    from common.errors import UserError
+    from actcache.common.errors import UserError
 
     st = loader(store).state_dict()
     with pytest.raises(UserError, match="batch_size"):

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.synthetic import make_store
-from train.sae import SAE, WEIGHT_KEYS
-from train.sweep import train_sweep
+from actcache.train.sae import SAE, WEIGHT_KEYS
+from actcache.train.sweep import train_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.hook_resid_pre"
@@ -122,10 +122,10 @@ def test_folders_have_saelens_layout(all_archs):
 
 def test_python_api_matches_training_and_folds_normalisation(all_archs, store_url):
     """Exported SAEs run on raw activations x and give what the trained SAE gives on scale * x, / scale."""
-    from common.store import ActivationStore
-    from train.config import load_config, resolve
-    from train.loader import normalisation_scale
-    from train.saes import build_sae
+    from actcache.common.store import ActivationStore
+    from actcache.train.config import load_config, resolve
+    from actcache.train.loader import normalisation_scale
+    from actcache.train.saes import build_sae
 
     summary, out = all_archs
     store = ActivationStore.open(store_url)
@@ -179,7 +179,7 @@ def test_saelens_loads_every_folder_and_encodes_identically(all_archs, store_url
     if py is None:
         pytest.skip("no SAELens environment: set ACTCACHE_SAELENS_PYTHON or run `make setup-saelens` "
                     "(sae-lens needs transformer-lens < 4, so it lives in its own virtualenv)")
-    from common.store import ActivationStore
+    from actcache.common.store import ActivationStore
 
     summary, _ = all_archs
     x = torch.from_numpy(ActivationStore.open(store_url).read_chunk(HOOK, 1)[:256]).float()
@@ -222,7 +222,7 @@ l0_coefficient = 0.5
 
 def _run_cli(args, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "common.cli", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "actcache", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 

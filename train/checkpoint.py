@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from common.errors import UserError
+from ..common.errors import UserError
 
 CHECKPOINT = "checkpoint.pt"
 RUN_FILE = "run.json"

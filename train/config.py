@@ -46,8 +46,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from common.errors import UserError
-from common.progress import parse_count
+from ..common.errors import UserError
+from ..common.progress import parse_count
 
 if sys.version_info >= (3, 11):
     import tomllib

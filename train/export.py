@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from common import __version__
-from common.store import ActivationStore
+from ..common import __version__
+from ..common.store import ActivationStore
 
 from .config import SweepConfig
 from .loader import ActivationLoader

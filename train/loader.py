@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.errors import UserError
-from common.seeding import permutation
-from common.store import ActivationStore
+from ..common.errors import UserError
+from ..common.seeding import permutation
+from ..common.store import ActivationStore
 
 
 def normalisation_scale(store: ActivationStore, hook: str) -> float:

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from common.errors import UserError
-from common.progress import log
-from common.store import ActivationStore
+from ..common.errors import UserError
+from ..common.progress import log
+from ..common.store import ActivationStore
 
 from .checkpoint import prepare_output
 from .config import SweepConfig, load_config, resolve

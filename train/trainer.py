@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from common.errors import UserError
-from common.progress import log, token_bar
-from common.seeding import generator
+from ..common.errors import UserError
+from ..common.progress import log, token_bar
+from ..common.seeding import generator
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SAEConfig, SweepConfig

@@ -10,14 +10,15 @@ import sys
 
 import click
 
-from .errors import UserError
-from .progress import setup_logging
+from .common.errors import UserError
+from .common.progress import setup_logging
 
+# name -> "module:attribute"; each is imported only when its command runs
 SUBCOMMANDS = {
-    "harvest": "harvest.cli:harvest_command",
-    "info": "harvest.cli:info_command",
-    "verify": "harvest.cli:verify_command",
-    "train": "train.cli:train_command",
+    "harvest": "actcache.harvest.cli:harvest_command",
+    "info": "actcache.common.commands:info_command",
+    "verify": "actcache.common.commands:verify_command",
+    "train": "actcache.train.cli:train_command",
 }
 
 
@@ -49,10 +50,9 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 def demo_command(out: str, tokens: str) -> None:
     """The offline default: harvest the bundled SmolLM2-135M over the Python standard library's
     sources, train a small sweep of SAEs on it, and print what was written and the results."""
-    from train.export import summary_table
-
+    from .common.progress import parse_count
     from .demo import run_demo
-    from .progress import parse_count
+    from .train.export import summary_table
 
     r = run_demo(out, parse_count(tokens))
     click.echo(r["harvest"].summary())

@@ -1,7 +1,7 @@
 """The offline default job: harvest the bundled SmolLM2-135M over the Python standard library,
 then train a small sweep on the store and report. Needs nothing from the internet.
 
-It joins the two stages, so it imports harvest and train lazily (neither imports the other)."""
+It joins the two stages, so it lives at the top of the package (neither stage imports the other)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ def run_demo(out_dir: str = "demo", tokens: int = 40_960, train_tokens: int | No
     """Harvest `tokens` tokens into out_dir/acts.zarr, train DEMO_SWEEP into out_dir/sweep.
 
     Returns {"harvest": HarvestResult, "summary": the sweep summary}."""
-    from harvest.demo import demo_harvest
-    from train import train_sweep
+    from .harvest.demo import demo_harvest
+    from .train import train_sweep
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from common.progress import human_bytes
-from common.store import ActivationStore
+from .progress import human_bytes
+from .store import ActivationStore
 
 
 def info(url: str | os.PathLike) -> dict[str, Any]:

@@ -9,10 +9,9 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from common.progress import token_bar
-from common.store import PARTIAL_FIELDS, ActivationStore, chunk_stats
-
 from .errors import first_line
+from .progress import token_bar
+from .store import PARTIAL_FIELDS, ActivationStore, chunk_stats
 
 
 @dataclass

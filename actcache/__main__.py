@@ -1,0 +1,5 @@
+"""`python -m actcache`: the same as the `actcache` command."""
+
+from .cli import main
+
+main()
