@@ -14,7 +14,7 @@ from ..common.store import ActivationStore
 
 from .checkpoint import prepare_output
 from .config import SweepConfig, load_config, resolve
-from .export import evaluate, to_inference_sae, write_sae_folder, write_summary
+from .export import calibrate, evaluate, to_inference_sae, write_sae_folder, write_summary
 from .loader import ActivationLoader
 from .trainer import Trainer
 
@@ -58,6 +58,7 @@ def train_sweep(store_url: str, config: str | Path | dict | SweepConfig, out: st
     finally:
         loader.close()
 
+    calibrate([m.sae for m in trainer.members], store, cfg, dev)
     exported = {m.cfg.name: to_inference_sae(m.sae, loader.scale, store, cfg) for m in trainer.members}
     results = evaluate(exported, store, cfg, dev)
     rows = []
