@@ -20,8 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.hook_resid_pre"
 
 
-def sweep_toml(saes: str, tokens: int = 15360, **top) -> str:
-    # the store holds 16384 tokens, 15872 once the BOS positions are left out (skip_special_tokens)
+def sweep_toml(saes: str, tokens: int = 16384, **top) -> str:
     head = {"hook": f'"{HOOK}"', "batch_size": 256, "tokens": tokens, "seed": 3, "log_every_steps": 10,
             "dead_window_tokens": 2048, "eval_tokens": 2048, "window_chunks": 2}
     head.update({k: (f'"{v}"' if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v)

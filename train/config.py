@@ -303,9 +303,12 @@ def resolve(cfg: SweepConfig, store, allow_repeat: bool = False) -> SweepConfig:
     if cfg.skip_special_tokens and not (cfg.repeat_epochs or allow_repeat):
         usable = _usable_tokens(store, cfg.tokens)
         if cfg.tokens > usable:
-            raise UserError(f"the config asks for {cfg.tokens:,} training tokens but the store holds {usable:,} "
-                            "besides its special tokens (skip_special_tokens = true); lower tokens, allow repeated "
-                            "epochs with repeat_epochs = true or --allow-repeat, or set skip_special_tokens = false")
+            # asking for the whole store is common: the few skipped positions are made up by starting
+            # a second (reshuffled) epoch, and the run says so
+            cfg.repeat_epochs = True
+            cfg.warnings.append(f"the store holds {usable:,} tokens besides its BOS/EOS/pad tokens "
+                                f"(skip_special_tokens = true), fewer than the {cfg.tokens:,} asked for; the last "
+                                f"{cfg.tokens - usable:,} come from a second, reshuffled pass")
     for s in cfg.saes:
         cfg.warnings.extend(get_architecture(s.architecture).resolve(s, d_in, d_in, cfg.n_steps))
     for w in cfg.warnings:
