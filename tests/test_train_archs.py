@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.synthetic import make_store, sample_activations
+from tests.test_train_saes import one_thread  # noqa: F401  (a fixture)
 from actcache.common.errors import UserError
 from actcache.train.architectures import ARCHITECTURES, Key, TopKSAE, register, unregister
 from actcache.train.config import load_config, readme_tables, readme_with_tables, resolve
@@ -46,14 +47,6 @@ def sweep(top: dict, saes: list[dict], defaults: dict | None = None) -> str:
     for s in saes:
         lines += ["", "[[sae]]"] + [f"{k} = {toml_value(v)}" for k, v in s.items()]
     return "\n".join(lines) + "\n"
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------ exported SAEs behave as trained
