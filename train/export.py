@@ -144,12 +144,17 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
     plot_frontier(summary, out / plot_name)
 
 
+def _l0_contradicts_k(row: dict[str, Any]) -> bool:
+    k = row.get("k")
+    return k is not None and abs(row["l0"] - k) > K_MISMATCH * k
+
+
 def k_mismatches(summary: dict[str, Any]) -> list[str]:
     """The SAEs whose exported L0 is not near their k, one line each."""
     out = []
     for r in summary["saes"]:
         k = r.get("k")
-        if k is not None and abs(r["l0"] - k) > K_MISMATCH * k:
+        if _l0_contradicts_k(r):
             out.append(f"SAE {r['name']!r} was trained with k = {k} but its exported {r.get('exported_as', '')} "
                        f"form gives L0 = {r['l0']:.1f} on the evaluation tokens")
     return out
@@ -158,8 +163,7 @@ def k_mismatches(summary: dict[str, Any]) -> list[str]:
 def summary_table(summary: dict[str, Any]) -> str:
     head = "| SAE | architecture | d_sae | k | L0 | FVU | explained var. | dead (eval) |"
     lines = [head, "|" + "---|" * 8]
-    flagged = {r["name"] for r in summary["saes"]
-               if r.get("k") is not None and abs(r["l0"] - r["k"]) > K_MISMATCH * r["k"]}
+    flagged = {r["name"] for r in summary["saes"] if _l0_contradicts_k(r)}
     for r in summary["saes"]:
         k = r.get("k")
         k_text = "" if k is None else f"{k} (≠ L0)" if r["name"] in flagged else str(k)
