@@ -20,7 +20,7 @@ from ..common.store import ATTR as STORE_ATTR
 from ..common.store import ActivationStore, chunk_sequences_for
 
 from .data import STDLIB, TokenWindows, prefetch, resolve_source
-from .models import DEFAULT_MODEL, DTYPES, HookedModel, load_model
+from .models import DEFAULT_MODEL, DTYPES, HookedModel, load_model, precheck_hooks
 from .writer import ChunkWriter
 
 FLOAT16_MAX = 65504.0
@@ -102,6 +102,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: HookedModel | None
     existing, replace = _existing_store(cfg)
 
     if model is None:
+        precheck_hooks(cfg.model, cfg.hooks)  # a misspelt hook is reported before the weights load
         log.debug(f"loading {cfg.model}")
         model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, tokenizer=cfg.tokenizer)
     elif (model.info.name, model.info.dtype) != (cfg.model, cfg.dtype):
