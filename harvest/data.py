@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob as globlib
 import hashlib
 import queue
+import re
 import sysconfig
 import threading
 from dataclasses import dataclass, field
@@ -51,19 +52,39 @@ class DataSource:
 
     def fingerprint(self) -> str | None:
         """A hash of the local files: names, sizes and their first and last MiB."""
-        if not self.files:
-            return None
-        h = hashlib.sha256()
-        for f in self.files:
-            p = Path(f)
-            size = p.stat().st_size
-            h.update(f"{p.name}\0{size}\0".encode())
-            with p.open("rb") as fh:
-                h.update(fh.read(2**20))
-                if size > 2**20:
-                    fh.seek(max(2**20, size - 2**20))
-                    h.update(fh.read())
-        return h.hexdigest()[:16]
+        return files_fingerprint(self.files) if self.files else None
+
+
+def files_fingerprint(files: list[str] | list[Path]) -> str:
+    """16 hex characters identifying the content of files: their names, sizes and first and last
+    MiB (cheap on files of many GB, and any edit of a header, a tail or a length shows)."""
+    h = hashlib.sha256()
+    for f in files:
+        p = Path(f)
+        size = p.stat().st_size
+        h.update(f"{p.name}\0{size}\0".encode())
+        with p.open("rb") as fh:
+            h.update(fh.read(2**20))
+            if size > 2**20:
+                fh.seek(max(2**20, size - 2**20))
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+_COMMIT = re.compile(r"(?<![0-9a-f])[0-9a-f]{40}(?![0-9a-f])")
+
+
+def hub_revision(rows: Any) -> str | None:
+    """The commit of a hub dataset that `datasets` loaded, as it names it in its cache paths or
+    download URLs (e.g. hf://datasets/org/name@<sha>/...); None when it names none."""
+    places = [c.get("filename", "") for c in (getattr(rows, "cache_files", None) or [])]
+    info = getattr(rows, "info", None)
+    places += list(getattr(info, "download_checksums", None) or {})
+    for place in places:
+        m = _COMMIT.search(str(place))
+        if m:
+            return m.group(0)
+    return None
 
 
 def stdlib_files() -> list[str]:
@@ -150,10 +171,13 @@ class TokenWindows:
         return self.bos is not None
 
     def info(self) -> DatasetInfo:
+        """The manifest's dataset entry; its revision is the hub commit, or for local files their fingerprint."""
+        fingerprint = self.src.fingerprint()
         return DatasetInfo(
             path=self.src.path, name=self.src.name, split=self.src.split,
             text_column=None if self.column == "input_ids" else self.column,
-            revision=None, fingerprint=self.src.fingerprint(), streaming=self.src.streaming,
+            revision=fingerprint if self.src.files else hub_revision(self.rows),
+            fingerprint=fingerprint, streaming=self.src.streaming,
             data_files=list(self.src.files) or None,
         )
 

@@ -155,9 +155,36 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         arch = (getattr(tl.cfg, "architecture", None) or getattr(tl.cfg, "original_architecture", None))
     tl.eval()
     c = tl.cfg
-    info = ModelInfo(name=spec, revision=None, d_model=int(c.d_model), n_layers=int(c.n_layers),
+    info = ModelInfo(name=spec, revision=model_revision(spec, tl), d_model=int(c.d_model), n_layers=int(c.n_layers),
                      n_ctx=int(c.n_ctx), dtype=dtype, architecture=str(arch) if arch else None)
     return HookedModel(tl, info, tok, device, tokenizer or (spec if tok is not None else None))
+
+
+def model_revision(spec: str, tl: Any = None) -> str | None:
+    """What identifies the weights beyond the spec: a fingerprint of a local .gguf file or model
+    folder (files_fingerprint), or the hub commit the loaded config came from. None for a random:
+    spec (the spec and its seed are the weights) and for a hub model whose commit is not reported."""
+    from .data import files_fingerprint
+
+    if spec.startswith("random:"):
+        return None
+    gguf = _gguf_path(spec)
+    if gguf is not None:
+        return files_fingerprint([gguf])
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        return files_fingerprint(sorted(f for f in folder.iterdir() if f.is_file()))
+    for config in (getattr(getattr(tl, "original_model", None), "config", None), getattr(tl, "hf_config", None)):
+        sha = getattr(config, "_commit_hash", None)
+        if isinstance(sha, str) and sha:
+            return sha
+    try:
+        from transformers import AutoConfig
+
+        sha = getattr(AutoConfig.from_pretrained(spec), "_commit_hash", None)
+    except Exception:  # noqa: BLE001  (a name only TransformerLens knows: no hub commit to report)
+        return None
+    return sha if isinstance(sha, str) and sha else None
 
 
 def _bridge_class() -> Any:

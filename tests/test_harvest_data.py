@@ -87,6 +87,22 @@ def test_fingerprint_follows_the_file_content(tmp_path):
     assert resolve_source(str(f)).fingerprint() != before and len(before) == 16
 
 
+def test_manifest_revision_of_local_files_is_their_fingerprint_and_of_a_hub_dataset_its_commit(tmp_path):
+    from types import SimpleNamespace
+
+    from actcache.harvest.data import hub_revision
+
+    f = write_token_jsonl(tmp_path / "t.jsonl", n_docs=5)
+    info = TokenWindows(resolve_source(str(f)), 16, vocab_size=1000).info()
+    assert info.revision == info.fingerprint == resolve_source(str(f)).fingerprint()
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    streamed = SimpleNamespace(info=SimpleNamespace(download_checksums={
+        f"hf://datasets/org/name@{sha}/data/train-00000.parquet": {}}))
+    cached = SimpleNamespace(cache_files=[{"filename": f"/c/org___name/default/0.0.0/{sha}/name-train.arrow"}])
+    assert hub_revision(streamed) == hub_revision(cached) == sha
+    assert hub_revision(SimpleNamespace(cache_files=[{"filename": "/c/json/default-0a1b/0.0.0/" + "f" * 64}])) is None
+
+
 def test_stdlib_alias_is_this_pythons_own_sources():
     src = resolve_source("stdlib")
     assert src.builder == "text" and src.files == stdlib_files() and len(src.files) > 50

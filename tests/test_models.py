@@ -103,7 +103,9 @@ def test_misspelt_hook_on_the_bundled_model_is_reported_before_the_weights_load(
     """The error comes from the configuration: a small fraction of the time loading takes."""
     import time
 
-    from actcache.harvest.models import DEFAULT_MODEL, check_hook_names, config_n_layers, precheck_hooks
+    from actcache.harvest.data import files_fingerprint
+    from actcache.harvest.models import (DEFAULT_MODEL, bundled_gguf, check_hook_names, config_n_layers,
+                                         precheck_hooks)
 
     t0 = time.perf_counter()
     with pytest.raises(UserError, match=r"unknown hook 'blocks.3.hook_resid_psot'.*did you mean blocks.3.hook_resid_post"):
@@ -115,5 +117,24 @@ def test_misspelt_hook_on_the_bundled_model_is_reported_before_the_weights_load(
     m = load_model(DEFAULT_MODEL, device="cpu")
     t_load = time.perf_counter() - t0
     assert config_n_layers(DEFAULT_MODEL) == m.info.n_layers
+    assert m.info.revision == files_fingerprint([bundled_gguf()])  # the GGUF file's content
     check_hook_names(m.hook_names, m.info.n_layers, DEFAULT_MODEL)  # the patterns cover every real name
     assert t_check < 0.2 * t_load, (t_check, t_load)
+
+
+def test_model_revision_is_a_fingerprint_of_local_weights(model, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from actcache.harvest.data import files_fingerprint
+
+    assert model.info.revision is None  # a random: spec is its own revision (the seed fixes the weights)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+    hf.save_pretrained(tmp_path / "tiny")
+    m = load_model(str(tmp_path / "tiny"), device="cpu")
+    rev = m.info.revision
+    assert rev == files_fingerprint(sorted(p for p in (tmp_path / "tiny").iterdir())) and len(rev) == 16
+    torch.manual_seed(1)
+    LlamaForCausalLM(hf.config).save_pretrained(tmp_path / "tiny")  # other weights, same names
+    assert load_model(str(tmp_path / "tiny"), device="cpu").info.revision != rev
