@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ..common.device import pick_device
 from ..common.errors import UserError, first_line
 from ..common.manifest import ModelInfo, TokenizerInfo
 
@@ -34,10 +35,6 @@ def tl_major_version() -> int:
     from importlib.metadata import version
 
     return int(version("transformer-lens").split(".")[0])
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def bundled_gguf() -> Path:
@@ -128,9 +125,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     """Load a model spec for harvesting; see the module docstring for the kinds of spec."""
     if dtype not in DTYPES:
         raise UserError(f"invalid dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    device = device or default_device()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} was requested but CUDA is not available; use --device cpu")
+    device = str(pick_device(device))
     torch_dtype = DTYPES[dtype]
     tok = load_tokenizer(tokenizer) if tokenizer else None
 
@@ -517,12 +512,3 @@ class HookedModel:
         fwd = [(h, functools.partial(capture, name=h)) for h in hooks]
         self.tl.run_with_hooks(tokens.to(self.device), fwd_hooks=fwd, stop_at_layer=self.stop_layer(hooks))
         return got
-
-    @torch.inference_mode()
-    def bare_forward(self, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
-        """TransformerLens run_with_cache with the same hooks and stop layer, copied to CPU float16:
-        the upper bound a harvest can reach."""
-        wanted = set(hooks)
-        _, cache = self.tl.run_with_cache(tokens.to(self.device), names_filter=lambda n: n in wanted,
-                                          stop_at_layer=self.stop_layer(hooks))
-        return {h: cache[h].to("cpu", torch.float16) for h in hooks}
