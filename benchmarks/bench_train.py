@@ -95,15 +95,13 @@ def _pinned_copy_rate(batch: int, d: int, dev: torch.device, n: int = 50) -> flo
     return n * host.numel() * 2 / (time.perf_counter() - t) / 1e9
 
 
-def _sweep_toml(hook: str, tokens: int, batch_size: int, configs: list[dict], lr: float) -> str:
-    lines = [f'hook = "{hook}"', f"tokens = {tokens}", f"batch_size = {batch_size}", "seed = 0",
-             "log_every_steps = 1000000", f"eval_tokens = {batch_size}", "repeat_epochs = true",
-             f"checkpoint_every_tokens = {tokens * 10}", "", "[defaults]", f"lr = {lr}", ""]
-    for c in configs:
-        name = f"topk-k{c['k']}-x{c['expansion']}"
-        lines += ["[[sae]]", f'name = "{name}"', 'architecture = "topk"', f"k = {c['k']}",
-                  f"expansion = {c['expansion']}", ""]
-    return "\n".join(lines)
+def _sweep(hook: str, tokens: int, batch_size: int, configs: list[dict], lr: float) -> dict:
+    """The sweep configuration (as train_sweep takes it) of TopK SAEs with the given k and expansion."""
+    return {"hook": hook, "tokens": tokens, "batch_size": batch_size, "seed": 0, "log_every_steps": 1_000_000,
+            "eval_tokens": batch_size, "repeat_epochs": True, "checkpoint_every_tokens": tokens * 10,
+            "defaults": {"lr": lr},
+            "sae": [{"name": f"topk-k{c['k']}-x{c['expansion']}", "architecture": "topk", "k": c["k"],
+                     "expansion": c["expansion"]} for c in configs]}
 
 
 def run_sweep(store_url: str, hook: str, tokens: int, configs: list[dict] | None = None, batch_size: int = 4096,
@@ -113,13 +111,13 @@ def run_sweep(store_url: str, hook: str, tokens: int, configs: list[dict] | None
     tmp = Path(work or tempfile.mkdtemp(prefix="bench_train_"))
     try:
         t = time.perf_counter()
-        lock = train_sweep(store_url, _sweep_toml(hook, tokens, batch_size, configs, lr), tmp / "lockstep",
+        lock = train_sweep(store_url, _sweep(hook, tokens, batch_size, configs, lr), tmp / "lockstep",
                            device=device, progress=False)
         lock_wall = time.perf_counter() - t
         singles, seq_train, seq_wall = [], 0.0, 0.0
         for c in configs:
             t = time.perf_counter()
-            s = train_sweep(store_url, _sweep_toml(hook, tokens, batch_size, [c], lr), tmp / f"single-{len(singles)}",
+            s = train_sweep(store_url, _sweep(hook, tokens, batch_size, [c], lr), tmp / f"single-{len(singles)}",
                             device=device, progress=False)
             seq_wall += time.perf_counter() - t
             seq_train += s["train_seconds"]
@@ -194,13 +192,12 @@ def check_cuda_path(store_url: str, hook: str, batch_size: int = 4096, n_batches
     cpu.close()
     gpu.close()
     archs = ["standard", "gated", "jumprelu", "topk", "batchtopk", "matryoshka_batchtopk"]
-    toml = "\n".join([f'hook = "{hook}"', f"tokens = {batch_size * 50}", f"batch_size = {batch_size}",
-                      "log_every_steps = 10", "eval_tokens = 8192", "[defaults]", "lr = 2e-4", "expansion = 4", ""]
-                     + [f'[[sae]]\nname = "{a}"\narchitecture = "{a}"' + ("\nk = 32" if "topk" in a else "")
-                        for a in archs])
+    sweep = {"hook": hook, "tokens": batch_size * 50, "batch_size": batch_size, "log_every_steps": 10,
+             "eval_tokens": 8192, "defaults": {"lr": 2e-4, "expansion": 4},
+             "sae": [{"name": a, "architecture": a, **({"k": 32} if "topk" in a else {})} for a in archs]}
     tmp = Path(tempfile.mkdtemp(prefix="bench_cuda_"))
     try:
-        s = train_sweep(store_url, toml, tmp / "out", device="cuda", progress=False)
+        s = train_sweep(store_url, sweep, tmp / "out", device="cuda", progress=False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"gpu_batches_equal_cpu_batches": same, "sweep_device": s["device"],
