@@ -50,3 +50,16 @@ def make_sweep(*saes: dict, defaults: dict | None = None, hook: str = SYNTHETIC_
 def sweep():
     """make_sweep, for tests: sweep({"name": "t", "architecture": "topk", "k": 4}, tokens=2048, ...)."""
     return make_sweep
+
+
+@pytest.fixture(scope="session")
+def bundled_model():
+    """The bundled SmolLM2 model on the CPU, loaded once for the whole run, and how long loading took."""
+    import time
+    from types import SimpleNamespace
+
+    from actcache.harvest.models import DEFAULT_MODEL, load_model
+
+    t = time.perf_counter()
+    model = load_model(DEFAULT_MODEL, device="cpu")
+    return SimpleNamespace(model=model, load_seconds=time.perf_counter() - t)
