@@ -65,7 +65,9 @@ def test_default_codec_is_what_the_rule_picks_from_the_measurements():
     assert len({r["hook"] for r in rows}) >= 2 and all(r["stored_bytes"] > 0 and r["decode_MB_s"] > 0 for r in rows)
     summary = bc.summarise(rows)
     assert len(summary) >= 4 and DEFAULT_CODEC in {s["codec"] for s in summary}
-    assert bc.choose(summary) == DEFAULT_CODEC
+    assert bc.choose(summary) == DEFAULT_CODEC == measured["choice"]
+    for mine, stored in zip(summary, measured["summary"], strict=True):  # the committed summary is these rows'
+        assert mine["codec"] == stored["codec"] and mine["ratio"] == pytest.approx(stored["ratio"], rel=1e-9)
 
 
 def test_sweep_config_is_the_eight_topk_grid():
