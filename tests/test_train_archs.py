@@ -259,8 +259,11 @@ def small_store(tmp_path_factory):
 def _cli(monkeypatch, capsys, args) -> tuple[int, str]:
     """The real entry point (`actcache ...`), in this process."""
     from actcache.cli import main
+    from actcache.common.progress import log
 
     monkeypatch.setattr(sys, "argv", ["actcache", *args])
+    # the CLI's log handler would hold on to this test's captured stderr: leave the handlers as found
+    monkeypatch.setattr(log, "handlers", list(log.handlers))
     with pytest.raises(SystemExit) as e:
         main()
     return e.value.code, capsys.readouterr().err
