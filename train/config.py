@@ -68,7 +68,7 @@ ARCH_KEYS: dict[str, tuple[str, ...]] = {
 }
 TOP_KEYS = ("hook", "tokens", "batch_size", "seed", "checkpoint_every_tokens", "log_every_steps", "repeat_epochs",
             "window_chunks", "loader_threads", "skip_special_tokens", "normalize", "dead_window_tokens",
-            "eval_tokens", "d_in", "defaults", "sae", "grid")
+            "eval_tokens", "d_in", "held_out", "defaults", "sae", "grid")
 _SHORT = {"k": "k", "expansion": "x", "d_sae": "d", "l1_coefficient": "l1_", "l0_coefficient": "l0_", "lr": "lr"}
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -132,6 +132,7 @@ class SweepConfig:
     dead_window_tokens: int = 10_000_000
     eval_tokens: int = 65536
     d_in: int | None = None
+    held_out: list[int] | None = None  # [start_sequence, stop_sequence): never read by training (checked by the loader)
 
     @property
     def n_steps(self) -> int:
