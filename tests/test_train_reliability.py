@@ -351,3 +351,94 @@ def test_bad_held_out_range_is_refused_before_anything_is_written(store_url, tmp
         train_sweep(store_url, toml().replace("[defaults]", "held_out = [0, 16]\n[defaults]"), tmp_path / "o",
                     progress=False)
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------ S3
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3-compatible server on loopback (moto's, in this process) holding a synthetic store."""
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    settings = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+                "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    import boto3
+
+    boto3.client("s3", endpoint_url=settings["AWS_ENDPOINT_URL"]).create_bucket(Bucket="train-rel")
+    url = "s3://train-rel/s.zarr"
+    make_store(url, d=8, n_features=16, n_sequences=128, context_size=16, chunk_sequences=16)  # 8 chunks
+    state = {"server": server, "port": port, "url": url, "endpoint": settings["AWS_ENDPOINT_URL"]}
+    yield state
+    state["server"].stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_s3_endpoint_dying_during_training_is_one_line_and_resume_completes(s3, tmp_path):
+    cfg = config_file(tmp_path, toml(tokens=128 * 200, checkpoint_every_tokens=128 * 10, repeat_epochs=True,
+                                     log_every_steps=10))
+    out = tmp_path / "run"
+    victim = cli("train", s3["url"], "--config", cfg, "--out", out, "--no-progress", env=env(AWS_MAX_ATTEMPTS="2"))
+    deadline = time.time() + 180
+    while time.time() < deadline and not (out / CHECKPOINT).is_file() and victim.poll() is None:
+        time.sleep(0.02)
+    assert victim.poll() is None, "the run ended before the server stopped: make it longer"
+    s3["server"].stop()
+    line = one_error_line(victim)
+    assert "reading chunk" in line and s3["url"] in line and "--resume" in line, line
+    st = load_checkpoint(out)
+    assert 10 <= st["step"] < 200 and f"the checkpoint of step {st['step']}" in line
+
+    from moto.server import ThreadedMotoServer
+
+    s3["server"] = ThreadedMotoServer(ip_address="127.0.0.1", port=s3["port"])  # the same data, back again
+    s3["server"].start()
+    resumed = cli("train", s3["url"], "--config", cfg, "--out", out, "--resume", "--no-progress")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    assert f"resuming at step {st['step']}" in err
+    steps = [json.loads(line)["step"] for line in (out / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(0, 200, 10)) + [199]
+
+
+def test_s3_location_problems_at_the_start_are_one_line_before_any_work(s3, tmp_path):
+    import urllib.request
+
+    cfg = config_file(tmp_path, toml())
+    closed = f"http://127.0.0.1:{_closed_port()}"
+    cases = {
+        "no bucket": cli("train", "s3://no-such-bucket/s.zarr", "--config", cfg, "--out", tmp_path / "a"),
+        "endpoint down": cli("train", s3["url"], "--config", cfg, "--out", tmp_path / "b",
+                             env=env(AWS_ENDPOINT_URL=closed, AWS_MAX_ATTEMPTS="2")),
+    }
+    lines = {name: one_error_line(p) for name, p in cases.items()}
+    assert "s3://no-such-bucket/s.zarr" in lines["no bucket"]
+    assert s3["url"] in lines["endpoint down"] and "AWS_ENDPOINT_URL" in lines["endpoint down"]
+    # wrong credentials: the server now checks every request's key, and "test" is no key it knows
+    reset = f"{s3['endpoint']}/moto-api/reset-auth"
+    urllib.request.urlopen(urllib.request.Request(reset, data=b"0", method="POST", headers=TEXT)).read()
+    try:
+        line = one_error_line(cli("train", s3["url"], "--config", cfg, "--out", tmp_path / "c",
+                                  env=env(AWS_MAX_ATTEMPTS="2")))
+    finally:
+        urllib.request.urlopen(urllib.request.Request(reset, data=b"inf", method="POST", headers=TEXT)).read()
+    assert s3["url"] in line, line
+    assert not any((tmp_path / x).exists() for x in "abc")
+
+
+TEXT = {"Content-Type": "text/plain"}
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -137,6 +137,7 @@ class ActivationLoader:
         self._next: Future | None = None
         self._next_key: tuple[int, int] | None = None
         self.wait_seconds = 0.0  # time next_batch spent waiting for a window that was not ready
+        self.read_failed = False  # set when reading a chunk failed (the error itself reaches next_batch)
         self._staging: list[torch.Tensor | None] = [None, None]
         self._copied: list = [None, None]
         # two reusable window buffers: one being consumed, one being filled (no fresh allocation per window)
@@ -181,16 +182,20 @@ class ActivationLoader:
         try:
             return self.store.read_chunk(self.hook, j)
         except UserError:
+            self.read_failed = True
             raise
         except Exception as e:  # noqa: BLE001
+            self.read_failed = True
             raise _read_error(self.store, f"activations/{self.hook}", j, e) from None
 
     def _read_tokens(self, j: int) -> np.ndarray:
         try:
             return self.store.read_tokens(j)
         except UserError:
+            self.read_failed = True
             raise
         except Exception as e:  # noqa: BLE001
+            self.read_failed = True
             raise _read_error(self.store, "tokens", j, e) from None
 
     def _read_into(self, j: int, dst: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray | None]:

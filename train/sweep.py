@@ -87,11 +87,13 @@ def train_sweep(store_url: str, config: str | Path | dict | SweepConfig, out: st
             t = time.perf_counter()
             try:
                 trainer.train()
-            except StoreError as e:
+            except UserError as e:
+                if not loader.read_failed:
+                    raise
                 kept = (f"the checkpoint of step {trainer.last_checkpoint_step} in {out} is kept: rerun with --resume "
                         "once the store reads again" if trainer.last_checkpoint_step is not None
                         else "no checkpoint had been written yet")
-                raise StoreError(f"{e}; training stopped at step {trainer.step} and {kept}") from None
+                raise type(e)(f"{e}; training stopped at step {trainer.step} and {kept}") from None
             wall = time.perf_counter() - t
             loader.close()
 
