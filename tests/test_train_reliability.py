@@ -155,18 +155,26 @@ def test_two_trains_racing_on_one_folder_one_stops_at_once_naming_the_other(stor
     assert not list(out.glob("*.tmp"))
 
 
-def test_overwrite_replaces_a_crashed_run_and_nothing_else(store_url, tmp_path, monkeypatch):
-    out = tmp_path / "run"
+def crash_after_checkpoint(monkeypatch, store_url: str, text: str, out: Path, step: int, last_words=None) -> None:
+    """Run a sweep that dies right after writing its checkpoint of `step` (last_words(trainer) runs first)."""
     original = trainer_module.Trainer.checkpoint
 
-    def crash_after_first_checkpoint(self):
+    def checkpoint_then_die(self):
         original(self)
-        raise RuntimeError("simulated crash")
+        if self.step == step:
+            if last_words is not None:
+                last_words(self)
+            raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(trainer_module.Trainer, "checkpoint", crash_after_first_checkpoint)
-    with pytest.raises(RuntimeError):
-        train_sweep(store_url, toml(checkpoint_every_tokens=1024), out, progress=False)
+    monkeypatch.setattr(trainer_module.Trainer, "checkpoint", checkpoint_then_die)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_sweep(store_url, text, out, progress=False)
     monkeypatch.undo()
+
+
+def test_overwrite_replaces_a_crashed_run_and_nothing_else(store_url, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    crash_after_checkpoint(monkeypatch, store_url, toml(checkpoint_every_tokens=1024), out, 8)
     with pytest.raises(UserError, match="already holds a training run; pass --resume .* --overwrite"):
         train_sweep(store_url, toml(seed=9), out, progress=False)
     with pytest.raises(UserError, match="contradict"):
@@ -191,19 +199,12 @@ def test_overwrite_replaces_a_crashed_run_and_nothing_else(store_url, tmp_path, 
 
 def test_half_written_metrics_line_does_not_break_resume(store_url, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    original = trainer_module.Trainer.checkpoint
 
-    def crash_mid_line(self):
-        original(self)
-        if self.step == 16:
-            with open(self.members[0].metrics_path, "a") as f:
-                f.write('{"step": 16, "tokens": 21')  # the process died inside this write
-            raise RuntimeError("simulated crash")
+    def half_a_line(trainer):
+        with open(trainer.members[0].metrics_path, "a") as f:
+            f.write('{"step": 16, "tokens": 21')  # the process died inside this write
 
-    monkeypatch.setattr(trainer_module.Trainer, "checkpoint", crash_mid_line)
-    with pytest.raises(RuntimeError):
-        train_sweep(store_url, toml(checkpoint_every_tokens=128 * 8), out, progress=False)
-    monkeypatch.undo()
+    crash_after_checkpoint(monkeypatch, store_url, toml(checkpoint_every_tokens=128 * 8), out, 16, half_a_line)
     train_sweep(store_url, toml(checkpoint_every_tokens=128 * 8), out, resume=True, progress=False)
     train_sweep(store_url, toml(checkpoint_every_tokens=128 * 8), tmp_path / "ref", progress=False)
     for name in ("t", "j"):
@@ -215,16 +216,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_keeps_the_last_one_and_resume
     text = toml(checkpoint_every_tokens=128 * 8, log_every_steps=16)
     cfg = config_file(tmp_path, text)
     out = tmp_path / "run"
-    original = trainer_module.Trainer.checkpoint
-
-    def crash_after_first_checkpoint(self):
-        original(self)
-        raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(trainer_module.Trainer, "checkpoint", crash_after_first_checkpoint)
-    with pytest.raises(RuntimeError):
-        train_sweep(store_url, text, out, progress=False)
-    monkeypatch.undo()
+    crash_after_checkpoint(monkeypatch, store_url, text, out, 8)
     before = (out / CHECKPOINT).read_bytes()
     assert load_checkpoint(out)["step"] == 8
 
