@@ -11,8 +11,14 @@ So batch `step` is a pure function of (store, seed, step), every SAE of a sweep 
 and the position (epoch, window, offset) is all the state there is. While one window is consumed the
 next is fetched and decoded in the background.
 
+Held-out sequences: the chunks are those committed chunks that share no sequence with the store's
+held-out part (`store.held_out_range()`, format 2) or with a range the caller names (`held_out`, the
+sweep's `held_out = [start, stop]`, for stores without one). Such chunks are never read, not read and
+discarded; chunk ids keep their store numbering, so with nothing held out the stream is unchanged.
+
 Normalisation: x is multiplied by one constant, sqrt(d_in / E||x||^2), with E||x||^2 = sum over
-dimensions of (var + mean^2) from the store's statistics, so that E||x||^2 = d_in after scaling.
+dimensions of (var + mean^2) from the store's statistics of the training chunks (never of held-out
+ones), so that E||x||^2 = d_in after scaling.
 """
 
 from __future__ import annotations
