@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..common.device import pick_device  # noqa: F401  (also imported from here)
 from ..common.errors import StoreError, UserError, first_line
 from ..common.lease import Lease
 from ..common.progress import log
@@ -18,15 +19,6 @@ from .config import SweepConfig, load_config, resolve
 from .export import evaluate, to_inference_sae, write_sae_folder, write_summary
 from .loader import ActivationLoader
 from .trainer import Trainer
-
-
-def pick_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return dev
 
 
 def open_store(url: str) -> ActivationStore:
