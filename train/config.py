@@ -80,6 +80,8 @@ class SweepConfig:
                             "density), and for calibrating BatchTopK thresholds", low=1)
     d_in: int | None = _key("int", None, "checked against the hook's width in the store", low=1,
                             default_text="from the store")
+    held_out: list[int] | None = _key("int_list", None, "[start_sequence, stop_sequence]: a range of the store that training never reads (for stores without their own held-out part); the loader checks it", low=0,
+                                      default_text="the store's own held-out part")
     warnings: list[str] = field(default_factory=list, repr=False, compare=False)
 
     @property

@@ -53,7 +53,7 @@ def calibrate(saes: list[TrainingSAE], store: ActivationStore, cfg: SweepConfig,
     batch = min(cfg.batch_size, cfg.eval_tokens)
     loader = ActivationLoader(store, cfg.hook, batch, seed=cfg.seed + 2, window_chunks=cfg.window_chunks,
                               threads=cfg.loader_threads, device=device, normalize=cfg.normalize,
-                              skip_special_tokens=cfg.skip_special_tokens, repeat=True)
+                              skip_special_tokens=cfg.skip_special_tokens, repeat=True, held_out=cfg.held_out)
     try:
         batches = [loader.next_batch() for _ in range(max(1, cfg.eval_tokens // batch))]
     finally:
@@ -98,7 +98,7 @@ def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, dev
     n_batches = max(1, cfg.eval_tokens // batch)
     loader = ActivationLoader(store, cfg.hook, batch, seed=cfg.seed + 1, window_chunks=cfg.window_chunks,
                               threads=cfg.loader_threads, device=device, normalize=False,
-                              skip_special_tokens=cfg.skip_special_tokens, repeat=True)
+                              skip_special_tokens=cfg.skip_special_tokens, repeat=True, held_out=cfg.held_out)
     acc = {name: {"err": 0.0, "l0": 0.0, "fired": torch.zeros(s.cfg.d_sae, dtype=torch.float64)}
            for name, s in saes.items()}
     total_var, n = 0.0, 0
