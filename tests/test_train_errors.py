@@ -21,7 +21,8 @@ HOOK = "blocks.0.hook_resid_pre"
 
 
 def toml(sae: str = '[[sae]]\nname = "t"\narchitecture = "topk"\nk = 4\n', **top) -> str:
-    head = {"hook": f'"{HOOK}"', "batch_size": 128, "tokens": 2048, "log_every_steps": 4, "eval_tokens": 512}
+    head = {"hook": f'"{HOOK}"', "batch_size": 128, "tokens": 2048, "log_every_steps": 4, "eval_tokens": 512,
+            "skip_special_tokens": "false"}
     head.update({k: (f'"{v}"' if isinstance(v, str) else v) for k, v in top.items()})
     return "\n".join(f"{k} = {v}" for k, v in head.items()) + "\n[defaults]\nd_sae = 32\nlr = 1e-3\n" + sae
 

@@ -225,8 +225,7 @@ class Trainer:
             row.update(m.sae.log_values())
             try:
                 with open(m.metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "
-")
+                    f.write(json.dumps(row) + "\n")
             except OSError as e:
                 raise write_error(e, m.metrics_path) from None
 
