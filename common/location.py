@@ -24,12 +24,25 @@ def local_path(url: str | os.PathLike) -> Path:
     return Path(s[len("file://"):] if s.startswith("file://") else s).expanduser()
 
 
+def _quiet_async_noise() -> None:
+    """aiohttp (under s3fs) leaves tasks whose failure nobody awaits when a server goes away; asyncio then
+    prints their tracebacks through logging's last-resort handler, beside our one-line error. A
+    NullHandler on the asyncio logger stops that last resort; an application that configures logging
+    still receives those records through its own handlers."""
+    import logging
+
+    lg = logging.getLogger("asyncio")
+    if not any(isinstance(h, logging.NullHandler) for h in lg.handlers):
+        lg.addHandler(logging.NullHandler())
+
+
 def open_store(url: str | os.PathLike, read_only: bool = False) -> Store:
     """A zarr Store for a location. S3 uses s3fs; endpoint and keys come from the usual AWS
     environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_DEFAULT_REGION...)."""
     if not is_remote(url):
         return LocalStore(local_path(url), read_only=read_only)
     s = str(url)
+    _quiet_async_noise()
     try:
         storage_options: dict = {}
         if s.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
@@ -87,6 +100,7 @@ def remote_fs(url: str | os.PathLike):
     (or an earlier harvest) may have changed what is there since fsspec last looked."""
     import fsspec
 
+    _quiet_async_noise()
     try:
         fs, path = fsspec.core.url_to_fs(str(url), **_fs_options(str(url)))
     except ImportError as e:

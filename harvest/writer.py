@@ -119,7 +119,7 @@ def _as_user_error(e: BaseException, j: int | None, url: str) -> UserError:
                          "free some space and rerun the same command with --resume")
     if location.is_remote(url) and location.storage_failure(e):
         msg = str(location.storage_error(e, url, f"writing chunk {j} of" if j is not None else "writing"))
-        return UserError(f"{msg.split('; ')[0]}; once that is fixed, rerun the same command with --resume")
+        return UserError(msg if "--resume" in msg else f"{msg} with --resume")
     return UserError(f"writing {where} failed ({type(os_err or e).__name__}: {first_line(os_err or e)}); "
                      "fix the cause and rerun the same command with --resume")
 
