@@ -20,6 +20,7 @@ class VerifyReport:
     n_chunks: int = 0
     complete: bool = False
     problems: list[str] = field(default_factory=list)
+    fingerprint: str | None = None  # recomputed from the data read (format 2, every committed chunk readable)
 
     @property
     def ok(self) -> bool:
@@ -28,7 +29,8 @@ class VerifyReport:
     def summary(self) -> str:
         state = "complete" if self.complete else f"incomplete: {self.n_chunks_committed}/{self.n_chunks} chunks committed"
         if self.ok:
-            return f"{self.url}: OK, {self.chunks_checked} chunks read and checked ({state})"
+            fp = f", fingerprint {self.fingerprint}" if self.fingerprint else ""
+            return f"{self.url}: OK, {self.chunks_checked} chunks read and checked ({state}{fp})"
         return "\n".join([f"{self.url}: DAMAGED, {len(self.problems)} problem(s) in {self.chunks_checked} chunks ({state})"]
                          + [f"  {p}" for p in self.problems])
 
@@ -51,18 +53,21 @@ def verify(url: str | os.PathLike, progress: bool = False) -> VerifyReport:
         except Exception as e:  # noqa: BLE001
             rep.problems.append(f"digests: unreadable ({first_line(e, 160)})")
     digests = np.zeros((store.n_committed, 16), dtype=np.uint8)
+    all_read = True
     with token_bar(store.n_committed_tokens, "verify", disable=not progress) as bar:
         for j in range(store.n_committed):
             d = _check_chunk(store, j, rep, None if stored is None else bytes(stored[j]))
-            if d is not None:
+            if d is None:
+                all_read = False
+            else:
                 digests[j] = np.frombuffer(d, dtype=np.uint8)
             rep.chunks_checked += 1
             a, b = store.chunk_sequence_range(j)
             bar.update((b - a) * m.context_size)
-    if v2 and m.complete and not rep.problems:
-        fp = store.compute_fingerprint(digests)
-        if fp != m.fingerprint:
-            rep.problems.append(f"fingerprint: the data gives {fp} but the manifest says {m.fingerprint}")
+    if v2 and m.complete and all_read:
+        rep.fingerprint = store.compute_fingerprint(digests)
+        if rep.fingerprint != m.fingerprint:
+            rep.problems.append(f"fingerprint: the data gives {rep.fingerprint} but the manifest says {m.fingerprint}")
     return rep
 
 
