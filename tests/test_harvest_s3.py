@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from actcache import HarvestConfig, harvest, info, verify
+from actcache.common.store import ActivationStore
 from harvest_fixtures import HOOKS, RANDOM, write_token_jsonl
 
 
@@ -38,9 +39,8 @@ def test_harvest_to_s3_then_resume_and_verify(s3, tmp_path):
     again = harvest(HarvestConfig(out=url, tokens=12 * 32, resume=True, **common), progress=False)
     assert again.tokens_this_run == 0  # complete already
 
-    from actcache.common.store import ActivationStore
-
     a, b = ActivationStore.open(url), ActivationStore.open(tmp_path / "local.zarr")
+    assert a.fingerprint == b.fingerprint is not None  # the fingerprint does not depend on where the store is
     for h in HOOKS[:2]:
         np.testing.assert_array_equal(a.activations(h)[:], b.activations(h)[:])
 
@@ -154,3 +154,41 @@ def test_endpoint_dying_mid_harvest_is_one_line_and_resume_is_byte_identical(tmp
         assert fp["attributes"]["actcache"]["fingerprint"] == ref_fp["attributes"]["actcache"]["fingerprint"]
     finally:
         server.stop()
+
+
+def test_two_harvests_racing_on_one_s3_store_second_fails_at_once(s3, tmp_path):
+    """A real harvest process writes to the S3 store; a second writer (--overwrite, another seed) stops at
+    once with one line naming the first; the first finishes a store that is wholly its own."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import boto3
+
+    from actcache.common.lease import LeaseHeld
+    from harvest_fixtures import ROOT, env, harvest_args
+
+    data = write_token_jsonl(tmp_path / "toks.jsonl", n_docs=200)
+    url = f"{s3}/race/acts.zarr"
+    args = harvest_args(url, data, "--seed", "1", hooks=HOOKS[:1], tokens=12 * 8 * 32, chunk=8)
+    first = subprocess.Popen([sys.executable, "-m", "actcache", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None:
+        try:
+            m = json.loads(client.get_object(Bucket="acts", Key="race/acts.zarr/zarr.json")["Body"].read())
+            if m["attributes"]["actcache"]["n_chunks_committed"] >= 1:
+                break
+        except Exception:  # noqa: BLE001  (not created yet)
+            pass
+        time.sleep(0.05)
+    assert first.poll() is None, "the first harvest ended before the second could race it"
+    cfg = HarvestConfig(out=url, hooks=HOOKS[:1], model=RANDOM, dataset=str(data), context_size=32,
+                        tokens=12 * 8 * 32, batch_size=4, chunk_sequences=8, seed=2, overwrite=True, device="cpu")
+    with pytest.raises(LeaseHeld, match=f"is being written by harvest pid {first.pid} ") as e:
+        harvest(cfg, progress=False)
+    assert "\n" not in str(e.value)
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    assert verify(url).ok and ActivationStore.open(url).manifest.seed == 1
