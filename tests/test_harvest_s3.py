@@ -46,6 +46,21 @@ def test_harvest_to_s3_then_resume_and_verify(s3, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- failures
+def wait_for_commits(client, bucket: str, key: str, n: int, proc, timeout: float = 120.0) -> None:
+    """Poll the store's manifest on the server until n chunks are committed (or the process ends)."""
+    import json
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            m = json.loads(client.get_object(Bucket=bucket, Key=f"{key}/zarr.json")["Body"].read())
+            if m["attributes"]["actcache"]["n_chunks_committed"] >= n:
+                return
+        except Exception:  # noqa: BLE001  (not created yet)
+            pass
+        time.sleep(0.02)
+
+
 def _never_load(*a, **k):
     raise AssertionError("the model was loaded before the output location was checked")
 
@@ -113,15 +128,7 @@ def test_endpoint_dying_mid_harvest_is_one_line_and_resume_is_byte_identical(tmp
     p = subprocess.Popen([sys.executable, "-m", "actcache", *args], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True, env=e, cwd=ROOT)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and p.poll() is None:
-            try:
-                m = json.loads(client.get_object(Bucket="dying", Key="acts.zarr/zarr.json")["Body"].read())
-                if m["attributes"]["actcache"]["n_chunks_committed"] >= 2:
-                    break
-            except Exception:  # noqa: BLE001  (not created yet)
-                pass
-            time.sleep(0.02)
+        wait_for_commits(client, "dying", "acts.zarr", 2, p)
         server.stop()  # the endpoint dies mid-harvest
         _, err = p.communicate(timeout=240)
     finally:
@@ -175,15 +182,7 @@ def test_two_harvests_racing_on_one_s3_store_second_fails_at_once(s3, tmp_path):
     first = subprocess.Popen([sys.executable, "-m", "actcache", *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
     client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
-    deadline = time.time() + 120
-    while time.time() < deadline and first.poll() is None:
-        try:
-            m = json.loads(client.get_object(Bucket="acts", Key="race/acts.zarr/zarr.json")["Body"].read())
-            if m["attributes"]["actcache"]["n_chunks_committed"] >= 1:
-                break
-        except Exception:  # noqa: BLE001  (not created yet)
-            pass
-        time.sleep(0.05)
+    wait_for_commits(client, "acts", "race/acts.zarr", 1, first)
     assert first.poll() is None, "the first harvest ended before the second could race it"
     cfg = HarvestConfig(out=url, hooks=HOOKS[:1], model=RANDOM, dataset=str(data), context_size=32,
                         tokens=12 * 8 * 32, batch_size=4, chunk_sequences=8, seed=2, overwrite=True, device="cpu")
