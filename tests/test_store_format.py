@@ -210,3 +210,26 @@ def test_held_out_size_options_and_info(tmp_path):
         cfg.held_out = bad
         with pytest.raises(Exception, match="held-out"):
             harvest(cfg, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "flipped byte"])
+def test_train_on_a_store_with_a_damaged_chunk_stops_with_one_line(tmp_path, damage):
+    """The real trainer reading a real damaged chunk: never trains on zeros or garbage."""
+    from actcache.train.sweep import train_sweep
+
+    url = tmp_path / "s.zarr"
+    make_store(url, d=8, n_features=16, n_sequences=128, context_size=16, chunk_sequences=16)  # 8 chunks
+    f = chunk_file(url, 3)
+    raw = f.read_bytes()
+    if damage == "deleted":
+        f.unlink()
+    elif damage == "truncated":
+        f.write_bytes(raw[: len(raw) // 3])
+    else:
+        f.write_bytes(raw[:30] + bytes([raw[30] ^ 0x01]) + raw[31:])
+    sweep = (f'hook = "{HOOK}"\nbatch_size = 128\ntokens = 1792\nlog_every_steps = 4\neval_tokens = 256\n'
+             '[defaults]\nd_sae = 16\nlr = 1e-3\n[[sae]]\nname = "t"\narchitecture = "topk"\nk = 4\n')
+    with pytest.raises(StoreError) as e:
+        train_sweep(str(url), sweep, str(tmp_path / "run"), progress=False)
+    assert "\n" not in str(e.value) and f"chunk 3 of activations/{HOOK}" in str(e.value)
+    assert "actcache verify" in str(e.value)
