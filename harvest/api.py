@@ -20,44 +20,16 @@ from ..common.progress import human_bytes, log, parse_count, token_bar
 from ..common.store import ATTR as STORE_ATTR
 from ..common.store import ActivationStore, chunk_sequences_for, held_out_after_truncation, held_out_for
 
-from .data import STDLIB, TokenWindows, prefetch, resolve_source
-from .models import DEFAULT_MODEL, DTYPES, HookedModel, load_model
+from .config import OVERFLOW_MODES, HarvestConfig
+from .data import TokenWindows, prefetch, resolve_source
+from .models import DTYPES, HookedModel, load_model, precheck_hooks
 from .writer import ChunkWriter
 
 FLOAT16_MAX = 65504.0
-OVERFLOW_MODES = ("error", "clamp")
-DEFAULT_HELD_OUT = "5%"  # of the store's chunks, at its end; at least one chunk, never all of them
 
 
 class DataRanOut(UserError):
     """The dataset held fewer tokens than asked for (the store is complete with what there was)."""
-
-
-@dataclass
-class HarvestConfig:
-    """Everything a harvest depends on; the CLI options map one to one onto these fields."""
-
-    out: str
-    hooks: list[str]
-    model: str = DEFAULT_MODEL
-    dataset: str = STDLIB
-    split: str = "train"
-    name: str | None = None  # the dataset's config name
-    text_column: str = "text"
-    streaming: bool = False
-    context_size: int = 128
-    tokens: int | str = 1_000_000
-    batch_size: int = 32
-    codec: str = codecs.DEFAULT_CODEC
-    seed: int = 0
-    device: str | None = None
-    dtype: str = "float32"
-    tokenizer: str | None = None
-    prepend_bos: bool = True
-    overflow: str = "error"
-    resume: bool = False
-    overwrite: bool = False
-    chunk_sequences: int | None = None  # sequences per chunk; None: about 16 MiB per chunk of the widest hook
 
 
 @dataclass
@@ -104,7 +76,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: HookedModel | None
     `model`: the result of load_model(cfg.model, ...) when the caller has it loaded already."""
     t_start = time.time()
     n_tokens = _validate(cfg)
-    held_out = _held_out_spec(getattr(cfg, "held_out", DEFAULT_HELD_OUT), n_tokens)
+    held_out = _held_out_spec(cfg.held_out, n_tokens)
     location.check_reachable(cfg.out)  # an unreachable endpoint, a missing bucket, refused keys: before any model
     with Lease.acquire(cfg.out, "harvest", takeover=cfg.resume or cfg.overwrite) as lease:
         return _harvest_leased(cfg, progress, model, t_start, n_tokens, held_out, lease)
@@ -117,6 +89,7 @@ def _harvest_leased(cfg: HarvestConfig, progress: bool, model: HookedModel | Non
     existing, replace = _existing_store(cfg)
 
     if model is None:
+        precheck_hooks(cfg.model, cfg.hooks)  # a misspelt hook is reported before the weights load
         log.debug(f"loading {cfg.model}")
         model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, tokenizer=cfg.tokenizer)
     elif (model.info.name, model.info.dtype) != (cfg.model, cfg.dtype):

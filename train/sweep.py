@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..common.device import pick_device  # noqa: F401  (also imported from here)
 from ..common.errors import UserError
 from ..common.progress import log
 from ..common.store import ActivationStore
@@ -17,15 +18,6 @@ from .config import SweepConfig, load_config, resolve
 from .export import evaluate, to_inference_sae, write_sae_folder, write_summary
 from .loader import ActivationLoader
 from .trainer import Trainer
-
-
-def pick_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return dev
 
 
 def train_sweep(store_url: str, config: str | Path | dict | SweepConfig, out: str | Path, resume: bool = False,
