@@ -34,9 +34,8 @@ def chunk_file(store: Path, j: int, array: str = f"activations/{HOOK}") -> Path:
     return store / array / "c" / str(j) / "0"
 
 
-@pytest.mark.parametrize("damage", ["deleted", "truncated", "flipped byte", "empty"])
-def test_reading_a_damaged_committed_chunk_is_one_store_error_line(store_path, damage):
-    f = chunk_file(store_path, 1)
+def damage_chunk(f: Path, damage: str) -> None:
+    """Delete a chunk file, cut it in half, flip one bit of it, or empty it."""
     raw = f.read_bytes()
     if damage == "deleted":
         f.unlink()
@@ -46,6 +45,11 @@ def test_reading_a_damaged_committed_chunk_is_one_store_error_line(store_path, d
         f.write_bytes(raw[:20] + bytes([raw[20] ^ 0x10]) + raw[21:])
     else:
         f.write_bytes(b"")
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "flipped byte", "empty"])
+def test_reading_a_damaged_committed_chunk_is_one_store_error_line(store_path, damage):
+    damage_chunk(chunk_file(store_path, 1), damage)
     store = ActivationStore.open(store_path)  # the last chunk is intact: open() does not read chunk 1
     np.testing.assert_array_equal(store.read_chunk(HOOK, 0).shape, (16 * 32, 16))
     with pytest.raises(StoreError) as e:
@@ -219,14 +223,7 @@ def test_train_on_a_store_with_a_damaged_chunk_stops_with_one_line(tmp_path, dam
 
     url = tmp_path / "s.zarr"
     make_store(url, d=8, n_features=16, n_sequences=128, context_size=16, chunk_sequences=16)  # 8 chunks
-    f = chunk_file(url, 3)
-    raw = f.read_bytes()
-    if damage == "deleted":
-        f.unlink()
-    elif damage == "truncated":
-        f.write_bytes(raw[: len(raw) // 3])
-    else:
-        f.write_bytes(raw[:30] + bytes([raw[30] ^ 0x01]) + raw[31:])
+    damage_chunk(chunk_file(url, 3), damage)
     sweep = (f'hook = "{HOOK}"\nbatch_size = 128\ntokens = 1792\nlog_every_steps = 4\neval_tokens = 256\n'
              '[defaults]\nd_sae = 16\nlr = 1e-3\n[[sae]]\nname = "t"\narchitecture = "topk"\nk = 4\n')
     with pytest.raises(StoreError) as e:
