@@ -153,7 +153,7 @@ def _check_ran_out(store: ActivationStore, cfg: HarvestConfig) -> None:
     asked = m.planned_n_sequences * m.context_size
     msg = (f"the dataset ran out: {cfg.out} holds {m.n_tokens:,} of the {asked:,} tokens asked for "
            f"({m.n_sequences:,} of {m.planned_n_sequences:,} sequences)")
-    if getattr(cfg, "allow_short", False):
+    if cfg.allow_short:
         log.warning(msg)
         return
     raise DataRanOut(f"{msg}; the store is complete and usable as it is: pass --allow-short to accept a "

@@ -296,7 +296,7 @@ def resolve(cfg: SweepConfig, store, allow_repeat: bool = False) -> SweepConfig:
         raise UserError(f"the config says d_in = {cfg.d_in} but hook {cfg.hook!r} in the store has d = {d_in}; "
                         "remove d_in or pick the matching hook")
     cfg.d_in = d_in
-    available = _committed_tokens(store)
+    available = store.n_committed_tokens
     if available == 0:
         raise UserError(f"the store {store.url} holds no committed chunk yet; finish the harvest first")
     if cfg.tokens > available and not (cfg.repeat_epochs or allow_repeat):
@@ -325,7 +325,7 @@ def _usable_tokens(store, wanted: int) -> int:
 
     tok = store.manifest.tokenizer
     special = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None]
-    total = _committed_tokens(store)
+    total = store.n_committed_tokens
     if not special:
         return total
     first = store.read_tokens(0)
@@ -335,10 +335,6 @@ def _usable_tokens(store, wanted: int) -> int:
     return sum(int((~np.isin(store.read_tokens(j), special)).sum()) for j in range(store.n_committed))
 
 
-def _committed_tokens(store) -> int:
-    m = store.manifest
-    n_seq = min(store.n_committed * m.chunk_sequences, m.n_sequences)
-    return n_seq * m.context_size
 
 
 # ------------------------------------------------------------------------- the README's tables

@@ -21,7 +21,7 @@ from ..common.store import ActivationStore
 
 from .architectures import TrainingSAE
 from .config import SUMMARY_FILES, SweepConfig
-from .loader import ActivationLoader
+from .loader import ActivationLoader, held_out_ranges
 from .sae import SAE, SAELENS_FORMAT_VERSION, SPARSITY_FILENAME, Metadata, SAEConfig, write_safetensors
 
 # model specs this package loads that other tools know by another name: spec -> (hub name, GGUF file)
@@ -68,7 +68,6 @@ def to_inference_sae(sae: TrainingSAE, scale: float, store: ActivationStore, cfg
     """The exported form of a trained SAE: SAELens architecture, weights with the scale folded in."""
     arch, extra, weights = sae.export_state(scale)
     m = store.manifest
-    held_out = getattr(m, "held_out", None)
     metadata = Metadata(
         sae_lens_version=SAELENS_FORMAT_VERSION,
         sae_lens_training_version=SAELENS_FORMAT_VERSION,
@@ -84,8 +83,9 @@ def to_inference_sae(sae: TrainingSAE, scale: float, store: ActivationStore, cfg
         trained_architecture=sae.architecture,
         training_tokens=cfg.n_steps * cfg.batch_size,
         normalization_scale_folded=scale,
-        store_fingerprint=getattr(m, "fingerprint", None),
-        held_out=dict(held_out) if isinstance(held_out, dict) else held_out,
+        store_fingerprint=m.fingerprint,
+        # every sequence range this SAE never trained on: the store's held-out part and the config's own
+        held_out=[{"start_sequence": a, "stop_sequence": b} for a, b in held_out_ranges(store, cfg.held_out)],
     )
     scfg = SAEConfig(architecture=arch, d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, metadata=metadata, **extra)
     return SAE(scfg, {k: v.detach().float().cpu() for k, v in weights.items()})

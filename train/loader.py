@@ -62,10 +62,9 @@ def held_out_ranges(store: ActivationStore, held_out: "list[int] | tuple[int, in
     """The sequence ranges [start, stop) that training must not read: the store's own held-out part
     (format 2 stores) and a range the user names (`held_out = [start, stop]` in the sweep config)."""
     ranges = []
-    own = getattr(store, "held_out_range", None)  # stores of format 1 have none
-    if callable(own) and own() is not None:
-        a, b = own()
-        ranges.append((int(a), int(b)))
+    own = store.held_out_range()  # None for stores of format 1
+    if own is not None:
+        ranges.append((int(own[0]), int(own[1])))
     if held_out is not None:
         n = store.manifest.n_sequences
         ok = (isinstance(held_out, (list, tuple)) and len(held_out) == 2

@@ -60,7 +60,7 @@ def train_sweep(store_url: str, config: str | Path | dict | SweepConfig, out: st
             raise UserError(f"the config asks for {cfg.tokens:,} training tokens but the store holds {loader.n_rows:,} "
                             "outside its held-out part; lower tokens, or allow repeated epochs with "
                             "repeat_epochs = true or --allow-repeat")
-        fingerprint = getattr(store.manifest, "fingerprint", None)
+        fingerprint = store.fingerprint
         run = {"store": str(store_url), "config": cfg.to_dict(), "allow_repeat": allow_repeat,
                "store_chunks": store.n_committed, "model": store.manifest.model.name,
                "store_fingerprint": fingerprint, "held_out": held_out}
