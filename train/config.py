@@ -27,6 +27,7 @@ from ..common.errors import UserError
 from ..common.progress import log
 from .architectures import ARCHITECTURES, COMMON_KEYS, Key, SAEConfig, all_sae_keys, get_architecture
 from .checkpoint import CHECKPOINT, RUN_FILE
+from .loader import training_chunks
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -296,19 +297,25 @@ def resolve(cfg: SweepConfig, store, allow_repeat: bool = False) -> SweepConfig:
         raise UserError(f"the config says d_in = {cfg.d_in} but hook {cfg.hook!r} in the store has d = {d_in}; "
                         "remove d_in or pick the matching hook")
     cfg.d_in = d_in
-    available = store.n_committed_tokens
-    if available == 0:
+    if store.n_committed == 0:
         raise UserError(f"the store {store.url} holds no committed chunk yet; finish the harvest first")
-    if cfg.tokens > available and not (cfg.repeat_epochs or allow_repeat):
-        raise UserError(f"the config asks for {cfg.tokens:,} training tokens but the store holds {available:,}; "
+    chunks = training_chunks(store, cfg.held_out)
+    if not chunks:
+        raise UserError(f"the store {store.url} has no committed chunk outside the held-out part; harvest more, "
+                        "or hold out less")
+    available = sum(b - a for a, b in map(store.chunk_sequence_range, chunks)) * m.context_size
+    repeat = cfg.repeat_epochs or allow_repeat
+    if cfg.tokens > available and not repeat:
+        held = " outside its held-out part" if available < store.n_committed_tokens else ""
+        raise UserError(f"the config asks for {cfg.tokens:,} training tokens but the store holds {available:,}{held}; "
                         "lower tokens, or allow repeated epochs with repeat_epochs = true or --allow-repeat")
-    if cfg.skip_special_tokens and not (cfg.repeat_epochs or allow_repeat):
-        usable = _usable_tokens(store, cfg.tokens)
+    if cfg.skip_special_tokens and not repeat:
+        usable = _usable_tokens(store, chunks, cfg.tokens, available)
         if cfg.tokens > usable:
             # asking for the whole store is common: the few skipped positions are made up by starting
             # a second (reshuffled) epoch, and the run says so
             cfg.repeat_epochs = True
-            cfg.warnings.append(f"the store holds {usable:,} tokens besides its BOS/EOS/pad tokens "
+            cfg.warnings.append(f"the store holds {usable:,} training tokens besides its BOS/EOS/pad tokens "
                                 f"(skip_special_tokens = true), fewer than the {cfg.tokens:,} asked for; the last "
                                 f"{cfg.tokens - usable:,} come from a second, reshuffled pass")
     for s in cfg.saes:
@@ -318,21 +325,19 @@ def resolve(cfg: SweepConfig, store, allow_repeat: bool = False) -> SweepConfig:
     return cfg
 
 
-def _usable_tokens(store, wanted: int) -> int:
-    """Committed tokens that are not BOS/EOS/pad: exact where `wanted` comes near the total (the
-    token ids are read then), otherwise an estimate from the first chunk that is enough to say yes."""
+def _usable_tokens(store, chunks: list[int], wanted: int, total: int) -> int:
+    """Training tokens (in `chunks`) that are not BOS/EOS/pad: exact where `wanted` comes near the total
+    (the token ids of those chunks are read then), otherwise an estimate from the first that is enough to say yes."""
     import numpy as np
 
     tok = store.manifest.tokenizer
     special = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None]
-    total = store.n_committed_tokens
     if not special:
         return total
-    first = store.read_tokens(0)
-    share = float(np.isin(first, special).mean())
+    share = float(np.isin(store.read_tokens(chunks[0]), special).mean())
     if wanted <= 0.9 * total * (1 - share):
         return total
-    return sum(int((~np.isin(store.read_tokens(j), special)).sum()) for j in range(store.n_committed))
+    return sum(int((~np.isin(store.read_tokens(j), special)).sum()) for j in chunks)
 
 
 
