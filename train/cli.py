@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from ..common.distributed import env_rank
+
 from .export import summary_table
 from .sweep import train_sweep
 
@@ -27,5 +29,6 @@ def train_command(store: str, config: str, out: str, resume: bool, overwrite: bo
     """Train the SAEs of a sweep in lockstep on one store and export them in the SAELens format."""
     summary = train_sweep(store, config, out, resume=resume, device=device, allow_repeat=allow_repeat,
                           progress=not no_progress, overwrite=overwrite)
-    click.echo(summary_table(summary))
-    click.echo(f"\n{len(summary['saes'])} SAEs in {out}; summary.json, summary.md and frontier.png beside them")
+    if env_rank() == 0:  # under torchrun, rank 0 speaks for the job
+        click.echo(summary_table(summary))
+        click.echo(f"\n{len(summary['saes'])} SAEs in {out}; summary.json, summary.md and frontier.png beside them")

@@ -87,10 +87,12 @@ class Trainer:
     """Runs the steps of a sweep, writes metrics and checkpoints under `out`."""
 
     def __init__(self, cfg: SweepConfig, loader: ActivationLoader, out: Path, device: torch.device,
-                 progress: bool = True):
+                 progress: bool = True, checkpoint_dir: Path | None = None):
         self.cfg = cfg
         self.loader = loader
         self.out = Path(out)
+        # where checkpoint.safetensors lives: `out`, or a rank's own folder in a distributed sweep
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else self.out
         self.device = device
         self.progress = progress
         self.members = build_members(cfg, device)
@@ -98,6 +100,7 @@ class Trainer:
         self.last_checkpoint_step: int | None = None
         self.train_seconds = 0.0
         self.lease = None  # the run folder's lease, checked before every checkpoint replaces the last one
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         for m in self.members:
             (self.out / m.cfg.name).mkdir(parents=True, exist_ok=True)
             m.metrics_path = self.out / m.cfg.name / "metrics.jsonl"
@@ -111,7 +114,7 @@ class Trainer:
     def resume(self) -> bool:
         """Continue from out/checkpoint.safetensors if there is one; metrics lines past it are dropped
         (all of them when a run stopped before its first checkpoint: it starts again from step 0)."""
-        st = load_checkpoint(self.out)
+        st = load_checkpoint(self.checkpoint_dir)
         if st is None:
             for m in self.members:
                 _truncate_metrics(m.metrics_path, 0)
@@ -141,7 +144,7 @@ class Trainer:
 
     def checkpoint(self) -> None:
         self.check_finite()
-        save_checkpoint(self.out, self.state_dict(), self.lease.check if self.lease is not None else None)
+        save_checkpoint(self.checkpoint_dir, self.state_dict(), self.lease.check if self.lease is not None else None)
         self.last_checkpoint_step = self.step
 
     def check_finite(self) -> None:
