@@ -73,9 +73,17 @@ class HarvestResult:
 
 
 # ---------------------------------------------------------------------------------------------- harvest
-def harvest(cfg: HarvestConfig, progress: bool = True, model: HookedModel | None = None) -> HarvestResult:
+def harvest(cfg: HarvestConfig, progress: bool = True, model: HookedModel | None = None,
+            storage_options: dict | list[str] | None = None) -> HarvestResult:
     """Harvest activations into cfg.out (see HarvestConfig). Resumable: rerun with resume=True.
-    `model`: the result of load_model(cfg.model, ...) when the caller has it loaded already."""
+    `model`: the result of load_model(cfg.model, ...) when the caller has it loaded already.
+    `storage_options`: fsspec options for an s3:// store (endpoint_url, key, secret, profile ...),
+    beside the standard AWS chain; they are never written anywhere."""
+    with location.storage_options(storage_options):
+        return _harvest(cfg, progress, model)
+
+
+def _harvest(cfg: HarvestConfig, progress: bool, model: HookedModel | None) -> HarvestResult:
     t_start = time.time()
     if under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:  # torchrun: this rank's share of one harvest
         from .distributed import harvest_ranks

@@ -49,7 +49,13 @@ def click_option(f: dataclasses.Field) -> Callable:
     return click.option(name, f.name, **kw)
 
 
+STORAGE_OPTION_HELP = ("key=value passed to the store's filesystem (repeatable), e.g. endpoint_url=http://host:9000, "
+                       "profile=NAME, key=..., secret=...; beside the standard AWS chain; never written anywhere.")
+
+
 def _command(fn: Callable) -> click.Command:
+    fn = click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+                      help=STORAGE_OPTION_HELP)(fn)
     for f in reversed(fields_with_options()):
         fn = click_option(f)(fn)
     return click.command("harvest")(fn)
@@ -59,6 +65,7 @@ def _command(fn: Callable) -> click.Command:
 def harvest_command(**options: Any) -> None:
     """Run a model once over a dataset; write the activations of its hooks to a compressed Zarr store."""
     options["hooks"] = list(options["hooks"])
-    result = harvest(HarvestConfig(**options))
+    storage = list(options.pop("storage_options"))
+    result = harvest(HarvestConfig(**options), storage_options=storage)
     if env_rank() == 0:  # under torchrun, rank 0 speaks for the job
         click.echo(result.summary())

@@ -24,11 +24,14 @@ __all__ = ["train_command", "train_sweep"]
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu).")
 @click.option("--allow-repeat", is_flag=True, help="Allow more training tokens than the store holds (repeat epochs).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="key=value passed to the store's filesystem (repeatable), e.g. endpoint_url=http://host:9000, "
+                   "profile=NAME, key=..., secret=...; beside the standard AWS chain; never written anywhere.")
 def train_command(store: str, config: str, out: str, resume: bool, overwrite: bool, device: str | None,
-                  allow_repeat: bool, no_progress: bool) -> None:
+                  allow_repeat: bool, no_progress: bool, storage_options: tuple[str, ...]) -> None:
     """Train the SAEs of a sweep in lockstep on one store and export them in the SAELens format."""
     summary = train_sweep(store, config, out, resume=resume, device=device, allow_repeat=allow_repeat,
-                          progress=not no_progress, overwrite=overwrite)
+                          progress=not no_progress, overwrite=overwrite, storage_options=list(storage_options))
     if env_rank() == 0:  # under torchrun, rank 0 speaks for the job
         click.echo(summary_table(summary))
         click.echo(f"\n{len(summary['saes'])} SAEs in {out}; summary.json, summary.md and frontier.png beside them")

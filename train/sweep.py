@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..common.device import pick_device  # noqa: F401  (also imported from here)
+from ..common import location
 from ..common.distributed import Ranks, ranks_from_env
 from ..common.errors import StoreError, UserError, first_line
 from ..common.lease import Lease
@@ -31,23 +32,24 @@ def open_store(url: str) -> ActivationStore:
         raise
     except Exception as e:  # noqa: BLE001  (S3: no such bucket, refused credentials, endpoint down ...)
         raise StoreError(f"cannot read the store {url} ({type(e).__name__}: {first_line(e)}); check the location, "
-                         "the credentials and AWS_ENDPOINT_URL") from None
+                         "the credentials and the endpoint (AWS_ENDPOINT_URL or --storage-option endpoint_url=...)") from None
 
 
 def train_sweep(store_url: str, config: str | Path | dict | SweepConfig, out: str | Path, resume: bool = False,
                 device: str | None = None, allow_repeat: bool = False, progress: bool = True,
-                overwrite: bool = False) -> dict[str, Any]:
+                overwrite: bool = False, storage_options: dict | list[str] | None = None) -> dict[str, Any]:
     """Train every SAE of the config in lockstep on the store's hook, export them under `out`, and
     return the summary (also written to out/summary.json).
 
     One process at a time writes a run folder (a lease on it; a second one stops at once naming the
     first). `resume` continues the run in `out` from its last checkpoint; `overwrite` deletes the run
     in `out` and starts again. Training never reads held-out sequences: the store's own held-out part
-    and the config's `held_out = [start, stop]` range.
+    and the config's `held_out = [start, stop]` range. `storage_options`: fsspec options for an s3://
+    store (endpoint_url, key, secret, profile ...), beside the standard AWS chain; never written anywhere.
 
     Under torchrun the SAEs are shared out over the ranks (train/distributed.py): each rank trains
     and exports its share, rank 0 holds the lease and writes run.json and the one summary."""
-    with ranks_from_env() as ranks:
+    with location.storage_options(storage_options), ranks_from_env() as ranks:
         return _train_sweep(ranks, store_url, config, out, resume, device, allow_repeat, progress, overwrite)
 
 
