@@ -14,23 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from harvest_fixtures import HOOKS, ROOT, env, harvest_args, write_token_jsonl
+from distributed_fixtures import moto_s3, one_thread_env, our_errors, run, torchrun, worker_pid
+from harvest_fixtures import HOOKS, ROOT, harvest_args, write_token_jsonl
 
 pytest.importorskip("torch.distributed")
-
-
-def one_thread_env() -> dict[str, str]:
-    """Float rounding may depend on the number of threads: one per process on both sides."""
-    return env() | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def torchrun(n: int, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
-            "--no-python", sys.executable, "-m", "actcache", *args]
-
-
-def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, env=one_thread_env(), cwd=ROOT, timeout=timeout)
 
 
 def all_files(store: Path) -> dict[str, bytes]:
@@ -42,10 +29,6 @@ def assert_same_store(got: Path, want: Path) -> None:
     a, b = all_files(got), all_files(want)
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
-
-
-def our_errors(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("actcache: error:")]
 
 
 @pytest.fixture(scope="module")
@@ -114,26 +97,6 @@ def wait_for_rank_and_commits(p: subprocess.Popen, store: Path, rank: int, n: in
     raise AssertionError(f"no commit {n} within {timeout} s (torchrun exit {p.poll()})")
 
 
-def worker_pid(parent: int, rank: int) -> int | None:
-    """A descendant process of `parent` whose environment says RANK=rank."""
-    todo = [parent]
-    while todo:
-        pid = todo.pop()
-        try:
-            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        except OSError:
-            continue
-        for k in map(int, kids):
-            try:
-                environ = Path(f"/proc/{k}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if f"RANK={rank}".encode() in environ:
-                return k
-            todo.append(k)
-    return None
-
-
 def test_ranks_with_different_arguments_stop_with_one_line(data, tmp_path):
     """Two processes joined as ranks 0 and 1 (as torchrun would start them) but given different seeds."""
     import socket
@@ -166,3 +129,44 @@ def test_store_written_by_another_job_is_refused(data, tmp_path):
     lines = our_errors(done.stderr)
     assert len(lines) == 1 and f"is being written by harvest pid {os.getpid()}" in lines[0], done.stderr[-2000:]
     assert not out.exists()
+
+
+def test_torchrun_harvest_to_s3_survives_the_server_dying_and_is_byte_identical(reference, data, tmp_path):
+    """Two ranks write to a moto server that stops mid-harvest: one line saying to resume; with the
+    server back, --resume completes a store whose objects are the local single-process store's files,
+    byte for byte (the root manifest included)."""
+    ref, common = reference
+    want = all_files(ref)
+    aws = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_MAX_ATTEMPTS": "2"}
+    with moto_s3("acts") as s3:
+        def launch(prefix: str, *extra: str) -> list[str]:
+            return torchrun(2, harvest_args(f"s3://acts/{prefix}", data, *common, "--storage-option",
+                                            f"endpoint_url={s3.endpoint}", *extra, hooks=HOOKS[:2], chunk=8))
+
+        p = subprocess.Popen(launch("acts.zarr"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env=one_thread_env() | aws, cwd=ROOT)
+        try:
+            deadline = time.time() + 180
+            while time.time() < deadline and p.poll() is None:
+                try:
+                    m = json.loads(s3.client.get_object(Bucket="acts", Key="acts.zarr/zarr.json")["Body"].read())
+                    if m["attributes"]["actcache"]["n_chunks_committed"] >= 2:
+                        break
+                except Exception:  # noqa: BLE001  (not there yet)
+                    pass
+                time.sleep(0.02)
+            s3.stop()  # the endpoint dies mid-harvest
+            _, err = p.communicate(timeout=240)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        lines = our_errors(err)
+        assert p.returncode != 0 and len(lines) == 1 and "--resume" in lines[0], err[-3000:]
+
+        s3.start_again()
+        again = run(launch("acts.zarr", "--resume"), extra_env=aws)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "resumed at chunk" in again.stdout
+        got = s3.objects("acts", "acts.zarr")
+        assert got.keys() == want.keys() and [k for k in want if got[k] != want[k]] == []

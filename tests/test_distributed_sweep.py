@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.synthetic import make_store
-from test_distributed_harvest import our_errors, torchrun, worker_pid
-from harvest_fixtures import ROOT, env
+from distributed_fixtures import one_thread_env, our_errors, run, torchrun, worker_pid
+from harvest_fixtures import ROOT
 
 pytest.importorskip("torch.distributed")
 
@@ -56,16 +56,8 @@ k = [4, 8]
 NAMES = ["relu", "wide-gated", "jump", "topk-k4", "topk-k8", "batchtopk-k4", "batchtopk-k8"]
 
 
-def one_thread_env() -> dict[str, str]:
-    return env() | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
 def train_args(store: Path, config: Path, out: Path, *extra: str) -> list[str]:
     return ["train", str(store), "--config", str(config), "--out", str(out), "--no-progress", *extra]
-
-
-def run(cmd: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, env=one_thread_env(), cwd=ROOT, timeout=300)
 
 
 @pytest.fixture(scope="module")

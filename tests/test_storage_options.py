@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from distributed_fixtures import moto_s3
 from harvest_fixtures import HOOKS, ROOT, env, harvest_args, write_token_jsonl
 
 SECRET_OPTION = "optsecret-7f3a9c-never-written"
@@ -32,17 +33,8 @@ def test_parse_storage_options():
 
 
 def test_secrets_passed_both_ways_reach_s3_and_are_never_written(tmp_path):
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="x",
-                              region_name="us-east-1")
-        client.create_bucket(Bucket="acts")
+    with moto_s3("acts") as s3:
+        endpoint, client = s3.endpoint, s3.client
         data = write_token_jsonl(tmp_path / "toks.jsonl", n_docs=40)
         url = "s3://acts/run/acts.zarr"
 
@@ -71,12 +63,8 @@ def test_secrets_passed_both_ways_reach_s3_and_are_never_written(tmp_path):
 
         written: dict[str, bytes] = {"harvest output": (h.stdout + h.stderr).encode(),
                                      "train output": (t.stdout + t.stderr).encode()}
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket="acts"):
-            for o in page.get("Contents", []):
-                written[f"s3://acts/{o['Key']}"] = client.get_object(Bucket="acts", Key=o["Key"])["Body"].read()
+        written.update({f"s3://acts/run/{k}": v for k, v in s3.objects("acts", "run").items()})
         written.update({str(f): f.read_bytes() for f in Path(tmp_path).rglob("*") if f.is_file()})
         assert any(k.endswith("acts.zarr/zarr.json") for k in written) and any(k.endswith("run.json") for k in written)
         for secret in (SECRET_OPTION, SECRET_ENV, KEY_ID):
             assert [k for k, v in written.items() if secret.encode() in v] == [], secret
-    finally:
-        server.stop()
