@@ -17,6 +17,7 @@ import hashlib
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Iterator, TypeVar
 
 from .errors import UserError, first_line
@@ -73,8 +74,8 @@ class Ranks:
             backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() > local else "gloo"
             if backend == "nccl":
                 torch.cuda.set_device(local)
-            try:
-                dist.init_process_group(backend)
+            try:  # a long timeout: in a sweep, a rank whose share is done waits for the others at the end
+                dist.init_process_group(backend, timeout=timedelta(days=7))
             except Exception as e:  # noqa: BLE001  (a rendezvous that fails: one line)
                 raise UserError(f"rank {rank} could not join the other {world - 1} ranks ({first_line(e)}); "
                                 "check the torchrun arguments (--nnodes, --rdzv-endpoint)") from None
