@@ -112,6 +112,8 @@ def _train_sweep(ranks: Ranks, store_url: str, config: str | Path | dict | Sweep
         continuing = bool(ranks.broadcast([int(continuing)])[0])
 
         def work() -> tuple[list[dict[str, Any]], float, float]:
+            if not cfg.saes:  # more ranks than SAEs: this one has nothing to train
+                return [], 0.0, 0.0
             ckpt = checkpoint_dir(out, ranks.rank, ranks.world) if ranks.distributed else None
             trainer = Trainer(cfg, loader, out, dev, progress=progress and ranks.is_root, checkpoint_dir=ckpt)
             trainer.lease = lease
@@ -119,8 +121,7 @@ def _train_sweep(ranks: Ranks, store_url: str, config: str | Path | dict | Sweep
                 trainer.resume()
             if ranks.is_root:
                 log.info(f"training {len(full.saes)} SAEs on {cfg.hook} for {cfg.n_steps} steps of {cfg.batch_size} "
-                         f"tokens on {dev}" + (f", {len(cfg.saes)} of them on each of {ranks.world} ranks at most"
-                                               if ranks.distributed else ""))
+                         f"tokens on {dev}" + (f", shared over {ranks.world} ranks" if ranks.distributed else ""))
             t = time.perf_counter()
             try:
                 trainer.train()
