@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import click
 
+from ..common.commands import storage_option
 from ..common.distributed import env_rank
 from ..common.progress import parse_count
 
@@ -49,13 +50,8 @@ def click_option(f: dataclasses.Field) -> Callable:
     return click.option(name, f.name, **kw)
 
 
-STORAGE_OPTION_HELP = ("key=value passed to the store's filesystem (repeatable), e.g. endpoint_url=http://host:9000, "
-                       "profile=NAME, key=..., secret=...; beside the standard AWS chain; never written anywhere.")
-
-
 def _command(fn: Callable) -> click.Command:
-    fn = click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
-                      help=STORAGE_OPTION_HELP)(fn)
+    fn = storage_option(fn)
     for f in reversed(fields_with_options()):
         fn = click_option(f)(fn)
     return click.command("harvest")(fn)

@@ -1,5 +1,5 @@
-"""S3 credentials and endpoint from --storage-option key=value (and the standard AWS chain) on harvest
-and train: they reach the store, and no file either command writes holds them."""
+"""S3 credentials and endpoint from --storage-option key=value (and the standard AWS chain) on harvest,
+train, info and verify: they reach the store, and no file these commands write holds them."""
 
 from __future__ import annotations
 
@@ -60,6 +60,14 @@ def test_secrets_passed_both_ways_reach_s3_and_are_never_written(tmp_path):
                                                "AWS_DEFAULT_REGION": "us-east-1"})
         assert t.returncode == 0, t.stderr[-3000:]
         assert (out / "topk" / "cfg.json").is_file() and (out / "summary.json").is_file()
+
+        # info and verify read the store with the same options
+        for cmd in (["info", url, "--json"], ["verify", url]):
+            r = subprocess.run([sys.executable, "-m", "actcache", *cmd, "--storage-option", f"endpoint_url={endpoint}",
+                                "--storage-option", f"secret={SECRET_OPTION}", "--storage-option", f"key={KEY_ID}"],
+                               capture_output=True, text=True, cwd=ROOT, timeout=120,
+                               env=no_aws_env() | {"AWS_DEFAULT_REGION": "us-east-1"})
+            assert r.returncode == 0 and SECRET_OPTION not in r.stdout + r.stderr, r.stderr[-2000:]
 
         written: dict[str, bytes] = {"harvest output": (h.stdout + h.stderr).encode(),
                                      "train output": (t.stdout + t.stderr).encode()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..common.commands import storage_option
 from ..common.distributed import env_rank
 
 from .export import summary_table
@@ -24,9 +25,7 @@ __all__ = ["train_command", "train_sweep"]
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu).")
 @click.option("--allow-repeat", is_flag=True, help="Allow more training tokens than the store holds (repeat epochs).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
-              help="key=value passed to the store's filesystem (repeatable), e.g. endpoint_url=http://host:9000, "
-                   "profile=NAME, key=..., secret=...; beside the standard AWS chain; never written anywhere.")
+@storage_option
 def train_command(store: str, config: str, out: str, resume: bool, overwrite: bool, device: str | None,
                   allow_repeat: bool, no_progress: bool, storage_options: tuple[str, ...]) -> None:
     """Train the SAEs of a sweep in lockstep on one store and export them in the SAELens format."""
