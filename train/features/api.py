@@ -244,62 +244,73 @@ def fetch_windows(store: ActivationStore, index: np.ndarray, before: int, after:
 
 
 # ------------------------------------------------------------------------------------ output
-def _example(idx: int, val: float, window: np.ndarray, before: int, T: int) -> dict[str, Any]:
-    lo = int(np.argmax(window >= 0))  # first token inside the sequence
-    hi = int(len(window) - np.argmax(window[::-1] >= 0))
-    return {"seq": int(idx // T), "pos": int(idx % T), "act": round(float(val), 6),
-            "tokens": [int(x) for x in window[lo:hi]], "at": before - lo}
+class _Examples:
+    """Example records for store rows, built in bulk: windows are read once, trimmed to the sequence."""
+
+    def __init__(self, store: ActivationStore, index: np.ndarray, values: np.ndarray, before: int, after: int):
+        self.T = store.manifest.context_size
+        self.before = before
+        w = np.full((index.size, before + 1 + after), -1, dtype=np.int64)
+        used = index >= 0
+        if used.any():
+            w[used] = fetch_windows(store, index[used], before, after)
+        inside = w >= 0
+        self.lo = np.argmax(inside, axis=1).tolist()
+        self.hi = (w.shape[1] - np.argmax(inside[:, ::-1], axis=1)).tolist()
+        self.windows = w.tolist()
+        self.index = index.tolist()
+        self.values = np.round(values.astype(np.float64), 6).tolist()
+
+    def __call__(self, i: int) -> dict[str, Any]:
+        idx, lo = self.index[i], self.lo[i]
+        return {"seq": idx // self.T, "pos": idx % self.T, "act": self.values[i],
+                "tokens": self.windows[i][lo:self.hi[i]], "at": self.before - lo}
 
 
 def latent_records(stats: LatentStats, store: ActivationStore, opts: FeatureOptions,
                    logits: tuple[torch.Tensor, ...] | None = None) -> list[dict[str, Any]]:
     """One JSON-ready record per latent (see the README for the fields)."""
-    T = store.manifest.context_size
     d, k = stats.d_sae, stats.top_val.shape[1]
     G, s, nb = stats.n_groups, stats.sample_key.shape[2], stats.n_bins
-    all_idx = np.concatenate([stats.top_idx.numpy().reshape(-1), stats.sample_idx.numpy().reshape(-1)])
-    used = all_idx >= 0
-    windows = np.full((all_idx.size, opts.window_before + 1 + opts.window_after), -1, dtype=np.int64)
-    if used.any():
-        windows[used] = fetch_windows(store, all_idx[used], opts.window_before, opts.window_after)
-    top_w = windows[: d * k].reshape(d, k, -1)
-    smp_w = windows[d * k:].reshape(d, G, s, -1)
-    top_val, top_idx = stats.top_val.numpy(), stats.top_idx.numpy()
-    s_val, s_idx, s_key = stats.sample_val.numpy(), stats.sample_idx.numpy(), stats.sample_key.numpy()
-    count, act_sum, hist, exps = stats.count.numpy(), stats.act_sum.numpy(), stats.hist.numpy(), stats.hist_exp.numpy()
+    ex = _Examples(store, np.concatenate([stats.top_idx.numpy().reshape(-1), stats.sample_idx.numpy().reshape(-1)]),
+                   np.concatenate([stats.top_val.numpy().reshape(-1), stats.sample_val.numpy().reshape(-1)]),
+                   opts.window_before, opts.window_after)
+    top_ok = (stats.top_idx >= 0).tolist()
+    smp_ok = (stats.sample_idx >= 0).tolist()
+    group_n = stats.hist.view(d, G, nb // G).sum(-1).tolist()
+    count, act_sum, exps = stats.count.tolist(), stats.act_sum.tolist(), stats.hist_exp.tolist()
+    hist, top_max = stats.hist.tolist(), stats.top_val[:, 0].tolist()
+    if logits is not None:
+        pv, pi, nv, ni = (x.tolist() for x in logits)
     n_tok = max(stats.n_tokens, 1)
     records = []
     for i in range(d):
-        n = int(count[i])
+        n = count[i]
         rec: dict[str, Any] = {
             "id": i, "n_fired": n, "density": n / n_tok,
-            "mean_act": float(act_sum[i] / n) if n else 0.0, "mean_act_all": float(act_sum[i] / n_tok),
-            "max_act": float(top_val[i, 0]) if n else 0.0, "histogram": None, "top": [], "quantiles": [],
+            "mean_act": act_sum[i] / n if n else 0.0, "mean_act_all": act_sum[i] / n_tok,
+            "max_act": top_max[i] if n else 0.0, "histogram": None, "top": [], "quantiles": [],
             "top_tokens": [], "logits": None,
         }
         if n:
-            M = math.ldexp(1.0, int(exps[i]))
-            rec["histogram"] = {"max": M, "counts": [int(c) for c in hist[i]]}
-            rec["top"] = [_example(top_idx[i, r], top_val[i, r], top_w[i, r], opts.window_before, T)
-                          for r in range(k) if top_idx[i, r] >= 0]
-            per = nb // G
+            M = math.ldexp(1.0, exps[i])
+            rec["histogram"] = {"max": M, "counts": hist[i]}
+            rec["top"] = [ex(i * k + r) for r in range(k) if top_ok[i][r]]
             for g in reversed(range(G)):
-                ex = [(s_val[i, g, r], s_idx[i, g, r], r) for r in range(s) if s_idx[i, g, r] >= 0]
-                if not ex:
-                    continue
-                ex.sort(key=lambda e: (-e[0], e[1]))
-                rec["quantiles"].append({
-                    "lo": M * g / G, "hi": M * (g + 1) / G, "n": int(hist[i, g * per:(g + 1) * per].sum()),
-                    "examples": [_example(ix, v, smp_w[i, g, r], opts.window_before, T) for v, ix, r in ex]})
+                base = d * k + (i * G + g) * s
+                sample = sorted((ex(base + r) for r in range(s) if smp_ok[i][g][r]),
+                                key=lambda e: (-e["act"], e["seq"], e["pos"]))
+                if sample:
+                    rec["quantiles"].append({"lo": M * g / G, "hi": M * (g + 1) / G, "n": group_n[i][g],
+                                             "examples": sample})
             toks: dict[int, int] = {}
             for e in rec["top"]:
                 t = e["tokens"][e["at"]]
                 toks[t] = toks.get(t, 0) + 1
             rec["top_tokens"] = [[t, c] for t, c in sorted(toks.items(), key=lambda tc: -tc[1])[:5]]
         if logits is not None:
-            pv, pi, nv, ni = logits
-            rec["logits"] = {"positive": [[int(t), round(float(v), 5)] for t, v in zip(pi[i], pv[i])],
-                             "negative": [[int(t), round(float(v), 5)] for t, v in zip(ni[i], nv[i])]}
+            rec["logits"] = {"positive": [[t, round(v, 5)] for t, v in zip(pi[i], pv[i])],
+                             "negative": [[t, round(v, 5)] for t, v in zip(ni[i], nv[i])]}
         records.append(rec)
     return records
 

@@ -34,6 +34,7 @@ tr.pick { cursor: pointer; } tr.pick:hover { background: #e3f2fd; }
        padding: 1px 0; border-bottom: 1px solid #f0f0f0; }
 .ctx .val { display: inline-block; width: 64px; color: #555; text-align: right; margin-right: 10px; }
 .tok { border-radius: 2px; }
+.novocab .tok { margin-right: 0.6ch; }
 .tok.act { outline: 1px solid #e65100; }
 .muted { color: #777; }
 .cols { display: flex; gap: 30px; flex-wrap: wrap; }
@@ -84,7 +85,7 @@ var Browser = (function () {
     var s = v && v[String(id)] !== undefined ? v[String(id)] : "#" + id;
     return s.replace(/\n/g, "\u23ce").replace(/\t/g, "\u21e5");
   }
-  function bars(counts, width, height, labels) {
+  function bars(counts, width, height, labels, axis) {
     var ns = "http://www.w3.org/2000/svg";
     var svg = document.createElementNS(ns, "svg");
     svg.setAttribute("class", "hist"); svg.setAttribute("width", width); svg.setAttribute("height", height + 14);
@@ -97,25 +98,26 @@ var Browser = (function () {
       var t = document.createElementNS(ns, "title"); t.textContent = (labels ? labels[i] + ": " : "") + c; r.appendChild(t);
       svg.appendChild(r);
     });
-    if (labels) {
-      [[0, "start"], [labels.length - 1, "end"]].forEach(function (p) {
-        var t = document.createElementNS(ns, "text");
-        t.setAttribute("x", p[1] === "start" ? 0 : width); t.setAttribute("y", height + 12); t.setAttribute("text-anchor", p[1]);
-        t.textContent = labels[p[0]].split(" ")[0]; svg.appendChild(t);
-      });
-    }
+    (axis || []).forEach(function (text, i) {
+      var t = document.createElementNS(ns, "text");
+      t.setAttribute("x", i ? width : 0); t.setAttribute("y", height + 12); t.setAttribute("text-anchor", i ? "end" : "start");
+      t.textContent = text; svg.appendChild(t);
+    });
     return svg;
   }
   function densityLabels(h) {
     return h.counts.map(function (_, i) { return "1e" + h.log10_edges[i] + " to 1e" + h.log10_edges[i + 1]; });
   }
   function fail(e) {
-    var m = document.getElementById("main");
-    m.appendChild(el("p", {cls: "err", text: String(e && e.message || e)}));
+    var m = document.getElementById("main"), msg = String(e && e.message || e);
+    m.appendChild(el("p", {cls: "err", text: msg}));
+    console.error(msg);
   }
 
   // ------------------------------------------------------------------------------ index page
+  function start() { if (!vocab()) document.body.classList.add("novocab"); }
   function index() {
+    start();
     var f = DATA["features"];
     var main = document.getElementById("main");
     main.appendChild(el("p", {text: f.n_tokens + " tokens of " + f.store + " (" + f.range + " sequences " +
@@ -124,7 +126,7 @@ var Browser = (function () {
     var t = el("table", {id: "saes"}, [el("tr", {}, head.map(function (h, i) { return el("th", {cls: i < 3 ? "l" : "", text: h}); }))]);
     f.saes.forEach(function (s) {
       var m = s.training_metrics || {};
-      var cell = el("td", {}, [bars(s.density_histogram.counts, 160, 36, densityLabels(s.density_histogram)),
+      var cell = el("td", {}, [bars(s.density_histogram.counts, 160, 36, densityLabels(s.density_histogram), ["1e-8", "1"]),
                               el("div", {cls: "muted", text: s.density_histogram.dead + " dead"})]);
       t.appendChild(el("tr", {}, [
         el("td", {cls: "l"}, [el("a", {href: "sae-" + s.folder.split("/").pop() + ".html", text: s.name})]),
@@ -138,6 +140,7 @@ var Browser = (function () {
   // ------------------------------------------------------------------------------ SAE page
   var S = null, L = null, page = 0, order = null, PER_PAGE = 100;
   function sae(name) {
+    start();
     var f = DATA["features"];
     S = f.saes.filter(function (s) { return s.name === name; })[0];
     L = DATA[S.folder.split("/").pop() + "/latents"];
@@ -145,7 +148,7 @@ var Browser = (function () {
     var main = document.getElementById("main");
     main.appendChild(el("p", {text: S.hook + " · " + S.architecture + " · d_sae " + S.d_sae + " · L0 " + fmt(S.l0) +
       " · dead " + pct(S.dead_fraction) + (S.logit_effects ? "" : " · no logit effects")}));
-    main.appendChild(bars(S.density_histogram.counts, 320, 50, densityLabels(S.density_histogram)));
+    main.appendChild(bars(S.density_histogram.counts, 320, 50, densityLabels(S.density_histogram), ["density 1e-8", "1"]));
     var idIn = el("input", {id: "latent-id", type: "number", min: 0, max: S.d_sae - 1, placeholder: "0-" + (S.d_sae - 1)});
     var tokIn = el("input", {id: "token-q", type: "text", placeholder: "a token, e.g. ' the'"});
     var sortSel = el("select", {id: "sort"}, [el("option", {value: "id", text: "by id"}),
@@ -246,7 +249,7 @@ var Browser = (function () {
       if (!r.n_fired) { c.appendChild(el("p", {cls: "muted", text: "never fired on these tokens"})); view.appendChild(c); return; }
       var nb = r.histogram.counts.length, lab = r.histogram.counts.map(function (_, i) {
         return fmt(r.histogram.max * i / nb) + " to " + fmt(r.histogram.max * (i + 1) / nb); });
-      var cols = el("div", {cls: "cols"}, [el("div", {}, [el("h3", {text: "Activations when firing"}), bars(r.histogram.counts, 320, 60, lab)])]);
+      var cols = el("div", {cls: "cols"}, [el("div", {}, [el("h3", {text: "Activations when firing"}), bars(r.histogram.counts, 320, 60, lab, ["0", fmt(r.histogram.max)])])]);
       if (r.top_tokens.length) {
         cols.appendChild(el("div", {}, [el("h3", {text: "Top activating tokens"}), el("ol", {id: "top-tokens"}, r.top_tokens.map(function (tc) {
           return el("li", {text: JSON.stringify(tokText(tc[0])) + " × " + tc[1]}); }))]));
@@ -285,8 +288,8 @@ def _page(title: str, scripts: list[str], call: str, back: bool) -> str:
 </head><body>
 <header><h1>{html.escape(title)}</h1><div>{nav}</div></header>
 <main id="main"></main>
-{tags}
 <script src="assets/browser.js"></script>
+{tags}
 <script>Browser.{call};</script>
 </body></html>
 """

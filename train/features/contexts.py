@@ -132,6 +132,10 @@ class LatentAccumulator:
         self.hist.view(-1).index_add_(0, lat * self.n_bins + bins, torch.ones_like(bins))
 
         keep = v > self.top_val[lat, -1]  # strictly: an equal value comes later, so it ranks lower
+        if int(keep.sum()) > 4 * self.d * self.top and f.shape[0] > self.top:
+            # many candidates (the first batches): none below the batch's own k-th value can enter
+            kth = f.topk(self.top, dim=0).values[-1]
+            keep &= v >= kth[lat]
         if bool(keep.any()):
             self._merge_top(lat[keep], v[keep], t[keep])
 
@@ -150,7 +154,10 @@ class LatentAccumulator:
         seg = torch.cat([seg_old[ok], inv])
         val = torch.cat([old_v.reshape(-1)[ok], v])
         idx = torch.cat([old_t.reshape(-1)[ok], t])
-        order = _lexsort([seg, -val, idx])
+        # one stable sort on (segment, value descending): the bits of a non-negative float32 order like
+        # its value; equal values keep the order of the concatenation, which is token order (the kept
+        # entries of a latent come before the batch's, and the batch's are in row order)
+        order = torch.sort((seg << 31) | (0x7FFFFFFF - val.view(torch.int32).long()), stable=True).indices
         seg, val, idx = seg[order], val[order], idx[order]
         rank = _ranks(seg, u.numel())
         sel = rank < k
@@ -173,7 +180,8 @@ class LatentAccumulator:
         kk = torch.cat([old_k.reshape(-1)[ok], key])
         val = torch.cat([old_v.reshape(-1)[ok], v])
         idx = torch.cat([old_t.reshape(-1)[ok], t])
-        order = _lexsort([seg, kk, idx])
+        # by (segment, key); equal keys keep the concatenation's order, which is token order
+        order = _lexsort([seg, kk])
         seg, kk, val, idx = seg[order], kk[order], val[order], idx[order]
         rank = _ranks(seg, u.numel())
         sel = rank < s
