@@ -8,7 +8,7 @@ Per latent the accumulator keeps, in memory bounded by d_sae x (top + groups x p
     smallest power of two above its largest activation. When a larger activation arrives M doubles
     and pairs of bins merge, so the streamed histogram equals the one computed at the end;
   - quantile examples: the activations fall into `n_groups` equal intervals of [0, M); in each the
-    `per_group` events with the smallest key hash(token index, latent) are kept (bottom-k sampling
+    `per_group` events with the smallest (key, token index), key = hash(token index, latent), are kept (bottom-k sampling
     is a uniform sample without replacement, and two samples merge by keeping the smallest keys,
     which is what happens when M doubles). The hash makes the sample a pure function of the data.
 
@@ -24,17 +24,18 @@ from dataclasses import dataclass
 import torch
 
 NO_EXP = -(2**40)  # exponent of a latent that has not fired yet
-KEY_EMPTY = 2**62  # sample key of an empty slot (real keys are below 2**62)
+KEY_BITS = 40
+KEY_EMPTY = 2**KEY_BITS  # sample key of an empty slot (real keys are below it)
 _MASK62 = (1 << 62) - 1
 _P1, _P2, _P3 = 0x9E3779B97F4A7C15 & _MASK62, 0xC2B2AE3D27D4EB4F & _MASK62, 0x165667B19E3779F9 & _MASK62
 
 
 def sample_key(token: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-    """A pseudo-random int64 in [0, 2**62) per (token index, latent); the same on every device."""
+    """A pseudo-random integer in [0, 2**40) per (token index, latent); the same on every device."""
     h = (token * _P1 + latent * _P2) & _MASK62
     h = h ^ (h >> 29)
     h = (h * _P3) & _MASK62
-    return h ^ (h >> 32)
+    return (h ^ (h >> 32)) >> (62 - KEY_BITS)
 
 
 def _lexsort(keys: list[torch.Tensor]) -> torch.Tensor:
@@ -43,6 +44,12 @@ def _lexsort(keys: list[torch.Tensor]) -> torch.Tensor:
     for k in reversed(keys):
         order = order[torch.sort(k[order], stable=True).indices]
     return order
+
+
+def _compact(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.unique(ids, return_inverse=True) for ids in [0, n), without sorting."""
+    present = torch.bincount(ids, minlength=n) > 0
+    return present.nonzero().squeeze(1), torch.cumsum(present, 0)[ids] - 1
 
 
 def _ranks(segment_sorted: torch.Tensor, n_segments: int) -> torch.Tensor:
@@ -141,12 +148,12 @@ class LatentAccumulator:
 
         group = bins >> (self.log2_bins - self.log2_groups)
         key = sample_key(t, lat)
-        keep = key < self.s_key[lat, group, -1]
+        keep = key < self.s_key.view(-1)[(lat * self.n_groups + group) * self.per_group + self.per_group - 1]
         if bool(keep.any()):
             self._merge_samples(lat[keep], group[keep], key[keep], v[keep], t[keep])
 
     def _merge_top(self, lat: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> None:
-        u, inv = torch.unique(lat, return_inverse=True)
+        u, inv = _compact(lat, self.d)
         k = self.top
         old_v, old_t = self.top_val[u], self.top_idx[u]
         seg_old = torch.arange(u.numel(), device=u.device).repeat_interleave(k)
@@ -171,7 +178,7 @@ class LatentAccumulator:
                        t: torch.Tensor) -> None:
         G, s = self.n_groups, self.per_group
         cell = lat * G + group
-        u, inv = torch.unique(cell, return_inverse=True)
+        u, inv = _compact(cell, self.d * G)
         ul, ug = u // G, u % G
         old_k, old_v, old_t = self.s_key[ul, ug], self.s_val[ul, ug], self.s_idx[ul, ug]
         seg_old = torch.arange(u.numel(), device=u.device).repeat_interleave(s)
@@ -181,7 +188,10 @@ class LatentAccumulator:
         val = torch.cat([old_v.reshape(-1)[ok], v])
         idx = torch.cat([old_t.reshape(-1)[ok], t])
         # by (segment, key); equal keys keep the concatenation's order, which is token order
-        order = _lexsort([seg, kk])
+        if u.numel() < 2 ** (63 - KEY_BITS):
+            order = torch.sort((seg << KEY_BITS) | kk, stable=True).indices
+        else:
+            order = _lexsort([seg, kk])
         seg, kk, val, idx = seg[order], kk[order], val[order], idx[order]
         rank = _ranks(seg, u.numel())
         sel = rank < s
