@@ -92,8 +92,8 @@ def resolve_store(run: Path, store: str | None, meta: dict[str, Any]) -> Activat
         if not named:
             raise UserError(f"{run} does not name its store (no run.json or summary.json); pass --store")
         candidates = [named]
-        if not location.is_remote(named) and not os.path.isabs(named):
-            candidates.append(str(run / named))
+        if not location.is_remote(named) and not os.path.isabs(named):  # relative to where training ran
+            candidates += [str(run / named), str(run.parent / named)]
         store = next((c for c in candidates if location.exists(c)), named)
     return ActivationStore.open(store)
 
