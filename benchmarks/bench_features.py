@@ -131,9 +131,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     tokens = parse_count(args.tokens)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tmp = None
     try:
         store = args.store

@@ -15,6 +15,7 @@ from tests.synthetic import make_store
 from actcache.common.errors import UserError
 from actcache.common.store import ActivationStore, chunk_stats
 from actcache.train.features import FeatureOptions, LatentAccumulator, collect_top_contexts, write_features
+from actcache.train.features.api import choose_sequences
 from actcache.train.features.contexts import sample_key
 from actcache.train.sae import SAE, Metadata, SAEConfig
 from actcache.train.sweep import train_sweep
@@ -232,7 +233,26 @@ def test_bad_input_one_line(trained, tmp_path):
     make_store(other, d=8, n_sequences=16, context_size=8, chunk_sequences=8)
     with pytest.raises(UserError, match="d_in 16 but the store's blocks.0.hook_resid_pre has width 8"):
         write_features(trained / "run", tmp_path / "b", store=str(other), progress=False)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    other_hook = tmp_path / "hook.zarr"
+    make_store(other_hook, d=16, n_sequences=16, context_size=8, chunk_sequences=8, hooks=("blocks.1.hook_resid_post",))
+    with pytest.raises(UserError, match="reads blocks.0.hook_resid_pre, which the store .* lacks"):
+        write_features(trained / "run", tmp_path / "c", store=str(other_hook), progress=False)
+    no_tokens = tmp_path / "notok.zarr"
+    make_store(no_tokens, d=16, n_sequences=16, context_size=8, chunk_sequences=8)
+    del ActivationStore.open(no_tokens, "r+").group["tokens"]
+    with pytest.raises(UserError, match="holds no token ids"):
+        write_features(trained / "run", tmp_path / "d", store=str(no_tokens), progress=False)
+    assert not any((tmp_path / n).exists() for n in "abcd")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+
+
+def test_held_out_range_is_the_default(trained):
+    store = ActivationStore.open(trained / "s.zarr")
+    assert choose_sequences(store, True, None) == (0, 256, "all")  # none set aside: everything, with a warning
+    assert choose_sequences(store, True, None, {"held_out": [200, 240]}) == (200, 240, "held-out")
+    store.held_out_range = lambda: (224, 256)  # what a store that sets sequences aside answers
+    assert choose_sequences(store, True, 64) == (224, 228, "held-out")
+    assert choose_sequences(store, False, None) == (0, 256, "all")
 
 
 def _cli(*args, cwd=ROOT):
