@@ -33,9 +33,10 @@ if str(ROOT) not in sys.path:
 from actcache.common.progress import parse_count  # noqa: E402
 from actcache.common.store import ActivationStore  # noqa: E402
 from actcache.train.features.api import (  # noqa: E402
-    FeatureOptions, collect_top_contexts, find_saes, pick_device, sae_hook, special_ids)
+    FeatureOptions, collect_top_contexts, find_saes, sae_hook, special_ids)
 from actcache.train.features.contexts import LatentAccumulator  # noqa: E402
 from actcache.train.sae import SAE, Metadata, SAEConfig  # noqa: E402
+from actcache.train.sweep import pick_device  # noqa: E402
 
 HOOK = "blocks.0.hook_resid_pre"
 

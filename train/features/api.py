@@ -28,7 +28,8 @@ from ...common.errors import StoreError, UserError, first_line
 from ...common.progress import log, token_bar
 from ...common.store import ActivationStore
 from ..sae import CFG_FILENAME, SAE
-from .contexts import NO_EXP, LatentAccumulator, LatentStats, logit_effects
+from ..sweep import pick_device
+from .contexts import LatentAccumulator, LatentStats, logit_effects
 
 FORMAT = "actcache-features"
 FORMAT_VERSION = 1
@@ -151,15 +152,6 @@ def sae_hook(name: str, sae: SAE, store: ActivationStore) -> str:
     if d != sae.cfg.d_in:
         raise UserError(f"SAE {name!r} has d_in {sae.cfg.d_in} but the store's {hook} has width {d}")
     return hook
-
-
-def pick_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return dev
 
 
 # ------------------------------------------------------------------------------------ the pass
