@@ -11,7 +11,7 @@ import sys
 import click
 
 from .common.errors import UserError
-from .common.progress import setup_logging
+from .common.progress import log, setup_logging
 
 # name -> "module:attribute"; each is imported only when its command runs
 SUBCOMMANDS = {
@@ -53,7 +53,10 @@ def load_unembedding(model_spec: str, tokenizer_spec: str | None = None):
     m = load_model(model_spec, device="cpu")
     tok = m.tokenizer
     if tok is None and tokenizer_spec:
-        tok = load_tokenizer(tokenizer_spec)
+        try:
+            tok = load_tokenizer(tokenizer_spec)
+        except UserError as e:
+            log.warning(f"token ids instead of strings: {e}")
     return m.tl.W_U.detach().float(), tok
 
 

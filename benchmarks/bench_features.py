@@ -62,11 +62,11 @@ def synthetic_saes(d: int, d_sae: int, k: int, seed: int = 0) -> dict[str, SAE]:
 
 
 def load_range(store: ActivationStore, hooks: set[str], a: int, b: int, dev: torch.device) -> tuple[dict, torch.Tensor]:
-    """The activations of sequences [a, b) without special tokens, in memory on the device."""
+    """The activations of sequences [a, b) without special tokens, in memory on the device as float32."""
     T = store.manifest.context_size
     toks = store.tokens[a:b].reshape(-1)
     rows = np.nonzero(~np.isin(toks, special_ids(store)))[0]
-    xs = {h: torch.from_numpy(store.activations(h)[a * T:b * T][rows]).to(dev) for h in hooks}
+    xs = {h: torch.from_numpy(store.activations(h)[a * T:b * T][rows]).to(dev).float() for h in hooks}
     return xs, torch.from_numpy(rows + a * T).to(dev)
 
 

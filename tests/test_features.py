@@ -3,6 +3,7 @@ token, sort), ties and latents that never fire included; the output files and th
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,7 +112,7 @@ def qstore(tmp_path_factory):
     return quantised_store(tmp_path_factory.mktemp("q") / "q.zarr")
 
 
-@pytest.mark.parametrize("batch_rows", [7, 64, 4096])
+@pytest.mark.parametrize("batch_rows", [29, 4096])
 def test_streaming_equals_brute_force_with_ties(qstore, batch_rows):
     saes = {"relu": exact_sae(24, 0), "jump": exact_sae(40, 1, "jumprelu")}
     hooks = {n: HOOK for n in saes}
@@ -263,7 +264,7 @@ def _cli(*args, cwd=ROOT):
 def test_command(trained, tmp_path):
     out = tmp_path / "cli"
     r = _cli("features", str(trained / "run"), "--out", str(out), "--tokens", "200", "--all", "--top", "3",
-             "--sae", "relu", "--no-progress")
+             "--sae", "relu", "--no-progress", "--no-logits")
     assert r.returncode == 0, r.stderr
     assert "relu" in r.stdout and (out / "index.html").is_file()
     data = json.loads((out / "features.json").read_text())
@@ -272,5 +273,25 @@ def test_command(trained, tmp_path):
     assert r.returncode != 0
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("actcache: error:") and "--overwrite" in r.stderr
     r = _cli("features", str(trained / "run"), "--out", str(out), "--tokens", "200", "--all", "--overwrite",
-             "--no-progress")
+             "--no-progress", "--no-logits")
     assert r.returncode == 0, r.stderr
+
+
+def test_command_loads_the_model_for_logit_effects(trained, tmp_path):
+    """The top-level command hands the model loader over; the SAE's metadata.model_spec names the model."""
+    from click.testing import CliRunner
+
+    from actcache.cli import cli
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run" / "topk4", run / "topk4")
+    cfg = json.loads((run / "topk4" / "cfg.json").read_text())
+    cfg["metadata"]["model_spec"] = "random:n_layers=1,d_model=16,n_heads=2,d_head=8,d_vocab=1000,n_ctx=16,seed=3"
+    (run / "topk4" / "cfg.json").write_text(json.dumps(cfg))
+    out = tmp_path / "f"
+    r = CliRunner().invoke(cli, ["features", str(run), "--out", str(out), "--store", str(trained / "s.zarr"),
+                                 "--tokens", "300", "--all", "--no-progress"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "topk4: d_sae 48" in r.output and ", logit effects" in r.output, r.output
+    rec = json.loads((out / "saes/topk4/blocks/00000.json").read_text())["latents"][0]
+    assert len(rec["logits"]["positive"]) == 10 and rec["logits"]["positive"][0][1] >= rec["logits"]["negative"][0][1]

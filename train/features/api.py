@@ -202,7 +202,8 @@ def collect_top_contexts(store: ActivationStore, saes: dict[str, SAE], hooks: di
             if skip:
                 rows = rows[~np.isin(flat, skip)]
             token_index = torch.from_numpy(rows + lo * T).to(dev)
-            xs = {h: torch.from_numpy(np.ascontiguousarray(x[rows])).to(dev) for h, x in acts.items()}
+            # float16 as stored is what crosses to the device; converted once there for every SAE
+            xs = {h: torch.from_numpy(np.ascontiguousarray(x[rows])).to(dev).float() for h, x in acts.items()}
             for r in range(0, rows.size, rows_per_batch):
                 t = token_index[r:r + rows_per_batch]
                 for name, sae in saes.items():

@@ -278,9 +278,8 @@ var Browser = (function () {
 """
 
 
-def _page(title: str, scripts: list[str], call: str, back: bool) -> str:
+def _page(title: str, scripts: list[str], call: str, nav: str) -> str:
     tags = "\n".join(f'<script src="{html.escape(s)}"></script>' for s in scripts)
-    nav = '<a href="index.html">all SAEs</a>' if back else "actcache feature browser"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -302,10 +301,12 @@ def write_site(out: str | Path, summary: dict[str, Any]) -> Path:
     (out / "assets" / "browser.css").write_text(CSS.lstrip())
     (out / "assets" / "browser.js").write_text(JS.lstrip())
     base = ["features.js"] + (["vocab.js"] if summary.get("vocab") else [])
-    (out / "index.html").write_text(_page("actcache features", ["features.js"], "index()", back=False))
+    model = html.escape(f"SAEs on {summary['model']}")
+    (out / "index.html").write_text(_page("actcache feature browser", ["features.js"], "index()", model))
     for s in summary["saes"]:
         folder = s["folder"].split("/")[-1]
         call = "sae(" + json.dumps(s["name"]).replace("<", "\\u003c") + ")"
-        page = _page(f"{s['name']}: {s['hook']}", base + [f"{s['folder']}/latents.js"], call, back=True)
+        page = _page(f"{s['name']}: {s['hook']}", base + [f"{s['folder']}/latents.js"], call,
+                     '<a href="index.html">all SAEs</a>')
         (out / f"sae-{folder}.html").write_text(page)
     return out / "index.html"
