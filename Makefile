@@ -40,7 +40,7 @@ demo: setup                    ## harvest + train a small sweep on the bundled m
 bench: setup setup-saelens     ## the side-by-side benchmark vs SAELens (full sizes; what the README quotes)
 	$(VENV)/bin/python -m benchmarks.run --saelens-python $(abspath $(SL_VENV))/bin/python
 
-bench-quick: setup setup-saelens  ## the same at small sizes: a few minutes on 2 CPU cores
+bench-quick: setup setup-saelens  ## smoke test at small sizes (a few minutes on 2 CPU cores): results/quick/, not latest.md
 	$(VENV)/bin/python -m benchmarks.run --quick --saelens-python $(abspath $(SL_VENV))/bin/python
 
 clean:

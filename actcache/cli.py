@@ -86,15 +86,17 @@ def main() -> None:
             raise
         click.echo(f"actcache: error: {e}", err=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:
+        # click turns Ctrl-C (KeyboardInterrupt) into Abort; say what to do about it
+        if isinstance(e.__cause__ or e.__context__, KeyboardInterrupt):
+            _interrupted()
         click.echo("actcache: aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo("actcache: interrupted; rerun with --resume to continue", err=True)
-        sys.exit(130)
+        _interrupted()
     except OSError as e:
         import errno
 
@@ -102,6 +104,16 @@ def main() -> None:
             click.echo("actcache: error: no space left on the device; free some space and rerun with --resume", err=True)
             sys.exit(3)
         raise
+
+
+RESUMABLE = ("harvest", "train")  # the commands that take --resume
+
+
+def _interrupted() -> None:
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    hint = "; rerun with --resume to continue" if command in RESUMABLE else ""
+    click.echo(f"actcache: interrupted{hint}", err=True)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

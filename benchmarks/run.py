@@ -3,7 +3,8 @@
 Runs our side in this process (benchmarks.bench_harvest, benchmarks.bench_train, harvest, train)
 and SAELens's side in its own environment (benchmarks/saelens_side.py, a subprocess), on the same
 model shape, the same token windows and the same SAE configurations; computes the ratios against
-the goals of the issue and writes benchmarks/results/<date>-<host>.json and .md, and latest.md.
+the goals of the issue and writes benchmarks/results/<date>-<host>.json and .md, and latest.md
+(--quick: a smoke test at small sizes, written under benchmarks/results/quick/, never latest.md).
 A part whose code is not installed is recorded as missing, with the reason; the rest still runs.
 
     python -m benchmarks.run [--quick] [--saelens-python PATH] [--work DIR]
@@ -307,7 +308,10 @@ def _fmt(v, digits=3):
 
 def markdown(r: dict) -> str:
     m = r["meta"]
-    lines = [f"# actcache vs SAELens — {m['date']} on {m['host']} ({'quick' if m['quick'] else 'full'})", "",
+    title = (f"# Smoke test (`make bench-quick`, small sizes; not the full run the README quotes): actcache vs "
+             f"SAELens — {m['date']} on {m['host']}" if m["quick"] else
+             f"# actcache vs SAELens — {m['date']} on {m['host']} (full)")
+    lines = [title, "",
              f"{m['cpu']}, {m['cores']} cores; torch {m['torch']}; sae-lens {_get(r, 'saelens', 'sae_lens_version')}; "
              f"hook `{r['plan']['hook']}`; {r['plan']['sweep_tokens']} training tokens, batch {r['plan']['batch_size']}, "
              f"lr {r['plan']['lr']}; codec {m['codec']}.", "",
@@ -439,17 +443,26 @@ def main(argv: list[str] | None = None) -> dict:
     r["meta"]["seconds"] = time.perf_counter() - t_start
     r["meta"]["work"] = str(work)
 
-    out = Path(a.results)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{now.strftime('%Y-%m-%d')}-{host}{'-quick' if a.quick else ''}"
+    paths = results_paths(Path(a.results), now.strftime("%Y-%m-%d"), host, a.quick)
+    paths["json"].parent.mkdir(parents=True, exist_ok=True)
     r = anonymise(r, {str(work): "<work>", str(ROOT): "<repo>", str(Path.home()): "~"})
-    (out / f"{stem}.json").write_text(json.dumps(r, indent=1, default=str))
+    paths["json"].write_text(json.dumps(r, indent=1, default=str))
     md = markdown(r)
-    (out / f"{stem}.md").write_text(md)
-    (out / "latest.md").write_text(md)
+    paths["md"].write_text(md)
+    if paths["latest"] is not None:
+        paths["latest"].write_text(md)
     print(md)
-    log(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')} in {r['meta']['seconds']:.0f}s")
+    log(f"wrote {paths['json']} and {paths['md']} in {r['meta']['seconds']:.0f}s")
     return r
+
+
+def results_paths(results: Path, date: str, host: str, quick: bool) -> dict[str, Path | None]:
+    """Where a run's results go. A quick run is a smoke test: it goes under results/quick/ and never
+    replaces latest.md, which is the full run the README quotes."""
+    folder = results / "quick" if quick else results
+    stem = f"{date}-{host}"
+    return {"json": folder / f"{stem}.json", "md": folder / f"{stem}.md",
+            "latest": None if quick else results / "latest.md"}
 
 
 if __name__ == "__main__":

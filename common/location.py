@@ -42,7 +42,7 @@ def exists(url: str | os.PathLike) -> bool:
     if not is_remote(url):
         p = local_path(url)
         return p.exists() and (p.is_file() or any(p.iterdir()))
-    fs, path = _remote_fs(url)
+    fs, path = remote_fs(url)
     try:
         return bool(fs.exists(path) and (fs.isfile(path) or fs.ls(path)))
     except FileNotFoundError:
@@ -60,7 +60,7 @@ def remove(url: str | os.PathLike) -> None:
         elif p.exists():
             p.unlink()
         return
-    fs, path = _remote_fs(url)
+    fs, path = remote_fs(url)
     if fs.exists(path):
         fs.rm(path, recursive=True)
 
@@ -72,19 +72,53 @@ def disk_usage(url: str | os.PathLike, prefix: str = "") -> int:
         if root.is_file():
             return root.stat().st_size
         return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
-    fs, path = _remote_fs(url)
+    fs, path = remote_fs(url)
     full = f"{path.rstrip('/')}/{prefix}" if prefix else path
     return int(fs.du(full, total=True)) if fs.exists(full) else 0
 
 
-def _remote_fs(url: str | os.PathLike):
+def remote_fs(url: str | os.PathLike):
     """The fsspec filesystem and path of a URL, with its listing cache dropped: another process
     (or an earlier harvest) may have changed what is there since fsspec last looked."""
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(str(url), **_fs_options(str(url)))
+    try:
+        fs, path = fsspec.core.url_to_fs(str(url), **_fs_options(str(url)))
+    except ImportError as e:
+        raise UserError(f"cannot open {url}: {e}; install the S3 extra: pip install 'actcache[s3]'") from None
     fs.invalidate_cache()
     return fs, path
+
+
+
+def storage_error(e: BaseException, url: str | os.PathLike, doing: str = "accessing") -> UserError:
+    """One line for a storage failure (local or S3): what went wrong with which location, and what to do."""
+    import errno
+
+    from .errors import first_line
+
+    if isinstance(e, UserError):
+        return e
+    chain, seen = [], e
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(f"{type(x).__name__} {x}" for x in chain)
+    os_err = next((x for x in chain if isinstance(x, OSError) and x.errno is not None), None)
+    if os_err is not None and os_err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return UserError(f"disk full while {doing} {url} ({os_err.strerror}): free some space and rerun the "
+                         "same command with --resume")
+    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        return UserError(f"the bucket of {url} does not exist: create it, or fix the URL")
+    if any(isinstance(x, PermissionError) for x in chain) or any(
+            k in text for k in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden")):
+        return UserError(f"access to {url} was denied: check the credentials (AWS_ACCESS_KEY_ID, "
+                         "AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and the bucket's permissions")
+    if any(k in text for k in ("EndpointConnectionError", "Could not connect", "Connection refused",
+                               "ClientConnectorError", "ConnectTimeout", "ReadTimeout", "ServerDisconnected")):
+        return UserError(f"cannot reach the storage server for {url}: check that it is up and the endpoint "
+                         "(AWS_ENDPOINT_URL) is right, then rerun (add --resume where the work had begun)")
+    return UserError(f"{doing} {url} failed ({type(e).__name__}: {first_line(e)}); fix the cause and rerun")
 
 
 def _fs_options(url: str) -> dict:

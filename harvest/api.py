@@ -19,39 +19,12 @@ from ..common.progress import human_bytes, log, parse_count, token_bar
 from ..common.store import ATTR as STORE_ATTR
 from ..common.store import ActivationStore, chunk_sequences_for
 
-from .data import STDLIB, TokenWindows, prefetch, resolve_source
-from .models import DEFAULT_MODEL, DTYPES, HookedModel, load_model
+from .config import OVERFLOW_MODES, HarvestConfig
+from .data import TokenWindows, prefetch, resolve_source
+from .models import DTYPES, HookedModel, load_model, precheck_hooks
 from .writer import ChunkWriter
 
 FLOAT16_MAX = 65504.0
-OVERFLOW_MODES = ("error", "clamp")
-
-
-@dataclass
-class HarvestConfig:
-    """Everything a harvest depends on; the CLI options map one to one onto these fields."""
-
-    out: str
-    hooks: list[str]
-    model: str = DEFAULT_MODEL
-    dataset: str = STDLIB
-    split: str = "train"
-    name: str | None = None  # the dataset's config name
-    text_column: str = "text"
-    streaming: bool = False
-    context_size: int = 128
-    tokens: int | str = 1_000_000
-    batch_size: int = 32
-    codec: str = codecs.DEFAULT_CODEC
-    seed: int = 0
-    device: str | None = None
-    dtype: str = "float32"
-    tokenizer: str | None = None
-    prepend_bos: bool = True
-    overflow: str = "error"
-    resume: bool = False
-    overwrite: bool = False
-    chunk_sequences: int | None = None  # sequences per chunk; None: about 16 MiB per chunk of the widest hook
 
 
 @dataclass
@@ -102,6 +75,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: HookedModel | None
     existing, replace = _existing_store(cfg)
 
     if model is None:
+        precheck_hooks(cfg.model, cfg.hooks)  # a misspelt hook is reported before the weights load
         log.debug(f"loading {cfg.model}")
         model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, tokenizer=cfg.tokenizer)
     elif (model.info.name, model.info.dtype) != (cfg.model, cfg.dtype):

@@ -1,10 +1,14 @@
 """Datasets -> fixed-size token windows, through Hugging Face `datasets`.
 
 A dataset is a hub name, local files (text, json/jsonl, parquet, csv; a path, a folder or a glob),
-or the alias `stdlib` (this Python's standard-library sources: a corpus every machine has). Rows
-are shuffled with the seed, tokenised (or taken from a pre-tokenised `input_ids` column),
-concatenated with the EOS token between documents and cut into windows of context_size tokens,
-each starting with BOS when prepend_bos is on. Window i is a pure function of the arguments,
+or the alias `stdlib` (this Python's standard-library sources: a corpus every machine has).
+
+A document is one row of a dataset, or one whole local text file; it is never split or
+interleaved with another. The documents (not their parts) are shuffled with the seed, tokenised
+(or taken from a pre-tokenised `input_ids` column), concatenated in that order with the EOS
+token between documents, and cut into windows of context_size tokens, each starting with BOS
+when prepend_bos is on. So a window holds the tokens of one document in their order, or the end
+of one document, EOS, and the start of the next. Window i is a pure function of the arguments,
 which is what lets an interrupted harvest resume and produce the same bytes."""
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import glob as globlib
 import hashlib
 import queue
+import re
 import sysconfig
 import threading
 from dataclasses import dataclass, field
@@ -30,6 +35,7 @@ _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text", ".rs
 _ROWS_PER_BATCH = 64
 _CHARS_PER_CALL = 2**16  # text tokenised per tokenizer call: tokenise about as far as the harvest reads
 _SHUFFLE_BUFFER = 10_000  # rows, for streaming datasets
+_WHOLE_FILES = {"sample_by": "document"}  # a text file is one document (one row), never split at lines or paragraphs
 
 
 @dataclass
@@ -46,19 +52,39 @@ class DataSource:
 
     def fingerprint(self) -> str | None:
         """A hash of the local files: names, sizes and their first and last MiB."""
-        if not self.files:
-            return None
-        h = hashlib.sha256()
-        for f in self.files:
-            p = Path(f)
-            size = p.stat().st_size
-            h.update(f"{p.name}\0{size}\0".encode())
-            with p.open("rb") as fh:
-                h.update(fh.read(2**20))
-                if size > 2**20:
-                    fh.seek(max(2**20, size - 2**20))
-                    h.update(fh.read())
-        return h.hexdigest()[:16]
+        return files_fingerprint(self.files) if self.files else None
+
+
+def files_fingerprint(files: list[str] | list[Path]) -> str:
+    """16 hex characters identifying the content of files: their names, sizes and first and last
+    MiB (cheap on files of many GB, and any edit of a header, a tail or a length shows)."""
+    h = hashlib.sha256()
+    for f in files:
+        p = Path(f)
+        size = p.stat().st_size
+        h.update(f"{p.name}\0{size}\0".encode())
+        with p.open("rb") as fh:
+            h.update(fh.read(2**20))
+            if size > 2**20:
+                fh.seek(max(2**20, size - 2**20))
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+_COMMIT = re.compile(r"(?<![0-9a-f])[0-9a-f]{40}(?![0-9a-f])")
+
+
+def hub_revision(rows: Any) -> str | None:
+    """The commit of a hub dataset that `datasets` loaded, as it names it in its cache paths or
+    download URLs (e.g. hf://datasets/org/name@<sha>/...); None when it names none."""
+    places = [c.get("filename", "") for c in (getattr(rows, "cache_files", None) or [])]
+    info = getattr(rows, "info", None)
+    places += list(getattr(info, "download_checksums", None) or {})
+    for place in places:
+        m = _COMMIT.search(str(place))
+        if m:
+            return m.group(0)
+    return None
 
 
 def stdlib_files() -> list[str]:
@@ -69,7 +95,7 @@ def stdlib_files() -> list[str]:
 def resolve_source(path: str, name: str | None = None, split: str = "train", streaming: bool = False) -> DataSource:
     """Turn the --dataset argument into a DataSource; a local path that does not exist is an error."""
     if path == STDLIB:
-        return DataSource(path, name, split, streaming, "text", stdlib_files(), {"sample_by": "document"})
+        return DataSource(path, name, split, streaming, "text", stdlib_files(), dict(_WHOLE_FILES))
     has_glob = any(c in path for c in "*?[")
     p = Path(path).expanduser()
     if has_glob:
@@ -93,8 +119,7 @@ def resolve_source(path: str, name: str | None = None, split: str = "train", str
     if all(Path(f).stat().st_size == 0 for f in files):
         raise UserError(f"dataset {path} is empty: its files hold no data")
     builder = kinds.pop()
-    # text files: one row per blank-line-separated paragraph, so code and prose keep their context
-    kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    kwargs = dict(_WHOLE_FILES) if builder == "text" else {}
     return DataSource(path, name, split, streaming, builder, [str(Path(f).resolve()) for f in files], kwargs)
 
 
@@ -103,7 +128,8 @@ def _suffix(p: Path) -> str:
 
 
 def load_rows(src: DataSource, seed: int) -> Any:
-    """The rows of the source as a datasets Dataset or IterableDataset, shuffled by the seed."""
+    """The rows (documents) of the source as a datasets Dataset or IterableDataset, whole documents
+    shuffled by the seed."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -145,10 +171,13 @@ class TokenWindows:
         return self.bos is not None
 
     def info(self) -> DatasetInfo:
+        """The manifest's dataset entry; its revision is the hub commit, or for local files their fingerprint."""
+        fingerprint = self.src.fingerprint()
         return DatasetInfo(
             path=self.src.path, name=self.src.name, split=self.src.split,
             text_column=None if self.column == "input_ids" else self.column,
-            revision=None, fingerprint=self.src.fingerprint(), streaming=self.src.streaming,
+            revision=fingerprint if self.src.files else hub_revision(self.rows),
+            fingerprint=fingerprint, streaming=self.src.streaming,
             data_files=list(self.src.files) or None,
         )
 

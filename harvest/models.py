@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ..common.device import pick_device
 from ..common.errors import UserError, first_line
 from ..common.manifest import ModelInfo, TokenizerInfo
 
@@ -34,10 +35,6 @@ def tl_major_version() -> int:
     from importlib.metadata import version
 
     return int(version("transformer-lens").split(".")[0])
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def bundled_gguf() -> Path:
@@ -128,9 +125,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     """Load a model spec for harvesting; see the module docstring for the kinds of spec."""
     if dtype not in DTYPES:
         raise UserError(f"invalid dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    device = device or default_device()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} was requested but CUDA is not available; use --device cpu")
+    device = str(pick_device(device))
     torch_dtype = DTYPES[dtype]
     tok = load_tokenizer(tokenizer) if tokenizer else None
 
@@ -155,9 +150,36 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         arch = (getattr(tl.cfg, "architecture", None) or getattr(tl.cfg, "original_architecture", None))
     tl.eval()
     c = tl.cfg
-    info = ModelInfo(name=spec, revision=None, d_model=int(c.d_model), n_layers=int(c.n_layers),
+    info = ModelInfo(name=spec, revision=model_revision(spec, tl), d_model=int(c.d_model), n_layers=int(c.n_layers),
                      n_ctx=int(c.n_ctx), dtype=dtype, architecture=str(arch) if arch else None)
     return HookedModel(tl, info, tok, device, tokenizer or (spec if tok is not None else None))
+
+
+def model_revision(spec: str, tl: Any = None) -> str | None:
+    """What identifies the weights beyond the spec: a fingerprint of a local .gguf file or model
+    folder (files_fingerprint), or the hub commit the loaded config came from. None for a random:
+    spec (the spec and its seed are the weights) and for a hub model whose commit is not reported."""
+    from .data import files_fingerprint
+
+    if spec.startswith("random:"):
+        return None
+    gguf = _gguf_path(spec)
+    if gguf is not None:
+        return files_fingerprint([gguf])
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        return files_fingerprint(sorted(f for f in folder.iterdir() if f.is_file()))
+    for config in (getattr(getattr(tl, "original_model", None), "config", None), getattr(tl, "hf_config", None)):
+        sha = getattr(config, "_commit_hash", None)
+        if isinstance(sha, str) and sha:
+            return sha
+    try:
+        from transformers import AutoConfig
+
+        sha = getattr(AutoConfig.from_pretrained(spec), "_commit_hash", None)
+    except Exception:  # noqa: BLE001  (a name only TransformerLens knows: no hub commit to report)
+        return None
+    return sha if isinstance(sha, str) and sha else None
 
 
 def _bridge_class() -> Any:
@@ -262,6 +284,151 @@ def _optional_tokenizer(spec: str) -> Any:
         raise
 
 
+# ------------------------------------------------------------------------------------------ hook names
+# The hook names TransformerLens gives (3.x HookedTransformer and 4.x TransformerBridge, whose module
+# names vary by architecture); inside a block they follow "blocks.L.". Used to check names from the
+# model's configuration alone, before its weights load; the loaded model's own list stays the authority.
+_BLOCK_HOOKS = (
+    "attn.hook_attn_in", "attn.hook_attn_scores", "attn.hook_cos", "attn.hook_hidden_states", "attn.hook_in",
+    "attn.hook_k", "attn.hook_k_input", "attn.hook_out", "attn.hook_pattern", "attn.hook_q", "attn.hook_q_input",
+    "attn.hook_result", "attn.hook_rot_k", "attn.hook_rot_q", "attn.hook_sin", "attn.hook_v", "attn.hook_v_input",
+    "attn.hook_z", "attn.k.hook_in", "attn.k.hook_out", "attn.o.hook_in", "attn.o.hook_out", "attn.q.hook_in",
+    "attn.q.hook_out", "attn.v.hook_in", "attn.v.hook_out", "hook_attn_in", "hook_attn_out", "hook_in",
+    "hook_k_input", "hook_mlp_in", "hook_mlp_out", "hook_out", "hook_q_input", "hook_resid_mid", "hook_resid_post",
+    "hook_resid_pre", "hook_v_input", "ln1.hook_in", "ln1.hook_normalized", "ln1.hook_out", "ln1.hook_scale",
+    "ln2.hook_in", "ln2.hook_normalized", "ln2.hook_out", "ln2.hook_scale", "mlp.gate.hook_in", "mlp.gate.hook_out",
+    "mlp.hook_in", "mlp.hook_out", "mlp.hook_post", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.in.hook_in",
+    "mlp.in.hook_out", "mlp.out.hook_in", "mlp.out.hook_out",
+)
+_OUTER_HOOKS = (
+    "embed.hook_in", "embed.hook_out", "hook_embed", "hook_pos_embed", "hook_tokens", "hook_unembed",
+    "ln_final.hook_in", "ln_final.hook_normalized", "ln_final.hook_out", "ln_final.hook_scale", "pos_embed.hook_in",
+    "pos_embed.hook_out", "rotary_emb.hook_cos", "rotary_emb.hook_in", "rotary_emb.hook_out", "rotary_emb.hook_sin",
+    "unembed.hook_in", "unembed.hook_out",
+)
+# the last part of every hook name any TransformerLens architecture defines: a name ending otherwise is misspelt
+_HOOK_LEAVES = frozenset((
+    "hook_attn_in", "hook_attn_input", "hook_attn_out", "hook_attn_scores", "hook_audio_features", "hook_beta",
+    "hook_beta_logit", "hook_block_bias", "hook_channel_mix_in", "hook_channel_mix_out", "hook_comb", "hook_conv",
+    "hook_cos", "hook_cross_attn_in", "hook_cross_attn_out", "hook_cross_pattern", "hook_dsa_mask", "hook_dt_proj",
+    "hook_embed", "hook_expert_indices", "hook_expert_weights", "hook_experts", "hook_full_embed", "hook_gate",
+    "hook_gate_input", "hook_gated", "hook_hidden_states", "hook_in", "hook_in_proj", "hook_inner_norm", "hook_k",
+    "hook_k_input", "hook_k_normed", "hook_k_pre_conv", "hook_kv", "hook_kv_latent", "hook_linear_attn_in",
+    "hook_linear_attn_out", "hook_log_decay", "hook_mid", "hook_mixer_in", "hook_mixer_out", "hook_mlp_in",
+    "hook_mlp_out", "hook_normalized", "hook_normalized_resid_post", "hook_nsp_out", "hook_out", "hook_patch_embed",
+    "hook_pattern", "hook_pooler_out", "hook_pos_embed", "hook_post", "hook_pre", "hook_pre_linear",
+    "hook_projected", "hook_q", "hook_q_gate", "hook_q_input", "hook_q_latent", "hook_q_normed", "hook_q_pre_conv",
+    "hook_qkv", "hook_recurrence_out", "hook_resid", "hook_resid_mid", "hook_resid_mid2", "hook_resid_mid_cross",
+    "hook_resid_post", "hook_resid_pre", "hook_result", "hook_rot_k", "hook_rot_q", "hook_router_scores",
+    "hook_scale", "hook_sin", "hook_ssm_decay", "hook_ssm_dt", "hook_ssm_out", "hook_ssm_state", "hook_ssm_write",
+    "hook_time_mix_in", "hook_time_mix_out", "hook_token_type_embed", "hook_tokens", "hook_topk_indices",
+    "hook_unembed", "hook_v", "hook_v_input", "hook_v_pre_conv", "hook_vision_embed", "hook_vision_out",
+    "hook_vision_proj_in", "hook_vision_proj_out", "hook_x_proj", "hook_z",
+))
+_HOOK_EXAMPLES = "hook names look like blocks.0.hook_resid_post, blocks.0.hook_mlp_out, blocks.0.attn.hook_z"
+
+
+def check_hook_names(hooks: list[str], n_layers: int, model: str, known: list[str] | None = None) -> None:
+    """Refuse hook names that cannot be right, with a did-you-mean hint. With `known` (the loaded
+    model's own list) the check is exact; without it, names are checked against the layer count and
+    the TransformerLens naming patterns, and a name of a known form that this model lacks is left
+    for the check after loading."""
+    if not hooks:
+        raise UserError("no hook given: pass --hook NAME (e.g. --hook blocks.0.hook_resid_post)")
+    for h in hooks:
+        m = _BLOCK.match(h)
+        if m and int(m.group(1)) >= n_layers:
+            raise UserError(f"hook {h} is past the last layer: {model} has {n_layers} "
+                            f"layers (blocks.0 .. blocks.{n_layers - 1})")
+        if known is not None:
+            if h not in known:
+                _unknown_hook(h, known, model)
+            continue
+        layer = m.group(1) if m else "0"
+        patterns = [f"blocks.{layer}.{b}" for b in _BLOCK_HOOKS] + list(_OUTER_HOOKS)
+        if h not in patterns and h.rsplit(".", 1)[-1] not in _HOOK_LEAVES:
+            _unknown_hook(h, patterns, model)
+    if len(set(hooks)) != len(hooks):
+        raise UserError(f"a hook is given twice: {', '.join(hooks)}")
+
+
+def _unknown_hook(h: str, candidates: list[str], model: str) -> None:
+    close = difflib.get_close_matches(h, candidates, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else f"; {_HOOK_EXAMPLES}"
+    raise UserError(f"unknown hook {h!r} for {model}{hint}")
+
+
+def config_n_layers(spec: str) -> int | None:
+    """The number of layers of a model spec from its configuration alone (no weights loaded):
+    the random: spec, the GGUF file's metadata, or a Hugging Face config (local or cached).
+    None when the configuration cannot be read without loading the model."""
+    if spec.startswith("random:"):
+        return int(parse_random_spec(spec)["n_layers"])
+    gguf = _gguf_path(spec)
+    if gguf is not None:
+        return gguf_block_count(gguf)
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(spec)
+    except Exception:  # noqa: BLE001  (not a Hugging Face config: loading the model will say what it is)
+        return None
+    config = getattr(config, "text_config", None) or config
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        n = getattr(config, key, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def gguf_block_count(path: Path) -> int | None:
+    """`<architecture>.block_count` from a GGUF file's header, reading only the metadata that comes
+    before it (the gguf package's reader maps every tensor first, which takes seconds)."""
+    import struct
+
+    def read(fmt: str) -> Any:
+        return struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]
+
+    def value(kind: int) -> Any:
+        if kind == 8:
+            return fh.read(read("<Q")).decode("utf-8", "replace")
+        if kind == 9:
+            item, count = read("<I"), read("<Q")
+            if item in _GGUF_SCALARS:
+                fh.seek(count * struct.calcsize(_GGUF_SCALARS[item]), 1)
+                return None
+            return [value(item) for _ in range(count)]
+        return read(_GGUF_SCALARS[kind])
+
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                return None
+            read("<I")  # version
+            read("<Q")  # tensors
+            arch = None
+            for _ in range(read("<Q")):
+                key = fh.read(read("<Q")).decode("utf-8", "replace")
+                v = value(read("<I"))
+                if key == "general.architecture":
+                    arch = v
+                elif arch is not None and key == f"{arch}.block_count":
+                    return int(v)
+    except (OSError, KeyError, struct.error, UnicodeDecodeError):
+        pass
+    return None
+
+
+def precheck_hooks(spec: str, hooks: list[str]) -> None:
+    """Check hook names against the model's configuration before its weights load (see check_hook_names)."""
+    n_layers = config_n_layers(spec)
+    if n_layers is not None:
+        check_hook_names(hooks, n_layers, spec)
+
+
 # ------------------------------------------------------------------------------------------ running
 _GATED_HOOKS = {"hook_mlp_in": "set_use_hook_mlp_in", "attn.hook_result": "set_use_attn_result",
                 "hook_attn_in": "set_use_attn_in", "hook_q_input": "set_use_split_qkv_input",
@@ -300,21 +467,7 @@ class HookedModel:
         return sorted(self.tl.hook_dict)
 
     def _check_names(self, hooks: list[str]) -> None:
-        if not hooks:
-            raise UserError("no hook given: pass --hook NAME (e.g. --hook blocks.0.hook_resid_post)")
-        known = set(self.hook_names)
-        for h in hooks:
-            m = _BLOCK.match(h)
-            if m and int(m.group(1)) >= self.info.n_layers:
-                raise UserError(f"hook {h} is past the last layer: {self.info.name} has {self.info.n_layers} "
-                                f"layers (blocks.0 .. blocks.{self.info.n_layers - 1})")
-            if h not in known:
-                close = difflib.get_close_matches(h, self.hook_names, n=3, cutoff=0.6)
-                hint = f"; did you mean {' or '.join(close)}?" if close else \
-                    "; hook names look like blocks.0.hook_resid_post, blocks.0.hook_mlp_out, blocks.0.attn.hook_z"
-                raise UserError(f"unknown hook {h!r} for {self.info.name}{hint}")
-        if len(set(hooks)) != len(hooks):
-            raise UserError(f"a hook is given twice: {', '.join(hooks)}")
+        check_hook_names(hooks, self.info.n_layers, self.info.name, known=self.hook_names)
 
     def stop_layer(self, hooks: list[str]) -> int | None:
         """The number of blocks to run so that every hook fires (None: the whole model)."""
@@ -359,12 +512,3 @@ class HookedModel:
         fwd = [(h, functools.partial(capture, name=h)) for h in hooks]
         self.tl.run_with_hooks(tokens.to(self.device), fwd_hooks=fwd, stop_at_layer=self.stop_layer(hooks))
         return got
-
-    @torch.inference_mode()
-    def bare_forward(self, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
-        """TransformerLens run_with_cache with the same hooks and stop layer, copied to CPU float16:
-        the upper bound a harvest can reach."""
-        wanted = set(hooks)
-        _, cache = self.tl.run_with_cache(tokens.to(self.device), names_filter=lambda n: n in wanted,
-                                          stop_at_layer=self.stop_layer(hooks))
-        return {h: cache[h].to("cpu", torch.float16) for h in hooks}

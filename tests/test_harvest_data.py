@@ -87,6 +87,22 @@ def test_fingerprint_follows_the_file_content(tmp_path):
     assert resolve_source(str(f)).fingerprint() != before and len(before) == 16
 
 
+def test_manifest_revision_of_local_files_is_their_fingerprint_and_of_a_hub_dataset_its_commit(tmp_path):
+    from types import SimpleNamespace
+
+    from actcache.harvest.data import hub_revision
+
+    f = write_token_jsonl(tmp_path / "t.jsonl", n_docs=5)
+    info = TokenWindows(resolve_source(str(f)), 16, vocab_size=1000).info()
+    assert info.revision == info.fingerprint == resolve_source(str(f)).fingerprint()
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    streamed = SimpleNamespace(info=SimpleNamespace(download_checksums={
+        f"hf://datasets/org/name@{sha}/data/train-00000.parquet": {}}))
+    cached = SimpleNamespace(cache_files=[{"filename": f"/c/org___name/default/0.0.0/{sha}/name-train.arrow"}])
+    assert hub_revision(streamed) == hub_revision(cached) == sha
+    assert hub_revision(SimpleNamespace(cache_files=[{"filename": "/c/json/default-0a1b/0.0.0/" + "f" * 64}])) is None
+
+
 def test_stdlib_alias_is_this_pythons_own_sources():
     src = resolve_source("stdlib")
     assert src.builder == "text" and src.files == stdlib_files() and len(src.files) > 50
@@ -117,3 +133,53 @@ def test_prefetch_keeps_order_and_raises_in_order():
     assert [next(got), next(got)] == [1, 2]
     with pytest.raises(UserError, match="bad row"):
         next(got)
+
+
+def test_text_files_stay_whole_documents_in_order(tmp_path):
+    """A window is one document's tokens in order, or the end of one, EOS, and the start of the next:
+    never a collage of paragraphs from several files (the shuffle moves whole files)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    n_files, per_file = 6, 90
+    vocab = {"<bos>": 0, "<eos>": 1, "<unk>": 2}
+    vocab.update({f"w{i}": 3 + i for i in range(n_files * per_file)})
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+    for f in range(n_files):
+        words = [f"w{f * per_file + j}" for j in range(per_file)]
+        # paragraphs separated by blank lines, and lines within them: none of these may split the file
+        paras = ["\n".join(" ".join(words[a + b:a + b + 5]) for b in range(0, 15, 5)) for a in range(0, per_file, 15)]
+        (tmp_path / f"doc{f}.txt").write_text("\n\n".join(paras) + "\n")
+    src = resolve_source(str(tmp_path))
+    assert len(src.files) == n_files
+    def files_in_order(seed):
+        windows = take(TokenWindows(src, 16, tk, len(tk), seed=seed), (n_files * (per_file + 1)) // 15)
+        assert (windows[:, 0] == 0).all()
+        for w in windows:  # within a window: consecutive ids of one file, broken only by EOS
+            for part in split_at_eos(w[1:].tolist()):
+                ids = [i - 3 for i in part]
+                assert ids == list(range(ids[0], ids[0] + len(ids))), w
+                assert len({i // per_file for i in ids}) == 1, w
+        # the whole stream is the files, each complete and in order, joined by EOS
+        docs = split_at_eos(windows[:, 1:].ravel().tolist())[:-1]  # the last one may be cut
+        order = [(d[0] - 3) // per_file for d in docs]
+        for f, d in zip(order, docs):
+            assert [i - 3 for i in d] == list(range(f * per_file, (f + 1) * per_file))
+        assert len(set(order)) == len(order) >= n_files - 1
+        return order
+
+    # the seed shuffles whole files
+    assert len({tuple(files_in_order(seed)) for seed in range(4)}) > 1
+
+
+def split_at_eos(ids, eos=1):
+    parts, cur = [], []
+    for i in ids:
+        if i == eos:
+            parts.append(cur)
+            cur = []
+        else:
+            cur.append(i)
+    return [p for p in parts + [cur] if p]

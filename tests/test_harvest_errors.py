@@ -115,3 +115,37 @@ def test_errors_in_a_real_process(existing, data, tmp_path):
     p = cli_subprocess(harvest_args(existing, data, hooks=HOOKS[:2]))
     assert_one_line_error(p.returncode, p.stderr, "already exists")
     assert snapshot(existing) == before and not (tmp_path / "n.zarr").exists()
+
+
+def test_ctrl_c_during_a_harvest_says_how_to_continue(data, tmp_path):
+    """SIGINT to a real harvest: one line saying to rerun with --resume, exit 130, and the store resumable."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from harvest_fixtures import ROOT, env
+
+    out = tmp_path / "i.zarr"
+    args = harvest_args(out, data, hooks=HOOKS[:1], tokens=2_000_000, batch=2, chunk=2)
+    p = subprocess.Popen([sys.executable, "-m", "actcache", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env(), cwd=ROOT)
+    from actcache.common.store import ActivationStore
+
+    def committed() -> int:
+        try:
+            return ActivationStore.open(str(out), "r").n_committed
+        except Exception:  # noqa: BLE001  (not created yet)
+            return 0
+
+    deadline = time.time() + 120
+    while committed() < 1 and p.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert p.poll() is None, p.communicate()  # inside the forward passes
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert p.returncode == 130, err
+    assert lines[-1] == "actcache: interrupted; rerun with --resume to continue", err
+    assert "Traceback" not in err and "aborted" not in err
+    assert committed() >= 1  # what was committed stays, for --resume

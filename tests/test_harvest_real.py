@@ -8,15 +8,15 @@ import torch
 from actcache.common.store import ActivationStore
 from actcache import HarvestConfig, harvest, verify
 from actcache.harvest.data import TokenWindows, resolve_source, stdlib_files
-from actcache.harvest.models import DEFAULT_MODEL, load_model
+from actcache.harvest.models import DEFAULT_MODEL
 
 pytestmark = pytest.mark.slow
 HOOKS = ["blocks.1.hook_resid_post", "blocks.2.attn.hook_z", "blocks.2.hook_mlp_out"]
 
 
 @pytest.fixture(scope="module")
-def model():
-    return load_model(DEFAULT_MODEL, device="cpu")
+def model(bundled_model):
+    return bundled_model.model  # loaded once per run (conftest)
 
 
 def test_bundled_model_info(model):

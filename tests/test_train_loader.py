@@ -6,7 +6,8 @@ import torch
 
 from actcache.common.store import ActivationStore
 from tests.synthetic import BOS_ID, make_store
-from actcache.train.loader import ActivationLoader, normalisation_scale, raw_read_rate, shuffle_quality
+from actcache.train.loader import ActivationLoader, normalisation_scale
+from benchmarks.loader_measures import raw_read_rate, shuffle_quality
 
 HOOK = "blocks.0.hook_resid_pre"
 

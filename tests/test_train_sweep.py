@@ -125,7 +125,7 @@ def test_python_api_matches_training_and_folds_normalisation(all_archs, store_ur
     from actcache.common.store import ActivationStore
     from actcache.train.config import load_config, resolve
     from actcache.train.loader import normalisation_scale
-    from actcache.train.saes import build_sae
+    from actcache.train.architectures import build_sae
 
     summary, out = all_archs
     store = ActivationStore.open(store_url)
@@ -169,16 +169,8 @@ torch.save(out, sys.argv[1] + ".out")
 """
 
 
-def saelens_python() -> str | None:
-    py = os.environ.get("ACTCACHE_SAELENS_PYTHON") or str(ROOT / ".venv-saelens" / "bin" / "python")
-    return py if Path(py).is_file() else None
-
-
-def test_saelens_loads_every_folder_and_encodes_identically(all_archs, store_url, tmp_path):
-    py = saelens_python()
-    if py is None:
-        pytest.skip("no SAELens environment: set ACTCACHE_SAELENS_PYTHON or run `make setup-saelens` "
-                    "(sae-lens needs transformer-lens < 4, so it lives in its own virtualenv)")
+def test_saelens_loads_every_folder_and_encodes_identically(saelens_python, all_archs, store_url, tmp_path):
+    py = saelens_python  # the conftest fixture: skips where there is no sae-lens environment
     from actcache.common.store import ActivationStore
 
     summary, _ = all_archs

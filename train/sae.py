@@ -1,18 +1,19 @@
 """A trained SAE for inference, in the SAELens v6 layout: cfg.json + sae_weights.safetensors.
 
 The API mirrors what SAELens users know: encode, decode, forward, W_enc [d_in, d_sae],
-W_dec [d_sae, d_in], b_enc, b_dec, cfg, save_model, load_from_disk. Architectures: standard, topk,
-jumprelu (also how batchtopk and matryoshka_batchtopk SAEs are exported) and gated."""
+W_dec [d_sae, d_in], b_enc, b_dec, cfg, save_model, load_from_disk. SAELens forms: standard, topk,
+jumprelu (also how batchtopk and matryoshka_batchtopk SAEs are exported) and gated; an architecture
+may register more (`register_inference_form`)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from ..common.errors import UserError
@@ -20,14 +21,75 @@ from ..common.errors import UserError
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 SPARSITY_FILENAME = "sparsity.safetensors"
-# the SAELens release whose on-disk format these folders follow (checked by the test suite)
+# the SAELens release whose on-disk format these folders follow
 SAELENS_FORMAT_VERSION = "6.54.12"
-WEIGHT_KEYS = {
-    "standard": ("W_enc", "b_enc", "W_dec", "b_dec"),
-    "topk": ("W_enc", "b_enc", "W_dec", "b_dec"),
-    "jumprelu": ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
-    "gated": ("W_enc", "b_gate", "b_mag", "r_mag", "W_dec", "b_dec"),
-}
+
+
+@dataclass(frozen=True)
+class InferenceForm:
+    """How an exported architecture (cfg.json "architecture") runs: its weights and its encoder.
+    encode(sae, x) returns the latent activations; decode is f @ W_dec + b_dec for every form."""
+
+    name: str
+    weight_keys: tuple[str, ...]
+    encode: Callable[["SAE", torch.Tensor], torch.Tensor]
+
+
+def _pre(sae: "SAE", x: torch.Tensor) -> torch.Tensor:
+    x = x.to(sae.W_enc.dtype)
+    if sae.cfg.apply_b_dec_to_input:
+        x = x - sae.b_dec
+    return x @ sae.W_enc
+
+
+def _encode_standard(sae, x):
+    return torch.relu(_pre(sae, x) + sae.b_enc)
+
+
+def _encode_jumprelu(sae, x):
+    pre = _pre(sae, x) + sae.b_enc
+    return torch.relu(pre) * (pre > sae.threshold)
+
+
+def _encode_topk(sae, x):
+    if sae.cfg.rescale_acts_by_decoder_norm:
+        raise UserError("rescale_acts_by_decoder_norm SAEs are not supported")
+    pre = _pre(sae, x) + sae.b_enc
+    vals, idx = pre.topk(int(sae.cfg.k), dim=-1, sorted=False)
+    return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+
+
+def _encode_gated(sae, x):
+    pre = _pre(sae, x)
+    active = (pre + sae.b_gate) > 0
+    return active * torch.relu(pre * sae.r_mag.exp() + sae.b_mag)
+
+
+# the SAELens v6 forms this package reads and writes; architectures may add forms
+# (train/architectures/base.py: a class's `inference_form`)
+INFERENCE_FORMS: dict[str, InferenceForm] = {}
+# weight names by form (a live view of INFERENCE_FORMS)
+WEIGHT_KEYS: dict[str, tuple[str, ...]] = {}
+
+
+def register_inference_form(form: InferenceForm) -> None:
+    known = INFERENCE_FORMS.get(form.name)
+    if known is not None and known != form:
+        raise ValueError(f"the SAELens form {form.name!r} is already registered differently")
+    INFERENCE_FORMS[form.name] = form
+    WEIGHT_KEYS[form.name] = form.weight_keys
+
+
+for _form in (InferenceForm("standard", ("W_enc", "b_enc", "W_dec", "b_dec"), _encode_standard),
+              InferenceForm("topk", ("W_enc", "b_enc", "W_dec", "b_dec"), _encode_topk),
+              InferenceForm("jumprelu", ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"), _encode_jumprelu),
+              InferenceForm("gated", ("W_enc", "b_gate", "b_mag", "r_mag", "W_dec", "b_dec"), _encode_gated)):
+    register_inference_form(_form)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file with the usual permissions (safetensors' save_file creates files 0600)."""
+    Path(path).write_bytes(save(tensors))
 
 
 class Metadata(dict):
@@ -71,8 +133,8 @@ class SAE(nn.Module):
 
     def __init__(self, cfg: SAEConfig, weights: dict[str, torch.Tensor]):
         super().__init__()
-        if cfg.architecture not in WEIGHT_KEYS:
-            raise UserError(f"architecture {cfg.architecture!r} cannot be loaded; known: {', '.join(WEIGHT_KEYS)}")
+        if cfg.architecture not in INFERENCE_FORMS:
+            raise UserError(f"architecture {cfg.architecture!r} cannot be loaded; known: {', '.join(INFERENCE_FORMS)}")
         if cfg.normalize_activations != "none" or cfg.reshape_activations != "none":
             raise UserError("only SAEs with normalize_activations and reshape_activations = 'none' are supported")
         missing = set(WEIGHT_KEYS[cfg.architecture]) - set(weights)
@@ -83,32 +145,14 @@ class SAE(nn.Module):
         for key in WEIGHT_KEYS[cfg.architecture]:
             self.register_parameter(key, nn.Parameter(weights[key].to(dtype=dtype, device=cfg.device),
                                                       requires_grad=False))
-        if cfg.architecture == "gated":
+        self.form = INFERENCE_FORMS[cfg.architecture]
+        if "b_enc" not in self.form.weight_keys:
             self.b_enc = None
 
     # ------------------------------------------------------------------ the maps
-    def _pre(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.W_enc.dtype)
-        if self.cfg.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return x @ self.W_enc
-
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latent activations [..., d_sae] of activations x [..., d_in]."""
-        arch = self.cfg.architecture
-        pre = self._pre(x)
-        if arch == "gated":
-            active = (pre + self.b_gate) > 0
-            return active * torch.relu(pre * self.r_mag.exp() + self.b_mag)
-        pre = pre + self.b_enc
-        if arch == "standard":
-            return torch.relu(pre)
-        if arch == "jumprelu":
-            return torch.relu(pre) * (pre > self.threshold)
-        vals, idx = pre.topk(int(self.cfg.k), dim=-1, sorted=False)
-        if self.cfg.rescale_acts_by_decoder_norm:
-            raise UserError("rescale_acts_by_decoder_norm SAEs are not supported")
-        return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+        return self.form.encode(self, x)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """The reconstruction [..., d_in] of latent activations f [..., d_sae]."""
@@ -124,7 +168,7 @@ class SAE(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         weights = {k: getattr(self, k).detach().contiguous().cpu() for k in WEIGHT_KEYS[self.cfg.architecture]}
         wpath, cpath = path / WEIGHTS_FILENAME, path / CFG_FILENAME
-        save_file(weights, str(wpath))
+        write_safetensors(weights, wpath)
         cpath.write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
         return wpath, cpath
 

@@ -8,24 +8,16 @@ from typing import Any
 
 import torch
 
+from ..common.device import pick_device  # noqa: F401  (also imported from here)
 from ..common.errors import UserError
 from ..common.progress import log
 from ..common.store import ActivationStore
 
 from .checkpoint import prepare_output
 from .config import SweepConfig, load_config, resolve
-from .export import evaluate, to_inference_sae, write_sae_folder, write_summary
+from .export import calibrate, evaluate, to_inference_sae, write_sae_folder, write_summary
 from .loader import ActivationLoader
 from .trainer import Trainer
-
-
-def pick_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return dev
 
 
 def train_sweep(store_url: str, config: str | Path | dict | SweepConfig, out: str | Path, resume: bool = False,
@@ -58,6 +50,7 @@ def train_sweep(store_url: str, config: str | Path | dict | SweepConfig, out: st
     finally:
         loader.close()
 
+    calibrate([m.sae for m in trainer.members], store, cfg, dev)
     exported = {m.cfg.name: to_inference_sae(m.sae, loader.scale, store, cfg) for m in trainer.members}
     results = evaluate(exported, store, cfg, dev)
     rows = []

@@ -23,7 +23,7 @@ from ..common.seeding import generator
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SAEConfig, SweepConfig
 from .loader import ActivationLoader
-from .saes import TrainingSAE, build_sae
+from .architectures import TrainingSAE, build_sae
 
 AUX_REFRESH_STEPS = 25  # how often the host looks at whether any latent is dead (switches AuxK on)
 
@@ -191,7 +191,7 @@ class Trainer:
 
     def _refresh_aux(self) -> None:
         for m in self.members:
-            if m.sae.architecture in ("topk", "batchtopk", "matryoshka_batchtopk"):
+            if m.sae.uses_auxk:
                 m.aux_on = bool((m.since_fired >= self.cfg.dead_window_tokens).any())
         self.check_finite()
 
@@ -207,8 +207,7 @@ class Trainer:
                    "l0": float(out.l0), "mse": float(err / x.shape[0]), "fvu": fvu, "explained_variance": 1 - fvu,
                    "dead_fraction": float(out.extra["dead_fraction"]), "lr": float(out.extra["lr"]),
                    "sparsity_factor": sparsity_factor(m.cfg, self.step)}
-            if hasattr(m.sae, "topk_threshold"):
-                row["topk_threshold"] = float(m.sae.topk_threshold)
+            row.update(m.sae.log_values())
             with open(m.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
