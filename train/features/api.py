@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from ...common import location
+from ...common.device import pick_device
 from ...common.errors import StoreError, UserError, first_line
 from ...common.progress import log, token_bar
 from ...common.store import ActivationStore
 from ..sae import CFG_FILENAME, SAE
-from ..sweep import pick_device
 from .contexts import LatentAccumulator, LatentStats, logit_effects
 
 FORMAT = "actcache-features"
