@@ -295,3 +295,14 @@ def test_command_loads_the_model_for_logit_effects(trained, tmp_path):
     assert "topk4: d_sae 48" in r.output and ", logit effects" in r.output, r.output
     rec = json.loads((out / "saes/topk4/blocks/00000.json").read_text())["latents"][0]
     assert len(rec["logits"]["positive"]) == 10 and rec["logits"]["positive"][0][1] >= rec["logits"]["negative"][0][1]
+
+
+def test_benchmark_reports_the_fraction_of_the_encoder_rate(tmp_path):
+    from benchmarks import bench_features
+
+    url = tmp_path / "b.zarr"
+    make_store(url, d=D, n_sequences=32, context_size=16, chunk_sequences=8)
+    r = bench_features.run(str(url), bench_features.synthetic_saes(D, 64, 4), tokens=400, repeats=1)
+    assert r["tokens"] == 25 * 15  # 25 sequences, BOS left out
+    assert r["encode_tokens_per_s"] > 0 and r["pass_tokens_per_s"] > 0
+    assert r["pass_fraction_of_encode"] == pytest.approx(r["pass_tokens_per_s"] / r["encode_tokens_per_s"])
