@@ -114,6 +114,19 @@ class LatentAccumulator:
     @torch.no_grad()
     def update(self, f: torch.Tensor, token: torch.Tensor) -> None:
         """f: latent activations [B, d_sae]; token: int64 [B], the store row of each activation."""
+        if f.device.type != "cpu" or torch.get_num_threads() == 1:
+            return self._update(f, token)
+        # on the CPU the bookkeeping is many small operations on the batch's non-zero entries:
+        # one thread does them several times faster than a team that must meet at every one
+        # (measured: 4-8x on a busy 2-core machine), and leaves the cores to the encoder
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            self._update(f, token)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _update(self, f: torch.Tensor, token: torch.Tensor) -> None:
         self.n_tokens += int(f.shape[0])
         r, lat = (f > 0).nonzero(as_tuple=True)
         if lat.numel() == 0:
