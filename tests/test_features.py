@@ -241,7 +241,7 @@ def test_bad_input_one_line(trained, tmp_path):
     no_tokens = tmp_path / "notok.zarr"
     make_store(no_tokens, d=16, n_sequences=16, context_size=8, chunk_sequences=8)
     del ActivationStore.open(no_tokens, "r+").group["tokens"]
-    with pytest.raises(UserError, match="holds no token ids"):
+    with pytest.raises(UserError, match="tokens: missing .*run `actcache verify"):  # opening the store checks it
         write_features(trained / "run", tmp_path / "d", store=str(no_tokens), progress=False)
     assert not any((tmp_path / n).exists() for n in "abcd")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind

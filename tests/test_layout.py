@@ -47,3 +47,23 @@ def test_a_users_own_train_py_or_common_py_does_not_shadow_the_package(tmp_path)
     p = subprocess.run([sys.executable, "-m", "actcache", "--help"], capture_output=True, text=True, env=env(),
                        cwd=tmp_path, timeout=300)
     assert p.returncode == 0 and "harvest" in p.stdout and "train" in p.stdout
+
+
+def test_every_subpackage_is_installed():
+    """pyproject lists packages by hand (the folders map onto actcache.*): a new folder must be listed."""
+    import sys as _sys
+    from pathlib import Path
+
+    if _sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"actcache"}
+    for stage in ("common", "harvest", "train"):
+        for init in (root / stage).rglob("__init__.py"):
+            rel = init.parent.relative_to(root).parts
+            found.add(".".join(("actcache",) + rel))
+    assert found == listed

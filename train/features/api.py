@@ -28,7 +28,7 @@ from ...common.device import pick_device
 from ...common.errors import StoreError, UserError, first_line
 from ...common.progress import log, token_bar
 from ...common.store import ActivationStore
-from ..sae import CFG_FILENAME, SAE
+from ...common.sae import CFG_FILENAME, SAE
 from .contexts import LatentAccumulator, LatentStats, logit_effects
 
 FORMAT = "actcache-features"
@@ -112,11 +112,10 @@ def choose_sequences(store: ActivationStore, held_out: bool, tokens: int | None,
     """The sequences [a, b) to read and a word for them: the store's held-out range by default
     (or the run's own, for stores that predate it), every committed sequence with held_out=False."""
     m = store.manifest
-    committed = min(store.n_committed * m.chunk_sequences, m.n_sequences)
+    committed = store.n_committed_sequences
     a, b, what = 0, committed, "all"
     if held_out:
-        rng = getattr(store, "held_out_range", None)
-        rng = rng() if callable(rng) else None
+        rng = store.held_out_range()
         if rng is None and meta:
             rng = _range_of(meta.get("held_out"))
         if rng is None:
@@ -130,8 +129,6 @@ def choose_sequences(store: ActivationStore, held_out: bool, tokens: int | None,
     if b <= a:
         raise StoreError(f"{store.url} has no committed sequence in the {what} range [{a}, {b}); "
                          "finish the harvest or pass --all")
-    if "tokens" not in store.group:
-        raise StoreError(f"{store.url} holds no token ids (no 'tokens' array); top contexts need them")
     return a, b, what
 
 
@@ -430,7 +427,7 @@ def write_features(run: str | Path, out: str | Path, store: str | None = None, s
         n_tokens = next(iter(stats.values())).n_tokens
         summary = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "store": st.url,
-            "store_fingerprint": getattr(st.manifest, "fingerprint", None), "model": st.manifest.model.name,
+            "store_fingerprint": st.manifest.fingerprint, "model": st.manifest.model.name,
             "sequences": [a, b], "range": what, "n_tokens": n_tokens,
             "special_tokens_skipped": special_ids(st) if opts.skip_special_tokens else [],
             "top": opts.top, "window": [opts.window_before, opts.window_after], "histogram_bins": opts.n_bins,
