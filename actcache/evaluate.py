@@ -143,20 +143,36 @@ def _same_store(store: Any, url: str | None, fingerprint: str | None) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def _ranges(value: Any) -> list[tuple[int, int]]:
+    """Held-out ranges as a run or an SAE records them: None, [a, b], {"start_sequence": a, ...} or a list."""
+    if not value:
+        return []
+    if isinstance(value, dict):
+        a, b = value.get("start_sequence"), value.get("stop_sequence")
+        return [(int(a), int(b))] if a is not None and b is not None else []
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return [(int(value[0]), int(value[1]))]
+    if isinstance(value, (list, tuple)):
+        return [r for v in value for r in _ranges(v)]
+    return []
+
+
 def training_ranges(run: dict[str, Any], store: Any) -> list[tuple[int, int]]:
-    """The store sequences a run could have trained on: its committed chunks minus its held-out range."""
+    """The store sequences a run could have trained on: its committed chunks minus its held-out ranges."""
     cs = store.manifest.chunk_sequences
     chunks = run.get("store_chunks")
     n = min(int(chunks) * cs, store.manifest.n_sequences) if chunks is not None else committed_sequences(store)
-    held = run.get("held_out")
-    if isinstance(held, dict):
-        held = (held.get("start_sequence"), held.get("stop_sequence"))
-    if not held and isinstance(run.get("config"), dict):
-        held = run["config"].get("held_out")
-    if held and held[0] is not None:
-        a, b = int(held[0]), int(held[1])
-        return [r for r in ((0, min(a, n)), (min(b, n), n)) if r[1] > r[0]]
-    return [(0, n)] if n else []
+    held = _ranges(run.get("held_out"))
+    if isinstance(run.get("config"), dict):
+        held += _ranges(run["config"].get("held_out"))
+    out, pos = [], 0
+    for a, b in sorted(held):
+        if a > pos:
+            out.append((pos, min(a, n)))
+        pos = max(pos, b)
+    if pos < n:
+        out.append((pos, n))
+    return [(a, b) for a, b in out if b > a]
 
 
 def check_overlap(targets: Sequence[Target], store: Any, rng: tuple[int, int]) -> None:
@@ -197,13 +213,19 @@ def run_info(targets: Sequence[Target]) -> dict[str, Any]:
     return out
 
 
-def model_spec_of(targets: Sequence[Target], store: Any) -> str:
+def check_model(targets: Sequence[Target], store: Any, spec: str, force: bool) -> None:
+    """Refuse a model other than the one the store was harvested from, or one an SAE names, unless forced."""
+    if force:
+        return
+    stored = store.manifest.model.name
+    if spec != stored:
+        raise UserError(f"the store {store.url} was harvested from {stored}, not {spec}: "
+                        "its tokens may mean nothing to that model (pass --force to evaluate anyway)")
     for t in targets:
-        meta = t.sae.cfg.metadata
-        spec = meta.get("model_spec")
-        if spec:
-            return spec
-    return store.manifest.model.name
+        named = t.sae.cfg.metadata.get("model_spec")
+        if named and named != spec:
+            raise UserError(f"SAE {t.folder} was trained on activations of {named}, not of {spec} "
+                            "(pass --force to evaluate it anyway)")
 
 
 def windows(store: Any, rng: tuple[int, int], tokens: int | None) -> tuple[np.ndarray, tuple[int, int]]:
@@ -230,11 +252,11 @@ def evaluate(run_or_sae_folders: Sequence[str | os.PathLike] = (), *, sae_dirs: 
              store: str | None = None, model: str | Any | None = None, tokens: int | None = None,
              batch_size: int = 8, device: str | None = None, include_special_tokens: bool = False,
              held_out: str | tuple[int, int] | None = None, force: bool = False, dtype: str = "float32",
-             write: bool = False, progress: bool = False) -> list[dict[str, Any]]:
+             write: bool = False) -> list[dict[str, Any]]:
     """Evaluate every SAE of the run folders, SAE folders and sae_dirs on held-out windows of a store.
 
     store: the store URL (default: the run's). model: a model spec or a loaded HookedModel (default:
-    the SAE's metadata.model_spec, else the store's model). tokens: at most this many tokens scored.
+    the model the store was harvested from). tokens: at most this many tokens scored.
     held_out: 'START:STOP' in sequences (default: the store's held-out part). force: accept a model
     other than the store's. write: also write eval.json per SAE and the run's summary columns.
     Returns one record per SAE (see the README's evaluation section for the fields)."""
@@ -256,15 +278,13 @@ def evaluate(run_or_sae_folders: Sequence[str | os.PathLike] = (), *, sae_dirs: 
     check_overlap(targets, st, rng)
     toks, scored = windows(st, rng, tokens)
 
-    stored_model = st.manifest.model.name
     if isinstance(model, str) or model is None:
-        spec = model or model_spec_of(targets, st)
-        if model is not None and spec != stored_model and not force:
-            raise UserError(f"the store {store_url} was harvested from {stored_model}, not {spec}: "
-                            "its tokens may mean nothing to that model (pass --force to evaluate anyway)")
+        spec = model or st.manifest.model.name
+        check_model(targets, st, spec, force)
         hm = load_model(spec, device=device, dtype=dtype)
     else:
         hm = model
+        check_model(targets, st, hm.info.name, force)
     for t in targets:
         t.sae.to(device)
 
