@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from actcache.train.sae import SAE, Metadata, SAEConfig
+from benchmarks.bench_eval import save_plain_hf
 
 from harvest_fixtures import ROOT, env
 
@@ -125,11 +126,21 @@ def _independent(hf, tokens, sae, special):
 
 @pytest.fixture(scope="module")
 def ours(hf_model, windows, pca_sae):
-    from actcache.harvest.evaluate import downstream_metrics
-    from actcache.harvest.models import DEFAULT_MODEL, load_model
+    import copy
 
-    model = load_model(DEFAULT_MODEL, device="cpu")
-    special = _special(hf_model[1])
+    from actcache.common.manifest import ModelInfo
+    from actcache.harvest.evaluate import downstream_metrics
+    from actcache.harvest.models import DEFAULT_MODEL, HookedModel, _wrap_hf
+
+    hf, tok = hf_model
+    # the bridge over a copy of the same weights (loading the GGUF file again costs most of this test's time);
+    # the bridge replaces the copy's layers, the reference keeps its own
+    tl = _wrap_hf(DEFAULT_MODEL, copy.deepcopy(hf), tok, "cpu", torch.float32).eval()
+    c = hf.config
+    model = HookedModel(tl, ModelInfo(name=DEFAULT_MODEL, d_model=c.hidden_size, n_layers=c.num_hidden_layers,
+                                      n_ctx=2048), tok, "cpu")
+    assert not any(type(m).__name__ == "BlockBridge" for m in hf.modules())
+    special = _special(tok)
     return downstream_metrics(model, [windows[:2], windows[2:]], {"pca": pca_sae[0]}, special_ids=special)["pca"]
 
 
@@ -143,27 +154,11 @@ def test_scores_agree_with_transformers_forward_hooks(hf_model, windows, pca_sae
     assert ours["kl_div_with_sae"] == pytest.approx(ref["kl_div_with_sae"], rel=1e-2)
 
 
-def _save_plain(hf, tok, folder: Path) -> None:
-    """The dequantised weights as a plain Hugging Face folder (save_pretrained refuses GGUF-loaded models)."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True)
-    cfg = hf.config.to_dict()
-    cfg.pop("quantization_config", None)
-    cfg["architectures"] = ["LlamaForCausalLM"]
-    (folder / "config.json").write_text(json.dumps(cfg))
-    state = {k: v.detach().clone().contiguous() for k, v in hf.state_dict().items()}
-    if hf.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    tok.save_pretrained(folder)
-
-
 @pytest.mark.skipif(not os.environ.get("ACTCACHE_SAELENS_PYTHON"), reason="needs ACTCACHE_SAELENS_PYTHON (sae-lens env)")
 def test_scores_agree_with_saelens_run_evals(hf_model, windows, pca_sae, ours, tmp_path):
     hf, tok = hf_model
     folder = tmp_path / "hf"
-    _save_plain(hf, tok, folder)
+    save_plain_hf(hf, tok, folder)
     np.save(tmp_path / "toks.npy", windows.numpy())
     res = subprocess.run([os.environ["ACTCACHE_SAELENS_PYTHON"], "benchmarks/eval_saelens_side.py", "--hf-folder",
                           str(folder), "--tokens", str(tmp_path / "toks.npy"), "--sae", str(pca_sae[1]), "--batch", "2",
