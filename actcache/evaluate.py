@@ -110,14 +110,20 @@ def committed_sequences(store: Any) -> int:
     return min(store.n_committed * store.manifest.chunk_sequences, store.manifest.n_sequences)
 
 
-def held_out_range(store: Any, held_out: str | tuple[int, int] | None) -> tuple[int, int]:
-    """The evaluation range of the store: the one named, else the store's own held-out part."""
+def held_out_range(store: Any, held_out: str | tuple[int, int] | None,
+                   targets: Sequence[Target] = ()) -> tuple[int, int]:
+    """The evaluation range of the store: the one named, else the store's own held-out part, else (a
+    second store, when every target names the store it trained on and none is this one) all of it."""
     if held_out is not None:
         rng = parse_range(held_out) if isinstance(held_out, str) else (int(held_out[0]), int(held_out[1]))
         if rng[1] <= rng[0]:
             raise UserError(f"the held-out range {rng[0]}:{rng[1]} is empty")
     else:
         rng = getattr(store, "held_out_range", lambda: None)()
+        sources = training_sources(targets)
+        trained_here = any(_same_store(store, i.get("store"), i.get("store_fingerprint")) for _, i in sources)
+        if rng is None and sources and not trained_here:
+            rng = (0, committed_sequences(store))
         if rng is None:
             raise UserError(f"the store {store.url} has no held-out part: name one with --held-out START:STOP "
                             "(sequences the run did not train on) or pass a second store with --store")
@@ -175,22 +181,30 @@ def training_ranges(run: dict[str, Any], store: Any) -> list[tuple[int, int]]:
     return [(a, b) for a, b in out if b > a]
 
 
-def check_overlap(targets: Sequence[Target], store: Any, rng: tuple[int, int]) -> None:
-    """Refuse an evaluation range that overlaps tokens a run (or an SAE's training) read from this store."""
+def training_sources(targets: Sequence[Target]) -> list[tuple[str, dict[str, Any]]]:
+    """(who, what it trained on) for each run of the targets, and for each SAE outside a run whose
+    metadata names its store: {"store", "store_fingerprint", "held_out", "store_chunks"?}."""
+    out: list[tuple[str, dict[str, Any]]] = []
     seen: set[Path] = set()
     for t in targets:
-        info = None
-        if t.run is not None and t.run not in seen:
+        if t.run is not None:
+            if t.run in seen:
+                continue
             seen.add(t.run)
             info = _read_json(t.run / RUN_FILE)
-            where = f"run {t.run}"
-        if info is None:
-            meta = dict(t.sae.cfg.metadata)
-            if not (meta.get("store_fingerprint") or meta.get("store")):
+            if info is not None:
+                out.append((f"run {t.run}", info))
                 continue
-            info = {"store": meta.get("store"), "store_fingerprint": meta.get("store_fingerprint"),
-                    "held_out": meta.get("held_out")}
-            where = f"SAE {t.folder}"
+        meta = dict(t.sae.cfg.metadata)
+        if meta.get("store_fingerprint") or meta.get("store"):
+            out.append((f"SAE {t.folder}", {"store": meta.get("store"), "store_fingerprint": meta.get("store_fingerprint"),
+                                            "held_out": meta.get("held_out")}))
+    return out
+
+
+def check_overlap(targets: Sequence[Target], store: Any, rng: tuple[int, int]) -> None:
+    """Refuse an evaluation range that overlaps tokens a run (or an SAE's training) read from this store."""
+    for where, info in training_sources(targets):
         if not _same_store(store, info.get("store"), info.get("store_fingerprint")):
             continue
         for a, b in training_ranges(info, store):
@@ -274,7 +288,7 @@ def evaluate(run_or_sae_folders: Sequence[str | os.PathLike] = (), *, sae_dirs: 
     if not store_url:
         raise UserError("no store to evaluate on: these SAEs come from no run that names one; pass --store URL")
     st = ActivationStore.open(store_url)
-    rng = held_out_range(st, held_out)
+    rng = held_out_range(st, held_out, targets)
     check_overlap(targets, st, rng)
     toks, scored = windows(st, rng, tokens)
 

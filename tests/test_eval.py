@@ -129,7 +129,7 @@ def _run_folder(tmp_path, store_url, saes, run_json):
     return run
 
 
-def test_cli_writes_eval_json_summary_columns_and_plot(tmp_path, store_url, capfd):
+def test_cli_writes_eval_json_summary_columns_and_plot(tmp_path, store_url, capfd, monkeypatch):
     run = _run_folder(tmp_path, store_url, {"a": make_sae("random"), "b": make_sae("topk")},
                       {"store": str(tmp_path / "other.zarr"), "store_chunks": 16})
     code, out, err = run_cli(["eval", str(run), "--store", store_url, "--held-out", "100:128", "--tokens", "128",
@@ -144,6 +144,11 @@ def test_cli_writes_eval_json_summary_columns_and_plot(tmp_path, store_url, capf
     assert summary["saes"][1]["eval"]["l0"] == pytest.approx(4.0)
     assert "CE loss score" in (run / "summary.md").read_text()
     assert (run / "frontier_ce.png").stat().st_size > 0
+    # a second store the run did not train on, without a held-out part: all of it is held out
+    monkeypatch.setattr(ActivationStore, "held_out_range", lambda self: None, raising=False)
+    code, out, err = run_cli(["eval", str(run / "a"), "--store", store_url, "--tokens", "32", "--json"], capfd)
+    assert code == 0, err
+    assert json.loads(out)[0]["held_out"] == {"start_sequence": 0, "stop_sequence": 128}
 
 
 def _refused(args, capfd, words, *folders):
@@ -179,5 +184,6 @@ def test_cli_refuses_bad_input(tmp_path, store_url, capfd, monkeypatch):
     _refused(["eval", str(ok), "--store", store_url], capfd, ["no held-out part", "--held-out"], ok)
     run = _run_folder(tmp_path, store_url, {"a": make_sae("random")},
                       {"store": store_url, "store_chunks": 16, "held_out": [112, 128]})
+    _refused(["eval", str(run)], capfd, ["no held-out part"], run / "a")  # the run's own store: no default range
     _refused(["eval", str(run), "--held-out", "100:120"], capfd, ["sequences 100:112", "training tokens of run"],
              run / "a")
