@@ -73,13 +73,12 @@ class HarvestResult:
 
 
 # ---------------------------------------------------------------------------------------------- harvest
-def harvest(cfg: HarvestConfig, progress: bool = True, model: HookedModel | None = None,
-            storage_options: dict | list[str] | None = None) -> HarvestResult:
+def harvest(cfg: HarvestConfig, progress: bool = True, model: HookedModel | None = None) -> HarvestResult:
     """Harvest activations into cfg.out (see HarvestConfig). Resumable: rerun with resume=True.
     `model`: the result of load_model(cfg.model, ...) when the caller has it loaded already.
-    `storage_options`: fsspec options for an s3:// store (endpoint_url, key, secret, profile ...),
-    beside the standard AWS chain; they are never written anywhere."""
-    with location.storage_options(storage_options):
+    cfg.storage_options (key=value strings, or a dict): fsspec options for an s3:// store
+    (endpoint_url, key, secret, profile ...), beside the standard AWS chain; never written anywhere."""
+    with location.storage_options(cfg.storage_options):
         return _harvest(cfg, progress, model)
 
 

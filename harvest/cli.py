@@ -7,7 +7,6 @@ from typing import Any, Callable
 
 import click
 
-from ..common.commands import storage_option
 from ..common.distributed import env_rank
 from ..common.progress import parse_count
 
@@ -51,7 +50,6 @@ def click_option(f: dataclasses.Field) -> Callable:
 
 
 def _command(fn: Callable) -> click.Command:
-    fn = storage_option(fn)
     for f in reversed(fields_with_options()):
         fn = click_option(f)(fn)
     return click.command("harvest")(fn)
@@ -61,7 +59,6 @@ def _command(fn: Callable) -> click.Command:
 def harvest_command(**options: Any) -> None:
     """Run a model once over a dataset; write the activations of its hooks to a compressed Zarr store."""
     options["hooks"] = list(options["hooks"])
-    storage = list(options.pop("storage_options"))
-    result = harvest(HarvestConfig(**options), storage_options=storage)
+    result = harvest(HarvestConfig(**options))
     if env_rank() == 0:  # under torchrun, rank 0 speaks for the job
         click.echo(result.summary())
