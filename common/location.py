@@ -169,7 +169,7 @@ def storage_error(e: BaseException, url: str | os.PathLike, doing: str = "access
                          "AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and the bucket's permissions")
     if any(k in text for k in ("EndpointConnectionError", "Could not connect", "Connection refused",
                                "ClientConnectorError", "ConnectTimeout", "ReadTimeout", "ServerDisconnected")):
-        return UserError(f"cannot reach the storage server for {url}: check that it is up and the endpoint "
+        return UserError(f"cannot reach the storage server while {doing} {url}: check that it is up and the endpoint "
                          "(AWS_ENDPOINT_URL) is right, then rerun (add --resume where the work had begun)")
     culprit = os_err or e
     return UserError(f"{doing} {url} failed ({type(culprit).__name__}: {first_line(culprit)}); fix the cause and "
