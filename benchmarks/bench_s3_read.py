@@ -42,6 +42,19 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in part.lower().split("x")) for part in text.split(",") if part]
 
 
+def command(args: list[str]) -> str:
+    """The command that reproduces a run: its arguments less those naming this machine's folders."""
+    keep, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in ("--work", "--out"):
+            skip = True
+        elif not arg.startswith(("--work=", "--out=")):
+            keep.append(arg)
+    return " ".join(["python -m benchmarks.bench_s3_read"] + keep)
+
+
 def build(folder: Path, tokens: int, d: int, context: int, chunk_sequences: int, codec: str) -> str:
     path = folder / "acts" / f"d{d}-{tokens}-{codec}.zarr"
     if not (path / "zarr.json").exists():
@@ -84,7 +97,7 @@ def run(tokens: int = 131072, d: int = 768, context: int = 128, chunk_sequences:
                      "host": socket.gethostname().split(".")[0] or "host", "cores": os.cpu_count(),
                      "cpu": platform.processor() or platform.machine(), "tokens": tokens, "d": d,
                      "context": context, "chunk_sequences": chunk_sequences, "codec": codec, "seconds": seconds,
-                     "batch_size": batch_size, "command": "python -m benchmarks.bench_s3_read " + " ".join(sys.argv[1:])},
+                     "batch_size": batch_size, "command": command(sys.argv[1:])},
             "rows": rows}
 
 
@@ -116,6 +129,7 @@ def markdown(res: dict) -> str:
                           + (f", obstore/local {o['tokens_per_s'] / loc['tokens_per_s']:.2f}" if loc else ""))
     if ratios:
         lines += ["", "Ratios (tokens/s, same setting, measured back to back): " + "; ".join(ratios) + "."]
+    lines += [f"\nNote: {n}" for n in m.get("notes") or []]
     return "\n".join(lines) + "\n"
 
 
@@ -130,9 +144,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--work", help="folder for the store (reused when it is there)")
     ap.add_argument("--out", default=str(RESULTS / "s3-read"), help="results stem: writes .md and .json")
+    ap.add_argument("--note", action="append", default=[], help="a line for the report (e.g. the machine was shared)")
     a = ap.parse_args(argv)
     res = run(parse_count(a.tokens), a.d, chunk_sequences=a.chunk_sequences, codec=a.codec,
               settings=parse_settings(a.settings), seconds=a.seconds, batch_size=a.batch_size, work=a.work)
+    res["meta"]["notes"] = a.note
     md = markdown(res)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

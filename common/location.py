@@ -41,7 +41,9 @@ def open_store(url: str | os.PathLike, read_only: bool = False, storage_options:
 
 
 def s3_read_backend() -> str:
-    """The zarr store that reads s3://: ACTCACHE_S3_BACKEND if set, else obstore when installed, else fsspec."""
+    """The zarr store that reads s3://: ACTCACHE_S3_BACKEND if set; else obstore when it is installed,
+    unless the keys can only come from an AWS profile (obstore reads neither AWS_PROFILE nor
+    ~/.aws/credentials), where s3fs (botocore's full credential chain) reads."""
     chosen = os.environ.get("ACTCACHE_S3_BACKEND", "").strip().lower()
     if chosen and chosen not in ("obstore", "fsspec"):
         raise UserError(f"ACTCACHE_S3_BACKEND={chosen!r}: use obstore or fsspec")
@@ -49,7 +51,11 @@ def s3_read_backend() -> str:
         return chosen
     import importlib.util
 
-    return "obstore" if importlib.util.find_spec("obstore") else "fsspec"
+    if importlib.util.find_spec("obstore") is None:
+        return "fsspec"
+    profile = os.environ.get("AWS_PROFILE") or Path(
+        os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")).expanduser().exists()
+    return "fsspec" if profile and not os.environ.get("AWS_ACCESS_KEY_ID") else "obstore"
 
 
 def _obstore_store(url: str, options: dict) -> Store:

@@ -117,3 +117,18 @@ def test_unknown_s3_backend_is_one_line(monkeypatch):
     monkeypatch.setenv("ACTCACHE_S3_BACKEND", "boto")
     with pytest.raises(UserError, match="ACTCACHE_S3_BACKEND"):
         location.open_store("s3://acts/x.zarr", read_only=True)
+
+
+def test_s3_reader_is_obstore_unless_keys_come_only_from_a_profile(monkeypatch, tmp_path):
+    pytest.importorskip("obstore")
+    monkeypatch.delenv("ACTCACHE_S3_BACKEND", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    assert location.s3_read_backend() == "obstore"
+    monkeypatch.setenv("AWS_PROFILE", "research")
+    assert location.s3_read_backend() == "obstore"  # keys in the environment win over the profile
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    assert location.s3_read_backend() == "fsspec"  # obstore cannot read the profile
+    monkeypatch.setenv("ACTCACHE_S3_BACKEND", "obstore")
+    assert location.s3_read_backend() == "obstore"
