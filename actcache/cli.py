@@ -11,7 +11,7 @@ import sys
 import click
 
 from .common.errors import UserError
-from .common.progress import setup_logging
+from .common.progress import log, setup_logging
 
 # name -> "module:attribute"; each is imported only when its command runs
 SUBCOMMANDS = {
@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "verify": "actcache.common.commands:verify_command",
     "train": "actcache.train.cli:train_command",
     "bench-read": "actcache.train.bench_read:bench_read_command",
+    "features": "actcache.train.features_cli:features_command",
 }
 
 
@@ -42,7 +43,22 @@ class LazyGroup(click.Group):
 def cli(ctx: click.Context, verbose: bool) -> None:
     """Harvest language-model activations once; train many sparse autoencoders from them."""
     setup_logging(verbose)
-    ctx.obj = {"verbose": verbose}
+    ctx.obj = {"verbose": verbose, "load_unembedding": load_unembedding}
+
+
+def load_unembedding(model_spec: str, tokenizer_spec: str | None = None):
+    """(W_U [d_model, d_vocab], tokenizer) of a model spec, for store-side commands that show logit
+    effects and token strings: train/ never imports harvest/, so the top layer loads the model."""
+    from .harvest.models import load_model, load_tokenizer
+
+    m = load_model(model_spec, device="cpu")
+    tok = m.tokenizer
+    if tok is None and tokenizer_spec:
+        try:
+            tok = load_tokenizer(tokenizer_spec)
+        except UserError as e:
+            log.warning(f"token ids instead of strings: {e}")
+    return m.tl.W_U.detach().float(), tok
 
 
 @cli.command("demo")

@@ -15,8 +15,8 @@ def info(url: str | os.PathLike) -> dict[str, Any]:
     """A JSON-ready description of the store at url (committed chunks only)."""
     store = ActivationStore.open(url, "r")
     m = store.manifest
-    n_seq = min(m.n_sequences, store.n_committed * m.chunk_sequences)
-    n_tokens = n_seq * m.context_size
+    n_seq = store.n_committed_sequences
+    n_tokens = store.n_committed_tokens
     act_bytes = store.nbytes_stored("activations")
     raw = n_tokens * sum(h.d for h in m.hooks) * 2
     hooks = {}
@@ -42,6 +42,8 @@ def info(url: str | os.PathLike) -> dict[str, Any]:
         "activation_bytes": act_bytes,
         "raw_float16_bytes": raw,
         "compression_ratio": raw / act_bytes if act_bytes else None,
+        "fingerprint": m.fingerprint,
+        "held_out": m.held_out,
         "hooks": hooks,
         "manifest": m.to_dict(),
     }
@@ -62,9 +64,24 @@ def format_info(d: dict[str, Any]) -> str:
         f"prepend_bos {m['prepend_bos']}, {m['chunk_sequences']} sequences per chunk)",
         f"size       {human_bytes(d['bytes_on_disk'])} on disk; activations {human_bytes(d['activation_bytes'])} "
         f"vs {human_bytes(d['raw_float16_bytes'])} raw float16 = {ratio} (codec {m['codec']}, overflow {m['overflow']})",
+        f"held out   {_held_out(d, m)}",
+        f"fingerprint {d['fingerprint'] or _no_fingerprint(d, m)}",
         "hooks",
     ]
     for name, h in d["hooks"].items():
         lines.append(f"  {name}  d={h['d']}  mean norm {h['mean_norm']:.4g}  max |x| {h['max_abs']:.4g}  "
                      f"mean var {h['mean_of_var']:.4g}  non-finite {h['n_nonfinite']}")
     return "\n".join(lines)
+
+
+def _held_out(d: dict[str, Any], m: dict[str, Any]) -> str:
+    h = d["held_out"]
+    if not h:
+        return "none (format 1 store, or harvested with --held-out 0): name a range to leave out of training"
+    a, b = h["start_sequence"], h["stop_sequence"]
+    return (f"sequences {a:,}..{b:,} ({(b - a) * m['context_size']:,} tokens, the last "
+            f"{-(-(b - a) // m['chunk_sequences'])} chunk(s)): for evaluation, never trained on")
+
+
+def _no_fingerprint(d: dict[str, Any], m: dict[str, Any]) -> str:
+    return "none (format 1 store)" if m["format_version"] < 2 else "none yet (written when the harvest completes)"

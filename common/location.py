@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 from zarr.abc.store import Store
 from zarr.storage import FsspecStore, LocalStore
@@ -22,6 +24,18 @@ def local_path(url: str | os.PathLike) -> Path:
     return Path(s[len("file://"):] if s.startswith("file://") else s).expanduser()
 
 
+def _quiet_async_noise() -> None:
+    """aiohttp (under s3fs) leaves tasks whose failure nobody awaits when a server goes away; asyncio then
+    prints their tracebacks through logging's last-resort handler, beside our one-line error. A
+    NullHandler on the asyncio logger stops that last resort; an application that configures logging
+    still receives those records through its own handlers."""
+    import logging
+
+    lg = logging.getLogger("asyncio")
+    if not any(isinstance(h, logging.NullHandler) for h in lg.handlers):
+        lg.addHandler(logging.NullHandler())
+
+
 def open_store(url: str | os.PathLike, read_only: bool = False, storage_options: dict | None = None) -> Store:
     """A zarr Store for a location. Endpoint and keys of S3 come from the usual AWS environment
     variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_DEFAULT_REGION...); storage_options (s3fs's
@@ -31,6 +45,7 @@ def open_store(url: str | os.PathLike, read_only: bool = False, storage_options:
     if not is_remote(url):
         return LocalStore(local_path(url), read_only=read_only)
     s = str(url)
+    _quiet_async_noise()
     options = {**_fs_options(s), **(storage_options or {})}
     try:
         if read_only and s.startswith("s3://") and s3_read_backend() == "obstore":
@@ -79,15 +94,17 @@ def exists(url: str | os.PathLike) -> bool:
     if not is_remote(url):
         p = local_path(url)
         return p.exists() and (p.is_file() or any(p.iterdir()))
-    fs, path = remote_fs(url)
-    try:
-        return bool(fs.exists(path) and (fs.isfile(path) or fs.ls(path)))
-    except FileNotFoundError:
-        return False
+    with storage_errors(url, "looking at"):
+        fs, path = remote_fs(url)
+        try:
+            return bool(fs.exists(path) and (fs.isfile(path) or fs.ls(path)))
+        except FileNotFoundError:
+            return False
 
 
 def remove(url: str | os.PathLike) -> None:
-    """Delete everything at a location (used by --overwrite)."""
+    """Delete everything at a location (used by --overwrite). The writer's lease lives beside the
+    location (common/lease.py), so it stays."""
     if not is_remote(url):
         import shutil
 
@@ -97,9 +114,10 @@ def remove(url: str | os.PathLike) -> None:
         elif p.exists():
             p.unlink()
         return
-    fs, path = remote_fs(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    with storage_errors(url, "removing"):
+        fs, path = remote_fs(url)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
 
 
 def disk_usage(url: str | os.PathLike, prefix: str = "") -> int:
@@ -119,6 +137,7 @@ def remote_fs(url: str | os.PathLike):
     (or an earlier harvest) may have changed what is there since fsspec last looked."""
     import fsspec
 
+    _quiet_async_noise()
     try:
         fs, path = fsspec.core.url_to_fs(str(url), **_fs_options(str(url)))
     except ImportError as e:
@@ -126,6 +145,40 @@ def remote_fs(url: str | os.PathLike):
     fs.invalidate_cache()
     return fs, path
 
+
+def check_reachable(url: str | os.PathLike) -> None:
+    """Fail early, with one line, when a remote location cannot be used: the endpoint is down, the
+    bucket does not exist, or the credentials are refused. Local paths: nothing to do."""
+    if not is_remote(url):
+        return
+    with storage_errors(url, "opening"):
+        fs, path = remote_fs(url)
+        fs.ls(path.split("/", 1)[0], detail=False)  # the endpoint answers, the bucket exists, the keys work
+
+
+def storage_failure(e: BaseException) -> bool:
+    """Whether an exception (or one it wraps) is a failure of the storage: a refused connection, a
+    missing bucket, refused credentials, an I/O error; not a damaged chunk."""
+    x, seen = e, 0
+    while x is not None and seen < 10:
+        mod = type(x).__module__ or ""
+        if isinstance(x, (OSError, TimeoutError)) or mod.startswith(("botocore", "aiohttp", "s3fs", "obstore")):
+            return True
+        x, seen = x.__cause__ or x.__context__, seen + 1
+    return False
+
+
+@contextlib.contextmanager
+def storage_errors(url: str | os.PathLike, doing: str) -> Iterator[None]:
+    """Turn a storage failure inside the block into one UserError line (other errors pass through)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if storage_failure(e):
+            raise storage_error(e, url, doing) from None
+        raise
 
 
 def storage_error(e: BaseException, url: str | os.PathLike, doing: str = "accessing") -> UserError:

@@ -3,12 +3,15 @@ attrs["actcache"]. Part of the public store format (see the README)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from . import __version__
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no held-out part, no fingerprint, details in a free-form `extra`
 
 
 @dataclass
@@ -68,10 +71,17 @@ class Manifest:
     complete: bool = False
     format_version: int = FORMAT_VERSION
     package_version: str = __version__
-    extra: dict[str, Any] = field(default_factory=dict)
+    # sequences [start_sequence, stop_sequence) held out for evaluation (whole chunks at the end), or None
+    held_out: dict[str, int] | None = None
+    # 16 hex chars identifying the data: written when the harvest completes (None before, and in version 1)
+    fingerprint: str | None = None
+    planned_n_sequences: int | None = None  # set when the dataset ran out before n_sequences were stored
+    n_clamped: dict[str, int] = field(default_factory=dict)  # values clamped to float16's range, per hook
+    device: str | None = None  # where the forward passes ran (the last run of a resumed harvest)
 
     # fields that change while a harvest runs, or that do not bear on the bytes of the arrays
-    PROGRESS_FIELDS = ("n_chunks_committed", "complete", "package_version", "extra")
+    PROGRESS_FIELDS = ("n_chunks_committed", "complete", "package_version", "fingerprint", "planned_n_sequences",
+                       "n_clamped", "device")
 
     @property
     def n_chunks(self) -> int:
@@ -80,6 +90,11 @@ class Manifest:
     @property
     def n_tokens(self) -> int:
         return self.n_sequences * self.context_size
+
+    @property
+    def held_out_range(self) -> tuple[int, int] | None:
+        h = self.held_out
+        return None if not h else (int(h["start_sequence"]), int(h["stop_sequence"]))
 
     @property
     def hook_names(self) -> list[str]:
@@ -96,7 +111,12 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        """A manifest of any readable version; version 1's `extra` keys become the typed fields."""
         d = dict(d)
+        extra = d.pop("extra", None) or {}
+        for k in ("planned_n_sequences", "n_clamped", "device"):
+            if k in extra and k not in d:
+                d[k] = extra[k]
         known = {f.name for f in fields(cls)}
         return cls(
             model=ModelInfo(**d.pop("model")),
@@ -106,13 +126,23 @@ class Manifest:
             **{k: v for k, v in d.items() if k in known},
         )
 
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide the stored bytes (and the held-out range): what a fingerprint covers."""
+        d = self.to_dict()
+        for k in self.PROGRESS_FIELDS:
+            d.pop(k, None)
+        return d
+
+    def fingerprint_of(self, chunk_digests: bytes) -> str:
+        """The store fingerprint: 16 hex chars over the identity fields and the per-chunk digests."""
+        h = hashlib.blake2b(digest_size=8)
+        h.update(json.dumps(self.identity(), sort_keys=True, separators=(",", ":")).encode())
+        h.update(chunk_digests)
+        return h.hexdigest()
+
     def first_difference(self, other: "Manifest") -> str | None:
         """The first field (dotted path) whose value differs, ignoring progress fields."""
-        a, b = self.to_dict(), other.to_dict()
-        for k in self.PROGRESS_FIELDS:
-            a.pop(k, None)
-            b.pop(k, None)
-        return _first_diff(a, b, "")
+        return _first_diff(self.identity(), other.identity(), "")
 
 
 def _first_diff(a: Any, b: Any, path: str) -> str | None:

@@ -1,28 +1,48 @@
-"""The actcache store (format version 1): create, open, write a chunk, commit, read.
+"""The actcache store (format version 2; version 1 is still read): create, open, write a chunk,
+commit, read.
 
 Layout (a Zarr v3 group; see the README for the full description):
   tokens                  int32   [n_sequences, context_size]
   activations/<hook>      float16 [n_sequences * context_size, d]
   stats/<hook>/...        float64 summary statistics, plus per-chunk partial sums under chunks/
+  digests                 uint8   [n_chunks, 16]  per-chunk content digests (version 2)
 Chunk j of every array covers the sequences of tokens chunk j. A chunk is valid only once the
-manifest's n_chunks_committed counter has passed it; the counter is always written last."""
+manifest's n_chunks_committed counter has passed it; the counter is always written last.
+
+Readers trust nothing they did not check: open() compares the manifest with the arrays' metadata,
+and reading a committed chunk that is absent, truncated or fails its checksum is a StoreError."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import zarr
 
+from zarr.core.sync import sync
+from zarr.errors import BaseZarrError
+
 from . import codecs, location
-from .errors import StoreError
-from .manifest import FORMAT_VERSION, Manifest
+from .errors import StoreError, UserError, first_line
+from .manifest import FORMAT_VERSION, READABLE_VERSIONS, Manifest
 
 ATTR = "actcache"
 TARGET_CHUNK_BYTES = 16 * 2**20  # uncompressed bytes of the widest hook's activation chunk
 PARTIAL_FIELDS = ("count", "sum", "sumsq", "norm_sum", "max_abs", "n_nonfinite")
+DIGEST_BYTES = 16
+
+
+def chunk_digest(tokens: np.ndarray, acts: dict[str, np.ndarray], hooks: list[str]) -> bytes:
+    """The content digest of one chunk: its tokens (int32) and every hook's float16 rows, in manifest order."""
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    h.update(np.ascontiguousarray(tokens, dtype="<i4").tobytes())
+    for name in hooks:
+        h.update(name.encode() + b"\0")
+        h.update(np.ascontiguousarray(acts[name], dtype="<f2").data)
+    return h.digest()
 
 
 def chunk_sequences_for(context_size: int, max_d: int, target_bytes: int = TARGET_CHUNK_BYTES) -> int:
@@ -55,6 +75,8 @@ class ActivationStore:
         self.url = str(url)
         self.group = group
         self.manifest = manifest
+        # called before every commit (a writer's Lease.check): raises when this writer lost the store
+        self.before_commit: Callable[[], None] | None = None
 
     # ---------------------------------------------------------------- create / open
     @classmethod
@@ -68,6 +90,12 @@ class ActivationStore:
         root.create_array(
             "tokens", shape=(m.n_sequences, m.context_size), chunks=(cs, m.context_size),
             dtype="int32", compressors=comp, fill_value=0, config=_array_config(),
+            dimension_names=("sequence", "position"),
+        )
+        root.create_array(
+            "digests", shape=(m.n_chunks, DIGEST_BYTES), chunks=(1, DIGEST_BYTES), dtype="uint8",
+            compressors=[codecs.Crc32cCodec()], fill_value=0, config=_array_config(),
+            dimension_names=("chunk", "digest_byte"),
         )
         acts = root.create_group("activations")
         stats = root.create_group("stats")
@@ -75,43 +103,99 @@ class ActivationStore:
             acts.create_array(
                 h.name, shape=(m.n_sequences * m.context_size, h.d), chunks=(cs * m.context_size, h.d),
                 dtype="float16", compressors=comp, fill_value=0, config=_array_config(),
+                dimension_names=("token", hook_dim(h.name)),
             )
             hs = stats.create_group(h.name)
             part = hs.create_group("chunks")
             for f in PARTIAL_FIELDS:
                 shape = (m.n_chunks, h.d) if f in ("sum", "sumsq") else (m.n_chunks,)
                 chunks = (1, h.d) if f in ("sum", "sumsq") else (1,)
+                dims = ("chunk", "d") if f in ("sum", "sumsq") else ("chunk",)
                 part.create_array(f, shape=shape, chunks=chunks, dtype="float64", fill_value=0.0,
-                                  compressors=[codecs.Crc32cCodec()], config=_array_config())
+                                  compressors=[codecs.Crc32cCodec()], config=_array_config(),
+                                  dimension_names=dims)
         m.n_chunks_committed = 0
         m.complete = False
+        m.fingerprint = None
+        m.format_version = FORMAT_VERSION
         root.attrs[ATTR] = m.to_dict()
         return cls(str(url), root, m)
 
     @classmethod
-    def open(cls, url: str | os.PathLike, mode: str = "r") -> "ActivationStore":
-        """Open an existing store ('r' to read, 'r+' to resume writing); checks the format version."""
-        if not location.exists(url):
-            raise StoreError(f"no store at {url}: check the path (harvest one with `actcache harvest --out {url}`)")
-        store = location.open_store(url, read_only=(mode == "r"))
-        try:
-            root = zarr.open_group(store=store, mode=mode, zarr_format=3)
-        except Exception as e:  # zarr raises several kinds for "not a group"
-            raise StoreError(f"{url} is not an actcache store (not a Zarr v3 group: {type(e).__name__})") from None
-        raw = root.attrs.get(ATTR)
-        if not isinstance(raw, dict):
-            raise StoreError(f"{url} is a Zarr group but not an actcache store (no attrs['{ATTR}'] manifest)")
-        version = raw.get("format_version")
-        if version != FORMAT_VERSION:
-            raise StoreError(
-                f"{url} has store format version {version}; this actcache reads version {FORMAT_VERSION}: "
-                "use the actcache release that wrote it, or harvest again"
-            )
-        try:
-            manifest = Manifest.from_dict(raw)
-        except (TypeError, KeyError) as e:
-            raise StoreError(f"{url} has a damaged manifest ({e}); harvest again") from None
-        return cls(str(url), root, manifest)
+    def open(cls, url: str | os.PathLike, mode: str = "r", check: bool = True) -> "ActivationStore":
+        """Open an existing store ('r' to read, 'r+' to resume writing). Checks the format version and
+        (check=True) the manifest against the arrays' metadata: names, shapes, chunk grids, dtypes and
+        that the last committed chunk of every array exists. Reads no chunk data."""
+        with location.storage_errors(url, "opening"):
+            if not location.exists(url):
+                raise StoreError(f"no store at {url}: check the path (harvest one with `actcache harvest --out {url}`)")
+            store = location.open_store(url, read_only=(mode == "r"))
+            try:
+                root = zarr.open_group(store=store, mode=mode, zarr_format=3)
+            except Exception as e:  # zarr raises several kinds for "not a group"
+                if location.storage_failure(e) and not isinstance(e, BaseZarrError):
+                    raise
+                raise StoreError(f"{url} is not an actcache store (not a Zarr v3 group: {type(e).__name__})") from None
+            raw = root.attrs.get(ATTR)
+            if not isinstance(raw, dict):
+                raise StoreError(f"{url} is a Zarr group but not an actcache store (no attrs['{ATTR}'] manifest)")
+            version = raw.get("format_version")
+            if version not in READABLE_VERSIONS:
+                raise StoreError(
+                    f"{url} has store format version {version}; this actcache reads versions "
+                    f"{', '.join(map(str, READABLE_VERSIONS))}: use the actcache release that wrote it, or harvest again"
+                )
+            try:
+                manifest = Manifest.from_dict(raw)
+            except (TypeError, KeyError, ValueError) as e:
+                raise StoreError(f"{url} has a damaged manifest ({e}); harvest again") from None
+            out = cls(str(url), root, manifest)
+            if check:
+                problems = out.check_layout(deep=True)
+                if problems:
+                    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                    raise StoreError(f"{url} does not match its manifest: {problems[0]}{more}; "
+                                     f"run `actcache verify {url}` for the full list")
+        return out
+
+    def expected_arrays(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], str]]:
+        """path -> (shape, chunk shape, dtype) of every array the manifest implies (not the summary stats)."""
+        m = self.manifest
+        ctx, cs = m.context_size, m.chunk_sequences
+        out = {"tokens": ((m.n_sequences, ctx), (cs, ctx), "int32")}
+        for h in m.hooks:
+            out[f"activations/{h.name}"] = ((m.n_sequences * ctx, h.d), (cs * ctx, h.d), "float16")
+        if m.format_version >= 2:
+            out["digests"] = ((m.n_chunks, DIGEST_BYTES), (1, DIGEST_BYTES), "uint8")
+        return out
+
+    def check_layout(self, deep: bool = False) -> list[str]:
+        """Problems of the manifest against the arrays' metadata (no chunk data is read). deep: also
+        that the last committed chunk of every array exists (a store whose tail never arrived)."""
+        m = self.manifest
+        problems = []
+        if not 0 <= m.n_chunks_committed <= m.n_chunks:
+            problems.append(f"manifest: {m.n_chunks_committed} chunks committed but the store has {m.n_chunks}")
+        if m.complete and m.n_chunks_committed != m.n_chunks:
+            problems.append(f"manifest: marked complete with {m.n_chunks_committed} of {m.n_chunks} chunks committed")
+        ho = m.held_out_range
+        if ho is not None and not 0 <= ho[0] < ho[1] <= m.n_sequences:
+            problems.append(f"manifest: held-out range {list(ho)} is outside the store's {m.n_sequences} sequences")
+        for path, (shape, chunks, dtype) in self.expected_arrays().items():
+            try:
+                arr = self.group[path]
+            except KeyError:
+                problems.append(f"{path}: missing (the manifest lists it)")
+                continue
+            if not isinstance(arr, zarr.Array):
+                problems.append(f"{path}: a group where the manifest expects an array")
+                continue
+            got = (tuple(arr.shape), tuple(arr.chunks), str(arr.dtype))
+            if got != (shape, chunks, dtype):
+                problems.append(f"{path}: shape/chunks/dtype {got} do not match the manifest {(shape, chunks, dtype)}")
+            elif deep and 0 < m.n_chunks_committed <= m.n_chunks and not chunk_present(arr, m.n_chunks_committed - 1):
+                problems.append(f"{path}: chunk {m.n_chunks_committed - 1} is committed but missing")
+        return problems
 
     # ---------------------------------------------------------------- geometry
     @property
@@ -121,6 +205,24 @@ class ActivationStore:
     @property
     def n_committed(self) -> int:
         return self.manifest.n_chunks_committed
+
+    @property
+    def n_committed_sequences(self) -> int:
+        """Sequences in the committed chunks (the last chunk may be partial)."""
+        return min(self.manifest.n_sequences, self.n_committed * self.manifest.chunk_sequences)
+
+    @property
+    def n_committed_tokens(self) -> int:
+        return self.n_committed_sequences * self.manifest.context_size
+
+    def held_out_range(self) -> tuple[int, int] | None:
+        """Sequences [a, b) held out for evaluation (whole chunks at the end), or None (version 1 stores,
+        or a harvest with --held-out 0)."""
+        return self.manifest.held_out_range
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.manifest.fingerprint
 
     def chunk_sequence_range(self, j: int) -> tuple[int, int]:
         cs = self.manifest.chunk_sequences
@@ -157,12 +259,21 @@ class ActivationStore:
             part["norm_sum"][j] = s.norm_sum
             part["max_abs"][j] = s.max_abs
             part["n_nonfinite"][j] = s.n_nonfinite
+        if "digests" in self.expected_arrays():
+            digest = chunk_digest(tokens, acts, self.manifest.hook_names)
+            self.group["digests"][j] = np.frombuffer(digest, dtype=np.uint8)
 
-    def commit(self, n_chunks_committed: int, complete: bool = False, **extra: Any) -> None:
-        """Advance the counter: the last write of a chunk. Written as one object (atomic)."""
+    def commit(self, n_chunks_committed: int, complete: bool = False, **fields: Any) -> None:
+        """Advance the counter: the last write of a chunk. Written as one object (atomic). `fields`:
+        manifest fields updated with it (e.g. n_clamped, device)."""
+        if self.before_commit is not None:
+            self.before_commit()
+        for k, v in fields.items():
+            if not hasattr(self.manifest, k):
+                raise TypeError(f"the manifest has no field {k!r}")
+            setattr(self.manifest, k, v)
         self.manifest.n_chunks_committed = n_chunks_committed
         self.manifest.complete = complete
-        self.manifest.extra.update(extra)
         self.group.attrs[ATTR] = self.manifest.to_dict()
 
     def truncate(self, n_sequences: int) -> None:
@@ -176,7 +287,12 @@ class ActivationStore:
             for f in PARTIAL_FIELDS:
                 arr = part[f]
                 arr.resize((n_chunks,) + arr.shape[1:])
+        if "digests" in self.expected_arrays():
+            self.group["digests"].resize((n_chunks, DIGEST_BYTES))
+        if m.planned_n_sequences is None:
+            m.planned_n_sequences = m.n_sequences
         m.n_sequences = n_sequences
+        m.held_out = held_out_after_truncation(m.held_out, m.planned_n_sequences, n_sequences, m.chunk_sequences)
 
     def finalize(self) -> None:
         """Write the summary statistics and mark the store complete."""
@@ -187,8 +303,22 @@ class ActivationStore:
                 arr = np.asarray(val, dtype="float64")
                 if key in g:
                     del g[key]
-                g.create_array(key, shape=arr.shape, dtype="float64", fill_value=0.0)[...] = arr
-        self.commit(self.n_chunks, complete=True)
+                dims = ("d",) if arr.ndim == 1 else ()
+                g.create_array(key, shape=arr.shape, dtype="float64", fill_value=0.0,
+                               dimension_names=dims)[...] = arr
+        fp = self.compute_fingerprint() if "digests" in self.expected_arrays() else None
+        self.commit(self.n_chunks, complete=True, fingerprint=fp)
+
+    def stored_digests(self, upto: int | None = None) -> np.ndarray:
+        """The per-chunk digests written with the chunks, uint8 [n, 16] (version 2)."""
+        n = self.n_chunks if upto is None else upto
+        return self.read_array_chunk("digests", lambda: self.group["digests"][:n], f"0..{n - 1}")
+
+    def compute_fingerprint(self, digests: np.ndarray | None = None) -> str:
+        """The fingerprint from the manifest's identity fields and the per-chunk digests (the stored ones
+        unless given): no chunk data is read."""
+        d = self.stored_digests() if digests is None else digests
+        return self.manifest.fingerprint_of(np.ascontiguousarray(d, dtype=np.uint8).tobytes())
 
     # ---------------------------------------------------------------- reading
     def stats(self, hook: str, upto: int | None = None) -> dict[str, Any]:
@@ -215,16 +345,87 @@ class ActivationStore:
         }
 
     def read_tokens(self, j: int) -> np.ndarray:
-        a, b = self.chunk_sequence_range(j)
-        return self.tokens[a:b]
+        """The int32 tokens of committed chunk j, [sequences, context_size]."""
+        a, b = self._committed_range(j, self.chunk_sequence_range)
+        arr = self.tokens
+        return self.read_array_chunk("tokens", lambda: _read_present(arr, j, a, b), str(j))
 
     def read_chunk(self, hook: str, j: int) -> np.ndarray:
-        """The float16 activations of chunk j of a hook, [rows, d]."""
-        r0, r1 = self.chunk_row_range(j)
-        return self.activations(hook)[r0:r1]
+        """The float16 activations of committed chunk j of a hook, [rows, d]."""
+        r0, r1 = self._committed_range(j, self.chunk_row_range)
+        arr = self.activations(hook)
+        return self.read_array_chunk(f"activations/{hook}", lambda: _read_present(arr, j, r0, r1), str(j))
+
+    def _committed_range(self, j: int, rng) -> tuple[int, int]:
+        if not 0 <= j < self.n_committed:
+            raise StoreError(f"chunk {j} of {self.url} is not committed (the store has {self.n_committed} "
+                             f"committed chunks of {self.n_chunks})")
+        return rng(j)
+
+    def read_array_chunk(self, path: str, read, chunk: str) -> np.ndarray:
+        """Run read(); an absent, truncated or corrupt chunk becomes one StoreError line naming it,
+        a failing storage one UserError line."""
+        try:
+            return read()
+        except _MissingChunk:
+            raise StoreError(f"chunk {chunk} of {path} in {self.url} is committed but missing: the store is "
+                             f"damaged; run `actcache verify {self.url}`") from None
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001  (a crc32c mismatch, a broken compressed stream, a network error)
+            if location.storage_failure(e):
+                raise location.storage_error(e, self.url, f"reading chunk {chunk} of {path}") from None
+            raise StoreError(f"chunk {chunk} of {path} in {self.url} is damaged ({first_line(e, 120)}); "
+                             f"run `actcache verify {self.url}`") from None
 
     def nbytes_stored(self, prefix: str = "") -> int:
         return location.disk_usage(self.url, prefix)
+
+
+def hook_dim(hook: str) -> str:
+    """The name of a hook's width dimension (dimension_names; distinct per hook so xarray can open
+    the activations group as one dataset)."""
+    return f"d_{hook}"
+
+
+def held_out_for(n_sequences: int, chunk_sequences: int, n_chunks: int) -> dict[str, int] | None:
+    """The held-out range of the last n_chunks whole chunks of a store (at least one chunk stays for
+    training), or None."""
+    total = -(-n_sequences // chunk_sequences)
+    n_chunks = min(n_chunks, total - 1)
+    if n_chunks <= 0:
+        return None
+    start = max(0, total - n_chunks) * chunk_sequences
+    return {"start_sequence": start, "stop_sequence": n_sequences}
+
+
+def held_out_after_truncation(held_out: dict[str, int] | None, planned: int, n_sequences: int,
+                              chunk_sequences: int) -> dict[str, int] | None:
+    """The held-out range of a store cut short (the data ran out): the same share of its chunks as
+    planned (at least one), at the new end."""
+    if not held_out:
+        return None
+    n_held = -(-(held_out["stop_sequence"] - held_out["start_sequence"]) // chunk_sequences)
+    old, new = -(-planned // chunk_sequences), -(-n_sequences // chunk_sequences)
+    return held_out_for(n_sequences, chunk_sequences, max(1, round(n_held * new / old)))
+
+
+class _MissingChunk(Exception):
+    pass
+
+
+def chunk_present(arr: zarr.Array, j: int) -> bool:
+    """Whether chunk j (along the first axis) of an array exists in the store: zarr returns the fill
+    value for an absent chunk, so every reader asks first."""
+    key = arr.metadata.encode_chunk_key((j,) + (0,) * (arr.ndim - 1))
+    prefix = arr.store_path.path
+    return bool(sync(arr.store_path.store.exists(f"{prefix}/{key}" if prefix else key)))
+
+
+def _read_present(arr: zarr.Array, j: int, a: int, b: int) -> np.ndarray:
+    if not chunk_present(arr, j):
+        raise _MissingChunk()
+    return arr[a:b]
 
 
 def chunk_stats(x: "np.ndarray | Any") -> ChunkStats:

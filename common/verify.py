@@ -6,12 +6,10 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-import zarr
-from zarr.core.sync import sync
 
 from .errors import first_line
 from .progress import token_bar
-from .store import PARTIAL_FIELDS, ActivationStore, chunk_stats
+from .store import PARTIAL_FIELDS, ActivationStore, chunk_digest, chunk_present, chunk_stats
 
 
 @dataclass
@@ -22,6 +20,7 @@ class VerifyReport:
     n_chunks: int = 0
     complete: bool = False
     problems: list[str] = field(default_factory=list)
+    fingerprint: str | None = None  # recomputed from the data read (format 2, every committed chunk readable)
 
     @property
     def ok(self) -> bool:
@@ -30,73 +29,80 @@ class VerifyReport:
     def summary(self) -> str:
         state = "complete" if self.complete else f"incomplete: {self.n_chunks_committed}/{self.n_chunks} chunks committed"
         if self.ok:
-            return f"{self.url}: OK, {self.chunks_checked} chunks read and checked ({state})"
+            fp = f", fingerprint {self.fingerprint}" if self.fingerprint else ""
+            return f"{self.url}: OK, {self.chunks_checked} chunks read and checked ({state}{fp})"
         return "\n".join([f"{self.url}: DAMAGED, {len(self.problems)} problem(s) in {self.chunks_checked} chunks ({state})"]
                          + [f"  {p}" for p in self.problems])
 
 
 def verify(url: str | os.PathLike, progress: bool = False) -> VerifyReport:
-    """Check the store against its manifest and read (decode, crc32c-check) every committed chunk."""
-    store = ActivationStore.open(url, "r")
+    """Check the store against its manifest and read (decode, crc32c-check) every committed chunk; for
+    format version 2 also each chunk's digest and the store fingerprint. Never raises on damage: every
+    problem found goes into the report."""
+    store = ActivationStore.open(url, "r", check=False)
     m = store.manifest
     rep = VerifyReport(str(url), n_chunks_committed=store.n_committed, n_chunks=m.n_chunks, complete=m.complete)
-    _check_geometry(store, rep)
+    rep.problems += store.check_layout()
     if rep.problems:
         return rep
-    with token_bar(min(m.n_sequences, store.n_committed * m.chunk_sequences) * m.context_size, "verify",
-                   disable=not progress) as bar:
+    v2 = m.format_version >= 2
+    stored = None
+    if v2:
+        try:
+            stored = store.stored_digests(store.n_committed)
+        except Exception as e:  # noqa: BLE001
+            rep.problems.append(f"digests: unreadable ({first_line(e, 160)})")
+    digests = np.zeros((store.n_committed, 16), dtype=np.uint8)
+    all_read = True
+    with token_bar(store.n_committed_tokens, "verify", disable=not progress) as bar:
         for j in range(store.n_committed):
-            _check_chunk(store, j, rep)
+            d = _check_chunk(store, j, rep, None if stored is None else bytes(stored[j]))
+            if d is None:
+                all_read = False
+            else:
+                digests[j] = np.frombuffer(d, dtype=np.uint8)
             rep.chunks_checked += 1
             a, b = store.chunk_sequence_range(j)
             bar.update((b - a) * m.context_size)
+    if v2 and m.complete and all_read:
+        rep.fingerprint = store.compute_fingerprint(digests)
+        if rep.fingerprint != m.fingerprint:
+            rep.problems.append(f"fingerprint: the data gives {rep.fingerprint} but the manifest says {m.fingerprint}")
     return rep
 
 
-def _check_geometry(store: ActivationStore, rep: VerifyReport) -> None:
+def _check_chunk(store: ActivationStore, j: int, rep: VerifyReport, stored: bytes | None) -> bytes | None:
+    """Check chunk j of every array; returns its content digest (None where a part was unreadable)."""
     m = store.manifest
-    ctx, cs = m.context_size, m.chunk_sequences
-    expect = {"tokens": ((m.n_sequences, ctx), (cs, ctx), "int32")}
-    for h in m.hooks:
-        expect[f"activations/{h.name}"] = ((m.n_sequences * ctx, h.d), (cs * ctx, h.d), "float16")
-    for path, (shape, chunks, dtype) in expect.items():
-        try:
-            arr = store.group[path]
-        except KeyError:
-            rep.problems.append(f"{path}: missing (the manifest lists it)")
-            continue
-        got = (tuple(arr.shape), tuple(arr.chunks), str(arr.dtype))
-        if got != (shape, chunks, dtype):
-            rep.problems.append(f"{path}: shape/chunks/dtype {got} do not match the manifest {(shape, chunks, dtype)}")
-    if store.n_committed > m.n_chunks:
-        rep.problems.append(f"manifest: {store.n_committed} chunks committed but the store has only {m.n_chunks}")
-
-
-def _chunk_present(arr: zarr.Array, j: int) -> bool:
-    key = arr.metadata.encode_chunk_key((j, 0))
-    prefix = arr.store_path.path
-    return bool(sync(arr.store_path.store.exists(f"{prefix}/{key}" if prefix else key)))
-
-
-def _check_chunk(store: ActivationStore, j: int, rep: VerifyReport) -> None:
-    m = store.manifest
-    arrays = [("tokens", store.tokens, store.read_tokens)]
-    arrays += [(f"activations/{h}", store.activations(h), lambda j, h=h: store.read_chunk(h, j)) for h in m.hook_names]
+    a, b = store.chunk_sequence_range(j)
+    r0, r1 = store.chunk_row_range(j)
+    arrays = [("tokens", store.tokens, lambda: store.tokens[a:b])]
+    arrays += [(f"activations/{h}", store.activations(h), lambda h=h: store.activations(h)[r0:r1])
+               for h in m.hook_names]
+    got = {}
     for path, arr, read in arrays:
-        if not _chunk_present(arr, j):
+        if not chunk_present(arr, j):
             rep.problems.append(f"{path} chunk {j}: missing")
             continue
         try:
-            data = read(j)
+            data = read()
         except Exception as e:  # noqa: BLE001  (a crc32c mismatch or a broken compressed stream)
-            rep.problems.append(f"{path} chunk {j}: unreadable ({first_line(e, 120)})")
+            rep.problems.append(f"{path} chunk {j}: unreadable ({first_line(e, 160)})")
             continue
+        got[path] = data
         if path == "tokens":
             vocab = m.tokenizer.vocab_size
             if data.size and (data.min() < 0 or (vocab and data.max() >= vocab)):
                 rep.problems.append(f"tokens chunk {j}: token ids outside 0..{vocab - 1}")
         else:
             _check_stats(store, path.split("/", 1)[1], j, data, rep)
+    if len(got) != len(arrays):
+        return None
+    digest = chunk_digest(got["tokens"], {h: got[f"activations/{h}"] for h in m.hook_names}, m.hook_names)
+    if stored is not None and stored != digest:
+        rep.problems.append(f"chunk {j}: its data does not match the digest written with it "
+                            "(changed after the harvest)")
+    return digest
 
 
 def _check_stats(store: ActivationStore, hook: str, j: int, data: np.ndarray, rep: VerifyReport) -> None:

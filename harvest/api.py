@@ -14,10 +14,11 @@ import zarr
 
 from ..common import codecs, location
 from ..common.errors import OverflowError16, UserError
+from ..common.lease import Lease
 from ..common.manifest import HookInfo, Manifest
 from ..common.progress import human_bytes, log, parse_count, token_bar
 from ..common.store import ATTR as STORE_ATTR
-from ..common.store import ActivationStore, chunk_sequences_for
+from ..common.store import ActivationStore, chunk_sequences_for, held_out_after_truncation, held_out_for
 
 from .config import OVERFLOW_MODES, HarvestConfig
 from .data import TokenWindows, prefetch, resolve_source
@@ -25,6 +26,10 @@ from .models import DTYPES, HookedModel, load_model, precheck_hooks
 from .writer import ChunkWriter
 
 FLOAT16_MAX = 65504.0
+
+
+class DataRanOut(UserError):
+    """The dataset held fewer tokens than asked for (the store is complete with what there was)."""
 
 
 @dataclass
@@ -71,6 +76,15 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: HookedModel | None
     `model`: the result of load_model(cfg.model, ...) when the caller has it loaded already."""
     t_start = time.time()
     n_tokens = _validate(cfg)
+    held_out = _held_out_spec(cfg.held_out, n_tokens)
+    location.check_reachable(cfg.out)  # an unreachable endpoint, a missing bucket, refused keys: before any model
+    with Lease.acquire(cfg.out, "harvest", takeover=cfg.resume or cfg.overwrite) as lease:
+        return _harvest_leased(cfg, progress, model, t_start, n_tokens, held_out, lease)
+
+
+def _harvest_leased(cfg: HarvestConfig, progress: bool, model: HookedModel | None, t_start: float, n_tokens: int,
+                    held_out: tuple[str, float], lease: Lease) -> HarvestResult:
+    """harvest() while holding the store's lease: no other writer touches cfg.out meanwhile."""
     src = resolve_source(cfg.dataset, cfg.name, cfg.split, cfg.streaming)
     existing, replace = _existing_store(cfg)
 
@@ -87,7 +101,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: HookedModel | None
     dims = model.hook_dims(cfg.hooks)
     data = TokenWindows(src, cfg.context_size, model.tokenizer, model.vocab_size, cfg.text_column,
                         cfg.prepend_bos, cfg.seed)
-    manifest = _manifest(cfg, model, data, dims, n_tokens)
+    manifest = _manifest(cfg, model, data, dims, n_tokens, held_out)
 
     start = 0
     if existing is not None:
@@ -96,9 +110,11 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: HookedModel | None
             existing, replace = None, True  # nothing committed yet: start afresh
     if existing is not None:
         store = ActivationStore.open(cfg.out, "r+")
+        store.before_commit = lease.check
         start = store.n_committed
         if store.manifest.complete:
             log.info(f"{cfg.out} is already complete")
+            _check_ran_out(store, cfg)
             return _result(store, cfg, t_start, 0, 0.0, start)
         _remove_partial_files(cfg.out)
         log.info(f"resuming {cfg.out} at chunk {start} of {store.n_chunks}")
@@ -110,16 +126,38 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: HookedModel | None
                         f"than one window of {cfg.context_size} tokens")
     windows = itertools.chain([first] if first is not None else [], windows)
 
+    lease.check()
     if existing is None:
-        if replace and location.exists(cfg.out):
-            location.remove(cfg.out)
-        store = ActivationStore.create(cfg.out, manifest)
-        store.commit(0, device=model.device)
+        with location.storage_errors(cfg.out, "creating"):
+            if replace and location.exists(cfg.out):
+                location.remove(cfg.out)
+            store = ActivationStore.create(cfg.out, manifest)
+        store.before_commit = lease.check
+    with location.storage_errors(cfg.out, "writing"):
+        store.commit(start, device=str(model.device))
 
     t_loop = time.time()
     done = _harvest_chunks(store, model, windows, cfg, start, progress)
-    store.finalize()
+    with location.storage_errors(cfg.out, "finishing"):
+        store.finalize()
+    _check_ran_out(store, cfg)
     return _result(store, cfg, t_start, done, time.time() - t_loop, start)
+
+
+def _check_ran_out(store: ActivationStore, cfg: HarvestConfig) -> None:
+    """A store shorter than asked for is complete and valid, but the harvest does not pass as a success
+    unless the user accepts it (allow_short): the exit status says the data ran out."""
+    m = store.manifest
+    if m.planned_n_sequences is None:
+        return
+    asked = m.planned_n_sequences * m.context_size
+    msg = (f"the dataset ran out: {cfg.out} holds {m.n_tokens:,} of the {asked:,} tokens asked for "
+           f"({m.n_sequences:,} of {m.planned_n_sequences:,} sequences)")
+    if cfg.allow_short:
+        log.warning(msg)
+        return
+    raise DataRanOut(f"{msg}; the store is complete and usable as it is: pass --allow-short to accept a "
+                     f"shorter store, or give more data or --tokens {m.n_tokens} or less")
 
 
 def _harvest_chunks(store: ActivationStore, model: HookedModel, windows: Iterator[np.ndarray],
@@ -127,7 +165,7 @@ def _harvest_chunks(store: ActivationStore, model: HookedModel, windows: Iterato
     """The forward passes, chunk by chunk, handing each finished chunk to the writer. Returns tokens done."""
     m = store.manifest
     ctx, bs = m.context_size, m.batch_size
-    clamped = {h: int(n) for h, n in m.extra.get("n_clamped", {}).items()}
+    clamped = {h: int(n) for h, n in m.n_clamped.items()}
     done = 0
     with ChunkWriter(store) as writer, \
             token_bar(m.n_tokens, "harvest", initial=start * m.chunk_sequences * ctx, disable=not progress) as bar:
@@ -149,8 +187,8 @@ def _harvest_chunks(store: ActivationStore, model: HookedModel, windows: Iterato
                 writer.check()
                 bar.update(batch.numel())
                 done += batch.numel()
-            extra = {"n_clamped": dict(clamped)} if m.overflow == "clamp" else {}
-            writer.submit(j, tokens, acts, **extra)
+            fields = {"n_clamped": dict(clamped)} if m.overflow == "clamp" else {}
+            writer.submit(j, tokens, acts, **fields)
             if len(rows) < b - a:
                 break
     return done
@@ -225,24 +263,66 @@ def _unfinished_create(url: str) -> bool:
         return False
 
 
+def _held_out_spec(spec: str | int | float | None, n_tokens: int) -> tuple[str, float]:
+    """The held-out option: ("fraction", f) for "5%", ("tokens", n) for a count such as 4096 or 10k;
+    0 (or None) disables it. Checked before any model loads."""
+    text = "0" if spec is None else str(spec).strip()
+    try:
+        if text.endswith("%"):
+            f = float(text[:-1]) / 100
+            if not 0 <= f < 1:
+                raise ValueError
+            return "fraction", f
+        n = parse_count(text)
+        if n < 0:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"invalid held-out size {spec!r}: give a percentage below 100% (e.g. 5%), a token "
+                        "count (e.g. 8192 or 10k), or 0 for none") from None
+    if n >= n_tokens:
+        raise UserError(f"the held-out part ({n:,} tokens) must be smaller than the harvest ({n_tokens:,} tokens)")
+    return "tokens", float(n)
+
+
+def held_out_chunks(spec: tuple[str, float], n_sequences: int, chunk_sequences: int, context_size: int) -> int:
+    """Whole chunks at the end of the store to hold out: a fraction is rounded to the nearest whole
+    number of chunks but at least one, a token count up to whole chunks; at least one chunk stays for
+    training (a one-chunk store holds nothing out)."""
+    kind, v = spec
+    n_chunks = -(-n_sequences // chunk_sequences)
+    if v <= 0:
+        return 0
+    if kind == "fraction":
+        n = max(1, round(v * n_chunks))
+    else:
+        n = -(-math.ceil(v / context_size) // chunk_sequences)
+    return max(0, min(n, n_chunks - 1))
+
+
 def _manifest(cfg: HarvestConfig, model: HookedModel, data: TokenWindows, dims: dict[str, int],
-              n_tokens: int) -> Manifest:
+              n_tokens: int, held_out: tuple[str, float]) -> Manifest:
     n_sequences = math.ceil(n_tokens / cfg.context_size)
     cs = cfg.chunk_sequences or chunk_sequences_for(cfg.context_size, max(dims.values()))
     if cs > cfg.batch_size:
         cs -= cs % cfg.batch_size  # whole batches per chunk
     cs = min(cs, n_sequences)
+    n_held = held_out_chunks(held_out, n_sequences, cs, cfg.context_size)
+    if held_out[1] > 0 and n_held == 0:
+        log.info("the store has a single chunk: nothing is held out for evaluation")
     return Manifest(
         model=model.info, tokenizer=model.tokenizer_info(), dataset=data.info(),
         hooks=[HookInfo(h, d) for h, d in dims.items()], context_size=cfg.context_size,
         prepend_bos=data.prepend_bos, seed=cfg.seed, n_sequences=n_sequences, chunk_sequences=cs,
         codec=codecs.validate(cfg.codec), batch_size=cfg.batch_size, overflow=cfg.overflow,
+        held_out=held_out_for(n_sequences, cs, n_held),
     )
 
 
 def _check_same_arguments(stored: Manifest, new: Manifest, url: str) -> None:
-    if stored.extra.get("planned_n_sequences") == new.n_sequences:
-        new.n_sequences = stored.n_sequences  # the dataset ran out before the planned size
+    if stored.planned_n_sequences == new.n_sequences:  # the dataset ran out before the planned size
+        new.held_out = held_out_after_truncation(new.held_out, new.n_sequences, stored.n_sequences,
+                                                 new.chunk_sequences)
+        new.n_sequences = stored.n_sequences
     diff = stored.first_difference(new)
     if diff:
         raise UserError(f"cannot resume {url}: it was harvested with other arguments, first difference: {diff}; "

@@ -63,6 +63,8 @@ class HarvestConfig:
     held_out: str | int = option(DEFAULT_HELD_OUT, "Whole chunks set aside at the end of the store for "
                                                    "evaluation, never trained on: a fraction of the store (e.g. "
                                                    "5%) or a token count (e.g. 20k); 0 holds out nothing.")
+    allow_short: bool = option(False, "Accept a store shorter than --tokens when the dataset runs out (exit 0 "
+                                      "instead of an error); the store is complete either way.")
 
 
 def fields_with_options() -> list[dataclasses.Field]:

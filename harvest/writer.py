@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..common import location
 from ..common.errors import UserError, first_line
 from ..common.store import ActivationStore, chunk_stats
 
@@ -33,10 +34,10 @@ class ChunkWriter:
         self._thread.start()
 
     # ---------------------------------------------------------------- main thread
-    def submit(self, j: int, tokens: np.ndarray, acts: dict[str, np.ndarray], **extra: Any) -> None:
+    def submit(self, j: int, tokens: np.ndarray, acts: dict[str, np.ndarray], **fields: Any) -> None:
         """Queue chunk j (tokens [n, ctx] int32, acts {hook: [n*ctx, d] float16}); blocks while the queue
-        is full. `extra` goes into the manifest with the chunk's commit."""
-        self._put(("chunk", j, tokens, acts, extra))
+        is full. `fields` (manifest fields such as n_clamped) are written with the chunk's commit."""
+        self._put(("chunk", j, tokens, acts, fields))
 
     def truncate(self, n_sequences: int) -> None:
         """Shrink the store to n_sequences, in order with the chunk writes (the data ran out)."""
@@ -88,13 +89,12 @@ class ChunkWriter:
                 return
             try:
                 if item[0] == "truncate":
-                    self.store.manifest.extra.setdefault("planned_n_sequences", self.store.manifest.n_sequences)
                     self.store.truncate(item[1])
                 else:
-                    _, j, tokens, acts, extra = item
+                    _, j, tokens, acts, fields = item
                     stats = {h: chunk_stats(x) for h, x in acts.items()}
                     self.store.write_chunk(j, tokens, acts, stats)
-                    self.store.commit(j + 1, **extra)
+                    self.store.commit(j + 1, **fields)
             except BaseException as e:  # noqa: BLE001  (every failure must reach the main thread)
                 self._error = _as_user_error(e, item[1] if item[0] == "chunk" else None, self.store.url)
                 self._drain()
@@ -117,6 +117,9 @@ def _as_user_error(e: BaseException, j: int | None, url: str) -> UserError:
     if os_err is not None and os_err.errno in _DISK_FULL:
         return UserError(f"disk full while writing {where} ({os_err.strerror}): "
                          "free some space and rerun the same command with --resume")
+    if location.is_remote(url) and location.storage_failure(e):
+        msg = str(location.storage_error(e, url, f"writing chunk {j} of" if j is not None else "writing"))
+        return UserError(msg if "--resume" in msg else f"{msg} with --resume")
     return UserError(f"writing {where} failed ({type(os_err or e).__name__}: {first_line(os_err or e)}); "
                      "fix the cause and rerun the same command with --resume")
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from actcache import HarvestConfig, harvest, verify
+from actcache.common.store import ActivationStore
 from actcache.harvest.data import TokenWindows, resolve_source
 from harvest_fixtures import HOOKS, RANDOM, ROOT, array_files, cli_subprocess, env, harvest_args, write_token_jsonl
 
@@ -75,6 +76,8 @@ def test_sigkill_at_several_points_then_resume_is_byte_identical(tmp_path):
     assert got.keys() == want.keys() and len(want) > 4 * n_chunks
     assert [k for k in want if got[k] != want[k]] == []
     assert verify(out).ok
+    fp = ActivationStore.open(out).fingerprint  # the per-chunk digests were kept across the kills
+    assert fp is not None and fp == ActivationStore.open(ref).fingerprint == verify(out).fingerprint
 
 
 def _dataset_with_a_late_incompressible_part(tmp_path):
@@ -130,3 +133,28 @@ def test_resume_after_a_kill_during_store_creation(tmp_path):
     harvest(cfg, progress=False)
     ref = reference(tmp_path, data, 16 * 32, hooks=HOOKS[:1])
     assert array_files(out) == array_files(ref) and verify(out).ok
+
+
+def test_two_overwrite_harvests_racing_on_one_store_second_fails_at_once(tmp_path):
+    """Two real processes, `--overwrite` on one store with different seeds: the second stops at once with
+    one line naming the holder; the store is wholly the first one's."""
+    data = write_token_jsonl(tmp_path / "toks.jsonl", n_docs=400)
+    n_tokens = 24 * 8 * 32
+    out = tmp_path / "raced.zarr"
+    first = start(harvest_args(out, data, "--overwrite", "--seed", "1", tokens=n_tokens, chunk=8, batch=4))
+    deadline = time.time() + 120
+    while committed(out) < 1 and time.time() < deadline and first.poll() is None:
+        time.sleep(0.01)
+    assert first.poll() is None, "the first harvest ended before the second could race it"
+    t0 = time.time()
+    second = cli_subprocess(harvest_args(out, data, "--overwrite", "--seed", "2", tokens=n_tokens, chunk=8, batch=4))
+    errors = [l for l in second.stderr.splitlines() if "error" in l.lower()]
+    assert second.returncode != 0 and "Traceback" not in second.stderr
+    assert len(errors) == 1 and "is being written by harvest pid" in errors[0] and str(first.pid) in errors[0]
+    assert first.poll() is None, "the second harvest should have stopped before the first finished"
+    assert time.time() - t0 < 60
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    ref = reference(tmp_path, data, n_tokens, seed=1)
+    got, want = array_files(out), array_files(ref)
+    assert got.keys() == want.keys() and [k for k in want if got[k] != want[k]] == []
+    assert verify(out).ok

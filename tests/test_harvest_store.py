@@ -12,7 +12,7 @@ import torch
 from actcache.common.store import ActivationStore
 from actcache import HarvestConfig, harvest, info, verify
 from actcache.harvest.models import load_model
-from harvest_fixtures import HOOKS, RANDOM, cli_subprocess, env, run_cli, write_token_jsonl
+from harvest_fixtures import HOOKS, RANDOM, cli_subprocess, env, harvest_args, run_cli, write_token_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -146,21 +146,34 @@ def test_overflow_stops_by_default_and_clamps_when_asked(tmp_path):
     harvest(cfg, progress=False)
     store = ActivationStore.open(cfg.out)
     x = store.activations("blocks.0.hook_resid_pre")[:]
-    assert store.manifest.overflow == "clamp" and store.manifest.extra["n_clamped"]["blocks.0.hook_resid_pre"] > 0
+    assert store.manifest.overflow == "clamp" and store.manifest.n_clamped["blocks.0.hook_resid_pre"] > 0
     assert np.isfinite(x).all() and np.abs(x).max() == 65504
 
 
-def test_dataset_running_out_gives_a_shorter_complete_store(tmp_path):
+def test_dataset_running_out_gives_a_shorter_complete_store_and_a_failing_exit(tmp_path):
+    from actcache.harvest.api import DataRanOut
+
     data = write_token_jsonl(tmp_path / "toks.jsonl", n_docs=5)
     n_available = sum(len(json.loads(l)["input_ids"]) for l in open(data)) // 32
     cfg = HarvestConfig(out=str(tmp_path / "s.zarr"), hooks=HOOKS[:1], model=RANDOM, dataset=str(data),
                         context_size=32, tokens=10_000, batch_size=4, chunk_sequences=4, device="cpu")
-    res = harvest(cfg, progress=False)
+    with pytest.raises(DataRanOut, match=f"holds {n_available * 32:,} of the 10,016 tokens asked for.*--allow-short"):
+        harvest(cfg, progress=False)
     store = ActivationStore.open(cfg.out)
-    assert res.n_tokens == n_available * 32 and store.manifest.complete and store.tokens.shape[0] == n_available
+    assert store.manifest.complete and store.tokens.shape[0] == n_available and store.n_committed_sequences == n_available
+    assert store.manifest.planned_n_sequences == 313 and store.fingerprint is not None
+    a, b = store.held_out_range()
+    assert b == n_available and a == (store.n_chunks - 1) * 4  # the held-out chunk moved to the new end
     assert verify(cfg.out).ok
-    cfg.resume = True  # nothing left to do, and the planned size still matches
-    assert harvest(cfg, progress=False).tokens_this_run == 0
+    cfg.resume = True  # nothing left to do, and the planned size still matches: the same verdict
+    with pytest.raises(DataRanOut):
+        harvest(cfg, progress=False)
+    cfg.allow_short = True  # the user accepts the shorter store
+    assert harvest(cfg, progress=False).n_tokens == n_available * 32
+    p = cli_subprocess(harvest_args(tmp_path / "cli.zarr", data, hooks=HOOKS[:1], tokens=10_000, chunk=4))
+    errors = [l for l in p.stderr.splitlines() if l.strip()]
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    assert errors[-1].startswith("actcache: error: the dataset ran out") and verify(tmp_path / "cli.zarr").ok
 
 
 def test_local_hugging_face_folder_without_tokenizer(tmp_path):

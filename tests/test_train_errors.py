@@ -12,6 +12,7 @@ import torch
 from actcache.common.errors import UserError
 from actcache.common.store import ActivationStore, chunk_stats
 from tests.synthetic import make_store
+from actcache.train.checkpoint import load_checkpoint
 from actcache.train.config import load_config
 from actcache.train.sweep import train_sweep
 
@@ -20,7 +21,8 @@ HOOK = "blocks.0.hook_resid_pre"
 
 
 def toml(sae: str = '[[sae]]\nname = "t"\narchitecture = "topk"\nk = 4\n', **top) -> str:
-    head = {"hook": f'"{HOOK}"', "batch_size": 128, "tokens": 2048, "log_every_steps": 4, "eval_tokens": 512}
+    head = {"hook": f'"{HOOK}"', "batch_size": 128, "tokens": 2048, "log_every_steps": 4, "eval_tokens": 512,
+            "skip_special_tokens": "false"}
     head.update({k: (f'"{v}"' if isinstance(v, str) else v) for k, v in top.items()})
     return "\n".join(f"{k} = {v}" for k, v in head.items()) + "\n[defaults]\nd_sae = 32\nlr = 1e-3\n" + sae
 
@@ -153,7 +155,7 @@ def test_nan_loss_stops_with_the_sae_name_and_step_and_keeps_the_last_good_check
         torch.set_num_threads(n)
     msg = str(e.value)
     assert "SAE 'fine'" in msg and f"at step {bad_step}" in msg and f"checkpoint (step {bad_step})" in msg
-    ckpt = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    ckpt = load_checkpoint(tmp_path / "out")
     assert ckpt["step"] == bad_step
     for member in ckpt["members"].values():
         assert all(bool(torch.isfinite(v).all()) for v in member["sae"].values())

@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from tests.synthetic import feature_recovery, make_store
-from actcache.train.config import SAEConfig
-from actcache.train.sae import SAE
-from actcache.train.saes import build_sae, geometric_median
+from actcache.common.sae import SAE
+from actcache.train.architectures import SAEConfig, build_sae, geometric_median
 from actcache.train.sweep import train_sweep
 
 # thresholds: explained variance on held-out tokens, and the fraction of the 64 planted features whose

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.synthetic import make_store
-from actcache.train.sae import SAE, WEIGHT_KEYS
+from actcache.train.checkpoint import load_checkpoint
+from actcache.common.sae import SAE, WEIGHT_KEYS
 from actcache.train.sweep import train_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +126,7 @@ def test_python_api_matches_training_and_folds_normalisation(all_archs, store_ur
     from actcache.common.store import ActivationStore
     from actcache.train.config import load_config, resolve
     from actcache.train.loader import normalisation_scale
-    from actcache.train.saes import build_sae
+    from actcache.train.architectures import build_sae
 
     summary, out = all_archs
     store = ActivationStore.open(store_url)
@@ -133,7 +134,7 @@ def test_python_api_matches_training_and_folds_normalisation(all_archs, store_ur
     assert abs(scale - 1.0) > 0.05  # the fold is really exercised
     x = torch.from_numpy(store.read_chunk(HOOK, 0)[:512]).float()
     cfg = resolve(load_config(sweep_toml(ALL_SAES)), store)
-    trained = torch.load(out / "checkpoint.pt", weights_only=False)["members"]
+    trained = load_checkpoint(out)["members"]
     for sc in cfg.saes:
         sae = SAE.load_from_disk(out / sc.name)
         assert sae.W_enc.shape == (16, 64) and sae.W_dec.shape == (64, 16) and sae.b_dec.shape == (16,)
@@ -226,16 +227,16 @@ def test_sigkill_then_resume_equals_uninterrupted_run(store_url, tmp_path):
     ref = _run_cli(["train", store_url, "--config", str(cfg), "--out", str(full), "--no-progress"])
 
     victim = _run_cli(["train", store_url, "--config", str(cfg), "--out", str(cut), "--no-progress"])
-    ckpt = cut / "checkpoint.pt"
+    ckpt = cut / "checkpoint.safetensors"
     deadline = time.time() + 240
     while time.time() < deadline and victim.poll() is None:
-        if ckpt.is_file() and torch.load(ckpt, weights_only=False)["step"] >= 60:
+        if ckpt.is_file() and load_checkpoint(cut)["step"] >= 60:
             break
         time.sleep(0.05)
     assert victim.poll() is None, "the run ended before it could be killed: make it longer"
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    killed_at = torch.load(ckpt, weights_only=False)["step"]
+    killed_at = load_checkpoint(cut)["step"]
     assert 60 <= killed_at < 400 and not (cut / "summary.json").exists()
 
     # the folder now holds a run: without --resume it is refused with one line
@@ -250,7 +251,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(store_url, tmp_path):
     _, err = ref.communicate(timeout=300)
     assert ref.returncode == 0, err[-2000:]
 
-    a, b = torch.load(full / "checkpoint.pt", weights_only=False), torch.load(ckpt, weights_only=False)
+    a, b = load_checkpoint(full), load_checkpoint(cut)
     assert a["step"] == b["step"] == 400
     for name in ("topk", "batchtopk", "jump"):
         sa, sb = a["members"][name], b["members"][name]

@@ -2,71 +2,239 @@
 
 A checkpoint holds, for every SAE, its weights and buffers, its Adam state, its dead-latent counters
 and its AuxK switch; plus the loader position, the step, and the RNG state. The learning-rate and
-sparsity schedules are pure functions of the step, so the step is their state. A checkpoint is
-written to a temporary file and renamed over the previous one, so a kill at any moment leaves the
-last complete checkpoint in place."""
+sparsity schedules are pure functions of the step, so the step is their state.
+
+The file is `checkpoint.safetensors`: every tensor is a safetensors entry, and everything else (the
+nesting of the state, numbers, flags, optimiser settings) is JSON in the file's metadata, where each
+tensor appears as a reference to its entry. Reading it parses a JSON header and copies raw bytes;
+nothing in it can run code, unlike a pickle (`torch.load`), which this package never loads: a run
+folder is the kind of thing people share. It is written to `checkpoint.safetensors.tmp`, flushed to
+disk, and renamed over the previous one, so a kill or a full disk at any moment leaves the last
+complete checkpoint in place."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from ..common.errors import UserError
+from ..common.errors import UserError, first_line
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
+PICKLE_CHECKPOINT = "checkpoint.pt"  # what older versions wrote; refused, never unpickled
 RUN_FILE = "run.json"
+FORMAT = "actcache-checkpoint"
+FORMAT_VERSION = 1
+LOCK_NAME_SUFFIX = ".actcache-lock"
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
-def save_checkpoint(out: Path, state: dict[str, Any]) -> Path:
-    """Atomically replace out/checkpoint.pt with `state`."""
-    path = Path(out) / CHECKPOINT
+# ---------------------------------------------------------------------- writing files
+def write_error(e: OSError, path: Path | str) -> UserError:
+    """One line for a failed write (the same words as a harvest's, so a full disk reads the same)."""
+    if e.errno in DISK_FULL:
+        return UserError(f"disk full while writing {path} ({e.strerror}): "
+                         "free some space and rerun the same command with --resume")
+    return UserError(f"writing {path} failed ({type(e).__name__}: {first_line(e)}); "
+                     "fix the cause and rerun the same command with --resume")
+
+
+def atomic_write(path: Path, data: bytes, before_replace: Callable[[], None] | None = None) -> None:
+    """Write `data` to path.tmp, flush it to disk, then rename it over `path`; on any failure remove
+    path.tmp and leave `path` as it was. `before_replace` runs just before the rename (a lease check)."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if before_replace is not None:
+                before_replace()
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise write_error(e, path) from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------- state <-> tensors + JSON
+def _flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    """A JSON-able copy of a nested state with each tensor replaced by {"tensor": key}."""
+    if isinstance(obj, torch.Tensor):
+        key = path or "root"
+        tensors[key] = obj.detach().to("cpu", copy=True).contiguous()
+        return {"tensor": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {"dict": {k: _flatten(v, tensors, f"{path}/{k}") for k, v in obj.items()}}
+        if all(isinstance(k, int) and not isinstance(k, bool) for k in obj):  # an optimiser's per-parameter state
+            return {"int_dict": [[k, _flatten(v, tensors, f"{path}/{k}")] for k, v in obj.items()]}
+        raise TypeError(f"checkpoint state at {path!r} has keys of mixed types")
+    if isinstance(obj, (list, tuple)):
+        items = [_flatten(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]
+        return {"tuple": items} if isinstance(obj, tuple) else {"list": items}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return {"value": obj}
+    raise TypeError(f"checkpoint state at {path!r} holds a {type(obj).__name__}, which a checkpoint cannot store")
+
+
+def _unflatten(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if not isinstance(node, dict) or len(node) != 1:
+        raise ValueError("malformed state")
+    (kind, v), = node.items()
+    if kind == "tensor":
+        return tensors[v]
+    if kind == "dict":
+        return {str(k): _unflatten(x, tensors) for k, x in v.items()}
+    if kind == "int_dict":
+        return {int(k): _unflatten(x, tensors) for k, x in v}
+    if kind == "list":
+        return [_unflatten(x, tensors) for x in v]
+    if kind == "tuple":
+        return tuple(_unflatten(x, tensors) for x in v)
+    if kind == "value":
+        if v is not None and not isinstance(v, (bool, int, float, str)):
+            raise ValueError("malformed value")
+        return v
+    raise ValueError(f"unknown entry kind {kind!r}")
+
+
+def encode_checkpoint(state: dict[str, Any]) -> bytes:
+    """The bytes of a checkpoint file: safetensors with the non-tensor state as JSON metadata."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _flatten(state, tensors, "")
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "state": json.dumps(tree)}
+    return save(tensors, metadata=meta)
+
+
+def decode_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint file back into the nested state (no code from the file runs)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError("not an actcache checkpoint")
+            if meta.get("format_version") != str(FORMAT_VERSION):
+                raise ValueError(f"checkpoint format version {meta.get('format_version')}, this actcache reads "
+                                 f"{FORMAT_VERSION}")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        state = _unflatten(json.loads(meta["state"]), tensors)
+    except Exception as e:  # noqa: BLE001  (a damaged or foreign file, whatever the parser says)
+        raise UserError(f"the checkpoint {path} cannot be read ({first_line(e)}); rerun with --overwrite "
+                        "to start over") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise UserError(f"the checkpoint {path} cannot be read (it holds no step); rerun with --overwrite to start over")
+    return state
+
+
+def save_checkpoint(out: Path, state: dict[str, Any], before_replace: Callable[[], None] | None = None) -> Path:
+    """Atomically replace out/checkpoint.safetensors with `state`."""
+    path = Path(out) / CHECKPOINT
+    atomic_write(path, encode_checkpoint(state), before_replace)
     return path
 
 
 def load_checkpoint(out: Path) -> dict[str, Any] | None:
-    path = Path(out) / CHECKPOINT
+    """The state saved in `out`, or None when there is no checkpoint. A pickle checkpoint is refused."""
+    out = Path(out)
+    legacy = out / PICKLE_CHECKPOINT
+    if legacy.exists():
+        raise UserError(f"{legacy} is a pickle file, which actcache does not load (unpickling can run code from "
+                        f"the file); actcache checkpoints are {CHECKPOINT}: delete it, or rerun with --overwrite "
+                        "to start over")
+    path = out / CHECKPOINT
     if not path.is_file():
         return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a damaged file: say so rather than crash with a pickle traceback
-        raise UserError(f"the checkpoint {path} cannot be read ({type(e).__name__}); delete it to start over") from None
+    return decode_checkpoint(path)
 
 
-def prepare_output(out: Path, run: dict[str, Any], resume: bool) -> bool:
-    """Make the output folder ready. Returns True when there is a run to continue.
-
-    A folder that holds another run is refused unless resume is set and the run is the same one
-    (same config and store); a non-empty folder that is not a run is always refused."""
+# ---------------------------------------------------------------------- the output folder
+def check_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refusals that need no lease (so a refused run creates nothing)."""
     out = Path(out)
-    run_file = out / RUN_FILE
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pass one")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
-    if run_file.is_file():
-        previous = json.loads(run_file.read_text())
-        if not resume:
-            raise UserError(f"{out} already holds a training run; pass --resume to continue it, "
-                            "or choose another --out")
-        if previous != run:
-            diff = _first_difference(previous, run)
-            raise UserError(f"{out} holds a different run ({diff}); resume it with its own config and store, "
-                            "or choose another --out")
-        return True
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and not (out / RUN_FILE).is_file() and _has_entries(out):
         raise UserError(f"{out} is not empty and holds no actcache run; choose an empty or new --out folder")
-    out.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
+
+
+def prepare_output(out: Path, run: dict[str, Any], resume: bool, overwrite: bool = False) -> bool:
+    """Make the output folder ready (call with the folder's lease held). Returns True when there is a
+    run to continue.
+
+    A folder that holds another run is refused unless resume is set and the run is the same one
+    (same config and store), or overwrite is set (the old run is deleted); a non-empty folder that
+    is not a run is always refused."""
+    out = Path(out)
+    check_output(out, resume, overwrite)
+    run_file = out / RUN_FILE
+    if run_file.is_file():
+        if overwrite:
+            _empty_folder(out)
+        else:
+            try:
+                previous = json.loads(run_file.read_text())
+            except (ValueError, UnicodeDecodeError):
+                raise UserError(f"{run_file} is damaged; rerun with --overwrite to start over") from None
+            if not resume:
+                raise UserError(f"{out} already holds a training run; pass --resume to continue it, "
+                                "--overwrite to start it again, or choose another --out")
+            if previous != run:
+                diff = _first_difference(previous, run)
+                raise UserError(f"{out} holds a different run ({diff}); resume it with its own config and store, "
+                                "--overwrite it, or choose another --out")
+            return True
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(e, out) from None
+    atomic_write(run_file, (json.dumps(run, indent=2, sort_keys=True) + "\n").encode())
     return False
+
+
+def _has_entries(folder: Path) -> bool:
+    return any(not p.name.endswith(LOCK_NAME_SUFFIX) for p in folder.iterdir())
+
+
+def _empty_folder(folder: Path) -> None:
+    """Delete what a previous run left in `folder` (run.json last, so a kill midway leaves a run)."""
+    import shutil
+
+    entries = sorted(folder.iterdir(), key=lambda p: p.name == RUN_FILE)
+    for p in entries:
+        if p.name.endswith(LOCK_NAME_SUFFIX):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str:

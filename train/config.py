@@ -1,137 +1,89 @@
 """The sweep configuration: a TOML file naming the hook, the data budget and the SAEs to train.
 
-Top-level keys (all optional except `hook` and `tokens`):
-  hook                     the store's hook to train on, e.g. "blocks.8.hook_resid_pre"
-  tokens                   training tokens (an integer, or a string such as "50M")
-  batch_size = 4096        tokens per step; every SAE steps on the same batch
-  seed = 0                 data order and SAE initialisation are pure functions of it
-  checkpoint_every_tokens  tokens between checkpoints (default: a tenth of `tokens`)
-  log_every_steps = 100    steps between lines of metrics.jsonl
-  repeat_epochs = false    allow more training tokens than the store holds (the data repeats, reshuffled)
-  window_chunks = 8        chunks fetched, decoded and shuffled together (the shuffle window)
-  loader_threads = 4       threads that fetch and decode chunks
-  skip_special_tokens = false   leave out positions whose token is the BOS, EOS or pad token
-  normalize = true         scale activations by one constant so that E||x||^2 = d_in (from the
-                           store's statistics); folded into the exported weights
-  dead_window_tokens = 10_000_000   a latent that has not fired for this many tokens counts as dead
-  eval_tokens = 65536      tokens for the final evaluation of every SAE (L0, FVU, feature density)
-  d_in                     optional; checked against the hook's width in the store
+Every key is described once: the sweep-level keys by the fields of `SweepConfig` (their metadata is
+a `Key`: type, default, valid range, help), the SAE keys by the registered architectures
+(train/architectures/). Parsing, validation, the error messages and the README's key tables
+(`python -m actcache.train.architectures --readme README.md` rewrites them) all come from there.
 
 [defaults] holds SAE keys that every SAE starts from (keys an architecture does not take are
 skipped for it); [[sae]] tables add SAEs one by one; [grid] holds lists whose product adds SAEs,
 each on top of [defaults] and named automatically, e.g. "batchtopk-k16-x8".
 
-SAE keys, for every architecture:
-  name, architecture (standard | topk | batchtopk | jumprelu | gated | matryoshka_batchtopk),
-  expansion = 16 (d_sae = expansion * d_in) or d_sae, lr = 2e-4, lr_warmup_steps = 0,
-  lr_decay_steps (linear decay to zero over the last steps; default: the last fifth of the run),
-  grad_clip = 1.0 (max gradient norm; 0 turns clipping off), adam_beta1 = 0.9, adam_beta2 = 0.999
-and by architecture:
-  standard:             l1_coefficient = 5.0, sparsity_warmup_steps (default: the first 5% of steps)
-  gated:                l1_coefficient = 5.0, sparsity_warmup_steps
-  jumprelu:             l0_coefficient = 1.0, sparsity_warmup_steps, jumprelu_bandwidth = 0.05,
-                        jumprelu_init_threshold = 0.01
-  topk:                 k, aux_k (default d_in // 2), aux_loss_coefficient = 1/32
-  batchtopk:            k, aux_k, aux_loss_coefficient, topk_threshold_lr = 0.01
-  matryoshka_batchtopk: k, aux_k, aux_loss_coefficient, topk_threshold_lr,
-                        matryoshka_widths (increasing; d_sae is added as the last level)
-"""
+Every value is checked when the config is read, before the store is opened: a value that cannot be
+right is a UserError naming the key; a legal but surprising one is a warning (`SweepConfig.warnings`,
+also logged), one line each."""
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import re
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..common.errors import UserError
-from ..common.progress import parse_count
+from ..common.progress import log
+from .architectures import ARCHITECTURES, COMMON_KEYS, Key, SAEConfig, all_sae_keys, get_architecture
+from .checkpoint import CHECKPOINT, RUN_FILE
+from .loader import training_chunks
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk")
-COMMON_KEYS = ("name", "architecture", "expansion", "d_sae", "lr", "lr_warmup_steps", "lr_decay_steps",
-               "grad_clip", "adam_beta1", "adam_beta2")
-_TOPK_KEYS = ("k", "aux_k", "aux_loss_coefficient")
-ARCH_KEYS: dict[str, tuple[str, ...]] = {
-    "standard": ("l1_coefficient", "sparsity_warmup_steps"),
-    "gated": ("l1_coefficient", "sparsity_warmup_steps"),
-    "jumprelu": ("l0_coefficient", "sparsity_warmup_steps", "jumprelu_bandwidth", "jumprelu_init_threshold"),
-    "topk": _TOPK_KEYS,
-    "batchtopk": _TOPK_KEYS + ("topk_threshold_lr",),
-    "matryoshka_batchtopk": _TOPK_KEYS + ("topk_threshold_lr", "matryoshka_widths"),
-}
-TOP_KEYS = ("hook", "tokens", "batch_size", "seed", "checkpoint_every_tokens", "log_every_steps", "repeat_epochs",
-            "window_chunks", "loader_threads", "skip_special_tokens", "normalize", "dead_window_tokens",
-            "eval_tokens", "d_in", "defaults", "sae", "grid")
+__all__ = ["SAEConfig", "SweepConfig", "load_config", "parse_config", "resolve", "sweep_keys", "readme_tables"]
+
+SUMMARY_FILES = ("summary.json", "summary.md", "frontier.png")
+# an SAE's folder sits beside the run's own files: its name must not be one of them (compared
+# case-insensitively, as macOS and Windows file systems do), nor start like one
+RUN_FILES = (CHECKPOINT, CHECKPOINT + ".tmp", RUN_FILE, "metrics.jsonl") + SUMMARY_FILES
+_RUN_PREFIXES = ("checkpoint", "summary", "run.", "frontier.")
+TABLES = ("defaults", "sae", "grid")
 _SHORT = {"k": "k", "expansion": "x", "d_sae": "d", "l1_coefficient": "l1_", "l0_coefficient": "l0_", "lr": "lr"}
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-@dataclass
-class SAEConfig:
-    """One SAE of the sweep. Keys that do not apply to its architecture stay None."""
-
-    name: str
-    architecture: str
-    expansion: float | None = 16
-    d_sae: int | None = None
-    lr: float = 2e-4
-    lr_warmup_steps: int = 0
-    lr_decay_steps: int | None = None
-    grad_clip: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    l1_coefficient: float | None = None
-    l0_coefficient: float | None = None
-    sparsity_warmup_steps: int | None = None
-    jumprelu_bandwidth: float | None = None
-    jumprelu_init_threshold: float | None = None
-    k: int | None = None
-    aux_k: int | None = None
-    aux_loss_coefficient: float | None = None
-    topk_threshold_lr: float | None = None
-    matryoshka_widths: list[int] | None = None
-    d_in: int | None = None  # filled from the store
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-
-_ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
-    "standard": {"l1_coefficient": 5.0},
-    "gated": {"l1_coefficient": 5.0},
-    "jumprelu": {"l0_coefficient": 1.0, "jumprelu_bandwidth": 0.05, "jumprelu_init_threshold": 0.01},
-    "topk": {"aux_loss_coefficient": 1 / 32},
-    "batchtopk": {"aux_loss_coefficient": 1 / 32, "topk_threshold_lr": 0.01},
-    "matryoshka_batchtopk": {"aux_loss_coefficient": 1 / 32, "topk_threshold_lr": 0.01},
-}
+def _key(kind: str, default: Any = None, help: str = "", **kw) -> Any:
+    """A SweepConfig field described by a Key (its name is the field's)."""
+    spec = Key("", kind, default, help, **kw)
+    if kw.get("required"):
+        return field(metadata={"key": spec})
+    return field(default=default, metadata={"key": spec})
 
 
 @dataclass
 class SweepConfig:
     """A whole sweep: the data stream every SAE shares, and the SAEs."""
 
-    hook: str
-    tokens: int
-    saes: list[SAEConfig]
-    batch_size: int = 4096
-    seed: int = 0
-    checkpoint_every_tokens: int | None = None
-    log_every_steps: int = 100
-    repeat_epochs: bool = False
-    window_chunks: int = 8
-    loader_threads: int = 4
-    skip_special_tokens: bool = False
-    normalize: bool = True
-    dead_window_tokens: int = 10_000_000
-    eval_tokens: int = 65536
-    d_in: int | None = None
+    hook: str = _key("str", None, 'the store\'s hook to train on, e.g. "blocks.8.hook_resid_pre"', required=True)
+    tokens: int = _key("count", None, 'training tokens (an integer, or a string such as "50M")', low=1,
+                       required=True)
+    saes: list[SAEConfig] = field(default_factory=list)
+    batch_size: int = _key("count", 4096, "tokens per step; every SAE steps on the same batch", low=1)
+    seed: int = _key("int", 0, "data order and SAE initialisation are pure functions of it", low=0)
+    checkpoint_every_tokens: int | None = _key("count", None, "tokens between checkpoints", low=1,
+                                               default_text="a tenth of `tokens`")
+    log_every_steps: int = _key("int", 100, "steps between lines of metrics.jsonl", low=1)
+    repeat_epochs: bool = _key("bool", False, "allow more training tokens than the store holds (the data repeats, "
+                               "reshuffled); or `--allow-repeat`")
+    window_chunks: int = _key("int", 8, "chunks fetched, decoded and shuffled together (the shuffle window)", low=1)
+    loader_threads: int = _key("int", 4, "threads that fetch and decode chunks", low=1)
+    skip_special_tokens: bool = _key("bool", True, "leave out positions whose token is the BOS, EOS or pad token "
+                                     "(as SAELens does); the exported cfg.json records it")
+    normalize: bool = _key("bool", True, "scale activations by one constant so that E‖x‖² = d_in (from the store's "
+                           "statistics); folded into the exported weights")
+    dead_window_tokens: int = _key("count", 10_000_000, "a latent that has not fired for this many tokens counts "
+                                   "as dead", low=1)
+    eval_tokens: int = _key("count", 65536, "tokens for the final evaluation of every SAE (L0, FVU, feature "
+                            "density), and for calibrating BatchTopK thresholds", low=1)
+    d_in: int | None = _key("int", None, "checked against the hook's width in the store", low=1,
+                            default_text="from the store")
+    held_out: list[int] | None = _key("int_list", None, "[start_sequence, stop_sequence]: a range of the store that training never reads (for stores without their own held-out part); the loader checks it", low=0,
+                                      default_text="the store's own held-out part")
+    warnings: list[str] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def n_steps(self) -> int:
@@ -143,9 +95,21 @@ class SweepConfig:
         return max(1, every // self.batch_size)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "saes"}
+        d = {k: getattr(self, k) for k in sweep_keys()}
         d["saes"] = [s.to_dict() for s in self.saes]
         return d
+
+
+def sweep_keys() -> dict[str, Key]:
+    """The sweep-level keys, in the order of SweepConfig's fields."""
+    out = {}
+    for f in fields(SweepConfig):
+        spec = f.metadata.get("key")
+        if spec is not None:
+            out[f.name] = Key(f.name, *[getattr(spec, a) for a in ("kind", "default", "help", "low", "high",
+                                                                    "low_open", "high_open", "default_text",
+                                                                    "required")])
+    return out
 
 
 # ------------------------------------------------------------------------- loading
@@ -168,40 +132,75 @@ def load_config(source: str | Path | dict) -> SweepConfig:
     return parse_config(raw)
 
 
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _unknown_sae_key(key: str, where: str) -> UserError:
+    known = all_sae_keys()
+    hint = _did_you_mean(key, known)
+    if not hint and key in sweep_keys():
+        hint = f"; {key!r} is a top-level key: move it above the tables"
+    return UserError(f"unknown SAE key {key!r} in {where}{hint or '; accepted keys: ' + ', '.join(known)}")
+
+
 def parse_config(raw: dict[str, Any]) -> SweepConfig:
     """Check and expand a parsed TOML document: defaults, [[sae]] entries and the [grid] product."""
-    unknown = [k for k in raw if k not in TOP_KEYS]
-    if unknown:
-        raise UserError(f"unknown config key {unknown[0]!r}; the accepted top-level keys are: {', '.join(TOP_KEYS)}")
+    top_keys = sweep_keys()
+    for k in raw:
+        if k not in top_keys and k not in TABLES:
+            hint = _did_you_mean(k, list(top_keys) + list(TABLES))
+            if not hint and k in all_sae_keys():
+                hint = f"; {k!r} is an SAE key: put it in [defaults], an [[sae]] table or [grid]"
+            raise UserError(f"unknown config key {k!r}{hint or '; the accepted top-level keys are: ' + ', '.join(list(top_keys) + list(TABLES))}")
     for key in ("hook", "tokens"):
         if key not in raw:
             raise UserError(f"the config has no {key!r}; add e.g. "
                             + ('hook = "blocks.8.hook_resid_pre"' if key == "hook" else "tokens = 50_000_000"))
+    top = {k: top_keys[k].check(v, "the config") for k, v in raw.items() if k in top_keys}
+
+    known = all_sae_keys()
     defaults = raw.get("defaults", {})
     if not isinstance(defaults, dict):
         raise UserError("[defaults] must be a table of SAE keys")
-    all_keys = set(COMMON_KEYS) | {k for ks in ARCH_KEYS.values() for k in ks}
-    for k in defaults:
+    for k, v in defaults.items():
         if k == "name":
             raise UserError("[defaults] cannot set 'name': every SAE needs its own")
-        if k not in all_keys:
-            raise UserError(f"unknown SAE key {k!r} in [defaults]; accepted keys: {', '.join(sorted(all_keys))}")
+        if k not in known:
+            raise _unknown_sae_key(k, "[defaults]")
+        known[k].check(v, "[defaults]")
+    if "architecture" in defaults:
+        _check_architecture(defaults["architecture"], "[defaults]")
 
     entries: list[tuple[dict[str, Any], set[str]]] = []
     sae_list = raw.get("sae", [])
-    if not isinstance(sae_list, list):
+    if not isinstance(sae_list, list) or not all(isinstance(e, dict) for e in sae_list):
         raise UserError("[[sae]] entries must be an array of tables (write [[sae]], not [sae])")
     for i, entry in enumerate(sae_list):
+        where = f"[[sae]] {entry['name']!r}" if isinstance(entry.get("name"), str) else f"[[sae]] number {i + 1}"
+        for k in entry:
+            if k not in known:
+                raise _unknown_sae_key(k, where)
         if "name" not in entry:
             raise UserError(f"[[sae]] number {i + 1} has no name; add name = \"...\"")
+        known["name"].check(entry["name"], where)
         entries.append((dict(entry), set(entry)))
     grid = raw.get("grid")
+    if grid is not None and not isinstance(grid, dict):
+        raise UserError("[grid] must be a table of lists, e.g. k = [16, 32]")
     if grid:
         if "name" in grid:
             raise UserError("[grid] cannot list names; grid SAEs are named automatically")
+        for k in grid:
+            if k not in known:
+                raise _unknown_sae_key(k, "[grid]")
         keys = list(grid)
         values = [v if isinstance(v, list) and k != "matryoshka_widths" or
                   (k == "matryoshka_widths" and v and isinstance(v[0], list)) else [v] for k, v in grid.items()]
+        for k, vs in zip(keys, values):
+            if not vs:
+                raise UserError(f"[grid] {k} is an empty list; give at least one value")
         for combo in itertools.product(*values):
             entry = dict(zip(keys, combo))
             arch = entry.get("architecture", defaults.get("architecture"))
@@ -217,19 +216,23 @@ def parse_config(raw: dict[str, Any]) -> SweepConfig:
     if dup:
         raise UserError(f"two SAEs are named {dup!r}; give each SAE a different name")
 
-    top = {k: v for k, v in raw.items() if k not in ("defaults", "sae", "grid")}
-    for key in ("tokens", "batch_size", "checkpoint_every_tokens", "dead_window_tokens", "eval_tokens"):
-        if key in top:
-            try:
-                top[key] = parse_count(top[key])
-            except ValueError:
-                raise UserError(f"{key} must be a whole number such as 50_000_000 or \"50M\", not {top[key]!r}") from None
     cfg = SweepConfig(saes=saes, **top)
-    if cfg.batch_size <= 0 or cfg.tokens < cfg.batch_size:
+    if cfg.tokens < cfg.batch_size:
         raise UserError(f"tokens ({cfg.tokens}) must be at least one batch (batch_size = {cfg.batch_size})")
-    if cfg.window_chunks < 1 or cfg.loader_threads < 1 or cfg.log_every_steps < 1:
-        raise UserError("window_chunks, loader_threads and log_every_steps must be at least 1")
+    if cfg.checkpoint_every_tokens is not None and cfg.checkpoint_every_tokens >= cfg.tokens:
+        cfg.warnings.append(f"checkpoint_every_tokens = {cfg.checkpoint_every_tokens:,} is not less than tokens = "
+                            f"{cfg.tokens:,}: the only checkpoint is the final one")
+    if cfg.eval_tokens < cfg.batch_size and cfg.eval_tokens < 4096:
+        cfg.warnings.append(f"eval_tokens = {cfg.eval_tokens:,} is small: the final L0 and FVU, and BatchTopK "
+                            "thresholds, rest on few tokens")
     return cfg
+
+
+def _check_architecture(arch: Any, where: str) -> str:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        raise UserError(f"{where}: unknown architecture {arch!r}{_did_you_mean(arch, ARCHITECTURES)}; "
+                        f"choose one of: {', '.join(ARCHITECTURES)}")
+    return arch
 
 
 def _tag(key: str, value: Any) -> str:
@@ -246,20 +249,23 @@ def _make_sae(entry: dict[str, Any], explicit: set[str], defaults: dict[str, Any
     name = str(entry["name"])
     if not _NAME_OK.match(name):
         raise UserError(f"SAE name {name!r} must be letters, digits, '.', '_' or '-' (it names a folder)")
-    arch = entry.get("architecture", defaults.get("architecture"))
-    if arch is None:
-        raise UserError(f"SAE {name!r} has no architecture; choose one of: {', '.join(ARCHITECTURES)}")
-    if arch not in ARCHITECTURES:
-        raise UserError(f"SAE {name!r}: unknown architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
-    accepted = set(COMMON_KEYS) | set(ARCH_KEYS[arch])
+    low = name.lower()
+    if low in RUN_FILES or low.startswith(_RUN_PREFIXES):
+        raise UserError(f"SAE name {name!r} would collide with the run's own files ({', '.join(RUN_FILES)}); "
+                        "choose another name")
+    arch_name = entry.get("architecture", defaults.get("architecture"))
+    if arch_name is None:
+        raise UserError(f"SAE {name!r} has no architecture; add architecture = \"...\", one of: "
+                        f"{', '.join(ARCHITECTURES)}")
+    arch = get_architecture(_check_architecture(arch_name, f"SAE {name!r}"))
+    keys = {k.name: k for k in arch.all_keys()}
     for k in explicit:
-        if k not in accepted:
-            raise UserError(f"SAE {name!r}: architecture {arch!r} does not take {k!r}; it takes: "
-                            f"{', '.join(sorted(accepted - {'name'}))}")
-    values: dict[str, Any] = dict(_ARCH_DEFAULTS[arch])
-    values.update({k: v for k, v in defaults.items() if k in accepted})
+        if k not in keys:
+            raise UserError(f"SAE {name!r}: architecture {arch_name!r} does not take {k!r}; it takes: "
+                            f"{', '.join(sorted(set(keys) - {'name'}))}")
+    values: dict[str, Any] = {k: v for k, v in defaults.items() if k in keys}
     values.update(entry)
-    values["architecture"] = arch
+    values["architecture"] = arch_name
     # width: an SAE's own expansion/d_sae beats [defaults]; giving both at one level is ambiguous
     for level in (explicit, set(defaults)):
         if "expansion" in level and "d_sae" in level:
@@ -270,59 +276,110 @@ def _make_sae(entry: dict[str, Any], explicit: set[str], defaults: dict[str, Any
         if "d_sae" in level:
             values["expansion"] = None
             break
-    if arch in ("topk", "batchtopk", "matryoshka_batchtopk") and values.get("k") is None:
-        raise UserError(f"SAE {name!r}: architecture {arch!r} needs k (the number of active latents)")
-    try:
-        return SAEConfig(**values)
-    except TypeError as e:
-        raise UserError(f"SAE {name!r}: {e}") from None
+    for k, spec in keys.items():
+        if values.get(k) is not None:
+            values[k] = spec.check(values[k], f"SAE {name!r}")
+        elif spec.required:
+            raise UserError(f"SAE {name!r}: architecture {arch_name!r} needs {k} ({spec.help})")
+    return SAEConfig(**values)
 
 
 # ------------------------------------------------------------------------- against the store
 def resolve(cfg: SweepConfig, store, allow_repeat: bool = False) -> SweepConfig:
-    """Check the config against a store and fill in d_in, d_sae and the step-based defaults."""
+    """Check the config against a store and fill in d_in, d_sae and the step-based defaults (each
+    architecture resolves its own keys). Warnings are logged and added to cfg.warnings."""
     m = store.manifest
     if cfg.hook not in m.hook_names:
-        raise UserError(f"hook {cfg.hook!r} is not in the store {store.url}; it has: {', '.join(m.hook_names)}")
+        raise UserError(f"hook {cfg.hook!r} is not in the store {store.url}; it has: {', '.join(m.hook_names)}"
+                        f"{_did_you_mean(cfg.hook, m.hook_names)}")
     d_in = m.hook(cfg.hook).d
     if cfg.d_in is not None and cfg.d_in != d_in:
         raise UserError(f"the config says d_in = {cfg.d_in} but hook {cfg.hook!r} in the store has d = {d_in}; "
                         "remove d_in or pick the matching hook")
     cfg.d_in = d_in
-    available = _committed_tokens(store)
-    if available == 0:
+    if store.n_committed == 0:
         raise UserError(f"the store {store.url} holds no committed chunk yet; finish the harvest first")
-    if cfg.tokens > available and not (cfg.repeat_epochs or allow_repeat):
-        raise UserError(f"the config asks for {cfg.tokens:,} training tokens but the store holds {available:,}; "
+    chunks = training_chunks(store, cfg.held_out)
+    if not chunks:
+        raise UserError(f"the store {store.url} has no committed chunk outside the held-out part; harvest more, "
+                        "or hold out less")
+    available = sum(b - a for a, b in map(store.chunk_sequence_range, chunks)) * m.context_size
+    repeat = cfg.repeat_epochs or allow_repeat
+    if cfg.tokens > available and not repeat:
+        held = " outside its held-out part" if available < store.n_committed_tokens else ""
+        raise UserError(f"the config asks for {cfg.tokens:,} training tokens but the store holds {available:,}{held}; "
                         "lower tokens, or allow repeated epochs with repeat_epochs = true or --allow-repeat")
-    n_steps = cfg.n_steps
+    if cfg.skip_special_tokens and not repeat:
+        usable = _usable_tokens(store, chunks, cfg.tokens, available)
+        if cfg.tokens > usable:
+            # asking for the whole store is common: the few skipped positions are made up by starting
+            # a second (reshuffled) epoch, and the run says so
+            cfg.repeat_epochs = True
+            cfg.warnings.append(f"the store holds {usable:,} training tokens besides its BOS/EOS/pad tokens "
+                                f"(skip_special_tokens = true), fewer than the {cfg.tokens:,} asked for; the last "
+                                f"{cfg.tokens - usable:,} come from a second, reshuffled pass")
     for s in cfg.saes:
-        s.d_in = d_in
-        if s.d_sae is None:
-            s.d_sae = int(round(float(s.expansion) * d_in))
-        if s.d_sae < 1:
-            raise UserError(f"SAE {s.name!r}: d_sae must be positive")
-        if s.k is not None:
-            if s.k < 1 or s.k > s.d_sae:
-                raise UserError(f"SAE {s.name!r}: k = {s.k} must be between 1 and d_sae = {s.d_sae}")
-        if s.aux_k is None and s.architecture in ("topk", "batchtopk", "matryoshka_batchtopk"):
-            s.aux_k = max(1, min(d_in // 2, s.d_sae))
-        if s.lr_decay_steps is None:
-            s.lr_decay_steps = n_steps // 5
-        if s.architecture in ("standard", "gated", "jumprelu") and s.sparsity_warmup_steps is None:
-            s.sparsity_warmup_steps = n_steps // 20
-        if s.architecture == "matryoshka_batchtopk":
-            widths = [int(w) for w in (s.matryoshka_widths or [])]
-            if not widths or widths[-1] != s.d_sae:
-                widths.append(s.d_sae)
-            if any(b <= a for a, b in zip(widths, widths[1:])) or widths[0] < 1:
-                raise UserError(f"SAE {s.name!r}: matryoshka_widths must increase and stay within d_sae = {s.d_sae}; "
-                                f"got {s.matryoshka_widths}")
-            s.matryoshka_widths = widths
+        cfg.warnings.extend(get_architecture(s.architecture).resolve(s, d_in, d_in, cfg.n_steps))
+    for w in cfg.warnings:
+        log.warning(f"warning: {w}")
     return cfg
 
 
-def _committed_tokens(store) -> int:
-    m = store.manifest
-    n_seq = min(store.n_committed * m.chunk_sequences, m.n_sequences)
-    return n_seq * m.context_size
+def _usable_tokens(store, chunks: list[int], wanted: int, total: int) -> int:
+    """Training tokens (in `chunks`) that are not BOS/EOS/pad: exact where `wanted` comes near the total
+    (the token ids of those chunks are read then), otherwise an estimate from the first that is enough to say yes."""
+    import numpy as np
+
+    tok = store.manifest.tokenizer
+    special = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None]
+    if not special:
+        return total
+    share = float(np.isin(store.read_tokens(chunks[0]), special).mean())
+    if wanted <= 0.9 * total * (1 - share):
+        return total
+    return sum(int((~np.isin(store.read_tokens(j), special)).sum()) for j in chunks)
+
+
+
+
+# ------------------------------------------------------------------------- the README's tables
+def _valid(k: Key) -> str:
+    r = k.range_text()
+    kind = {"float": "number", "int": "integer", "count": "count", "bool": "bool", "str": "string",
+            "int_list": "list of integers"}[k.kind]
+    return kind if r == "any" else f"{kind} {r}"
+
+
+def readme_tables() -> str:
+    """The markdown tables of every sweep key and every SAE key (the README embeds them)."""
+    lines = ["Top-level keys (a count is an integer or a string such as `\"50M\"`):", "", "| key | default | valid | meaning |", "| --- | --- | --- | --- |"]
+    for k in sweep_keys().values():
+        lines.append(f"| `{k.name}` | {k.default_for_docs()} | {_valid(k)} | {k.help} |")
+    lines += ["", "SAE keys (in `[defaults]`, `[[sae]]` or `[grid]`), with the architectures that take them:", "",
+              "| key | architectures | default | valid | meaning |", "| --- | --- | --- | --- | --- |"]
+    users: dict[str, list[str]] = {}
+    specs: dict[str, Key] = {}
+    for name, cls in ARCHITECTURES.items():
+        for k in cls.all_keys():
+            users.setdefault(k.name, []).append(name)
+            specs.setdefault(k.name, k)
+    common = {k.name for k in COMMON_KEYS}
+    for key, k in specs.items():
+        archs = "all" if key in common else ", ".join(f"`{a}`" for a in users[key])
+        lines.append(f"| `{key}` | {archs} | {k.default_for_docs()} | {_valid(k)} | {k.help} |")
+    lines += ["", "Architectures:", "", "| architecture | exported to SAELens as | takes k | AuxK | what it is |",
+              "| --- | --- | --- | --- | --- |"]
+    for name, cls in ARCHITECTURES.items():
+        lines.append(f"| `{name}` | `{cls.saelens_architecture}` | {'yes' if cls.takes_k else 'no'} | "
+                     f"{'yes' if cls.uses_auxk else 'no'} | {cls.help} |")
+    return "\n".join(lines)
+
+
+README_BEGIN = "<!-- sweep keys: generated by `python -m actcache.train.architectures --readme README.md` -->"
+README_END = "<!-- end of sweep keys -->"
+
+
+def readme_with_tables(text: str) -> str:
+    """The README text with its generated block replaced by readme_tables()."""
+    start, end = text.index(README_BEGIN), text.index(README_END)
+    return text[:start] + README_BEGIN + "\n" + readme_tables() + "\n" + text[end:]

@@ -14,15 +14,54 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ..common import __version__
+from ..common.progress import log
 from ..common.store import ActivationStore
 
-from .config import SweepConfig
-from .loader import ActivationLoader
-from .sae import SAE, SAELENS_FORMAT_VERSION, SPARSITY_FILENAME, Metadata, SAEConfig
-from .saes import TrainingSAE
+from .architectures import TrainingSAE
+from .config import SUMMARY_FILES, SweepConfig
+from .loader import ActivationLoader, held_out_ranges
+from ..common.sae import SAE, SAELENS_FORMAT_VERSION, SPARSITY_FILENAME, Metadata, SAEConfig, write_safetensors
+
+# model specs this package loads that other tools know by another name: spec -> (hub name, GGUF file)
+MODEL_NAMES = {"smollm2-135m-instruct-q4": ("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# an exported SAE whose L0 is further than this from its k is flagged in the summary
+K_MISMATCH = 0.1
+
+
+def model_metadata(spec: str) -> dict[str, str]:
+    """cfg.json's model fields: model_name loadable by other tools (the hub name where the spec is
+    an alias), model_gguf where the weights are a GGUF file, model_spec as actcache loads it."""
+    if spec in MODEL_NAMES:
+        hub, gguf = MODEL_NAMES[spec]
+        return {"model_name": hub, "model_gguf": gguf, "model_spec": spec}
+    out = {"model_name": spec, "model_spec": spec}
+    if spec.endswith(".gguf"):
+        out["model_gguf"] = Path(spec).name
+    return out
+
+
+@torch.no_grad()
+def calibrate(saes: list[TrainingSAE], store: ActivationStore, cfg: SweepConfig, device: torch.device) -> list[str]:
+    """Let every SAE that needs it (needs_calibration, e.g. BatchTopK's threshold) set its inference
+    values on eval_tokens fresh tokens in the training scale (a separately seeded stream). Returns
+    and logs warnings."""
+    todo = [s for s in saes if s.needs_calibration]
+    if not todo:
+        return []
+    batch = min(cfg.batch_size, cfg.eval_tokens)
+    loader = ActivationLoader(store, cfg.hook, batch, seed=cfg.seed + 2, window_chunks=cfg.window_chunks,
+                              threads=cfg.loader_threads, device=device, normalize=cfg.normalize,
+                              skip_special_tokens=cfg.skip_special_tokens, repeat=True, held_out=cfg.held_out)
+    try:
+        batches = [loader.next_batch() for _ in range(max(1, cfg.eval_tokens // batch))]
+    finally:
+        loader.close()
+    warnings = [w for s in todo for w in s.calibrate(batches)]
+    for w in warnings:
+        log.warning(f"warning: {w}")
+    return warnings
 
 
 def to_inference_sae(sae: TrainingSAE, scale: float, store: ActivationStore, cfg: SweepConfig) -> SAE:
@@ -32,7 +71,7 @@ def to_inference_sae(sae: TrainingSAE, scale: float, store: ActivationStore, cfg
     metadata = Metadata(
         sae_lens_version=SAELENS_FORMAT_VERSION,
         sae_lens_training_version=SAELENS_FORMAT_VERSION,
-        model_name=m.model.name,
+        **model_metadata(m.model.name),
         hook_name=cfg.hook,
         hook_head_index=None,
         context_size=m.context_size,
@@ -44,6 +83,9 @@ def to_inference_sae(sae: TrainingSAE, scale: float, store: ActivationStore, cfg
         trained_architecture=sae.architecture,
         training_tokens=cfg.n_steps * cfg.batch_size,
         normalization_scale_folded=scale,
+        store_fingerprint=m.fingerprint,
+        # every sequence range this SAE never trained on: the store's held-out part and the config's own
+        held_out=[{"start_sequence": a, "stop_sequence": b} for a, b in held_out_ranges(store, cfg.held_out)],
     )
     scfg = SAEConfig(architecture=arch, d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, metadata=metadata, **extra)
     return SAE(scfg, {k: v.detach().float().cpu() for k, v in weights.items()})
@@ -56,7 +98,7 @@ def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, dev
     n_batches = max(1, cfg.eval_tokens // batch)
     loader = ActivationLoader(store, cfg.hook, batch, seed=cfg.seed + 1, window_chunks=cfg.window_chunks,
                               threads=cfg.loader_threads, device=device, normalize=False,
-                              skip_special_tokens=cfg.skip_special_tokens, repeat=True)
+                              skip_special_tokens=cfg.skip_special_tokens, repeat=True, held_out=cfg.held_out)
     acc = {name: {"err": 0.0, "l0": 0.0, "fired": torch.zeros(s.cfg.d_sae, dtype=torch.float64)}
            for name, s in saes.items()}
     total_var, n = 0.0, 0
@@ -88,24 +130,49 @@ def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, dev
 
 def write_sae_folder(sae: SAE, folder: Path, log10_density: torch.Tensor) -> None:
     sae.save_model(folder)
-    save_file({"sparsity": log10_density.contiguous()}, str(Path(folder) / SPARSITY_FILENAME))
+    write_safetensors({"sparsity": log10_density.contiguous()}, Path(folder) / SPARSITY_FILENAME)
 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
     """summary.json, summary.md and frontier.png in the sweep folder."""
     out = Path(out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.md").write_text(summary_table(summary) + "\n")
-    plot_frontier(summary, out / "frontier.png")
+    for line in k_mismatches(summary):
+        log.warning(f"warning: {line}")
+    json_name, table_name, plot_name = SUMMARY_FILES
+    (out / json_name).write_text(json.dumps(summary, indent=2) + "\n")
+    (out / table_name).write_text(summary_table(summary) + "\n")
+    plot_frontier(summary, out / plot_name)
+
+
+def _l0_contradicts_k(row: dict[str, Any]) -> bool:
+    k = row.get("k")
+    return k is not None and abs(row["l0"] - k) > K_MISMATCH * k
+
+
+def k_mismatches(summary: dict[str, Any]) -> list[str]:
+    """The SAEs whose exported L0 is not near their k, one line each."""
+    out = []
+    for r in summary["saes"]:
+        k = r.get("k")
+        if _l0_contradicts_k(r):
+            out.append(f"SAE {r['name']!r} was trained with k = {k} but its exported {r.get('exported_as', '')} "
+                       f"form gives L0 = {r['l0']:.1f} on the evaluation tokens")
+    return out
 
 
 def summary_table(summary: dict[str, Any]) -> str:
     head = "| SAE | architecture | d_sae | k | L0 | FVU | explained var. | dead (eval) |"
     lines = [head, "|" + "---|" * 8]
+    flagged = {r["name"] for r in summary["saes"] if _l0_contradicts_k(r)}
     for r in summary["saes"]:
         k = r.get("k")
-        lines.append(f"| {r['name']} | {r['architecture']} | {r['d_sae']} | {'' if k is None else k} "
+        k_text = "" if k is None else f"{k} (≠ L0)" if r["name"] in flagged else str(k)
+        lines.append(f"| {r['name']} | {r['architecture']} | {r['d_sae']} | {k_text} "
                      f"| {r['l0']:.1f} | {r['fvu']:.4f} | {r['explained_variance']:.4f} | {r['dead_fraction_eval']:.3f} |")
+    if flagged:
+        lines.append("")
+        lines.append(f"(≠ L0): the exported SAE's L0 is more than {K_MISMATCH:.0%} away from the k it was "
+                     "trained with.")
     return "\n".join(lines)
 
 

@@ -11,8 +11,14 @@ So batch `step` is a pure function of (store, seed, step), every SAE of a sweep 
 and the position (epoch, window, offset) is all the state there is. While one window is consumed the
 next is fetched and decoded in the background.
 
+Held-out sequences: the chunks are those committed chunks that share no sequence with the store's
+held-out part (`store.held_out_range()`, format 2) or with a range the caller names (`held_out`, the
+sweep's `held_out = [start, stop]`, for stores without one). Such chunks are never read, not read and
+discarded; chunk ids keep their store numbering, so with nothing held out the stream is unchanged.
+
 Normalisation: x is multiplied by one constant, sqrt(d_in / E||x||^2), with E||x||^2 = sum over
-dimensions of (var + mean^2) from the store's statistics, so that E||x||^2 = d_in after scaling.
+dimensions of (var + mean^2) from the store's statistics of the training chunks (never of held-out
+ones), so that E||x||^2 = d_in after scaling.
 """
 
 from __future__ import annotations
@@ -25,19 +31,58 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..common.errors import UserError
+from ..common.errors import StoreError, UserError, first_line
 from ..common.seeding import permutation
 from ..common.store import ActivationStore
 
 
-def normalisation_scale(store: ActivationStore, hook: str) -> float:
-    """The constant that brings E||x||^2 to d_in, from the harvest statistics (no pass over the data)."""
-    s = store.stats(hook)
-    if not s["count"]:
-        raise UserError(f"the store {store.url} has no statistics for {hook!r}; finish the harvest first")
-    mean_sq = float(np.sum(s["var"] + s["mean"] ** 2))
+def normalisation_scale(store: ActivationStore, hook: str, chunks: list[int] | None = None) -> float:
+    """The constant that brings E||x||^2 to d_in, from the harvest statistics (no pass over the data).
+
+    `chunks`: the chunks training reads (held-out chunks excluded); default every committed chunk."""
     d = store.manifest.hook(hook).d
+    if chunks is None:
+        s = store.stats(hook)
+        count, mean_sq = s["count"], float(np.sum(s["var"] + s["mean"] ** 2))
+    else:  # from the per-chunk partial sums of exactly these chunks: sum over dims of E[x_d^2]
+        store.activations(hook)
+        part = store.group["stats"][hook]["chunks"]
+        idx = np.asarray(sorted(chunks), dtype=np.int64)
+        count = float(part["count"].get_orthogonal_selection((idx,)).sum()) if len(idx) else 0.0
+        if count:
+            sumsq = part["sumsq"].get_orthogonal_selection((idx, slice(None)))
+            mean_sq = float(np.sum(sumsq.sum(axis=0) / count))
+    if not count:
+        raise UserError(f"the store {store.url} has no statistics for {hook!r}; finish the harvest first")
     return math.sqrt(d / mean_sq) if mean_sq > 0 else 1.0
+
+
+def held_out_ranges(store: ActivationStore, held_out: "list[int] | tuple[int, int] | None" = None
+                    ) -> list[tuple[int, int]]:
+    """The sequence ranges [start, stop) that training must not read: the store's own held-out part
+    (format 2 stores) and a range the user names (`held_out = [start, stop]` in the sweep config)."""
+    ranges = []
+    own = store.held_out_range()  # None for stores of format 1
+    if own is not None:
+        ranges.append((int(own[0]), int(own[1])))
+    if held_out is not None:
+        n = store.manifest.n_sequences
+        ok = (isinstance(held_out, (list, tuple)) and len(held_out) == 2
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in held_out))
+        if not ok or not 0 <= held_out[0] < held_out[1] <= n:
+            raise UserError(f"held_out = {held_out!r} must be [start_sequence, stop_sequence] with "
+                            f"0 <= start < stop <= {n} (the store's sequences)")
+        ranges.append((int(held_out[0]), int(held_out[1])))
+    return ranges
+
+
+def training_chunks(store: ActivationStore, held_out: "list[int] | tuple[int, int] | None" = None) -> list[int]:
+    """The committed chunks training may read: every chunk that shares no sequence with a held-out
+    range (a chunk that overlaps one is left out whole, so its held-out sequences are never decoded)."""
+    ranges = held_out_ranges(store, held_out)
+    return [j for j in range(store.n_committed)
+            if not any(a < store.chunk_sequence_range(j)[1] and store.chunk_sequence_range(j)[0] < b
+                       for a, b in ranges)]
 
 
 @dataclass
@@ -57,7 +102,8 @@ class ActivationLoader:
     def __init__(self, store: ActivationStore | str, hook: str, batch_size: int, seed: int = 0,
                  window_chunks: int = 8, threads: int = 4, device: str | torch.device = "cpu",
                  skip_special_tokens: bool = False, normalize: bool = True, repeat: bool = True,
-                 prefetch: bool = True, max_chunks: int | None = None):
+                 prefetch: bool = True, max_chunks: int | None = None,
+                 held_out: "list[int] | tuple[int, int] | None" = None):
         self.store = ActivationStore.open(store) if isinstance(store, str) else store
         self.hook = hook
         self.array = self.store.activations(hook)
@@ -70,10 +116,17 @@ class ActivationLoader:
         self.skip_special_tokens = skip_special_tokens
         self.repeat = repeat
         self.prefetch = prefetch
-        self.scale = normalisation_scale(self.store, hook) if normalize else 1.0
-        self.n_chunks = self.store.n_committed if max_chunks is None else min(max_chunks, self.store.n_committed)
+        # the chunks this loader may read: committed, and outside every held-out range
+        self.held_out = held_out_ranges(self.store, held_out)
+        ids = training_chunks(self.store, held_out)
+        self.chunk_ids = ids if max_chunks is None else ids[:max_chunks]
+        self.n_chunks = len(self.chunk_ids)
         if self.n_chunks == 0:
-            raise UserError(f"the store {self.store.url} holds no committed chunk yet")
+            what = "no committed chunk yet" if not self.store.n_committed else "no committed chunk outside the held-out part"
+            raise UserError(f"the store {self.store.url} holds {what}")
+        # statistics of the training chunks only (with nothing held out: of every committed chunk)
+        self.scale = (normalisation_scale(self.store, hook, self.chunk_ids if self.held_out else None)
+                      if normalize else 1.0)
         tok = self.store.manifest.tokenizer
         self.special_ids = sorted({i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None})
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="actcache-read")
@@ -89,6 +142,7 @@ class ActivationLoader:
         self._next: Future | None = None
         self._next_key: tuple[int, int] | None = None
         self.wait_seconds = 0.0  # time next_batch spent waiting for a window that was not ready
+        self.read_failed = False  # set when reading a chunk failed (the error itself reaches next_batch)
         self._staging: list[torch.Tensor | None] = [None, None]
         self._copied: list = [None, None]
         # two reusable window buffers: one being consumed, one being filled (no fresh allocation per window)
@@ -98,7 +152,13 @@ class ActivationLoader:
 
     # ------------------------------------------------------------------ geometry
     def chunk_order(self, epoch: int) -> list[int]:
-        return permutation(self.n_chunks, self.seed, "chunks", epoch).tolist()
+        """The chunk ids of an epoch, in reading order (a seeded permutation of the training chunks)."""
+        return [self.chunk_ids[i] for i in permutation(self.n_chunks, self.seed, "chunks", epoch).tolist()]
+
+    @property
+    def n_rows(self) -> int:
+        """Store rows (tokens) per epoch before special tokens are skipped."""
+        return sum(r1 - r0 for r0, r1 in map(self.store.chunk_row_range, self.chunk_ids))
 
     def n_windows(self) -> int:
         return -(-self.n_chunks // self.window_chunks)
@@ -121,13 +181,35 @@ class ActivationLoader:
         single-threaded: the readers are the parallelism, nested thread teams would fight over cores)."""
         np.copyto(dst.numpy(), src)
 
+    def _read_chunk(self, j: int) -> np.ndarray:
+        """Chunk j of the hook, through the store (which refuses absent or damaged chunks). Any other
+        failure (a storage error, a decode error) becomes one line naming the chunk."""
+        try:
+            return self.store.read_chunk(self.hook, j)
+        except UserError:
+            self.read_failed = True
+            raise
+        except Exception as e:  # noqa: BLE001
+            self.read_failed = True
+            raise _read_error(self.store, f"activations/{self.hook}", j, e) from None
+
+    def _read_tokens(self, j: int) -> np.ndarray:
+        try:
+            return self.store.read_tokens(j)
+        except UserError:
+            self.read_failed = True
+            raise
+        except Exception as e:  # noqa: BLE001
+            self.read_failed = True
+            raise _read_error(self.store, "tokens", j, e) from None
+
     def _read_into(self, j: int, dst: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray | None]:
         """Decode chunk j; write it into dst when its place is known, else return the kept rows."""
         r0, _ = self.store.chunk_row_range(j)
-        acts = self.store.read_chunk(self.hook, j)
+        acts = self._read_chunk(j)
         rows = np.arange(r0, r0 + acts.shape[0], dtype=np.int64)
         if self.skip_special_tokens and self.special_ids:
-            keep = ~np.isin(self.store.read_tokens(j).reshape(-1), self.special_ids)
+            keep = ~np.isin(self._read_tokens(j).reshape(-1), self.special_ids)
             acts, rows = acts[keep], rows[keep]
         if dst is not None:
             self._put(dst, acts)
@@ -258,12 +340,14 @@ class ActivationLoader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "window": self.window, "offset": self.offset, "step": self.step,
                 "seed": self.seed, "batch_size": self.batch_size, "window_chunks": self.window_chunks,
-                "n_chunks": self.n_chunks, "skip_special_tokens": self.skip_special_tokens}
+                "n_chunks": self.n_chunks, "skip_special_tokens": self.skip_special_tokens,
+                "held_out": [list(r) for r in self.held_out]}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "batch_size", "window_chunks", "n_chunks", "skip_special_tokens"):
-            if state[key] != getattr(self, key):
-                raise UserError(f"the saved loader state has {key} = {state[key]}, this loader {getattr(self, key)}; "
+        for key in ("seed", "batch_size", "window_chunks", "n_chunks", "skip_special_tokens", "held_out"):
+            mine = [list(r) for r in self.held_out] if key == "held_out" else getattr(self, key)
+            if state.get(key, [] if key == "held_out" else None) != mine:
+                raise UserError(f"the saved loader state has {key} = {state.get(key)}, this loader {mine}; "
                                 "resume with the same config and store")
         self._drain()
         self._current = None
@@ -288,7 +372,7 @@ class ActivationLoader:
         total = 0
         for j in self.window_chunk_ids(epoch, w):
             if self.skip_special_tokens and self.special_ids:
-                total += int((~np.isin(self.store.read_tokens(j), self.special_ids)).sum())
+                total += int((~np.isin(self._read_tokens(j), self.special_ids)).sum())
             else:
                 r0, r1 = self.store.chunk_row_range(j)
                 total += r1 - r0
@@ -305,3 +389,11 @@ class ActivationLoader:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+def _read_error(store: ActivationStore, array: str, j: int, e: BaseException) -> StoreError:
+    what = f"{type(e).__name__}: {first_line(e)}"
+    if isinstance(e, (OSError, ConnectionError, TimeoutError)) or "botocore" in type(e).__module__:
+        return StoreError(f"reading chunk {j} of {array} in {store.url} failed ({what}); check that the store "
+                          "is reachable, and run `actcache verify` on it if this persists")
+    return StoreError(f"chunk {j} of {array} in {store.url} cannot be decoded ({what}); it is damaged: run "
+                      f"`actcache verify {store.url}`")

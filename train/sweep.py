@@ -9,63 +9,111 @@ from typing import Any
 import torch
 
 from ..common.device import pick_device  # noqa: F401  (also imported from here)
-from ..common.errors import UserError
+from ..common.errors import StoreError, UserError, first_line
+from ..common.lease import Lease
 from ..common.progress import log
 from ..common.store import ActivationStore
 
-from .checkpoint import prepare_output
+from .checkpoint import check_output, prepare_output, write_error
 from .config import SweepConfig, load_config, resolve
-from .export import evaluate, to_inference_sae, write_sae_folder, write_summary
+from .export import calibrate, evaluate, to_inference_sae, write_sae_folder, write_summary
 from .loader import ActivationLoader
 from .trainer import Trainer
 
 
+def open_store(url: str) -> ActivationStore:
+    """Open the store for reading, before any work: a location that cannot be read is one line."""
+    try:
+        return ActivationStore.open(url)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001  (S3: no such bucket, refused credentials, endpoint down ...)
+        raise StoreError(f"cannot read the store {url} ({type(e).__name__}: {first_line(e)}); check the location, "
+                         "the credentials and AWS_ENDPOINT_URL") from None
+
+
 def train_sweep(store_url: str, config: str | Path | dict | SweepConfig, out: str | Path, resume: bool = False,
-                device: str | None = None, allow_repeat: bool = False, progress: bool = True) -> dict[str, Any]:
+                device: str | None = None, allow_repeat: bool = False, progress: bool = True,
+                overwrite: bool = False) -> dict[str, Any]:
     """Train every SAE of the config in lockstep on the store's hook, export them under `out`, and
-    return the summary (also written to out/summary.json)."""
+    return the summary (also written to out/summary.json).
+
+    One process at a time writes a run folder (a lease on it; a second one stops at once naming the
+    first). `resume` continues the run in `out` from its last checkpoint; `overwrite` deletes the run
+    in `out` and starts again. Training never reads held-out sequences: the store's own held-out part
+    and the config's `held_out = [start, stop]` range."""
     cfg = config if isinstance(config, SweepConfig) else load_config(config)
-    store = ActivationStore.open(store_url)
+    store = open_store(store_url)
     cfg = resolve(cfg, store, allow_repeat=allow_repeat)
     if not store.manifest.complete:
         log.warning(f"the store {store_url} is not complete; training on its {store.n_committed} committed chunks")
     dev = pick_device(device)
     out = Path(out)
-    run = {"store": str(store_url), "config": cfg.to_dict(), "allow_repeat": allow_repeat,
-           "store_chunks": store.n_committed, "model": store.manifest.model.name}
-    continuing = prepare_output(out, run, resume)
+    check_output(out, resume, overwrite)
 
     loader = ActivationLoader(store, cfg.hook, cfg.batch_size, seed=cfg.seed, window_chunks=cfg.window_chunks,
                               threads=cfg.loader_threads, device=dev, skip_special_tokens=cfg.skip_special_tokens,
-                              normalize=cfg.normalize, repeat=cfg.repeat_epochs or allow_repeat)
+                              normalize=cfg.normalize, repeat=cfg.repeat_epochs or allow_repeat, held_out=cfg.held_out)
     try:
-        trainer = Trainer(cfg, loader, out, dev, progress=progress)
-        if continuing:
-            trainer.resume()
-        log.info(f"training {len(cfg.saes)} SAEs on {cfg.hook} for {cfg.n_steps} steps of {cfg.batch_size} tokens "
-                 f"on {dev}")
-        t = time.perf_counter()
-        trainer.train()
-        wall = time.perf_counter() - t
+        held_out = [{"start_sequence": a, "stop_sequence": b} for a, b in loader.held_out]
+        if held_out and cfg.tokens > loader.n_rows and not (cfg.repeat_epochs or allow_repeat):
+            raise UserError(f"the config asks for {cfg.tokens:,} training tokens but the store holds {loader.n_rows:,} "
+                            "outside its held-out part; lower tokens, or allow repeated epochs with "
+                            "repeat_epochs = true or --allow-repeat")
+        fingerprint = store.fingerprint
+        run = {"store": str(store_url), "config": cfg.to_dict(), "allow_repeat": allow_repeat,
+               "store_chunks": store.n_committed, "model": store.manifest.model.name,
+               "store_fingerprint": fingerprint, "held_out": held_out}
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(e, out.parent) from None
+        with Lease.acquire(out, "train", takeover=True) as lease:
+            continuing = prepare_output(out, run, resume, overwrite)
+            trainer = Trainer(cfg, loader, out, dev, progress=progress)
+            trainer.lease = lease
+            if continuing:
+                trainer.resume()
+            log.info(f"training {len(cfg.saes)} SAEs on {cfg.hook} for {cfg.n_steps} steps of {cfg.batch_size} "
+                     f"tokens on {dev}")
+            t = time.perf_counter()
+            try:
+                trainer.train()
+            except UserError as e:
+                if not loader.read_failed:
+                    raise
+                kept = (f"the checkpoint of step {trainer.last_checkpoint_step} in {out} is kept: rerun with --resume "
+                        "once the store reads again" if trainer.last_checkpoint_step is not None
+                        else "no checkpoint had been written yet")
+                raise type(e)(f"{e}; training stopped at step {trainer.step} and {kept}") from None
+            wall = time.perf_counter() - t
+            loader.close()
+
+            calibrate([m.sae for m in trainer.members], store, cfg, dev)
+            exported = {m.cfg.name: to_inference_sae(m.sae, loader.scale, store, cfg) for m in trainer.members}
+            results = evaluate(exported, store, cfg, dev)
+            lease.check()
+            rows = []
+            try:
+                for m in trainer.members:
+                    r = results[m.cfg.name]
+                    write_sae_folder(exported[m.cfg.name], out / m.cfg.name, r.pop("log10_density"))
+                    rows.append({"name": m.cfg.name, "architecture": m.cfg.architecture,
+                                 "exported_as": exported[m.cfg.name].cfg.architecture, "d_in": m.cfg.d_in,
+                                 "d_sae": m.cfg.d_sae, "k": m.cfg.k, "lr": m.cfg.lr, **r,
+                                 "dead_fraction_train": float((m.since_fired >= cfg.dead_window_tokens).float().mean()),
+                                 "path": str(out / m.cfg.name)})
+                summary = {"store": str(store_url), "store_fingerprint": fingerprint, "held_out": held_out,
+                           "hook": cfg.hook, "steps": cfg.n_steps, "batch_size": cfg.batch_size,
+                           "tokens": cfg.n_steps * cfg.batch_size, "seed": cfg.seed, "device": str(dev),
+                           "normalization_scale": loader.scale, "train_seconds_this_session": wall,
+                           "train_seconds": trainer.train_seconds,
+                           "tokens_per_s": (cfg.n_steps * cfg.batch_size / trainer.train_seconds
+                                            if trainer.train_seconds else None),
+                           "saes": rows}
+                write_summary(out, summary)
+            except OSError as e:
+                raise write_error(e, e.filename or out) from None
     finally:
         loader.close()
-
-    exported = {m.cfg.name: to_inference_sae(m.sae, loader.scale, store, cfg) for m in trainer.members}
-    results = evaluate(exported, store, cfg, dev)
-    rows = []
-    for m in trainer.members:
-        r = results[m.cfg.name]
-        write_sae_folder(exported[m.cfg.name], out / m.cfg.name, r.pop("log10_density"))
-        rows.append({"name": m.cfg.name, "architecture": m.cfg.architecture,
-                     "exported_as": exported[m.cfg.name].cfg.architecture, "d_in": m.cfg.d_in, "d_sae": m.cfg.d_sae,
-                     "k": m.cfg.k, "lr": m.cfg.lr, **r,
-                     "dead_fraction_train": float((m.since_fired >= cfg.dead_window_tokens).float().mean()),
-                     "path": str(out / m.cfg.name)})
-    summary = {"store": str(store_url), "hook": cfg.hook, "steps": cfg.n_steps, "batch_size": cfg.batch_size,
-               "tokens": cfg.n_steps * cfg.batch_size, "seed": cfg.seed, "device": str(dev),
-               "normalization_scale": loader.scale, "train_seconds_this_session": wall,
-               "train_seconds": trainer.train_seconds,
-               "tokens_per_s": cfg.n_steps * cfg.batch_size / trainer.train_seconds if trainer.train_seconds else None,
-               "saes": rows}
-    write_summary(out, summary)
     return summary

@@ -20,10 +20,10 @@ from ..common.errors import UserError
 from ..common.progress import log, token_bar
 from ..common.seeding import generator
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_error
 from .config import SAEConfig, SweepConfig
 from .loader import ActivationLoader
-from .saes import TrainingSAE, build_sae
+from .architectures import TrainingSAE, build_sae
 
 AUX_REFRESH_STEPS = 25  # how often the host looks at whether any latent is dead (switches AuxK on)
 
@@ -97,6 +97,7 @@ class Trainer:
         self.step = 0
         self.last_checkpoint_step: int | None = None
         self.train_seconds = 0.0
+        self.lease = None  # the run folder's lease, checked before every checkpoint replaces the last one
         for m in self.members:
             (self.out / m.cfg.name).mkdir(parents=True, exist_ok=True)
             m.metrics_path = self.out / m.cfg.name / "metrics.jsonl"
@@ -108,16 +109,30 @@ class Trainer:
                 "torch_rng": torch.get_rng_state(), "train_seconds": self.train_seconds}
 
     def resume(self) -> bool:
-        """Continue from out/checkpoint.pt if there is one; metrics lines past it are dropped."""
+        """Continue from out/checkpoint.safetensors if there is one; metrics lines past it are dropped
+        (all of them when a run stopped before its first checkpoint: it starts again from step 0)."""
         st = load_checkpoint(self.out)
         if st is None:
+            for m in self.members:
+                _truncate_metrics(m.metrics_path, 0)
             return False
-        self.step = st["step"]
-        self.loader.load_state_dict(st["loader"])
-        for m in self.members:
-            m.load_state_dict(st["members"][m.cfg.name])
-        torch.set_rng_state(st["torch_rng"])
-        self.train_seconds = st.get("train_seconds", 0.0)
+        try:
+            step = int(st["step"])
+            loader_state = st["loader"]
+            members = [(m, st["members"][m.cfg.name]) for m in self.members]
+            rng = st["torch_rng"]
+        except (KeyError, TypeError) as e:
+            raise UserError(f"the checkpoint in {self.out} lacks {e}; rerun with --overwrite to start over") from None
+        self.loader.load_state_dict(loader_state)
+        try:
+            for m, ms in members:
+                m.load_state_dict(ms)
+            torch.set_rng_state(rng)
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise UserError(f"the checkpoint in {self.out} does not fit this run's SAEs ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); rerun with --overwrite to start over") from None
+        self.step = step
+        self.train_seconds = float(st.get("train_seconds", 0.0))
         self.last_checkpoint_step = self.step
         for m in self.members:
             _truncate_metrics(m.metrics_path, self.step)
@@ -126,7 +141,7 @@ class Trainer:
 
     def checkpoint(self) -> None:
         self.check_finite()
-        save_checkpoint(self.out, self.state_dict())
+        save_checkpoint(self.out, self.state_dict(), self.lease.check if self.lease is not None else None)
         self.last_checkpoint_step = self.step
 
     def check_finite(self) -> None:
@@ -191,7 +206,7 @@ class Trainer:
 
     def _refresh_aux(self) -> None:
         for m in self.members:
-            if m.sae.architecture in ("topk", "batchtopk", "matryoshka_batchtopk"):
+            if m.sae.uses_auxk:
                 m.aux_on = bool((m.since_fired >= self.cfg.dead_window_tokens).any())
         self.check_finite()
 
@@ -207,15 +222,30 @@ class Trainer:
                    "l0": float(out.l0), "mse": float(err / x.shape[0]), "fvu": fvu, "explained_variance": 1 - fvu,
                    "dead_fraction": float(out.extra["dead_fraction"]), "lr": float(out.extra["lr"]),
                    "sparsity_factor": sparsity_factor(m.cfg, self.step)}
-            if hasattr(m.sae, "topk_threshold"):
-                row["topk_threshold"] = float(m.sae.topk_threshold)
-            with open(m.metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            row.update(m.sae.log_values())
+            try:
+                with open(m.metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as e:
+                raise write_error(e, m.metrics_path) from None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the metrics lines of steps before `step` (the rest are rewritten by the resumed run)."""
+    """Keep the metrics lines of steps before `step` (the rest are rewritten by the resumed run).
+
+    The file is only ever appended to, so a crash can leave at most its last line half-written; such
+    a line (or any line that is not a metrics record) is dropped, not fatal. Rewritten atomically."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < step]
-    path.write_text("".join(line + "\n" for line in keep))
+    raw = path.read_bytes()
+    keep = []
+    for line in raw.decode("utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] < step:
+            keep.append(line)
+    text = "".join(line + "\n" for line in keep).encode()
+    if text != raw:
+        atomic_write(path, text)

@@ -1,0 +1,379 @@
+"""What every SAE architecture shares: the option descriptions (`Key`), the registry, and the
+training module base class.
+
+An architecture is one `TrainingSAE` subclass in one file, registered with `@register`. Its class
+attributes state everything the rest of the package needs to know about it:
+
+- `architecture`: the name a sweep's `architecture = "..."` selects;
+- `keys`: its own config keys (`Key`: type, default, valid range, help), beyond the keys every SAE
+  takes (`COMMON_KEYS`); `takes_k = True` adds `k`, `uses_auxk = True` adds `aux_k` and
+  `aux_loss_coefficient` and makes the trainer switch its AuxK loss on when latents die;
+- `resolve(cfg, d_in, d_out, n_steps)`: fills what depends on the store and the run (d_sae, aux_k,
+  schedule defaults), raises UserError for what cannot be right, returns warnings;
+- `step_loss(...)`: its loss on one batch; `log_values()`: extra numbers for metrics.jsonl;
+- `calibrate(batches)`: an optional pass over fresh batches after training (e.g. the inference
+  threshold of BatchTopK);
+- `saelens_architecture` and `export_state(scale)`: how it is saved for SAELens; the form must be one
+  train/sae.py runs (standard, topk, jumprelu, gated), or the class brings its own `inference_form`
+  (weight names and encoder), which registration adds.
+
+Config parsing and validation (train/config.py), the README's key table, the trainer and the export
+all read these attributes; nothing else lists architectures."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ...common.errors import UserError
+from ...common.progress import parse_count
+from ...common.sae import INFERENCE_FORMS, InferenceForm, register_inference_form
+
+
+# ------------------------------------------------------------------------- option descriptions
+@dataclass(frozen=True)
+class Key:
+    """One config key: its type, default, valid range and help text.
+
+    kind: "float", "int", "count" (an integer or a string such as "50M"), "bool", "str" or "int_list".
+    low/high bound the value (inclusive unless low_open/high_open). default None with default_text
+    means the default is computed when the config meets the store (default_text says how)."""
+
+    name: str
+    kind: str
+    default: Any = None
+    help: str = ""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    default_text: str | None = None
+    required: bool = False
+
+    def check(self, value: Any, where: str) -> Any:
+        """The value, normalised (counts parsed), or a UserError naming the key and what it accepts."""
+        kind = self.kind
+        bad = f"{where}: {self.name} must be {self.type_text()}, not {value!r}"
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise UserError(bad)
+            return value
+        if kind == "str":
+            if not isinstance(value, str):
+                raise UserError(bad)
+            return value
+        if kind == "int_list":
+            if not isinstance(value, list) or not value or not all(_is_int(v) for v in value):
+                raise UserError(bad)
+            for v in value:
+                self._check_range(v, where)
+            return list(value)
+        if kind == "count":
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise UserError(bad)
+            try:
+                value = parse_count(value)
+            except (ValueError, OverflowError):
+                raise UserError(bad) from None
+        elif kind == "int":
+            if not _is_int(value):
+                raise UserError(bad)
+        elif kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(bad)
+            if not math.isfinite(value):
+                raise UserError(f"{where}: {self.name} must be a finite number, not {value!r}")
+            value = float(value)
+        else:  # pragma: no cover - a programming error in a registration
+            raise ValueError(f"unknown key kind {kind!r}")
+        self._check_range(value, where)
+        return value
+
+    def _check_range(self, value: Any, where: str) -> None:
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if too_low or too_high:
+            raise UserError(f"{where}: {self.name} = {value!r} is out of range; it must be {self.range_text()}")
+
+    def type_text(self) -> str:
+        return {"float": "a number", "int": "a whole number", "count": 'a whole number such as 50_000_000 or "50M"',
+                "bool": "true or false", "str": "a string",
+                "int_list": "a list of whole numbers such as [64, 256]"}[self.kind]
+
+    def range_text(self) -> str:
+        lo = None if self.low is None else (f"> {self.low:g}" if self.low_open else f">= {self.low:g}")
+        hi = None if self.high is None else (f"< {self.high:g}" if self.high_open else f"<= {self.high:g}")
+        if lo and hi and self.low is not None and self.high is not None:
+            left = "(" if self.low_open else "["
+            right = ")" if self.high_open else "]"
+            return f"in {left}{self.low:g}, {self.high:g}{right}"
+        return lo or hi or "any"
+
+    def default_for_docs(self) -> str:
+        if self.required:
+            return "required"
+        if self.default is None:
+            return self.default_text or "none"
+        if isinstance(self.default, bool):
+            return str(self.default).lower()
+        if isinstance(self.default, float):
+            return f"{self.default:g}" if self.default != 1 / 32 else "1/32"
+        if isinstance(self.default, str):
+            return f'"{self.default}"'
+        return f"{self.default:_}" if isinstance(self.default, int) and self.default >= 10_000 else str(self.default)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+COMMON_KEYS: tuple[Key, ...] = (
+    Key("name", "str", help="the SAE's folder name (letters, digits, '.', '_', '-'); [grid] SAEs are named "
+        "automatically", required=True),
+    Key("architecture", "str", help="which registered architecture (see the table)", required=True),
+    Key("expansion", "float", 16.0, "d_sae = expansion × d_in (or give d_sae)", low=0, low_open=True),
+    Key("d_sae", "int", None, "the number of latents, instead of expansion", low=1,
+        default_text="expansion × d_in"),
+    Key("lr", "float", 2e-4, "Adam learning rate", low=0, low_open=True),
+    Key("lr_warmup_steps", "int", 0, "steps of linear learning-rate warm-up from 0", low=0),
+    Key("lr_decay_steps", "int", None, "steps of linear decay to 0 at the end of the run", low=0,
+        default_text="the last fifth of the run"),
+    Key("grad_clip", "float", 1.0, "maximum gradient norm; 0 turns clipping off", low=0),
+    Key("adam_beta1", "float", 0.9, "Adam β1", low=0, high=1, high_open=True),
+    Key("adam_beta2", "float", 0.999, "Adam β2", low=0, high=1, high_open=True),
+)
+K_KEY = Key("k", "int", None, "active latents per token", low=1, required=True)
+AUXK_KEYS: tuple[Key, ...] = (
+    Key("aux_k", "int", None, "dead latents that reconstruct the residual in the AuxK loss", low=1,
+        default_text="d_in / 2"),
+    Key("aux_loss_coefficient", "float", 1 / 32, "weight of the AuxK loss", low=0),
+)
+SPARSITY_WARMUP_KEY = Key("sparsity_warmup_steps", "int", None,
+                          "steps of linear warm-up of the sparsity coefficient from 0", low=0,
+                          default_text="the first 5% of the run")
+
+
+# ------------------------------------------------------------------------- one SAE's config
+class SAEConfig:
+    """One SAE of the sweep: its resolved key values, readable as attributes (None when the key does
+    not apply to its architecture or is not resolved yet)."""
+
+    def __init__(self, **values: Any):
+        object.__setattr__(self, "_values", {})
+        arch = ARCHITECTURES.get(values.get("architecture"))
+        for key in (arch.all_keys() if arch is not None else COMMON_KEYS):
+            if key.default is not None:
+                self._values[key.name] = key.default
+        self._values.update(values)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self._values.get(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._values[name] = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SAEConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"SAEConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self._values.items() if v is not None}
+
+
+# ------------------------------------------------------------------------- the registry
+ARCHITECTURES: dict[str, type["TrainingSAE"]] = {}
+
+
+def register(cls: type["TrainingSAE"]) -> type["TrainingSAE"]:
+    """Class decorator: make an architecture available to sweeps (by cls.architecture)."""
+    name = cls.architecture
+    if not name or name == "base" or not isinstance(name, str):
+        raise ValueError(f"{cls.__name__} needs a class attribute `architecture` naming it")
+    if name in ARCHITECTURES and ARCHITECTURES[name] is not cls:
+        raise ValueError(f"architecture {name!r} is already registered by {ARCHITECTURES[name].__name__}")
+    names = [k.name for k in cls.all_keys()]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise ValueError(f"architecture {name!r} declares the key {dup!r} twice")
+    if cls.inference_form is not None:
+        register_inference_form(cls.inference_form)
+    if cls.saelens_architecture not in INFERENCE_FORMS:
+        raise ValueError(f"architecture {name!r} exports as {cls.saelens_architecture!r}, which train/sae.py cannot "
+                         "run; give the class an inference_form")
+    ARCHITECTURES[name] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    ARCHITECTURES.pop(name, None)
+
+
+def get_architecture(name: str) -> type["TrainingSAE"]:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise UserError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHITECTURES)}") from None
+
+
+def all_sae_keys() -> dict[str, Key]:
+    """Every SAE key any registered architecture takes (the common ones first)."""
+    out = {k.name: k for k in COMMON_KEYS}
+    for cls in ARCHITECTURES.values():
+        for k in cls.all_keys():
+            out.setdefault(k.name, k)
+    return out
+
+
+def build_sae(cfg: SAEConfig, generator: torch.Generator, device: torch.device | str = "cpu") -> "TrainingSAE":
+    """A freshly initialised SAE of the configured architecture (b_dec still zero; see init_b_dec)."""
+    return get_architecture(cfg.architecture)(cfg, generator, device)
+
+
+# ------------------------------------------------------------------------- the module
+@dataclass
+class StepOut:
+    """One SAE's result on one batch. Tensors stay on the device (no host sync)."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    x_hat: torch.Tensor
+    fired: torch.Tensor  # bool [d_sae]: latents active on at least one token of the batch
+    l0: torch.Tensor  # mean number of active latents per token
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def geometric_median(x: torch.Tensor, iters: int = 64, eps: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed distance to the rows of x."""
+    x = x.to(torch.float64)
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=1).clamp_min(eps)
+        m_new = (w[:, None] * x).sum(0) / w.sum()
+        if torch.allclose(m_new, m, atol=1e-10, rtol=0):
+            m = m_new
+            break
+        m = m_new
+    return m.to(torch.float32)
+
+
+def mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over dimensions, averaged over tokens."""
+    return (x_hat - x).pow(2).sum(-1).mean()
+
+
+class TrainingSAE(nn.Module):
+    """The base of every architecture. Initialisation: decoder rows random at unit norm,
+    W_enc = W_dec^T, b_dec at the geometric median of the first batch (init_b_dec)."""
+
+    architecture = "base"
+    help = ""
+    keys: tuple[Key, ...] = ()
+    takes_k = False
+    uses_auxk = False
+    saelens_architecture = "standard"
+    inference_form: InferenceForm | None = None  # a new SAELens form this architecture exports as
+    unit_norm_decoder = False
+
+    @classmethod
+    def all_keys(cls) -> tuple[Key, ...]:
+        """The keys this architecture takes: the common ones, k and the AuxK keys where they apply,
+        then its own."""
+        return COMMON_KEYS + ((K_KEY,) if cls.takes_k else ()) + (AUXK_KEYS if cls.uses_auxk else ()) + cls.keys
+
+    @classmethod
+    def resolve(cls, cfg: SAEConfig, d_in: int, d_out: int, n_steps: int) -> list[str]:
+        """Fill the store- and run-dependent values of cfg; UserError for what cannot be right; returns
+        warnings (one line each) for legal but surprising values. d_out is the width the SAE
+        reconstructs (d_in for an SAE of one hook)."""
+        where = f"SAE {cfg.name!r}"
+        warnings = []
+        cfg.d_in = d_in
+        if cfg.d_sae is None:
+            cfg.d_sae = int(round(float(cfg.expansion) * d_in))
+        if cfg.d_sae < 1:
+            raise UserError(f"{where}: d_sae must be positive (expansion {cfg.expansion} × d_in {d_in})")
+        if cfg.lr_decay_steps is None:
+            cfg.lr_decay_steps = n_steps // 5
+        if cfg.lr_decay_steps > n_steps:
+            warnings.append(f"{where}: lr_decay_steps = {cfg.lr_decay_steps} is longer than the run ({n_steps} "
+                            "steps); the learning rate never reaches its full value")
+        if cfg.lr_warmup_steps + cfg.lr_decay_steps > n_steps and cfg.lr_decay_steps <= n_steps:
+            warnings.append(f"{where}: lr_warmup_steps + lr_decay_steps = "
+                            f"{cfg.lr_warmup_steps + cfg.lr_decay_steps} exceed the run's {n_steps} steps")
+        if any(k.name == "sparsity_warmup_steps" for k in cls.all_keys()):
+            if cfg.sparsity_warmup_steps is None:
+                cfg.sparsity_warmup_steps = n_steps // 20
+            if cfg.sparsity_warmup_steps > n_steps:
+                warnings.append(f"{where}: sparsity_warmup_steps = {cfg.sparsity_warmup_steps} is longer than the "
+                                f"run ({n_steps} steps); the sparsity penalty never reaches full strength")
+        if cls.takes_k and not 1 <= cfg.k <= cfg.d_sae:
+            raise UserError(f"{where}: k = {cfg.k} must be between 1 and d_sae = {cfg.d_sae}")
+        if cls.uses_auxk:
+            if cfg.aux_k is None:
+                cfg.aux_k = max(1, min(d_in // 2, cfg.d_sae))
+            if cfg.aux_k > cfg.d_sae:
+                raise UserError(f"{where}: aux_k = {cfg.aux_k} must be at most d_sae = {cfg.d_sae}")
+        return warnings
+
+    def __init__(self, cfg: SAEConfig, generator: torch.Generator, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.cfg = cfg
+        d_in, d_sae = cfg.d_in, cfg.d_sae
+        W_dec = torch.randn(d_sae, d_in, generator=generator)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec.to(device))
+        self.W_enc = nn.Parameter(W_dec.t().clone().contiguous().to(device))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device))
+        self.init_params(device)
+
+    def init_params(self, device) -> None:
+        self.b_enc = nn.Parameter(torch.zeros(self.cfg.d_sae, device=device))
+
+    @torch.no_grad()
+    def init_b_dec(self, sample: torch.Tensor) -> None:
+        self.b_dec.copy_(geometric_median(sample).to(self.b_dec.device))
+
+    # ------------------------------------------------------------------ training hooks
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
+            g, w = self.W_dec.grad, self.W_dec
+            g.sub_((g * w).sum(1, keepdim=True) * w)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.unit_norm_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    def step_loss(self, x: torch.Tensor, coefficient: float, dead: torch.Tensor, aux_on: bool) -> StepOut:
+        raise NotImplementedError
+
+    def log_values(self) -> dict[str, float]:
+        """Architecture-specific numbers for each metrics.jsonl line (read at logging steps only)."""
+        return {}
+
+    needs_calibration = False
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable[torch.Tensor]) -> list[str]:
+        """After training, on fresh (normalised) batches: set what inference needs. Returns warnings."""
+        return []
+
+    # ------------------------------------------------------------------ export
+    def export_state(self, scale: float) -> tuple[str, dict, dict[str, torch.Tensor]]:
+        """(SAELens architecture, extra cfg fields, weights) with x -> scale * x folded in."""
+        st = {"W_enc": self.W_enc.detach() * scale, "W_dec": self.W_dec.detach() / scale,
+              "b_dec": self.b_dec.detach() / scale}
+        if hasattr(self, "b_enc"):
+            st["b_enc"] = self.b_enc.detach().clone()
+        return self.saelens_architecture, {}, st

@@ -1,0 +1,83 @@
+"""TopK SAE (Gao et al. 2024)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..sparse_ops import gather_pre, sparse_decode, topk_code
+from .base import StepOut, TrainingSAE, mse, register
+
+
+@register
+class TopKSAE(TrainingSAE):
+    """TopK: the k largest latents of each token, ReLU'd, plus the AuxK loss that lets the top `aux_k`
+    dead latents reconstruct the residual. Decodes only the active latents (train/sparse_ops.py).
+
+    Subclasses change which latents are active (`_code`) and may add loss terms (`_extra_losses`)."""
+
+    architecture = "topk"
+    help = "the k largest latents of each token"
+    takes_k = True
+    uses_auxk = True
+    saelens_architecture = "topk"
+    unit_norm_decoder = True
+
+    def _code(self, pre):
+        rows, cols = topk_code(pre, self.cfg.k)
+        return rows, cols, None
+
+    def _encode_sparse(self, x):
+        xc = (x - self.b_dec).detach()
+        with torch.no_grad():
+            pre = xc @ self.W_enc + self.b_enc
+        rows, cols, offsets = self._code(pre)
+        flat_cols = cols.reshape(-1)
+        values = pre.reshape(-1).index_select(0, rows * pre.shape[1] + flat_cols)
+        pre_active = gather_pre(values, xc, self.W_enc, self.b_enc, self.b_dec, rows, flat_cols)
+        vals = torch.relu(pre_active).reshape(cols.shape)
+        return pre, xc, rows, cols, offsets, vals
+
+    def _aux_loss(self, x, x_hat, pre, xc, dead):
+        """AuxK: the top aux_k dead latents (by pre-activation) reconstruct the residual x - x_hat."""
+        aux_k = min(self.cfg.aux_k, pre.shape[1])
+        with torch.no_grad():
+            masked = pre.masked_fill(~dead[None, :], float("-inf"))
+            _, cols = masked.topk(aux_k, dim=1, sorted=False)
+        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(aux_k)
+        flat_cols = cols.reshape(-1)
+        values = pre.reshape(-1).index_select(0, rows * pre.shape[1] + flat_cols)
+        vals = torch.relu(gather_pre(values, xc, self.W_enc, self.b_enc, self.b_dec, rows, flat_cols))
+        vals = (vals * dead.index_select(0, flat_cols)).reshape(cols.shape)
+        recon = sparse_decode(cols, vals, None, self.W_dec)
+        residual = (x - x_hat).detach()
+        n_dead = dead.sum().to(x.dtype)
+        scale = torch.clamp(n_dead / aux_k, max=1.0)
+        return scale * mse(recon, residual)
+
+    def step_loss(self, x, coefficient, dead, aux_on):
+        pre, xc, rows, cols, offsets, vals = self._encode_sparse(x)
+        x_hat = sparse_decode(cols, vals, offsets, self.W_dec) + self.b_dec
+        rec = mse(x_hat, x)
+        terms = {"mse": rec}
+        loss = rec
+        if aux_on:
+            aux = self._aux_loss(x, x_hat, pre, xc, dead)
+            terms["aux"] = aux
+            loss = loss + self.cfg.aux_loss_coefficient * aux
+        loss, terms = self._extra_losses(x, cols, vals, offsets, loss, terms)
+        positive = (vals.detach() > 0).reshape(-1).to(x.dtype)
+        fired = torch.zeros(self.cfg.d_sae, device=x.device).index_add_(0, cols.reshape(-1), positive) > 0
+        l0 = positive.sum() / x.shape[0]
+        out = StepOut(loss, terms, x_hat.detach(), fired, l0)
+        self._after_forward(vals)
+        return out
+
+    def _extra_losses(self, x, cols, vals, offsets, loss, terms):
+        return loss, terms
+
+    def _after_forward(self, vals) -> None:
+        pass
+
+    def export_state(self, scale):
+        arch, extra, st = super().export_state(scale)
+        return arch, {"k": int(self.cfg.k), "rescale_acts_by_decoder_norm": False}, st
