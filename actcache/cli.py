@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "train": "actcache.train.cli:train_command",
     "bench-read": "actcache.train.bench_read:bench_read_command",
     "features": "actcache.train.features_cli:features_command",
+    "eval": "actcache.eval_cli:eval_command",
 }
 
 
@@ -66,16 +67,25 @@ def load_unembedding(model_spec: str, tokenizer_spec: str | None = None):
 @click.option("--tokens", default="40960", show_default=True, help="Tokens to harvest, e.g. 100k.")
 def demo_command(out: str, tokens: str) -> None:
     """The offline default: harvest the bundled SmolLM2-135M over the Python standard library's
-    sources, train a small sweep of SAEs on it, and print what was written and the results."""
+    sources, train a small sweep of SAEs on it, evaluate them with the model on held-out tokens, and
+    print what was written and the results."""
     from .common.progress import parse_count
     from .demo import run_demo
+    from .evaluate import records_table
     from .train.export import summary_table
 
     r = run_demo(out, parse_count(tokens))
     click.echo(r["harvest"].summary())
     click.echo("")
-    click.echo(summary_table(r["summary"]))
-    click.echo(f"\nSAELens folders, summary.json, summary.md and frontier.png in {out}/sweep")
+    if r["eval"]:
+        click.echo(records_table(r["eval"]))
+        s = r["eval"][0]["sequences_scored"]
+        click.echo(f"\n(held-out sequences {s['start_sequence']}:{s['stop_sequence']} of the store, "
+                   f"{r['eval'][0]['ce_tokens']} token positions scored)")
+    else:
+        click.echo(summary_table(r["summary"]))
+    click.echo(f"\nSAELens folders with eval.json, summary.json, summary.md, frontier.png and frontier_ce.png "
+               f"in {out}/sweep")
 
 
 def main() -> None:
