@@ -44,6 +44,7 @@ def harvest_ranks(cfg: HarvestConfig, progress: bool, model: HookedModel | None,
     """harvest() on one rank of a torchrun job (see the module's docstring)."""
     with ranks_from_env() as ranks:
         ranks.check_same_arguments(dataclasses.astuple(cfg))
+
         def validate() -> tuple[int, tuple[str, float]]:
             n = _validate(cfg)
             return n, _held_out_spec(cfg.held_out, n)
@@ -68,6 +69,9 @@ def _harvest(cfg: HarvestConfig, ranks: Ranks, progress: bool, model: HookedMode
         if model is None:
             precheck_hooks(cfg.model, cfg.hooks)
             model = load_model(cfg.model, device=ranks.device(cfg.device), dtype=cfg.dtype, tokenizer=cfg.tokenizer)
+        elif (model.info.name, model.info.dtype) != (cfg.model, cfg.dtype):
+            raise_user(f"the loaded model is {model.info.name} ({model.info.dtype}) but the config asks for "
+                       f"{cfg.model} ({cfg.dtype})")
         if cfg.context_size > model.info.n_ctx:
             raise_user(f"context size {cfg.context_size} is larger than the model's n_ctx ({model.info.n_ctx}): "
                        f"use --context-size {model.info.n_ctx} or less")
@@ -130,10 +134,12 @@ def _harvest(cfg: HarvestConfig, ranks: Ranks, progress: bool, model: HookedMode
 
     t_loop = time.time()
     done = _rounds(store, model, windows, cfg, ranks, start, progress)
-    if ranks.is_root:
+    def finish() -> None:  # rank 0: the summary statistics, the fingerprint, the store marked complete
         with location.storage_errors(cfg.out, "finishing"):
             store.finalize()
-    ranks.agree(lambda: _check_ran_out(store, cfg), only_root=True)
+        _check_ran_out(store, cfg)
+
+    ranks.agree(finish, only_root=True)
     final = store if ranks.is_root else ActivationStore.open(cfg.out, "r")
     return _result(final, cfg, t_start, done, time.time() - t_loop, start)
 
