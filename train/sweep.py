@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from ..common.device import pick_device  # noqa: F401  (also imported from here)
 from ..common import location
+from ..common.device import pick_device  # noqa: F401  (also imported from here)
 from ..common.distributed import Ranks, ranks_from_env
 from ..common.errors import StoreError, UserError, first_line
 from ..common.lease import Lease
@@ -32,7 +32,8 @@ def open_store(url: str) -> ActivationStore:
         raise
     except Exception as e:  # noqa: BLE001  (S3: no such bucket, refused credentials, endpoint down ...)
         raise StoreError(f"cannot read the store {url} ({type(e).__name__}: {first_line(e)}); check the location, "
-                         "the credentials and the endpoint (AWS_ENDPOINT_URL or --storage-option endpoint_url=...)") from None
+                         "the credentials and the endpoint (AWS_ENDPOINT_URL or --storage-option "
+                         "endpoint_url=...)") from None
 
 
 def train_sweep(store_url: str, config: str | Path | dict | SweepConfig, out: str | Path, resume: bool = False,
