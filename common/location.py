@@ -237,7 +237,8 @@ def parse_storage_options(items: "list[str] | tuple[str, ...] | dict[str, Any] |
     for item in items:
         k, eq, v = str(item).partition("=")
         if not eq or not k.strip():
-            raise UserError(f"--storage-option {k.strip() or item!r}...: write key=value (e.g. endpoint_url=http://host:9000)")
+            raise UserError(f"--storage-option {k.strip() or item!r}...: write key=value "
+                            "(e.g. endpoint_url=http://host:9000)")
         out[k.strip()] = {"true": True, "false": False}.get(v.strip().lower(), v.strip())
     return out
 

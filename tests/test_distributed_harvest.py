@@ -133,8 +133,8 @@ def test_store_written_by_another_job_is_refused(data, tmp_path):
 
 def test_torchrun_harvest_to_s3_survives_the_server_dying_and_is_byte_identical(reference, data, tmp_path):
     """Two ranks write to a moto server that stops mid-harvest: one line saying to resume; with the
-    server back, --resume in a single process completes a store whose objects are the local single-process store's files,
-    byte for byte (the root manifest included)."""
+    server back, --resume in a single process completes a store whose objects are the local
+    single-process store's files, byte for byte (the root manifest included)."""
     ref, common = reference
     want = all_files(ref)
     aws = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
