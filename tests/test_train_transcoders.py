@@ -18,6 +18,7 @@ from tests.conftest import make_sweep
 from tests.synthetic import feature_recovery, make_store
 from tests.test_train_reliability import crash_after_checkpoint
 from tests.test_train_saes import one_thread  # noqa: F401  (a fixture)
+from tests.test_train_sweep import SAELENS_CHECK
 from actcache.common.errors import UserError
 from actcache.common.store import ActivationStore
 from actcache.train.architectures import SAEConfig, build_sae
@@ -108,22 +109,6 @@ def test_exported_transcoders_fold_both_normalisations(planted_map):
         meta = sae.cfg.metadata
         assert meta.hook_name == IN and meta.hook_name_out == OUT and sae.cfg.d_out == 32
         assert sae.cfg.apply_b_dec_to_input is False
-
-
-SAELENS_CHECK = r"""
-import sys, torch
-from pathlib import Path
-from sae_lens import SAE
-x = torch.load(sys.argv[1])
-out = {}
-for folder in sys.argv[2:]:
-    sae = SAE.load_from_disk(folder, device="cpu")
-    with torch.no_grad():
-        out[Path(folder).name] = {"class": type(sae).__name__, "arch": sae.cfg.architecture(),
-                                  "encode": sae.encode(x), "forward": sae(x),
-                                  "hook_out": sae.cfg.metadata.hook_name_out}
-torch.save(out, sys.argv[1] + ".out")
-"""
 
 
 def test_saelens_loads_exported_transcoders_with_its_classes(saelens_python, planted_map, tmp_path):
