@@ -185,13 +185,18 @@ def k_mismatches(summary: dict[str, Any]) -> list[str]:
 
 
 def summary_table(summary: dict[str, Any]) -> str:
-    head = "| SAE | architecture | d_sae | k | L0 | FVU | explained var. | dead (eval) |"
-    lines = [head, "|" + "---|" * 8]
-    flagged = {r["name"] for r in summary["saes"] if _l0_contradicts_k(r)}
-    for r in summary["saes"]:
+    """The markdown table of a sweep's SAEs; a column of hooks (input -> output for a transcoder) when
+    they are not all on one hook. FVU is of what each reconstructs."""
+    rows = summary["saes"]
+    by_hook = any(r.get("hook_out") for r in rows) or len({r.get("hook") for r in rows}) > 1
+    head = "| SAE | " + ("hook | " if by_hook else "") + "architecture | d_sae | k | L0 | FVU | explained var. | dead (eval) |"
+    lines = [head, "|" + "---|" * (9 if by_hook else 8)]
+    flagged = {r["name"] for r in rows if _l0_contradicts_k(r)}
+    for r in rows:
         k = r.get("k")
         k_text = "" if k is None else f"{k} (≠ L0)" if r["name"] in flagged else str(k)
-        lines.append(f"| {r['name']} | {r['architecture']} | {r['d_sae']} | {k_text} "
+        hook = (f"{r.get('hook')} → {r['hook_out']} | " if r.get("hook_out") else f"{r.get('hook')} | ") if by_hook else ""
+        lines.append(f"| {r['name']} | {hook}{r['architecture']} | {r['d_sae']} | {k_text} "
                      f"| {r['l0']:.1f} | {r['fvu']:.4f} | {r['explained_variance']:.4f} | {r['dead_fraction_eval']:.3f} |")
     if flagged:
         lines.append("")

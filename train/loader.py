@@ -228,20 +228,16 @@ class ActivationLoader:
         rows into dst when their place is known, else return the kept rows of every hook."""
         r0, r1 = self.store.chunk_row_range(j)
         rows = np.arange(r0, r1, dtype=np.int64)
-        keep = None
+        acts = {h: self._read_chunk(h, j) for h in self.hooks}
         if self.skip_special_tokens and self.special_ids:
             keep = ~np.isin(self._read_tokens(j).reshape(-1), self.special_ids)
             rows = rows[keep]
-        kept = {}
-        for h in self.hooks:
-            acts = self._read_chunk(h, j)
-            if keep is not None:
-                acts = acts[keep]
-            if dst is not None:
-                self._put(dst[h], acts)
-            else:
-                kept[h] = acts
-        return rows, (None if dst is not None else kept)
+            acts = {h: a[keep] for h, a in acts.items()}
+        if dst is None:
+            return rows, acts
+        for h, a in acts.items():
+            self._put(dst[h], a)
+        return rows, None
 
     def _load_window(self, epoch: int, w: int) -> _Window:
         ids = self.window_chunk_ids(epoch, w)
