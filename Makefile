@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 
-.PHONY: setup setup-saelens test demo bench bench-quick clean
+.PHONY: setup setup-saelens chromium test demo bench bench-quick clean
 
 $(VENV)/.done: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -27,7 +27,11 @@ $(SL_VENV)/.done: constraints-saelens.txt
 setup: $(VENV)/.done          ## our environment
 setup-saelens: $(SL_VENV)/.done  ## a second environment with sae-lens (needs transformer-lens < 4)
 
-test: setup setup-saelens      ## the whole test suite (CPU, offline)
+chromium:                      ## Debian's chromium, for the feature-browser test (installed as root when missing)
+	@command -v chromium >/dev/null 2>&1 || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+test: setup setup-saelens chromium  ## the whole test suite (CPU, offline)
 	ACTCACHE_SAELENS_PYTHON=$(abspath $(SL_VENV))/bin/python $(VENV)/bin/python -m pytest -q tests
 
 demo: setup                    ## harvest + train a small sweep on the bundled model, offline

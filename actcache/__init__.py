@@ -25,7 +25,7 @@ _EXPORTS = {
     "HarvestConfig": "actcache.harvest.api",
     "HarvestResult": "actcache.harvest.api",
     "train_sweep": "actcache.train.sweep",
-    "SAE": "actcache.train.sae",
+    "SAE": "actcache.common.sae",
     "ActivationStore": "actcache.common.store",
     "info": "actcache.common.info",
     "verify": "actcache.common.verify",

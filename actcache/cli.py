@@ -11,7 +11,7 @@ import sys
 import click
 
 from .common.errors import UserError
-from .common.progress import setup_logging
+from .common.progress import log, setup_logging
 
 # name -> "module:attribute"; each is imported only when its command runs
 SUBCOMMANDS = {
@@ -19,6 +19,8 @@ SUBCOMMANDS = {
     "info": "actcache.common.commands:info_command",
     "verify": "actcache.common.commands:verify_command",
     "train": "actcache.train.cli:train_command",
+    "features": "actcache.train.features_cli:features_command",
+    "eval": "actcache.eval_cli:eval_command",
 }
 
 
@@ -41,7 +43,22 @@ class LazyGroup(click.Group):
 def cli(ctx: click.Context, verbose: bool) -> None:
     """Harvest language-model activations once; train many sparse autoencoders from them."""
     setup_logging(verbose)
-    ctx.obj = {"verbose": verbose}
+    ctx.obj = {"verbose": verbose, "load_unembedding": load_unembedding}
+
+
+def load_unembedding(model_spec: str, tokenizer_spec: str | None = None):
+    """(W_U [d_model, d_vocab], tokenizer) of a model spec, for store-side commands that show logit
+    effects and token strings: train/ never imports harvest/, so the top layer loads the model."""
+    from .harvest.models import load_model, load_tokenizer
+
+    m = load_model(model_spec, device="cpu")
+    tok = m.tokenizer
+    if tok is None and tokenizer_spec:
+        try:
+            tok = load_tokenizer(tokenizer_spec)
+        except UserError as e:
+            log.warning(f"token ids instead of strings: {e}")
+    return m.tl.W_U.detach().float(), tok
 
 
 @cli.command("demo")
@@ -49,16 +66,25 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.option("--tokens", default="40960", show_default=True, help="Tokens to harvest, e.g. 100k.")
 def demo_command(out: str, tokens: str) -> None:
     """The offline default: harvest the bundled SmolLM2-135M over the Python standard library's
-    sources, train a small sweep of SAEs on it, and print what was written and the results."""
+    sources, train a small sweep of SAEs on it, evaluate them with the model on held-out tokens, and
+    print what was written and the results."""
     from .common.progress import parse_count
     from .demo import run_demo
+    from .evaluate import records_table
     from .train.export import summary_table
 
     r = run_demo(out, parse_count(tokens))
     click.echo(r["harvest"].summary())
     click.echo("")
-    click.echo(summary_table(r["summary"]))
-    click.echo(f"\nSAELens folders, summary.json, summary.md and frontier.png in {out}/sweep")
+    if r["eval"]:
+        click.echo(records_table(r["eval"]))
+        s = r["eval"][0]["sequences_scored"]
+        click.echo(f"\n(held-out sequences {s['start_sequence']}:{s['stop_sequence']} of the store, "
+                   f"{r['eval'][0]['ce_tokens']} token positions scored)")
+    else:
+        click.echo(summary_table(r["summary"]))
+    click.echo(f"\nSAELens folders with eval.json, summary.json, summary.md, frontier.png and frontier_ce.png "
+               f"in {out}/sweep")
 
 
 def main() -> None:

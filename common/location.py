@@ -171,7 +171,9 @@ def storage_error(e: BaseException, url: str | os.PathLike, doing: str = "access
                                "ClientConnectorError", "ConnectTimeout", "ReadTimeout", "ServerDisconnected")):
         return UserError(f"cannot reach the storage server for {url}: check that it is up and the endpoint "
                          "(AWS_ENDPOINT_URL) is right, then rerun (add --resume where the work had begun)")
-    return UserError(f"{doing} {url} failed ({type(e).__name__}: {first_line(e)}); fix the cause and rerun")
+    culprit = os_err or e
+    return UserError(f"{doing} {url} failed ({type(culprit).__name__}: {first_line(culprit)}); fix the cause and "
+                     "rerun the same command with --resume")
 
 
 def _fs_options(url: str) -> dict:

@@ -142,22 +142,23 @@ class Manifest:
 
     def first_difference(self, other: "Manifest") -> str | None:
         """The first field (dotted path) whose value differs, ignoring progress fields."""
-        return _first_diff(self.identity(), other.identity(), "")
+        d = first_difference(self.identity(), other.identity())
+        return None if d is None else f"{d[0]} (store has {d[1]!r}, now {d[2]!r})"
 
 
-def _first_diff(a: Any, b: Any, path: str) -> str | None:
+def first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    """The first place (a dotted path into nested dicts and lists) where a and b differ, with the two
+    values there; None when they are equal. Used to say why a resume is refused."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in list(a) + [k for k in b if k not in a]:
-            d = _first_diff(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+            d = first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
             if d:
                 return d
         return None
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         for i, (x, y) in enumerate(zip(a, b)):
-            d = _first_diff(x, y, f"{path}[{i}]")
+            d = first_difference(x, y, f"{path}[{i}]")
             if d:
                 return d
         return None
-    if a != b:
-        return f"{path} (store has {a!r}, now {b!r})"
-    return None
+    return None if a == b else (path, a, b)

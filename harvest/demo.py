@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import click
-
-from ..common.progress import parse_count
-
 from .api import HarvestConfig, HarvestResult, harvest
 from .data import STDLIB
 from .models import DEFAULT_MODEL
@@ -16,8 +12,9 @@ DEMO_OUT = "demo/acts.zarr"
 
 
 def demo_config(out: str = DEMO_OUT, tokens: int = DEMO_TOKENS, overwrite: bool = True) -> HarvestConfig:
+    # chunks of 32 sequences: the default held-out part (5%, whole chunks) is then one chunk of 4,096 tokens
     return HarvestConfig(out=out, hooks=list(DEMO_HOOKS), model=DEFAULT_MODEL, dataset=STDLIB, context_size=128,
-                         tokens=tokens, batch_size=16, overwrite=overwrite)
+                         tokens=tokens, batch_size=16, chunk_sequences=32, overwrite=overwrite)
 
 
 def demo_harvest(out: str = DEMO_OUT, tokens: int = DEMO_TOKENS, overwrite: bool = True,
@@ -30,11 +27,3 @@ def demo_harvest(out: str = DEMO_OUT, tokens: int = DEMO_TOKENS, overwrite: bool
     if not location.is_remote(out):
         Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)
     return harvest(demo_config(out, tokens, overwrite), progress=progress)
-
-
-@click.command("demo")
-@click.option("--out", default=DEMO_OUT, show_default=True, help="Where to write the demo store.")
-@click.option("--tokens", default=str(DEMO_TOKENS), show_default=True, help="Tokens to harvest (e.g. 100k).")
-def demo_command(out: str, tokens: str) -> None:
-    """Harvest the bundled SmolLM2-135M over the Python standard library, offline, and report."""
-    click.echo(demo_harvest(out, parse_count(tokens)).summary())

@@ -7,7 +7,6 @@ and the store stays resumable: every chunk below the counter is complete."""
 
 from __future__ import annotations
 
-import errno
 import queue
 import threading
 from typing import Any
@@ -15,11 +14,10 @@ from typing import Any
 import numpy as np
 
 from ..common import location
-from ..common.errors import UserError, first_line
+from ..common.errors import UserError
 from ..common.store import ActivationStore, chunk_stats
 
 
-_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _STOP = object()
 
 
@@ -112,24 +110,5 @@ class ChunkWriter:
 def _as_user_error(e: BaseException, j: int | None, url: str) -> UserError:
     if isinstance(e, UserError):
         return e
-    where = f"chunk {j} of {url}" if j is not None else url
-    os_err = _find_os_error(e)
-    if os_err is not None and os_err.errno in _DISK_FULL:
-        return UserError(f"disk full while writing {where} ({os_err.strerror}): "
-                         "free some space and rerun the same command with --resume")
-    if location.is_remote(url) and location.storage_failure(e):
-        msg = str(location.storage_error(e, url, f"writing chunk {j} of" if j is not None else "writing"))
-        return UserError(msg if "--resume" in msg else f"{msg} with --resume")
-    return UserError(f"writing {where} failed ({type(os_err or e).__name__}: {first_line(os_err or e)}); "
-                     "fix the cause and rerun the same command with --resume")
-
-
-def _find_os_error(e: BaseException | None) -> OSError | None:
-    """The OSError behind an exception, following the cause chain (zarr and fsspec wrap them)."""
-    seen = 0
-    while e is not None and seen < 10:
-        if isinstance(e, OSError):
-            return e
-        e = e.__cause__ or e.__context__
-        seen += 1
-    return None
+    msg = str(location.storage_error(e, url, f"writing chunk {j} of" if j is not None else "writing"))
+    return UserError(msg if "--resume" in msg else f"{msg} with --resume")

@@ -153,7 +153,7 @@ def test_quick_run_is_a_labelled_smoke_test_that_leaves_the_full_results_alone()
 def test_sae_folder_format_version_is_the_sae_lens_the_tests_load_folders_with(saelens_python):
     """train/sae.py names the SAELens release whose folder format it writes; the sae-lens environment
     the tests load our folders with, and the Makefile that builds it, must be that release."""
-    from actcache.train.sae import SAELENS_FORMAT_VERSION
+    from actcache.common.sae import SAELENS_FORMAT_VERSION
 
     p = subprocess.run([saelens_python, "-c", "import importlib.metadata as m; print(m.version('sae-lens'))"],
                        capture_output=True, text=True, timeout=120)

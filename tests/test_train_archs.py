@@ -20,7 +20,7 @@ from actcache.common.errors import UserError
 from actcache.train.architectures import ARCHITECTURES, Key, TopKSAE, register, unregister
 from actcache.train.config import load_config, readme_tables, readme_with_tables, resolve
 from actcache.train.export import model_metadata, summary_table
-from actcache.train.sae import SAE
+from actcache.common.sae import SAE
 from actcache.train.sweep import train_sweep
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.synthetic import feature_recovery, make_store
-from actcache.train.sae import SAE
+from actcache.common.sae import SAE
 from actcache.train.architectures import SAEConfig, build_sae, geometric_median
 from actcache.train.sweep import train_sweep
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from tests.synthetic import make_store
 from actcache.train.checkpoint import load_checkpoint
-from actcache.train.sae import SAE, WEIGHT_KEYS
+from actcache.common.sae import SAE, WEIGHT_KEYS
 from actcache.train.sweep import train_sweep
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@
     sae = SAE.load_from_disk("runs/sweep1/topk-k32")
 """
 
-from .sae import SAE
+from ..common.sae import SAE
 from .sweep import train_sweep
 
 __all__ = ["SAE", "train_sweep"]

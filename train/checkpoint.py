@@ -14,7 +14,6 @@ complete checkpoint in place."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 from pathlib import Path
@@ -22,7 +21,9 @@ from typing import Any, Callable
 
 import torch
 
+from ..common import location
 from ..common.errors import UserError, first_line
+from ..common.manifest import first_difference
 
 CHECKPOINT = "checkpoint.safetensors"
 PICKLE_CHECKPOINT = "checkpoint.pt"  # what older versions wrote; refused, never unpickled
@@ -30,17 +31,12 @@ RUN_FILE = "run.json"
 FORMAT = "actcache-checkpoint"
 FORMAT_VERSION = 1
 LOCK_NAME_SUFFIX = ".actcache-lock"
-DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 # ---------------------------------------------------------------------- writing files
 def write_error(e: OSError, path: Path | str) -> UserError:
     """One line for a failed write (the same words as a harvest's, so a full disk reads the same)."""
-    if e.errno in DISK_FULL:
-        return UserError(f"disk full while writing {path} ({e.strerror}): "
-                         "free some space and rerun the same command with --resume")
-    return UserError(f"writing {path} failed ({type(e).__name__}: {first_line(e)}); "
-                     "fix the cause and rerun the same command with --resume")
+    return location.storage_error(e, path, "writing")
 
 
 def atomic_write(path: Path, data: bytes, before_replace: Callable[[], None] | None = None) -> None:
@@ -207,7 +203,8 @@ def prepare_output(out: Path, run: dict[str, Any], resume: bool, overwrite: bool
                 raise UserError(f"{out} already holds a training run; pass --resume to continue it, "
                                 "--overwrite to start it again, or choose another --out")
             if previous != run:
-                diff = _first_difference(previous, run)
+                where, was, now = first_difference(previous, run)
+                diff = f"{where or 'run'}: was {was!r}, now {now!r}"
                 raise UserError(f"{out} holds a different run ({diff}); resume it with its own config and store, "
                                 "--overwrite it, or choose another --out")
             return True
@@ -235,15 +232,3 @@ def _empty_folder(folder: Path) -> None:
             shutil.rmtree(p)
         else:
             p.unlink()
-
-
-def _first_difference(a: Any, b: Any, path: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k)
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b)):
-            if x != y:
-                return _first_difference(x, y, f"{path}[{i}]")
-    return f"{path or 'run'}: was {a!r}, now {b!r}"

@@ -23,7 +23,7 @@ from ..common.store import ActivationStore
 from .architectures import TrainingSAE
 from .config import SUMMARY_FILES, SweepConfig
 from .loader import ActivationLoader, held_out_ranges
-from .sae import SAE, SAELENS_FORMAT_VERSION, SPARSITY_FILENAME, Metadata, SAEConfig, write_safetensors
+from ..common.sae import SAE, SAELENS_FORMAT_VERSION, SPARSITY_FILENAME, Metadata, SAEConfig, write_safetensors
 
 # model specs this package loads that other tools know by another name: spec -> (hub name, GGUF file)
 MODEL_NAMES = {"smollm2-135m-instruct-q4": ("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")}

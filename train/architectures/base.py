@@ -37,7 +37,7 @@ from torch import nn
 
 from ...common.errors import UserError
 from ...common.progress import parse_count
-from ..sae import INFERENCE_FORMS, InferenceForm, register_inference_form
+from ...common.sae import INFERENCE_FORMS, InferenceForm, register_inference_form
 
 
 # ------------------------------------------------------------------------- option descriptions

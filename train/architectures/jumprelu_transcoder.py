@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..sae import InferenceForm, encode_jumprelu
+from ...common.sae import InferenceForm, encode_jumprelu
 from .base import register
 from .jumprelu import JumpReLUSAE
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..sae import InferenceForm, encode_topk
+from ...common.sae import InferenceForm, encode_topk
 from .base import register
 from .topk import TopKSAE
 

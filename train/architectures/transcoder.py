@@ -3,7 +3,7 @@ penalty, reading one hook and reconstructing another of the same forward pass.""
 
 from __future__ import annotations
 
-from ..sae import InferenceForm, encode_relu
+from ...common.sae import InferenceForm, encode_relu
 from .base import register
 from .standard import StandardSAE
 

@@ -1,0 +1,444 @@
+"""evaluate(): score SAEs on the held-out token windows of a store, with the model (CE loss score, KL;
+harvest/evaluate.py) and without it (explained variance, L0, density; train/heldout_metrics.py).
+
+It joins the two stages (it loads SAE folders and the model), so it lives at the top of the package.
+
+    from actcache.evaluate import evaluate
+    records = evaluate(["runs/s1"], write=True)     # store and model from the run; eval.json per SAE
+
+Every record names the store's fingerprint, its held-out range and the sequences scored: two results
+compare only when those agree."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .common.errors import UserError
+
+EVAL_FILE = "eval.json"
+RUN_FILE = "run.json"
+SUMMARY_FILE = "summary.json"
+CE_FRONTIER_FILE = "frontier_ce.png"
+
+
+@dataclass
+class Target:
+    """One SAE to evaluate: its folder, the loaded SAE, and the run folder it belongs to (if any)."""
+
+    name: str
+    folder: Path
+    sae: Any
+    run: Path | None = None
+
+
+def _is_sae_folder(p: Path) -> bool:
+    return (p / "cfg.json").is_file() and (p / "sae_weights.safetensors").is_file()
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read as JSON ({e})") from None
+
+
+def find_targets(paths: Sequence[str | os.PathLike], sae_dirs: Sequence[str | os.PathLike] = (),
+                 device: str = "cpu") -> list[Target]:
+    """SAE folders from run folders (every subfolder that is an SAE) and single SAE folders."""
+    from .common.sae import SAE
+
+    found: list[tuple[Path, Path | None]] = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise UserError(f"{p} does not exist: give a run folder (from `actcache train`) or an SAE folder")
+        if _is_sae_folder(p):
+            run = p.parent if (p.parent / RUN_FILE).is_file() or (p.parent / SUMMARY_FILE).is_file() else None
+            found.append((p, run))
+            continue
+        subs = sorted(q for q in p.iterdir() if q.is_dir() and _is_sae_folder(q)) if p.is_dir() else []
+        if not subs:
+            raise UserError(f"{p} holds no SAE: no folder with cfg.json and sae_weights.safetensors in it")
+        found += [(q, p) for q in subs]
+    for raw in sae_dirs:
+        p = Path(raw)
+        if not _is_sae_folder(p):
+            raise UserError(f"--sae {p} is not an SAE folder (it needs cfg.json and sae_weights.safetensors)")
+        found.append((p, None))
+    if not found:
+        raise UserError("no SAE to evaluate: give a run folder, an SAE folder or --sae DIR")
+    targets, names = [], set()
+    for folder, run in dict.fromkeys(found):
+        name = folder.name if folder.name not in names else f"{folder.parent.name}/{folder.name}"
+        names.add(name)
+        targets.append(Target(name, folder, SAE.load_from_disk(folder, device=device), run))
+    return targets
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """'START:STOP' in sequences -> (start, stop)."""
+    a, sep, b = str(text).partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        start, stop = int(a), int(b)
+    except ValueError:
+        raise UserError(f"--held-out {text!r}: give START:STOP in sequences, e.g. --held-out 300:320") from None
+    if start < 0 or stop <= start:
+        raise UserError(f"--held-out {text!r} is empty: STOP must be greater than START (both >= 0)")
+    return start, stop
+
+
+def store_fingerprint(store: Any) -> str | None:
+    return store.manifest.fingerprint
+
+
+def committed_sequences(store: Any) -> int:
+    return store.n_committed_sequences
+
+
+def held_out_range(store: Any, held_out: str | tuple[int, int] | None,
+                   targets: Sequence[Target] = ()) -> tuple[int, int]:
+    """The evaluation range of the store: the one named, else the store's own held-out part, else (a
+    second store, when every target names the store it trained on and none is this one) all of it."""
+    if held_out is not None:
+        rng = parse_range(held_out) if isinstance(held_out, str) else (int(held_out[0]), int(held_out[1]))
+        if rng[1] <= rng[0]:
+            raise UserError(f"the held-out range {rng[0]}:{rng[1]} is empty")
+    else:
+        rng = store.held_out_range()
+        sources = training_sources(targets)
+        trained_here = any(_same_store(store, i.get("store"), i.get("store_fingerprint")) for _, i in sources)
+        if rng is None and sources and not trained_here:
+            rng = (0, committed_sequences(store))
+        if rng is None:
+            raise UserError(f"the store {store.url} has no held-out part: name one with --held-out START:STOP "
+                            "(sequences the run did not train on) or pass a second store with --store")
+        rng = (int(rng[0]), int(rng[1]))
+        if rng[1] <= rng[0]:
+            raise UserError(f"the held-out part of {store.url} is empty ({rng[0]}:{rng[1]}); "
+                            "name a range with --held-out START:STOP or pass another --store")
+    n = committed_sequences(store)
+    if rng[1] > n:
+        raise UserError(f"the held-out range {rng[0]}:{rng[1]} goes past the {n} committed sequences of {store.url}")
+    return rng
+
+
+def _same_store(store: Any, url: str | None, fingerprint: str | None) -> bool:
+    fp = store_fingerprint(store)
+    if fp and fingerprint:
+        return fp == fingerprint
+    if url is None:
+        return False
+    a, b = str(url).rstrip("/"), str(store.url).rstrip("/")
+    if "://" in a or "://" in b:
+        return a == b
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _ranges(value: Any) -> list[tuple[int, int]]:
+    """Held-out ranges as a run or an SAE records them: None, [a, b], {"start_sequence": a, ...} or a list."""
+    if not value:
+        return []
+    if isinstance(value, dict):
+        a, b = value.get("start_sequence"), value.get("stop_sequence")
+        return [(int(a), int(b))] if a is not None and b is not None else []
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return [(int(value[0]), int(value[1]))]
+    if isinstance(value, (list, tuple)):
+        return [r for v in value for r in _ranges(v)]
+    return []
+
+
+def training_ranges(run: dict[str, Any], store: Any) -> list[tuple[int, int]]:
+    """The store sequences a run could have trained on: its committed chunks minus its held-out ranges."""
+    cs = store.manifest.chunk_sequences
+    chunks = run.get("store_chunks")
+    n = min(int(chunks) * cs, store.manifest.n_sequences) if chunks is not None else committed_sequences(store)
+    held = _ranges(run.get("held_out"))
+    if isinstance(run.get("config"), dict):
+        held += _ranges(run["config"].get("held_out"))
+    out, pos = [], 0
+    for a, b in sorted(held):
+        if a > pos:
+            out.append((pos, min(a, n)))
+        pos = max(pos, b)
+    if pos < n:
+        out.append((pos, n))
+    return [(a, b) for a, b in out if b > a]
+
+
+def training_sources(targets: Sequence[Target]) -> list[tuple[str, dict[str, Any]]]:
+    """(who, what it trained on) for each run of the targets, and for each SAE outside a run whose
+    metadata names its store: {"store", "store_fingerprint", "held_out", "store_chunks"?}."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    seen: set[Path] = set()
+    for t in targets:
+        if t.run is not None:
+            if t.run in seen:
+                continue
+            seen.add(t.run)
+            info = _read_json(t.run / RUN_FILE)
+            if info is not None:
+                out.append((f"run {t.run}", info))
+                continue
+        meta = dict(t.sae.cfg.metadata)
+        if meta.get("store_fingerprint") or meta.get("store"):
+            out.append((f"SAE {t.folder}", {"store": meta.get("store"), "store_fingerprint": meta.get("store_fingerprint"),
+                                            "held_out": meta.get("held_out")}))
+    return out
+
+
+def check_overlap(targets: Sequence[Target], store: Any, rng: tuple[int, int]) -> None:
+    """Refuse an evaluation range that overlaps tokens a run (or an SAE's training) read from this store."""
+    for where, info in training_sources(targets):
+        if not _same_store(store, info.get("store"), info.get("store_fingerprint")):
+            continue
+        for a, b in training_ranges(info, store):
+            lo, hi = max(a, rng[0]), min(b, rng[1])
+            if lo < hi:
+                raise UserError(f"sequences {lo}:{hi} of {store.url} are training tokens of {where}: "
+                                "evaluate on its held-out part or name a range it did not train on (--held-out)")
+
+
+def run_info(targets: Sequence[Target]) -> dict[str, Any]:
+    """What the runs of the targets say about their store and model (first one that says)."""
+    out: dict[str, Any] = {}
+    for t in targets:
+        if t.run is not None:
+            for f in (RUN_FILE, SUMMARY_FILE):
+                d = _read_json(t.run / f) or {}
+                for k in ("store", "model"):
+                    if d.get(k) and k not in out:
+                        out[k] = d[k]
+    return out
+
+
+def check_model(targets: Sequence[Target], store: Any, spec: str, force: bool) -> None:
+    """Refuse a model other than the one the store was harvested from, or one an SAE names, unless forced."""
+    if force:
+        return
+    stored = store.manifest.model.name
+    if spec != stored:
+        raise UserError(f"the store {store.url} was harvested from {stored}, not {spec}: "
+                        "its tokens may mean nothing to that model (pass --force to evaluate anyway)")
+    for t in targets:
+        named = t.sae.cfg.metadata.get("model_spec")
+        if named and named != spec:
+            raise UserError(f"SAE {t.folder} was trained on activations of {named}, not of {spec} "
+                            "(pass --force to evaluate it anyway)")
+
+
+def windows(store: Any, rng: tuple[int, int], tokens: int | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """The stored token windows to score: the first ceil(tokens / context) sequences of the range."""
+    ctx = store.manifest.context_size
+    a, b = rng
+    if tokens is not None:
+        b = min(b, a + max(1, -(-int(tokens) // ctx)))
+    toks = np.asarray(store.tokens[a:b])
+    return toks, (a, b)
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def evaluate(run_or_sae_folders: Sequence[str | os.PathLike] = (), *, sae_dirs: Sequence[str | os.PathLike] = (),
+             store: str | None = None, model: str | Any | None = None, tokens: int | None = None,
+             batch_size: int = 8, device: str | None = None, include_special_tokens: bool = False,
+             held_out: str | tuple[int, int] | None = None, force: bool = False, dtype: str = "float32",
+             write: bool = False) -> list[dict[str, Any]]:
+    """Evaluate every SAE of the run folders, SAE folders and sae_dirs on held-out windows of a store.
+
+    store: the store URL (default: the run's). model: a model spec or a loaded HookedModel (default:
+    the model the store was harvested from). tokens: at most this many tokens scored.
+    held_out: 'START:STOP' in sequences (default: the store's held-out part). force: accept a model
+    other than the store's. write: also write eval.json per SAE and the run's summary columns.
+    Returns one record per SAE (see the README's evaluation section for the fields)."""
+    from .common.store import ActivationStore
+    from .harvest.evaluate import downstream_metrics
+    from .harvest.models import default_device, load_model
+    from .train.heldout_metrics import heldout_metrics, special_ids
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: give a positive number of sequences")
+    device = device or default_device()
+    targets = find_targets(run_or_sae_folders, sae_dirs, device="cpu")
+    info = run_info(targets)
+    store_url = store or info.get("store")
+    if not store_url:
+        raise UserError("no store to evaluate on: these SAEs come from no run that names one; pass --store URL")
+    st = ActivationStore.open(store_url)
+    rng = held_out_range(st, held_out, targets)
+    check_overlap(targets, st, rng)
+    toks, scored = windows(st, rng, tokens)
+
+    if isinstance(model, str) or model is None:
+        spec = model or st.manifest.model.name
+        check_model(targets, st, spec, force)
+        hm = load_model(spec, device=device, dtype=dtype)
+    else:
+        hm = model
+        check_model(targets, st, hm.info.name, force)
+    for t in targets:
+        t.sae.to(device)
+
+    saes = {t.name: t.sae for t in targets}
+    sp = [] if include_special_tokens else special_ids(st)
+    batches = (torch.from_numpy(toks[i:i + batch_size].astype(np.int64)) for i in range(0, len(toks), batch_size))
+    down = downstream_metrics(hm, batches, saes, special_ids=sp, include_special_tokens=include_special_tokens)
+
+    by_hook: dict[str, dict[str, Any]] = {}
+    for t in targets:
+        by_hook.setdefault(t.sae.cfg.metadata.get("hook_name"), {})[t.name] = t.sae
+    acts: dict[str, dict[str, Any]] = {}
+    for hook, group in by_hook.items():
+        if hook in st.manifest.hook_names:
+            acts.update(heldout_metrics(group, st, hook, scored, include_special_tokens=include_special_tokens,
+                                        device=device))
+
+    records = []
+    for t in targets:
+        a = dict(acts.get(t.name, {}))
+        a.pop("log10_density", None)
+        meta = t.sae.cfg.metadata
+        rec = {
+            "name": t.name, "path": str(t.folder), "run": str(t.run) if t.run else None,
+            "hook": meta.get("hook_name"), "architecture": t.sae.cfg.architecture,
+            "trained_architecture": meta.get("trained_architecture"), "d_in": t.sae.cfg.d_in, "d_sae": t.sae.cfg.d_sae,
+            "k": t.sae.cfg.k, "model": hm.info.name, "store": str(store_url), "store_fingerprint": store_fingerprint(st),
+            "held_out": {"start_sequence": rng[0], "stop_sequence": rng[1]},
+            "sequences_scored": {"start_sequence": scored[0], "stop_sequence": scored[1]},
+            "context_size": st.manifest.context_size, "include_special_tokens": include_special_tokens,
+            "special_token_ids": sp, **down[t.name], **a,
+        }
+        if not a:
+            rec["activation_metrics_note"] = f"the store holds no activations of {rec['hook']}"
+        records.append(_clean(rec))
+    if write:
+        write_outputs(records)
+    return records
+
+
+# ------------------------------------------------------------------------------------------ writing
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_outputs(records: Sequence[dict[str, Any]]) -> None:
+    """eval.json in each SAE folder; in each run folder, the eval columns in summary.json and
+    summary.md and a second frontier plot (CE loss score against L0)."""
+    for r in records:
+        _write_text(Path(r["path"]) / EVAL_FILE, json.dumps(r, indent=2) + "\n")
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("run"):
+            runs.setdefault(r["run"], []).append(r)
+    for run, recs in runs.items():
+        write_run_summary(Path(run), recs)
+
+
+SUMMARY_EVAL_KEYS = ("ce_loss_score", "kl_div_score", "ce_loss_with_sae", "ce_loss_without_sae",
+                     "ce_loss_with_ablation", "kl_div_with_sae", "kl_div_with_ablation", "explained_variance",
+                     "fvu", "l0", "dead_fraction", "dense_fraction", "cossim", "l2_ratio")
+
+
+def write_run_summary(run: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Add each SAE's evaluation to the run's summary.json (rows[i]["eval"]) and rewrite summary.md
+    with the evaluation columns; plot CE loss score against L0 in frontier_ce.png."""
+    path = run / SUMMARY_FILE
+    summary = _read_json(path) or {"saes": []}
+    by_name = {Path(r["path"]).name: r for r in records}
+    rows = summary.setdefault("saes", [])
+    known = {row.get("name") for row in rows}
+    for name, r in by_name.items():
+        if name not in known:
+            rows.append({"name": name, "architecture": r["architecture"], "d_sae": r["d_sae"], "k": r["k"]})
+    for row in rows:
+        r = by_name.get(row.get("name"))
+        if r is not None:
+            row["eval"] = {k: r.get(k) for k in SUMMARY_EVAL_KEYS}
+            row["eval"].update(store_fingerprint=r["store_fingerprint"], held_out=r["held_out"],
+                               sequences_scored=r["sequences_scored"], ce_tokens=r.get("ce_tokens"))
+    _write_text(path, json.dumps(summary, indent=2) + "\n")
+    _write_text(run / "summary.md", eval_table(rows) + "\n")
+    plot_ce_frontier(rows, run / CE_FRONTIER_FILE, summary.get("hook"))
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "" if v is None else format(v, spec)
+
+
+def eval_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A markdown table: each SAE's L0 and explained variance beside its CE loss score and KL."""
+    head = ("| SAE | architecture | d_sae | k | L0 | explained var. | CE loss score | KL div. (SAE) | KL score "
+            "| CE loss (clean / SAE / zero) | dead | dense |")
+    lines = [head, "|" + "---|" * 12]
+    for row in rows:
+        e = row.get("eval") or {}
+        l0 = e.get("l0", row.get("l0"))
+        ev = e.get("explained_variance", row.get("explained_variance"))
+        ce = (f"{_fmt(e.get('ce_loss_without_sae'), '.3f')} / {_fmt(e.get('ce_loss_with_sae'), '.3f')} / "
+              f"{_fmt(e.get('ce_loss_with_ablation'), '.3f')}") if e else ""
+        lines.append(f"| {row.get('name')} | {row.get('architecture', '')} | {row.get('d_sae', '')} "
+                     f"| {'' if row.get('k') is None else row.get('k')} | {_fmt(l0, '.1f')} | {_fmt(ev, '.4f')} "
+                     f"| {_fmt(e.get('ce_loss_score'), '.4f')} | {_fmt(e.get('kl_div_with_sae'), '.4f')} "
+                     f"| {_fmt(e.get('kl_div_score'), '.4f')} | {ce} | {_fmt(e.get('dead_fraction'), '.3f')} "
+                     f"| {_fmt(e.get('dense_fraction'), '.3f')} |")
+    return "\n".join(lines)
+
+
+def records_table(records: Sequence[dict[str, Any]]) -> str:
+    return eval_table([{"name": r["name"], "architecture": r["architecture"], "d_sae": r["d_sae"], "k": r["k"],
+                        "eval": r} for r in records])
+
+
+def plot_ce_frontier(rows: Sequence[dict[str, Any]], path: Path, hook: str | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(r, r["eval"]) for r in rows if r.get("eval") and r["eval"].get("ce_loss_score") is not None
+           and r["eval"].get("l0") is not None]
+    if not pts:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    by_arch: dict[str, list] = {}
+    for r, e in pts:
+        by_arch.setdefault(str(r.get("architecture")), []).append((r, e))
+    for arch, items in sorted(by_arch.items()):
+        xs = [max(e["l0"], 1e-3) for _, e in items]
+        ys = [e["ce_loss_score"] for _, e in items]
+        ax.scatter(xs, ys, label=arch)
+        for (r, _), x, y in zip(items, xs, ys):
+            ax.annotate(str(r.get("name")), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("L0 (active latents per token, held-out)")
+    ax.set_ylabel("CE loss score (1 = no loss increase)")
+    ax.set_title(f"{hook or ''}: sparsity / downstream loss frontier", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name("tmp-" + path.name)
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,466 @@
+"""write_features: top contexts of every latent of a run's SAEs, from one pass over a store.
+
+    from actcache.train.features import write_features
+    write_features("runs/s1", "runs/s1/features")           # the store named in runs/s1/summary.json
+
+The output folder holds machine-readable JSON (described in the README, "Top contexts and the
+feature browser") and, unless site=False, the static feature browser (index.html) beside it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ...common import location
+from ...common.device import pick_device
+from ...common.errors import StoreError, UserError, first_line
+from ...common.progress import log, token_bar
+from ...common.store import ActivationStore
+from ...common.sae import CFG_FILENAME, SAE
+from .contexts import LatentAccumulator, LatentStats, logit_effects
+
+FORMAT = "actcache-features"
+FORMAT_VERSION = 1
+# hooks whose space is the residual stream, where W_dec @ W_U reads as direct logit effects
+ModelLoader = Callable[[str, "str | None"], "tuple[torch.Tensor | None, Any]"]
+RESIDUAL_HOOKS = re.compile(r"(^|\.)(hook_resid_pre|hook_resid_mid|hook_resid_post|hook_mlp_out|hook_attn_out)$")
+
+
+@dataclass
+class FeatureOptions:
+    """What is kept per latent. top: largest activations; window: tokens shown before and after the
+    activating one; n_bins: histogram bins; n_groups x per_group: quantile examples; n_logits: logit
+    effects each way; block: latents per data file; skip_special_tokens: leave BOS/EOS/pad positions out."""
+
+    top: int = 20
+    window_before: int = 12
+    window_after: int = 4
+    n_bins: int = 32
+    n_groups: int = 8
+    per_group: int = 3
+    n_logits: int = 10
+    block: int = 256
+    skip_special_tokens: bool = True
+
+
+# ------------------------------------------------------------------------------------ inputs
+def find_saes(run: str | Path, names: list[str] | tuple[str, ...] | None = None) -> dict[str, Path]:
+    """The SAE folders of a run (sub-folders with a cfg.json), or the run itself when it is one SAE."""
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"run folder {run} does not exist")
+    if (run / CFG_FILENAME).is_file():
+        found = {run.name: run}
+    else:
+        found = {p.name: p for p in sorted(run.iterdir()) if p.is_dir() and (p / CFG_FILENAME).is_file()}
+    if not found:
+        raise UserError(f"{run} holds no SAE folder (a folder with {CFG_FILENAME}); pass a training run's --out folder")
+    if names:
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise UserError(f"no SAE named {missing[0]!r} in {run}; it has: {', '.join(found)}")
+        found = {n: found[n] for n in names}
+    return found
+
+
+def _run_meta(run: Path) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for name in ("run.json", "summary.json"):
+        p = run / name
+        if p.is_file():
+            try:
+                meta = {**json.loads(p.read_text()), **meta}
+            except (OSError, ValueError):
+                continue
+    return meta
+
+
+def resolve_store(run: Path, store: str | None, meta: dict[str, Any]) -> ActivationStore:
+    if store is None:
+        named = meta.get("store")
+        if not named:
+            raise UserError(f"{run} does not name its store (no run.json or summary.json); pass --store")
+        candidates = [named]
+        if not location.is_remote(named) and not os.path.isabs(named):  # relative to where training ran
+            candidates += [str(run / named), str(run.parent / named)]
+        store = next((c for c in candidates if location.exists(c)), named)
+    return ActivationStore.open(store)
+
+
+def _range_of(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, dict) and "start_sequence" in value:
+        return int(value["start_sequence"]), int(value["stop_sequence"])
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    return None
+
+
+def choose_sequences(store: ActivationStore, held_out: bool, tokens: int | None,
+                     meta: dict[str, Any] | None = None) -> tuple[int, int, str]:
+    """The sequences [a, b) to read and a word for them: the store's held-out range by default
+    (or the run's own, for stores that predate it), every committed sequence with held_out=False."""
+    m = store.manifest
+    committed = store.n_committed_sequences
+    a, b, what = 0, committed, "all"
+    if held_out:
+        rng = store.held_out_range()
+        if rng is None and meta:
+            rng = _range_of(meta.get("held_out"))
+        if rng is None:
+            log.warning(f"the store {store.url} sets no sequences aside for evaluation; reading all of them")
+        else:
+            a, b, what = int(rng[0]), min(int(rng[1]), committed), "held-out"
+    if tokens is not None:
+        if tokens <= 0:
+            raise UserError(f"--tokens must be positive, got {tokens}")
+        b = min(b, a + -(-tokens // m.context_size))
+    if b <= a:
+        raise StoreError(f"{store.url} has no committed sequence in the {what} range [{a}, {b}); "
+                         "finish the harvest or pass --all")
+    return a, b, what
+
+
+def sae_hook(name: str, sae: SAE, store: ActivationStore) -> str:
+    """The store hook an SAE reads, checked against the store's widths."""
+    hooks = store.manifest.hooks
+    hook = sae.cfg.metadata.get("hook_name")
+    if hook is None:
+        fits = [h.name for h in hooks if h.d == sae.cfg.d_in]
+        if len(fits) != 1:
+            raise UserError(f"SAE {name!r} names no hook (cfg.json metadata.hook_name) and the store "
+                            f"has {len(fits)} hooks of width {sae.cfg.d_in}")
+        return fits[0]
+    if hook not in store.manifest.hook_names:
+        raise UserError(f"SAE {name!r} reads {hook}, which the store {store.url} lacks; "
+                        f"it has: {', '.join(store.manifest.hook_names)}")
+    d = store.manifest.hook(hook).d
+    if d != sae.cfg.d_in:
+        raise UserError(f"SAE {name!r} has d_in {sae.cfg.d_in} but the store's {hook} has width {d}")
+    return hook
+
+
+# ------------------------------------------------------------------------------------ the pass
+def special_ids(store: ActivationStore) -> list[int]:
+    t = store.manifest.tokenizer
+    return sorted({i for i in (t.bos_token_id, t.eos_token_id, t.pad_token_id) if i is not None})
+
+
+@torch.no_grad()
+def collect_top_contexts(store: ActivationStore, saes: dict[str, SAE], hooks: dict[str, str],
+                         sequences: tuple[int, int], opts: FeatureOptions | None = None,
+                         device: str | torch.device = "cpu", progress: bool = False,
+                         batch_rows: int | None = None) -> dict[str, LatentStats]:
+    """One pass over sequences [a, b): each chunk's tokens and activations are read and decoded once
+    (the next chunk is read while this one is encoded) and every SAE encodes them in turn."""
+    opts = opts or FeatureOptions()
+    dev = torch.device(device)
+    a, b = sequences
+    T = store.manifest.context_size
+    cs = store.manifest.chunk_sequences
+    skip = special_ids(store) if opts.skip_special_tokens else []
+    acc = {n: LatentAccumulator(s.cfg.d_sae, opts.top, opts.n_bins, opts.n_groups, opts.per_group, dev)
+           for n, s in saes.items()}
+    for s in saes.values():
+        s.to(dev)
+    needed = sorted(set(hooks.values()))
+    widest = max(s.cfg.d_sae for s in saes.values())
+    rows_per_batch = batch_rows or max(128, min(8192, 2**26 // (4 * widest)))
+
+    def read(j: int) -> tuple[int, np.ndarray, dict[str, np.ndarray]]:
+        s0, s1 = store.chunk_sequence_range(j)
+        lo, hi = max(a, s0), min(b, s1)
+        tok = store.read_tokens(j)[lo - s0:hi - s0]
+        r0 = (lo - s0) * T
+        acts = {h: store.read_chunk(h, j)[r0:r0 + (hi - lo) * T] for h in needed}
+        return lo, tok, acts
+
+    chunks = list(range(a // cs, -(-b // cs)))
+    bar = token_bar((b - a) * T, "top contexts", disable=not progress)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="actcache-features") as pool:
+        pending = [pool.submit(read, j) for j in chunks[:2]]
+        for i in range(len(chunks)):
+            lo, tok, acts = pending.pop(0).result()
+            if i + 2 < len(chunks):
+                pending.append(pool.submit(read, chunks[i + 2]))
+            flat = tok.reshape(-1)
+            rows = np.arange(flat.size, dtype=np.int64)
+            if skip:
+                rows = rows[~np.isin(flat, skip)]
+            token_index = torch.from_numpy(rows + lo * T).to(dev)
+            # float16 as stored is what crosses to the device; converted once there for every SAE
+            xs = {h: torch.from_numpy(np.ascontiguousarray(x[rows])).to(dev).float() for h, x in acts.items()}
+            for r in range(0, rows.size, rows_per_batch):
+                t = token_index[r:r + rows_per_batch]
+                for name, sae in saes.items():
+                    f = sae.encode(xs[hooks[name]][r:r + rows_per_batch])
+                    acc[name].update(f, t)
+            bar.update(flat.size)
+    bar.close()
+    return {n: a_.result() for n, a_ in acc.items()}
+
+
+def fetch_windows(store: ActivationStore, index: np.ndarray, before: int, after: int) -> np.ndarray:
+    """Token ids around each store row in `index` (int64 [n]): [n, before + 1 + after], -1 past the
+    ends of the row's sequence. Reads each needed tokens chunk once."""
+    T = store.manifest.context_size
+    cs = store.manifest.chunk_sequences
+    width = before + 1 + after
+    out = np.full((index.size, width), -1, dtype=np.int64)
+    seq, pos = index // T, index % T
+    chunk = seq // cs
+    offsets = np.arange(-before, after + 1)
+    for j in np.unique(chunk):
+        sel = np.nonzero(chunk == j)[0]
+        s0, _ = store.chunk_sequence_range(int(j))
+        tok = store.read_tokens(int(j))
+        p = pos[sel, None] + offsets[None, :]
+        ok = (p >= 0) & (p < T)
+        rows = np.broadcast_to((seq[sel] - s0)[:, None], p.shape)
+        vals = np.where(ok, tok[rows, np.clip(p, 0, T - 1)], -1)
+        out[sel] = vals
+    return out
+
+
+# ------------------------------------------------------------------------------------ output
+class _Examples:
+    """Example records for store rows, built in bulk: windows are read once, trimmed to the sequence."""
+
+    def __init__(self, store: ActivationStore, index: np.ndarray, values: np.ndarray, before: int, after: int):
+        self.T = store.manifest.context_size
+        self.before = before
+        w = np.full((index.size, before + 1 + after), -1, dtype=np.int64)
+        used = index >= 0
+        if used.any():
+            w[used] = fetch_windows(store, index[used], before, after)
+        inside = w >= 0
+        self.lo = np.argmax(inside, axis=1).tolist()
+        self.hi = (w.shape[1] - np.argmax(inside[:, ::-1], axis=1)).tolist()
+        self.windows = w.tolist()
+        self.index = index.tolist()
+        self.values = np.round(values.astype(np.float64), 6).tolist()
+
+    def __call__(self, i: int) -> dict[str, Any]:
+        idx, lo = self.index[i], self.lo[i]
+        return {"seq": idx // self.T, "pos": idx % self.T, "act": self.values[i],
+                "tokens": self.windows[i][lo:self.hi[i]], "at": self.before - lo}
+
+
+def latent_records(stats: LatentStats, store: ActivationStore, opts: FeatureOptions,
+                   logits: tuple[torch.Tensor, ...] | None = None) -> list[dict[str, Any]]:
+    """One JSON-ready record per latent (see the README for the fields)."""
+    d, k = stats.d_sae, stats.top_val.shape[1]
+    G, s, nb = stats.n_groups, stats.sample_key.shape[2], stats.n_bins
+    ex = _Examples(store, np.concatenate([stats.top_idx.numpy().reshape(-1), stats.sample_idx.numpy().reshape(-1)]),
+                   np.concatenate([stats.top_val.numpy().reshape(-1), stats.sample_val.numpy().reshape(-1)]),
+                   opts.window_before, opts.window_after)
+    top_ok = (stats.top_idx >= 0).tolist()
+    smp_ok = (stats.sample_idx >= 0).tolist()
+    group_n = stats.hist.view(d, G, nb // G).sum(-1).tolist()
+    count, act_sum, exps = stats.count.tolist(), stats.act_sum.tolist(), stats.hist_exp.tolist()
+    hist, top_max = stats.hist.tolist(), stats.top_val[:, 0].tolist()
+    if logits is not None:
+        pv, pi, nv, ni = (x.tolist() for x in logits)
+    n_tok = max(stats.n_tokens, 1)
+    records = []
+    for i in range(d):
+        n = count[i]
+        rec: dict[str, Any] = {
+            "id": i, "n_fired": n, "density": n / n_tok,
+            "mean_act": act_sum[i] / n if n else 0.0, "mean_act_all": act_sum[i] / n_tok,
+            "max_act": top_max[i] if n else 0.0, "histogram": None, "top": [], "quantiles": [],
+            "top_tokens": [], "logits": None,
+        }
+        if n:
+            M = math.ldexp(1.0, exps[i])
+            rec["histogram"] = {"max": M, "counts": hist[i]}
+            rec["top"] = [ex(i * k + r) for r in range(k) if top_ok[i][r]]
+            for g in reversed(range(G)):
+                base = d * k + (i * G + g) * s
+                sample = sorted((ex(base + r) for r in range(s) if smp_ok[i][g][r]),
+                                key=lambda e: (-e["act"], e["seq"], e["pos"]))
+                if sample:
+                    rec["quantiles"].append({"lo": M * g / G, "hi": M * (g + 1) / G, "n": group_n[i][g],
+                                             "examples": sample})
+            toks: dict[int, int] = {}
+            for e in rec["top"]:
+                t = e["tokens"][e["at"]]
+                toks[t] = toks.get(t, 0) + 1
+            rec["top_tokens"] = [[t, c] for t, c in sorted(toks.items(), key=lambda tc: -tc[1])[:5]]
+        if logits is not None:
+            rec["logits"] = {"positive": [[t, round(v, 5)] for t, v in zip(pi[i], pv[i])],
+                             "negative": [[t, round(v, 5)] for t, v in zip(ni[i], nv[i])]}
+        records.append(rec)
+    return records
+
+
+def _density_histogram(density: np.ndarray) -> dict[str, Any]:
+    """Latents by log10 density, in bins of 0.5 from -8 to 0; dead latents counted apart."""
+    alive = density[density > 0]
+    edges = np.arange(-8.0, 0.01, 0.5)
+    counts, _ = np.histogram(np.clip(np.log10(alive), -8, 0), bins=edges) if alive.size else (np.zeros(16), None)
+    return {"log10_edges": edges.tolist(), "counts": [int(c) for c in counts], "dead": int((density == 0).sum())}
+
+
+def _write_data(path: Path, key: str, obj: Any) -> None:
+    """Write path.json, and path.js for the browser (file:// pages cannot fetch JSON; a script can)."""
+    text = json.dumps(obj, separators=(",", ":"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(text)
+    path.with_suffix(".js").write_text(f"actcacheData({json.dumps(key)},{text});\n")
+
+
+def _token_strings(ids: set[int], tokenizer: Any) -> dict[str, str]:
+    out = {}
+    for i in sorted(ids):
+        if i < 0:
+            continue
+        try:
+            out[str(i)] = tokenizer.decode([i])
+        except Exception:  # a tokenizer that cannot decode one id on its own: show the id
+            out[str(i)] = f"#{i}"
+    return out
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "sae"
+
+
+def write_features(run: str | Path, out: str | Path, store: str | None = None, saes: list[str] | None = None,
+                   tokens: int | None = None, top: int = 20, held_out: bool = True, overwrite: bool = False,
+                   unembedding: torch.Tensor | None = None, tokenizer: Any = None,
+                   model_loader: ModelLoader | None = None, device: str | None = None, progress: bool = True,
+                   site: bool = True, options: FeatureOptions | None = None) -> dict[str, Any]:
+    """Top contexts, densities, histograms (and logit effects, when the unembedding is known) of every
+    SAE of `run`, written under `out`; returns the content of out/features.json. Nothing is left in
+    `out` if it fails.
+
+    unembedding: the model's W_U [d_model, d_vocab] (logit effects are W_dec @ W_U), or None;
+    tokenizer: anything with decode([id]) -> str, for the token strings of the browser, or None;
+    model_loader: called as model_loader(model_spec, tokenizer_spec) -> (W_U or None, tokenizer or None)
+    once the inputs are checked, when neither of the two is given (the command line passes one that
+    loads the model the store's manifest names, or the SAE's metadata.model_spec)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    if top < 1:
+        raise UserError(f"--top must be at least 1, got {top}")
+    opts = options or FeatureOptions()
+    opts.top = top
+    run = Path(run)
+    folders = find_saes(run, saes)
+    meta = _run_meta(run)
+    st = resolve_store(run, store, meta)
+    loaded = {n: SAE.load_from_disk(p) for n, p in folders.items()}
+    hooks = {n: sae_hook(n, s, st) for n, s in loaded.items()}
+    a, b, what = choose_sequences(st, held_out, tokens, meta)
+    dev = pick_device(device)
+    if model_loader is not None and unembedding is None and tokenizer is None:
+        first = next(iter(loaded.values()))
+        spec = first.cfg.metadata.get("model_spec") or st.manifest.model.name
+        try:
+            unembedding, tokenizer = model_loader(spec, st.manifest.tokenizer.name)
+        except Exception as e:  # the model is optional here: say why, go on without logit effects
+            log.warning(f"no logit effects or token strings: could not load the model {spec!r} ({first_line(e)})")
+    log.info(f"top contexts of {len(loaded)} SAEs over sequences [{a}, {b}) ({what}) of {st.url} on {dev}")
+    t0 = time.perf_counter()
+    stats = collect_top_contexts(st, loaded, hooks, (a, b), opts, dev, progress)
+    seconds = time.perf_counter() - t0
+
+    metrics = {r["name"]: r for r in meta.get("saes", []) if isinstance(r, dict) and "name" in r}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        vocab_ids: set[int] = set()
+        entries = []
+        for name, sae in loaded.items():
+            logits = None
+            if unembedding is not None:
+                if not RESIDUAL_HOOKS.search(hooks[name]) or unembedding.shape[0] != sae.cfg.d_in:
+                    log.info(f"no logit effects for {name}: {hooks[name]} is not a residual-stream hook of width "
+                             f"{unembedding.shape[0]}")
+                else:
+                    logits = logit_effects(sae.W_dec.detach(), unembedding.to(dev), opts.n_logits)
+            recs = latent_records(stats[name], st, opts, logits)
+            folder = _safe_name(name)
+            base = tmp / "saes" / folder
+            for i in range(0, len(recs), opts.block):
+                _write_data(base / "blocks" / f"{i // opts.block:05d}", f"{folder}/{i // opts.block}",
+                            {"sae": name, "start": i, "stop": min(i + opts.block, len(recs)),
+                             "latents": recs[i:i + opts.block]})
+            for r in recs:
+                for e in r["top"] + [x for q in r["quantiles"] for x in q["examples"]]:
+                    vocab_ids.update(e["tokens"])
+                if r["logits"]:
+                    vocab_ids.update(t for t, _ in r["logits"]["positive"] + r["logits"]["negative"])
+            density = np.array([r["density"] for r in recs])
+            index = {
+                "sae": name, "density": [r["density"] for r in recs], "max_act": [r["max_act"] for r in recs],
+                "mean_act": [r["mean_act"] for r in recs],
+                "top_token": [r["top_tokens"][0][0] if r["top_tokens"] else None for r in recs],
+                "token_latents": _token_index(recs),
+            }
+            _write_data(base / "latents", f"{folder}/latents", index)
+            s = stats[name]
+            entries.append({
+                "name": name, "folder": f"saes/{folder}", "hook": hooks[name], "architecture": sae.cfg.architecture,
+                "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "n_blocks": -(-len(recs) // opts.block),
+                "l0": float(s.count.sum()) / max(s.n_tokens, 1), "dead_fraction": float((density == 0).mean()),
+                "logit_effects": logits is not None, "density_histogram": _density_histogram(density),
+                "training_metrics": {k: v for k, v in metrics.get(name, {}).items()
+                                     if k in ("l0", "fvu", "explained_variance", "mse", "dead_fraction_eval", "k")},
+            })
+        vocab = _token_strings(vocab_ids, tokenizer) if tokenizer is not None else None
+        if vocab is not None:
+            _write_data(tmp / "vocab", "vocab", vocab)
+        n_tokens = next(iter(stats.values())).n_tokens
+        summary = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "store": st.url,
+            "store_fingerprint": st.manifest.fingerprint, "model": st.manifest.model.name,
+            "sequences": [a, b], "range": what, "n_tokens": n_tokens,
+            "special_tokens_skipped": special_ids(st) if opts.skip_special_tokens else [],
+            "top": opts.top, "window": [opts.window_before, opts.window_after], "histogram_bins": opts.n_bins,
+            "quantile_groups": opts.n_groups, "per_group": opts.per_group, "block": opts.block,
+            "vocab": "vocab.json" if vocab is not None else None, "seconds": seconds,
+            "tokens_per_s": n_tokens / seconds if seconds else None, "saes": entries,
+        }
+        _write_data(tmp / "features", "features", summary)
+        if site:
+            from .browser import write_site
+
+            write_site(tmp, summary)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def _token_index(recs: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """token id -> latents whose top examples fire on it, the most frequent first."""
+    pairs: dict[int, list[tuple[int, float, int]]] = {}
+    for r in recs:
+        for t, c in r["top_tokens"]:
+            pairs.setdefault(t, []).append((c, r["max_act"], r["id"]))
+    return {str(t): [i for _, _, i in sorted(v, key=lambda x: (-x[0], -x[1]))] for t, v in pairs.items()}
+
+
+def load_features(out: str | Path) -> dict[str, Any]:
+    """The features.json of an output folder."""
+    p = Path(out) / "features.json"
+    if not p.is_file():
+        raise UserError(f"{out} holds no features.json; run `actcache features` first")
+    return json.loads(p.read_text())
