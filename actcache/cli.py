@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "info": "actcache.common.commands:info_command",
     "verify": "actcache.common.commands:verify_command",
     "train": "actcache.train.cli:train_command",
+    "bench-read": "actcache.train.bench_read:bench_read_command",
     "features": "actcache.train.features_cli:features_command",
     "eval": "actcache.eval_cli:eval_command",
 }

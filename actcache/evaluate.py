@@ -273,12 +273,13 @@ def evaluate(run_or_sae_folders: Sequence[str | os.PathLike] = (), *, sae_dirs: 
     Returns one record per SAE (see the README's evaluation section for the fields)."""
     from .common.store import ActivationStore
     from .harvest.evaluate import downstream_metrics
-    from .harvest.models import default_device, load_model
+    from .common.device import pick_device
+    from .harvest.models import load_model
     from .train.heldout_metrics import heldout_metrics, special_ids
 
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: give a positive number of sequences")
-    device = device or default_device()
+    device = str(pick_device(device))
     targets = find_targets(run_or_sae_folders, sae_dirs, device="cpu")
     info = run_info(targets)
     store_url = store or info.get("store")

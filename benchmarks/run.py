@@ -49,6 +49,11 @@ class Plan:
     model_batch: int = 8  # sequences per forward pass, both tools
     context_size: int = 128
     configs: list = field(default_factory=lambda: list(CONFIGS))
+    model: str = "smollm2-135m-instruct-q4"  # what our harvest runs
+    tokenizer: str | None = None  # for a random: model
+    saelens_shape: dict | None = None  # the model SAELens gets; None: a random one of SmolLM2-135M's shape
+    sweep_only: bool = False  # no harvest or loader benchmarks: the store, the sweeps and their quality
+    saelens_parts: str = "harvest,loader,sweep,onthefly,eval"
 
     @property
     def configs_text(self) -> str:
@@ -63,6 +68,18 @@ FULL = Plan(hook="blocks.12.hook_resid_post",
             hooks4=["blocks.6.hook_resid_post", "blocks.12.hook_resid_post", "blocks.18.hook_resid_post",
                     "blocks.12.hook_mlp_out"],
             harvest_tokens=8192, sweep_tokens=32768, eval_tokens=16384)
+
+# Researchers' batch on 2 CPU cores: batch 4096 and 64 steps (262,144 tokens per SAE, each step
+# seconds long), so the steady state dominates start-up. The SAE products cost d_model^2 * expansion per token: at
+# SmolLM2's d_model 576 one lockstep step of the 8 SAEs takes over 10 s on 2 cores, so both tools
+# get the same small random model (d_model 128, 4 layers, SmolLM2's vocabulary and tokens).
+SWEEP4096_MODEL = {"n_layers": 4, "d_model": 128, "n_heads": 4, "d_head": 32, "d_mlp": 512, "d_vocab": 49152,
+                   "n_ctx": 128, "act_fn": "gelu"}
+SWEEP4096 = Plan(hook="blocks.2.hook_resid_post", hooks4=[], harvest_tokens=0, sweep_tokens=64 * 4096,
+                 eval_tokens=16384, batch_size=4096, model_batch=32,
+                 model="random:" + ",".join(f"{k}={v}" for k, v in SWEEP4096_MODEL.items()) + ",seed=0",
+                 tokenizer="smollm2-135m-instruct-q4", saelens_shape=SWEEP4096_MODEL, sweep_only=True,
+                 saelens_parts="sweep,onthefly,multi,eval")
 
 GOALS = {
     "harvest_vs_bare": 0.9,
@@ -123,11 +140,11 @@ def write_tokens_jsonl(windows, path: Path) -> Path:
 
 def build_store(url: str, windows, plan: Plan, work: Path, name: str) -> dict:
     """The store the loader and sweep read: `harvest.harvest` on exactly these windows."""
-    import actcache.harvest
+    from actcache import harvest
 
     t0 = time.perf_counter()
     data = write_tokens_jsonl(windows, work / f"{name}-tokens.jsonl")
-    cfg = harvest.HarvestConfig(model="smollm2-135m-instruct-q4", hooks=[plan.hook], dataset=str(data),
+    cfg = harvest.HarvestConfig(model=plan.model, tokenizer=plan.tokenizer, hooks=[plan.hook], dataset=str(data),
                                 context_size=plan.context_size, tokens=int(windows.size), batch_size=plan.model_batch,
                                 out=url, prepend_bos=False, overwrite=True)
     res = harvest.harvest(cfg)
@@ -162,7 +179,7 @@ def sweep_toml(plan: Plan) -> str:
 def ours_sweep(store: str, plan: Plan, work: Path) -> dict:
     """train.train_sweep: the 8 TopK SAEs in lockstep; wall time and the exported folders."""
     try:
-        import actcache.train
+        from actcache import train
     except ImportError as e:
         return _missing(e)
     cfg = work / "sweep.toml"
@@ -193,16 +210,20 @@ def saelens_python(arg: str | None) -> str | None:
 
 
 def run_saelens(py: str, plan: Plan, tokens_file: Path, store: str, eval_store: str, eval_dirs: list[str],
-                work: Path) -> dict:
+                work: Path, threads: int = 0) -> dict:
     out_json = work / "saelens.json"
     cmd = [py, str(ROOT / "benchmarks" / "saelens_side.py"), "--tokens", str(tokens_file),
-           "--parts", "harvest,loader,sweep,onthefly,eval", "--hook", plan.hook, "--hooks4", ",".join(plan.hooks4),
+           "--parts", plan.saelens_parts, "--hook", plan.hook, "--hooks4", ",".join(plan.hooks4) or plan.hook,
            "--model-batch", str(plan.model_batch), "--loader-batch-size", str(plan.loader_batch_size),
            "--harvest-tokens", str(plan.harvest_tokens),
            "--store", store, "--eval-store", eval_store, "--eval-tokens", str(plan.eval_tokens),
            "--eval-dirs", ",".join(eval_dirs), "--configs", plan.configs_text,
            "--sweep-tokens", str(plan.sweep_tokens), "--batch-size", str(plan.batch_size), "--lr", str(plan.lr),
            "--work", str(work / "saelens"), "--json", str(out_json)]
+    if plan.saelens_shape:
+        cmd += ["--shape", json.dumps(plan.saelens_shape), "--shape-from-scratch"]
+    if threads:
+        cmd += ["--threads", str(threads)]
     log("SAELens side: " + " ".join(cmd[1:3]) + " ...")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
     env.pop("PYTHONPATH", None)
@@ -232,10 +253,13 @@ def ratios(r: dict) -> list[dict]:
     rows = []
 
     def add(name, value, goal, higher=True, note=""):
-        met = None if value is None else (value >= goal if higher else value <= goal)
+        met = None if value is None or goal is None else (value >= goal if higher else value <= goal)
         rows.append({"benchmark": name, "value": value, "goal": goal, "higher_is_better": higher, "met": met,
                      "note": note})
 
+    if "harvest" not in oh:  # a sweep-only run: the sweeps and their quality
+        _sweep_ratios(r, add)
+        return rows
     for key, sl_rate in (("1hook", slh.get("cache_1hook_tokens_per_s")), ("4hooks", slh.get("cache_4hooks_tokens_per_s"))):
         h = _get(oh, "harvest", key) or {}
         add(f"harvest {key}: ours / bare forward", h.get("ratio_vs_bare"), GOALS["harvest_vs_bare"])
@@ -253,34 +277,47 @@ def ratios(r: dict) -> list[dict]:
     add("loader: ours / SAELens ActivationsStore (cached)",
         _ratio(ld.get("loader_tokens_per_s"), _get(sl, "loader", "tokens_per_s")), GOALS["loader_vs_saelens"])
     sw = oh.get("sweep") or {}
+    _sweep_ratios(r, add)
+    return rows
+
+
+def _sweep_ratios(r: dict, add) -> None:
+    oh, sl = r.get("ours", {}), r.get("saelens", {})
+    sw = oh.get("sweep") or {}
     add("sweep (8 TopK): SAELens from cache, one by one / ours lockstep",
         _ratio(_get(sl, "sweep_cached", "seconds"), sw.get("seconds")), GOALS["sweep_vs_saelens_cached"])
     ours_total = (sw.get("seconds") or 0) + (_get(oh, "store", "seconds") or 0) if sw.get("seconds") else None
     add("sweep (8 TopK): SAELens on the fly / ours (harvest + lockstep)",
         _ratio(_get(sl, "sweep_onthefly", "seconds"), ours_total), GOALS["sweep_vs_saelens_onthefly"],
         note="ours counts harvesting the training tokens once")
+    if _get(sl, "sweep_multi"):
+        add("sweep (8 TopK): SAELens MultiSAETrainingRunner (on the fly, one forward for all) / ours (harvest + lockstep)",
+            _ratio(_get(sl, "sweep_multi", "seconds"), ours_total), None,
+            note="no goal in the issue for the CPU; ours counts harvesting the training tokens once")
+        add("sweep (8 TopK): SAELens MultiSAETrainingRunner / ours lockstep (a second sweep on the same store)",
+            _ratio(_get(sl, "sweep_multi", "seconds"), sw.get("seconds")), None,
+            note="the store exists: only the sweep is paid again")
     for p in r.get("parity", []):
         add(f"quality {p['name']}: EV ours - SAELens", p.get("ev_gap"), GOALS["ev_gap"])
-    return rows
 
 
 def parity(r: dict) -> list[dict]:
     """Pair each of our SAEs with SAELens's of the same k and expansion, both evaluated by the same
     code (sae_lens.SAE on held-out activations)."""
     ev = _get(r, "saelens", "eval") or {}
-    ours = {}
-    theirs = {}
+    ours, theirs, multi = {}, {}, {}
     for key, m in ev.items():
         name, where = key.split("@", 1)
         k, x = _kx(name, where)
         if k is None:
             continue
-        (theirs if where.endswith("saes_cached") else ours)[(k, x)] = dict(m, name=name)
+        group = theirs if where.endswith("saes_cached") else multi if where.endswith("saes_multi") else ours
+        group[(k, x)] = dict(m, name=name)
     rows = []
     for kx in sorted(set(ours) | set(theirs)):
         o, t = ours.get(kx), theirs.get(kx)
         row = {"name": f"topk-k{kx[0]}-x{kx[1]}"}
-        for tag, m in (("ours", o), ("saelens", t)):
+        for tag, m in (("ours", o), ("saelens", t), ("saelens_multi", multi.get(kx))):
             for f in ("explained_variance", "l0", "dead_fraction"):
                 row[f"{tag}_{f}"] = m.get(f) if m else None
         row["ev_gap"] = (o["explained_variance"] - t["explained_variance"]) if o and t else None
@@ -308,21 +345,60 @@ def _fmt(v, digits=3):
 
 def markdown(r: dict) -> str:
     m = r["meta"]
-    title = (f"# Smoke test (`make bench-quick`, small sizes; not the full run the README quotes): actcache vs "
-             f"SAELens — {m['date']} on {m['host']}" if m["quick"] else
-             f"# actcache vs SAELens — {m['date']} on {m['host']} (full)")
+    sweep_only = r["plan"].get("sweep_only")
+    what = "sweeps at batch " + str(r["plan"]["batch_size"]) if sweep_only else "full"
+    title = (f"# Smoke test (small sizes; not the full run the README quotes): actcache vs "
+             f"SAELens ({what}) — {m['date']} on {m['host']}" if m["quick"] else
+             f"# actcache vs SAELens — {m['date']} on {m['host']} ({what})")
+    plan = r["plan"]
+    steps = plan["sweep_tokens"] // plan["batch_size"]
+    model = (f"model `{plan['model']}` (ours; SAELens: a HookedTransformer of that shape)"
+             if plan.get("saelens_shape") else f"model `{plan.get('model')}`")
     lines = [title, "",
              f"{m['cpu']}, {m['cores']} cores; torch {m['torch']}; sae-lens {_get(r, 'saelens', 'sae_lens_version')}; "
-             f"hook `{r['plan']['hook']}`; {r['plan']['sweep_tokens']} training tokens, batch {r['plan']['batch_size']}, "
-             f"lr {r['plan']['lr']}; codec {m['codec']}.", "",
+             f"{model}; hook `{plan['hook']}`; {plan['sweep_tokens']:,} training tokens per SAE = {steps} steps of "
+             f"batch {plan['batch_size']}, lr {plan['lr']}; codec {m['codec']}.", "",
              f"Command: `{m['command']}`", "",
              "| benchmark | measured | goal | met |", "|---|---:|---:|:---:|"]
     for row in r["ratios"]:
-        goal = ("≥ " if row["higher_is_better"] else "≤ ") + _fmt(row["goal"], 2)
-        met = {True: "yes", False: "**no**", None: "not measured"}[row["met"]]
+        goal = "—" if row["goal"] is None else ("≥ " if row["higher_is_better"] else "≤ ") + _fmt(row["goal"], 2)
+        met = "—" if row["goal"] is None else {True: "yes", False: "**no**", None: "not measured"}[row["met"]]
         lines.append(f"| {row['benchmark']} | {_fmt(row['value'])} | {goal} | {met} |")
-    lines += ["", "Rates (tokens/s):", "", "| | ours | SAELens |", "|---|---:|---:|"]
     oh, sl = r.get("ours", {}), r.get("saelens", {})
+    if not sweep_only:
+        lines += rates_table(oh, sl)
+    n_tok = 8 * plan["sweep_tokens"]
+    lines += ["", "Sweep wall time (s), and SAE training tokens per second (8 SAEs x tokens / wall time):", "",
+              "| | seconds | SAE tokens/s |", "|---|---:|---:|"]
+    for label, sec in (("ours, lockstep from the store", _get(oh, "sweep", "seconds")),
+                       (f"ours, writing the training store ({_get(oh, 'store', 'writer')})", _get(oh, "store", "seconds")),
+                       ("ours, store + lockstep", (_get(oh, "sweep", "seconds") or 0) + (_get(oh, "store", "seconds") or 0)
+                        if _get(oh, "sweep", "seconds") else None),
+                       ("SAELens from cache, one after another", _get(sl, "sweep_cached", "seconds")),
+                       ("SAELens on the fly, one after another", _get(sl, "sweep_onthefly", "seconds")),
+                       ("SAELens MultiSAETrainingRunner (on the fly, one forward pass for all 8)",
+                        _get(sl, "sweep_multi", "seconds"))):
+        if sec is None and "Multi" in label and "multi" not in plan.get("saelens_parts", ""):
+            continue
+        rate = n_tok / sec if sec and "writing" not in label else None
+        lines.append(f"| {label} | {_fmt(sec, 1)} | {_fmt(rate)} |")
+    if r.get("parity"):
+        multi = any(p.get("saelens_multi_explained_variance") is not None for p in r["parity"])
+        lines += ["", "Quality on held-out tokens (same evaluator, sae_lens.SAE, for both):", "",
+                  "| SAE | EV ours | EV SAELens | L0 ours | L0 SAELens | dead ours | dead SAELens |"
+                  + (" EV SAELens multi | dead SAELens multi |" if multi else ""),
+                  "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if multi else "")]
+        for p in r["parity"]:
+            lines.append(f"| {p['name']} | {_fmt(p['ours_explained_variance'])} | {_fmt(p['saelens_explained_variance'])} | "
+                         f"{_fmt(p['ours_l0'], 1)} | {_fmt(p['saelens_l0'], 1)} | {_fmt(p['ours_dead_fraction'])} | "
+                         f"{_fmt(p['saelens_dead_fraction'])} |"
+                         + (f" {_fmt(p['saelens_multi_explained_variance'])} | {_fmt(p['saelens_multi_dead_fraction'])} |"
+                            if multi else ""))
+    return _notes(r, lines)
+
+
+def rates_table(oh: dict, sl: dict) -> list[str]:
+    lines = ["", "Rates (tokens/s):", "", "| | ours | SAELens |", "|---|---:|---:|"]
     for key in ("1hook", "4hooks"):
         lines.append(f"| bare forward, {key} | {_fmt(_get(oh, 'harvest', key, 'bare_tokens_per_s'))} | "
                      f"{_fmt(_get(sl, 'harvest', 'bare_' + key + '_tokens_per_s'))} |")
@@ -333,19 +409,11 @@ def markdown(r: dict) -> str:
     lines.append(f"| loader (training batches) | {_fmt(_get(oh, 'loader', 'loader_tokens_per_s'))} | "
                  f"{_fmt(_get(sl, 'loader', 'tokens_per_s'))} |")
     lines.append(f"| raw read+decode (our store) | {_fmt(_get(oh, 'loader', 'raw_in_order_tokens_per_s'))} | |")
-    lines += ["", "Sweep wall time (s):", "", "| | seconds |", "|---|---:|",
-              f"| ours, lockstep | {_fmt(_get(oh, 'sweep', 'seconds'), 1)} |",
-              f"| ours, writing the training store | {_fmt(_get(oh, 'store', 'seconds'), 1)} ({_get(oh, 'store', 'writer')}) |",
-              f"| SAELens from cache, one after another | {_fmt(_get(sl, 'sweep_cached', 'seconds'), 1)} |",
-              f"| SAELens on the fly, one after another | {_fmt(_get(sl, 'sweep_onthefly', 'seconds'), 1)} |"]
-    if r.get("parity"):
-        lines += ["", "Quality on held-out tokens (same evaluator, sae_lens.SAE, for both):", "",
-                  "| SAE | EV ours | EV SAELens | L0 ours | L0 SAELens | dead ours | dead SAELens |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for p in r["parity"]:
-            lines.append(f"| {p['name']} | {_fmt(p['ours_explained_variance'])} | {_fmt(p['saelens_explained_variance'])} | "
-                         f"{_fmt(p['ours_l0'], 1)} | {_fmt(p['saelens_l0'], 1)} | {_fmt(p['ours_dead_fraction'])} | "
-                         f"{_fmt(p['saelens_dead_fraction'])} |")
+    return lines
+
+
+def _notes(r: dict, lines: list[str]) -> str:
+    oh, sl = r.get("ours", {}), r.get("saelens", {})
     lines += ["", f"GPU: {r['gpu'].get('note') or r['gpu'].get('device')}", ""]
     notes = [_get(sl, "model_note")]
     for part in ("harvest", "loader", "sweep", "store"):
@@ -360,6 +428,7 @@ def markdown(r: dict) -> str:
         notes.append(f"training store written by {_get(oh, 'store', 'writer')}")
     if isinstance(sl, dict) and sl.get("status"):
         notes.append(f"SAELens side: {sl['status']} ({sl.get('error')})")
+    notes += _get(r, "meta", "notes") or []
     lines += ["Notes:", ""] + [f"- {n}" for n in notes if n]
     return "\n".join(lines) + "\n"
 
@@ -392,12 +461,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", help="folder for stores, caches and SAEs (default: a temporary one)")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--sweep-tokens", type=int, help="override the plan's training tokens")
+    ap.add_argument("--sweep4096", action="store_true",
+                    help="the sweeps only, at researchers' settings (batch 4096, 64 steps, a d_model-128 model); "
+                         "with --quick, 8 steps")
+    ap.add_argument("--note", action="append", default=[], help="a line for the notes of the report")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads for both tools (default: torch's); 1 on a machine shared with other work, "
+                         "where two threads' barriers wait on busy cores")
     a = ap.parse_args(argv)
-    plan = QUICK if a.quick else FULL
+    plan = SWEEP4096 if a.sweep4096 else QUICK if a.quick else FULL
+    if a.sweep4096 and a.quick:
+        plan.sweep_tokens, plan.eval_tokens = 8 * plan.batch_size, 4096
     if a.sweep_tokens:
         plan.sweep_tokens = a.sweep_tokens
     import numpy as np
     import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     from benchmarks.data import token_windows
     from actcache.common.codecs import DEFAULT_CODEC
@@ -409,7 +490,7 @@ def main(argv: list[str] | None = None) -> dict:
     r: dict = {"meta": {"date": now.strftime("%Y-%m-%d %H:%M"), "host": host, "quick": a.quick,
                         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "codec": DEFAULT_CODEC,
-                        "command": "make bench-quick" if a.quick else "make bench", "python": sys.version.split()[0]},
+                        "command": _command(a), "python": sys.version.split()[0], "notes": a.note},
                "plan": asdict(plan), "goals": GOALS, "ours": {}, "gpu": gpu_info()}
     t_start = time.perf_counter()
 
@@ -421,7 +502,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokens_file = work / "tokens.npy"
     np.save(tokens_file, train_w)
 
-    r["ours"]["harvest"] = ours_harvest(plan, tokens_file)
+    if not plan.sweep_only:
+        r["ours"]["harvest"] = ours_harvest(plan, tokens_file)
     store, eval_store = str(work / "train.zarr"), str(work / "eval.zarr")
     try:
         r["ours"]["store"] = build_store(store, train_w, plan, work, "train")
@@ -429,7 +511,8 @@ def main(argv: list[str] | None = None) -> dict:
     except Exception as e:
         traceback.print_exc()
         r["ours"]["store"] = _missing(e)
-    r["ours"]["loader"] = ours_loader(store, plan)
+    if not plan.sweep_only:
+        r["ours"]["loader"] = ours_loader(store, plan)
     r["ours"]["sweep"] = ours_sweep(store, plan, work)
 
     py = saelens_python(a.saelens_python)
@@ -437,13 +520,13 @@ def main(argv: list[str] | None = None) -> dict:
         r["saelens"] = {"status": "missing", "error": "no sae-lens environment: run `make setup-saelens`"}
     else:
         r["saelens"] = run_saelens(py, plan, tokens_file, store, eval_store,
-                                   _get(r, "ours", "sweep", "dirs") or [], work)
+                                   _get(r, "ours", "sweep", "dirs") or [], work, threads=a.threads)
     r["parity"] = parity(r)
     r["ratios"] = ratios(r)
     r["meta"]["seconds"] = time.perf_counter() - t_start
     r["meta"]["work"] = str(work)
 
-    paths = results_paths(Path(a.results), now.strftime("%Y-%m-%d"), host, a.quick)
+    paths = results_paths(Path(a.results), now.strftime("%Y-%m-%d"), host, a.quick, "sweep4096" if a.sweep4096 else "")
     paths["json"].parent.mkdir(parents=True, exist_ok=True)
     r = anonymise(r, {str(work): "<work>", str(ROOT): "<repo>", str(Path.home()): "~"})
     paths["json"].write_text(json.dumps(r, indent=1, default=str))
@@ -456,13 +539,26 @@ def main(argv: list[str] | None = None) -> dict:
     return r
 
 
-def results_paths(results: Path, date: str, host: str, quick: bool) -> dict[str, Path | None]:
+def results_paths(results: Path, date: str, host: str, quick: bool, kind: str = "") -> dict[str, Path | None]:
     """Where a run's results go. A quick run is a smoke test: it goes under results/quick/ and never
-    replaces latest.md, which is the full run the README quotes."""
+    replaces latest.md (the full run the README quotes) or latest-<kind>.md (a full run of a kind of
+    benchmark, e.g. the sweeps at batch 4096)."""
     folder = results / "quick" if quick else results
-    stem = f"{date}-{host}"
-    return {"json": folder / f"{stem}.json", "md": folder / f"{stem}.md",
-            "latest": None if quick else results / "latest.md"}
+    stem = f"{date}-{host}" + (f"-{kind}" if kind else "")
+    latest = None if quick else results / (f"latest-{kind}.md" if kind else "latest.md")
+    return {"json": folder / f"{stem}.json", "md": folder / f"{stem}.md", "latest": latest}
+
+
+def _command(a) -> str:
+    """The command that reproduces this run."""
+    if not a.sweep_tokens and not a.threads and not (a.sweep4096 and a.quick):
+        return "make bench-sweep4096" if a.sweep4096 else "make bench-quick" if a.quick else "make bench"
+    flags = [f for f, on in (("--sweep4096", a.sweep4096), ("--quick", a.quick)) if on]
+    if a.sweep_tokens:
+        flags.append(f"--sweep-tokens {a.sweep_tokens}")
+    if a.threads:
+        flags.append(f"--threads {a.threads}")
+    return "python -m benchmarks.run " + " ".join(flags)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ Parts (--parts, comma-separated):
   sweep     the TopK configurations trained one after another from a SAELens cache of the SAME
             activations as the actcache store (converted to SAELens's cache format here)
   onthefly  the same configurations trained one after another with the model in the loop
+  multi     the same configurations trained together by MultiSAETrainingRunner: one forward pass of
+            the model per batch feeds every SAE (on the fly, no cache)
   eval      explained variance, L0 and dead fraction on held-out activations of every SAE folder
             given (SAELens's from the sweep and any --eval-dirs), all through sae_lens.SAE
 
@@ -278,6 +280,40 @@ def part_sweep(model, tokens, hook, configs, n_tokens, batch_size, lr, seq_batch
             "lr": lr, "cache": cached}
 
 
+def part_multi(model, tokens, hook, configs, n_tokens, batch_size, lr, seq_batch, out_dir: Path) -> dict:
+    """The configurations trained together by MultiSAETrainingRunner (one forward pass per batch feeds
+    them all), with each SAE set exactly as runner_config sets it for the one-by-one runs."""
+    from sae_lens import MultiSAETrainingRunner, MultiSAETrainingRunnerConfig
+
+    ref = runner_config(hook, model.cfg.d_model, tokens.shape[1], n_tokens, configs[0][0], configs[0][1],
+                        batch_size=batch_size, lr=lr, seq_batch=seq_batch, cached=None)
+    saes = {}
+    for k, x in configs:
+        one = runner_config(hook, model.cfg.d_model, tokens.shape[1], n_tokens, k, x, batch_size=batch_size, lr=lr,
+                            seq_batch=seq_batch, cached=None)
+        saes[f"topk-k{k}-x{x}"] = one.sae
+    shared = {f: getattr(ref, f) for f in (
+        "context_size", "training_tokens", "train_batch_size_tokens", "store_batch_size_prompts",
+        "n_batches_in_buffer", "prepend_bos", "lr", "lr_warm_up_steps", "lr_decay_steps", "device", "seed",
+        "dtype", "exclude_special_tokens", "n_batches_for_norm_estimate", "dead_feature_window",
+        "feature_sampling_window", "logger")}
+    cfg = MultiSAETrainingRunnerConfig(saes=saes, hook_names=hook, model_name="random-smollm2-shape",
+                                       dataset_path="benchmark-tokens", streaming=False, checkpoint_path=None,
+                                       output_path=None, **shared)
+    log(f"MultiSAETrainingRunner: {len(saes)} SAEs on {n_tokens} tokens, one forward pass per batch")
+    t0 = time.perf_counter()
+    trained = MultiSAETrainingRunner(cfg, override_dataset=token_dataset(tokens), override_model=model).run()
+    dt = time.perf_counter() - t0
+    runs = []
+    for name, sae in trained.items():
+        path = out_dir / name
+        if path.exists():
+            shutil.rmtree(path)
+        sae.save_inference_model(str(path))
+        runs.append({"name": name, "dir": str(path)})
+    return {"seconds": dt, "runs": runs, "tokens": n_tokens, "batch_size": batch_size, "lr": lr}
+
+
 # ----------------------------------------------------------------------------- eval
 @torch.no_grad()
 def evaluate_dirs(dirs: list[str], store: str, hook: str, max_tokens: int, skip: list[int] = SPECIAL_TOKENS) -> dict:
@@ -324,6 +360,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--hooks4", default="blocks.6.hook_resid_post,blocks.12.hook_resid_post,"
                                         "blocks.18.hook_resid_post,blocks.12.hook_mlp_out")
     ap.add_argument("--shape", default="", help="JSON overrides of the model shape (e.g. a smaller one)")
+    ap.add_argument("--shape-from-scratch", action="store_true",
+                    help="--shape is the whole HookedTransformerConfig, not overrides of SmolLM2-135M's shape")
     ap.add_argument("--model-batch", type=int, default=8, help="sequences per forward pass")
     ap.add_argument("--harvest-tokens", type=int, default=0, help="tokens for the harvest part (default: all)")
     ap.add_argument("--loader-batches", type=int, default=50)
@@ -352,12 +390,15 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     parts = [p for p in a.parts.split(",") if p]
     tokens = np.load(a.tokens)
-    shape = dict(SMOLLM2_SHAPE, **(json.loads(a.shape) if a.shape else {}))
+    shape = dict({} if a.shape_from_scratch else SMOLLM2_SHAPE, **(json.loads(a.shape) if a.shape else {}))
     hooks4 = [h for h in a.hooks4.split(",") if h]
     configs = parse_configs(a.configs)
     result: dict = {"sae_lens_version": sae_lens.__version__, "transformer_lens_version": version("transformer-lens"),
                     "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
-                    "model_shape": shape, "model_note": MODEL_NOTE, "parts": parts}
+                    "model_shape": shape, "parts": parts,
+                    "model_note": MODEL_NOTE if not a.shape_from_scratch else (
+                        "SAELens loads models by name and no hub is reachable: a randomly initialised HookedTransformer "
+                        "of the shape the benchmark names (seed 0) was handed to it (override_model)")}
     t0 = time.perf_counter()
     model = build_model(shape)
     result["model_build_s"] = time.perf_counter() - t0
@@ -391,6 +432,11 @@ def main(argv: list[str] | None = None) -> dict:
         n = a.onthefly_tokens or a.sweep_tokens
         result["sweep_onthefly"] = part_sweep(model, tokens, a.hook, configs, n, a.batch_size, a.lr, a.model_batch,
                                               None, work / "saes_onthefly", "on the fly")
+    if "multi" in parts:
+        n = a.onthefly_tokens or a.sweep_tokens
+        result["sweep_multi"] = part_multi(model, tokens, a.hook, configs, n, a.batch_size, a.lr, a.model_batch,
+                                           work / "saes_multi")
+        sweep_dirs += [x["dir"] for x in result["sweep_multi"]["runs"]]
     if "eval" in parts and a.eval_store:
         dirs = sweep_dirs + [d for d in a.eval_dirs.split(",") if d]
         log(f"evaluating {len(dirs)} SAEs on {a.eval_store}")

@@ -374,7 +374,7 @@ class ActivationStore:
             raise
         except Exception as e:  # noqa: BLE001  (a crc32c mismatch, a broken compressed stream, a network error)
             if location.storage_failure(e):
-                raise location.storage_error(e, self.url, f"reading chunk {chunk} of {path}") from None
+                raise location.storage_error(e, self.url, f"reading chunk {chunk} of {path} in") from None
             raise StoreError(f"chunk {chunk} of {path} in {self.url} is damaged ({first_line(e, 120)}); "
                              f"run `actcache verify {self.url}`") from None
 

@@ -190,12 +190,12 @@ def test_saelens_side_trains_from_our_store_and_evaluates(tmp_path, saelens_pyth
     shape = {"n_layers": 1, "d_model": 16, "d_head": 4, "n_heads": 4, "n_key_value_heads": 2, "d_mlp": 32,
              "d_vocab": 100, "n_ctx": 32, "rotary_dim": 4}
     cmd = [py, str(ROOT / "benchmarks" / "saelens_side.py"), "--tokens", str(tmp_path / "toks.npy"),
-           "--parts", "harvest,loader,sweep,onthefly,eval", "--shape", json.dumps(shape),
+           "--parts", "harvest,loader,sweep,onthefly,multi,eval", "--shape", json.dumps(shape),
            "--hook", "blocks.0.hook_resid_post", "--hooks4", "blocks.0.hook_resid_post,blocks.0.hook_mlp_out",
            "--model-batch", "4", "--harvest-tokens", "256", "--loader-batches", "3",
            "--store", str(tmp_path / "train.zarr"), "--eval-store", str(tmp_path / "eval.zarr"),
-           "--configs", "4x2", "--sweep-tokens", "8192", "--batch-size", "64", "--lr", "3e-3",
-           "--work", str(tmp_path / "work"), "--json", str(tmp_path / "out.json")]
+           "--configs", "4x2", "--sweep-tokens", "8192", "--onthefly-tokens", "2048", "--batch-size", "64",
+           "--lr", "3e-3", "--work", str(tmp_path / "work"), "--json", str(tmp_path / "out.json")]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -207,10 +207,50 @@ def test_saelens_side_trains_from_our_store_and_evaluates(tmp_path, saelens_pyth
     assert r["loader"]["tokens_per_s"] > 0
     assert [x["name"] for x in r["sweep_cached"]["runs"]] == ["topk-k4-x2"]
     assert r["sweep_onthefly"]["seconds"] > 0
-    (key, ev), = r["eval"].items()
-    assert key.startswith("topk-k4-x2@")
+    # MultiSAETrainingRunner: the same configuration from one forward pass per batch, scored beside it
+    assert [x["name"] for x in r["sweep_multi"]["runs"]] == ["topk-k4-x2"] and r["sweep_multi"]["seconds"] > 0
+    assert sorted(k.split("@")[1].rsplit("/", 1)[1] for k in r["eval"]) == ["saes_cached", "saes_multi"]
+    multi_ev = next(v for k, v in r["eval"].items() if k.endswith("saes_multi"))
+    assert multi_ev["l0"] == pytest.approx(4.0) and -1.0 < multi_ev["explained_variance"] < 1.0
+    ev = next(v for k, v in r["eval"].items() if k.startswith("topk-k4-x2@") and k.endswith("saes_cached"))
     assert ev["l0"] == pytest.approx(4.0)
     assert ev["eval_tokens"] == 256
     # 128 steps on planted sparse data: far above a constant predictor (0), so the SAE folder, its
     # folded normalisation and the evaluator agree
     assert ev["explained_variance"] > 0.5, ev
+
+
+def test_sweep4096_run_reports_the_sweeps_with_multi_sae_runner_and_keeps_its_own_latest():
+    """`make bench-sweep4096` (sweeps only, batch 4096): SAELens's MultiSAETrainingRunner is a row,
+    its SAEs are scored beside the others, and its full run has its own latest file, never latest.md."""
+    paths = br.results_paths(Path("res"), "2026-01-01", "h", quick=False, kind="sweep4096")
+    assert paths["latest"] == Path("res/latest-sweep4096.md") and paths["md"] == Path("res/2026-01-01-h-sweep4096.md")
+    assert br.results_paths(Path("res"), "2026-01-01", "h", quick=True, kind="sweep4096")["latest"] is None
+    r = _result()
+    del r["ours"]["harvest"], r["ours"]["loader"]
+    r["saelens"] = {"sweep_cached": {"seconds": 30.0}, "sweep_onthefly": {"seconds": 90.0},
+                    "sweep_multi": {"seconds": 45.0},
+                    "eval": {"topk-k16-x8@/w/saes_cached": {"explained_variance": 0.80, "l0": 16, "dead_fraction": 0.1},
+                             "topk-k16-x8@/w/saes_multi": {"explained_variance": 0.70, "l0": 16, "dead_fraction": 0.2},
+                             "topk-k16-x8@/w/ours_saes": {"explained_variance": 0.82, "l0": 16, "dead_fraction": 0.0}}}
+    r["parity"] = br.parity(r)
+    assert r["parity"] == [{"name": "topk-k16-x8", "ours_explained_variance": 0.82, "ours_l0": 16,
+                            "ours_dead_fraction": 0.0, "saelens_explained_variance": 0.80, "saelens_l0": 16,
+                            "saelens_dead_fraction": 0.1, "saelens_multi_explained_variance": 0.70,
+                            "saelens_multi_l0": 16, "saelens_multi_dead_fraction": 0.2,
+                            "ev_gap": pytest.approx(0.02)}]
+    rows = {row["benchmark"]: row for row in br.ratios(r)}
+    assert not any(name.startswith(("harvest", "loader", "bytes")) for name in rows)
+    multi = [row for name, row in rows.items() if "MultiSAETrainingRunner" in name]
+    assert [row["value"] for row in multi] == [pytest.approx(3.0), pytest.approx(4.5)]  # 45 / (10 + 5), 45 / 10
+    assert all(row["goal"] is None and row["met"] is None for row in multi)
+    r["ratios"] = list(rows.values())
+    plan = dict(vars(br.SWEEP4096), sweep_tokens=4096 * 64)
+    r.update(meta={"date": "d", "host": "h", "quick": False, "cpu": "c", "cores": 2, "torch": "t", "codec": "x",
+                   "command": "make bench-sweep4096", "notes": ["shared machine"]}, plan=plan, gpu=br.gpu_info())
+    md = br.markdown(r)
+    assert md.startswith("# actcache vs SAELens") and "sweeps at batch 4096" in md.splitlines()[0]
+    assert "64 steps of batch 4096" in md and "EV SAELens multi" in md and "- shared machine" in md
+    # 8 SAEs x 262,144 tokens in 45 s
+    assert "| SAELens MultiSAETrainingRunner (on the fly, one forward pass for all 8) | 45.0 | 46,603 |" in md
+    assert "Rates (tokens/s)" not in md
