@@ -18,7 +18,7 @@ from typing import Any
 
 from .config import SAEConfig, SweepConfig
 
-SPARSE_DECODERS = ("topk", "batchtopk", "matryoshka_batchtopk")  # decode only the k active latents
+SPARSE_DECODERS = ("topk", "batchtopk", "matryoshka_batchtopk")  # decode only the k active latents (by prefix)
 ENCODERS = {"gated": 2}  # encoder matrices per architecture (1 when not listed)
 ADAM_COST = 12  # flops per parameter of one fused Adam step, next to 2 per multiply-add of a matmul
 
@@ -28,10 +28,11 @@ def step_cost(c: SAEConfig, batch_size: int) -> float:
     of its encoder(s) and its decoder (dense, or only k latents per token for the TopK family), plus
     the optimiser's pass over its d_in x d_sae parameters."""
     d_in, d_sae = int(c.d_in), int(c.d_sae)
+    d_out = int(getattr(c, "d_out", None) or d_in)  # a transcoder's decoder writes another hook
     k = getattr(c, "k", None)
-    dec = min(int(k), d_sae) if c.architecture in SPARSE_DECODERS and k else d_sae
-    matmul = 2 * 3 * batch_size * d_in * (ENCODERS.get(c.architecture, 1) * d_sae + dec)
-    return float(matmul + ADAM_COST * 2 * d_in * d_sae)
+    dec = min(int(k), d_sae) if c.architecture.startswith(SPARSE_DECODERS) and k else d_sae
+    matmul = 2 * 3 * batch_size * (ENCODERS.get(c.architecture, 1) * d_in * d_sae + dec * d_out)
+    return float(matmul + ADAM_COST * (d_in + d_out) * d_sae)
 
 
 def assign(saes: list[SAEConfig], world: int, batch_size: int) -> list[list[int]]:

@@ -21,7 +21,7 @@ from .distributed import checkpoint_dir, merge_rows, share
 from .config import SweepConfig, load_config, resolve
 from .export import calibrate, evaluate, to_inference_sae, write_sae_folder, write_summary
 from .loader import ActivationLoader
-from .trainer import Trainer
+from .trainer import Trainer, output_hook
 
 
 def open_store(url: str) -> ActivationStore:
@@ -39,7 +39,8 @@ def open_store(url: str) -> ActivationStore:
 def train_sweep(store_url: str, config: str | Path | dict | SweepConfig, out: str | Path, resume: bool = False,
                 device: str | None = None, allow_repeat: bool = False, progress: bool = True,
                 overwrite: bool = False, storage_options: dict | list[str] | None = None) -> dict[str, Any]:
-    """Train every SAE of the config in lockstep on the store's hook, export them under `out`, and
+    """Train every SAE of the config in lockstep (each on its own hook of the store, transcoders from
+    `hook` to `hook_out`, one read of each chunk for all of them), export them under `out`, and
     return the summary (also written to out/summary.json).
 
     One process at a time writes a run folder (a lease on it; a second one stops at once naming the
@@ -76,7 +77,7 @@ def _train_sweep(ranks: Ranks, store_url: str, config: str | Path | dict | Sweep
         cfg = share(full, ranks.rank, ranks.world)
 
     loader = ranks.agree(lambda: ActivationLoader(
-        store, cfg.hook, cfg.batch_size, seed=cfg.seed, window_chunks=cfg.window_chunks, threads=cfg.loader_threads,
+        store, full.hooks, cfg.batch_size, seed=cfg.seed, window_chunks=cfg.window_chunks, threads=cfg.loader_threads,
         device=dev, skip_special_tokens=cfg.skip_special_tokens, normalize=cfg.normalize,
         repeat=cfg.repeat_epochs or allow_repeat, held_out=cfg.held_out))
     lease = None
@@ -121,8 +122,9 @@ def _train_sweep(ranks: Ranks, store_url: str, config: str | Path | dict | Sweep
             if continuing:
                 trainer.resume()
             if ranks.is_root:
-                log.info(f"training {len(full.saes)} SAEs on {cfg.hook} for {cfg.n_steps} steps of {cfg.batch_size} "
-                         f"tokens on {dev}" + (f", shared over {ranks.world} ranks" if ranks.distributed else ""))
+                log.info(f"training {len(full.saes)} SAEs on {', '.join(full.hooks)} for {cfg.n_steps} steps of "
+                         f"{cfg.batch_size} tokens on {dev}"
+                         + (f", shared over {ranks.world} ranks" if ranks.distributed else ""))
             t = time.perf_counter()
             try:
                 trainer.train()
@@ -137,7 +139,9 @@ def _train_sweep(ranks: Ranks, store_url: str, config: str | Path | dict | Sweep
             loader.close()
 
             calibrate([m.sae for m in trainer.members], store, cfg, dev)
-            exported = {m.cfg.name: to_inference_sae(m.sae, loader.scale, store, cfg) for m in trainer.members}
+            exported = {m.cfg.name: to_inference_sae(m.sae, loader.scales[m.cfg.hook], store, cfg,
+                                                     scale_out=loader.scales[output_hook(m.cfg)])
+                        for m in trainer.members}
             results = evaluate(exported, store, cfg, dev)
             if lease is not None:
                 lease.check()
@@ -148,7 +152,8 @@ def _train_sweep(ranks: Ranks, store_url: str, config: str | Path | dict | Sweep
                     write_sae_folder(exported[m.cfg.name], out / m.cfg.name, r.pop("log10_density"))
                     rows.append({"name": m.cfg.name, "architecture": m.cfg.architecture,
                                  "exported_as": exported[m.cfg.name].cfg.architecture, "d_in": m.cfg.d_in,
-                                 "d_sae": m.cfg.d_sae, "k": m.cfg.k, "lr": m.cfg.lr, **r,
+                                 "d_sae": m.cfg.d_sae, "k": m.cfg.k, "lr": m.cfg.lr, "hook": m.cfg.hook,
+                                 **({"hook_out": m.cfg.hook_out, "d_out": m.cfg.d_out} if m.cfg.hook_out else {}), **r,
                                  "dead_fraction_train": float((m.since_fired >= cfg.dead_window_tokens).float().mean()),
                                  "path": str(out / m.cfg.name)})
             except OSError as e:
@@ -160,9 +165,10 @@ def _train_sweep(ranks: Ranks, store_url: str, config: str | Path | dict | Sweep
         wall = max(g["wall"] for g in gathered)
         train_seconds = max(g["train_seconds"] for g in gathered)
         summary = {"store": str(store_url), "store_fingerprint": fingerprint, "held_out": held_out,
-                   "hook": cfg.hook, "steps": cfg.n_steps, "batch_size": cfg.batch_size,
+                   "hook": full.hook, "hooks": full.hooks, "steps": cfg.n_steps, "batch_size": cfg.batch_size,
                    "tokens": cfg.n_steps * cfg.batch_size, "seed": cfg.seed, "device": str(dev),
-                   "normalization_scale": loader.scale, "train_seconds_this_session": wall,
+                   "normalization_scale": loader.scales.get(full.hook, loader.scale),
+                   "normalization_scales": loader.scales, "train_seconds_this_session": wall,
                    "train_seconds": train_seconds,
                    "tokens_per_s": (cfg.n_steps * cfg.batch_size / train_seconds if train_seconds else None),
                    "saes": merge_rows(full, [g["rows"] for g in gathered])}
