@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def random_topk_saes(d: int, n: int, hook: str, d_sae: int, k: int, seed: int = 0):
-    from actcache.train.sae import SAE, Metadata, SAEConfig
+    from actcache.common.sae import SAE, Metadata, SAEConfig
 
     g = torch.Generator().manual_seed(seed)
     out = []

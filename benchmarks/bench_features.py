@@ -35,7 +35,7 @@ from actcache.common.store import ActivationStore  # noqa: E402
 from actcache.train.features.api import (  # noqa: E402
     FeatureOptions, collect_top_contexts, find_saes, sae_hook, special_ids)
 from actcache.train.features.contexts import LatentAccumulator  # noqa: E402
-from actcache.train.sae import SAE, Metadata, SAEConfig  # noqa: E402
+from actcache.common.sae import SAE, Metadata, SAEConfig  # noqa: E402
 from actcache.common.device import pick_device  # noqa: E402
 
 HOOK = "blocks.0.hook_resid_pre"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from actcache.train.sae import SAE, Metadata, SAEConfig
+from actcache.common.sae import SAE, Metadata, SAEConfig
 
 RANDOM = "random:n_layers=3,d_model=32,n_heads=4,d_vocab=500,n_ctx=64,seed=0"
 HOOK = "blocks.1.hook_resid_post"

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from actcache.train.sae import SAE, Metadata, SAEConfig
+from actcache.common.sae import SAE, Metadata, SAEConfig
 from benchmarks.bench_eval import save_plain_hf
 
 from harvest_fixtures import ROOT, env

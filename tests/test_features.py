@@ -18,7 +18,7 @@ from actcache.common.store import ActivationStore, chunk_stats
 from actcache.train.features import FeatureOptions, LatentAccumulator, collect_top_contexts, write_features
 from actcache.train.features.api import choose_sequences
 from actcache.train.features.contexts import sample_key
-from actcache.train.sae import SAE, Metadata, SAEConfig
+from actcache.common.sae import SAE, Metadata, SAEConfig
 from actcache.train.sweep import train_sweep
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import torch
 from tests.synthetic import make_store
 from actcache.common.store import ActivationStore
 from actcache.train.features import write_features
-from actcache.train.sae import SAE, Metadata, SAEConfig
+from actcache.common.sae import SAE, Metadata, SAEConfig
 
 HOOK = "blocks.0.hook_resid_pre"
 D = 16

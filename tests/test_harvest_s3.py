@@ -7,24 +7,16 @@ import pytest
 
 from actcache import HarvestConfig, harvest, info, verify
 from actcache.common.store import ActivationStore
+from benchmarks.s3_server import moto_s3
 from harvest_fixtures import HOOKS, RANDOM, write_token_jsonl
 
 
 @pytest.fixture()
-def s3(monkeypatch):
-    moto_server = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
+def s3():
+    pytest.importorskip("moto.server")
     pytest.importorskip("s3fs")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    for k, v in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="acts")
-    yield "s3://acts"
-    server.stop()
+    with moto_s3(("acts",)):
+        yield "s3://acts"
 
 
 def test_harvest_to_s3_then_resume_and_verify(s3, tmp_path):
@@ -166,7 +158,6 @@ def test_endpoint_dying_mid_harvest_is_one_line_and_resume_is_byte_identical(tmp
 def test_two_harvests_racing_on_one_s3_store_second_fails_at_once(s3, tmp_path):
     """A real harvest process writes to the S3 store; a second writer (--overwrite, another seed) stops at
     once with one line naming the first; the first finishes a store that is wholly its own."""
-    import json
     import os
     import subprocess
     import sys

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import time
 import pytest
 
 from actcache.common.lease import Lease, LeaseHeld, LeaseLost, lock_url
+from benchmarks.s3_server import moto_s3
 from harvest_fixtures import env
 
 HOLD = textwrap.dedent("""
@@ -55,24 +55,10 @@ def test_second_local_writer_is_refused_naming_the_holder_until_it_dies(tmp_path
 
 @pytest.fixture(scope="module")
 def s3():
-    moto_server = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("moto.server")
     pytest.importorskip("s3fs")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-             "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    old = {k: os.environ.get(k) for k in creds}
-    os.environ.update(creds)
-    boto3.client("s3", endpoint_url=creds["AWS_ENDPOINT_URL"]).create_bucket(Bucket="leases")
-    yield creds
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
+    with moto_s3(("leases",)) as creds:
+        yield creds
 
 
 def test_s3_lease_refuses_a_live_holder_and_takes_over_a_dead_one(s3):

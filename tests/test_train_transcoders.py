@@ -25,7 +25,7 @@ from actcache.train.architectures import SAEConfig, build_sae
 from actcache.train.checkpoint import load_checkpoint
 from actcache.train.config import load_config, resolve
 from actcache.train.loader import ActivationLoader, normalisation_scale
-from actcache.train.sae import SAE
+from actcache.common.sae import SAE
 from actcache.train.sweep import train_sweep
 
 RES, IN, OUT = "blocks.0.hook_resid_pre", "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"

@@ -37,6 +37,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..common import location
 from ..common.errors import StoreError, UserError, first_line
 from ..common.seeding import permutation
 from ..common.store import ActivationStore
@@ -433,7 +434,7 @@ class ActivationLoader:
 
 def _read_error(store: ActivationStore, array: str, j: int, e: BaseException) -> StoreError:
     what = f"{type(e).__name__}: {first_line(e)}"
-    if isinstance(e, (OSError, ConnectionError, TimeoutError)) or "botocore" in type(e).__module__:
+    if location.storage_failure(e):
         return StoreError(f"reading chunk {j} of {array} in {store.url} failed ({what}); check that the store "
                           "is reachable, and run `actcache verify` on it if this persists")
     return StoreError(f"chunk {j} of {array} in {store.url} cannot be decoded ({what}); it is damaged: run "
