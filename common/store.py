@@ -357,7 +357,7 @@ class ActivationStore:
     def read_tokens(self, j: int) -> np.ndarray:
         """The int32 tokens of committed chunk j, [sequences, context_size]."""
         a, b = self._committed_range(j, self.chunk_sequence_range)
-        return self._read_first_axis_chunk("tokens", self.tokens, j, a, b)
+        return self._read_first_axis_chunk("tokens", lambda: self.tokens, j, a, b)
 
     def read_chunk(self, hook: str, j: int) -> np.ndarray:
         """The float16 activations of committed chunk j of a hook, [rows, d].
@@ -365,17 +365,24 @@ class ActivationStore:
         From a local store written with `--codec none` this is a read-only view of the memory-mapped
         chunk file (its crc32c checked first): no decode and no copy; otherwise zarr decodes it."""
         r0, r1 = self._committed_range(j, self.chunk_row_range)
-        return self._read_first_axis_chunk(f"activations/{hook}", self.activations(hook), j, r0, r1)
+        if hook not in self.manifest.hook_names:
+            self.activations(hook)  # the StoreError naming the hooks there are
+        return self._read_first_axis_chunk(f"activations/{hook}", lambda: self.activations(hook), j, r0, r1)
 
-    def _read_first_axis_chunk(self, path: str, arr: zarr.Array, j: int, a: int, b: int) -> np.ndarray:
-        mapped = self.mapped_chunks(path, arr) if self.mmap_reads else None
-        read = (lambda: mapped.read(j, b - a)) if mapped is not None else (lambda: _read_present(arr, j, a, b))
-        return self.read_array_chunk(path, read, str(j))
+    def _read_first_axis_chunk(self, path: str, array: Callable[[], zarr.Array], j: int, a: int, b: int) -> np.ndarray:
+        """Rows [a, b) = chunk j of an array chunked along its first axis only: mapped when it can be,
+        else decoded by zarr. Opening the array (its metadata) is skipped once its mapping is known."""
+        mapped = self.mapped_chunks(path, array) if self.mmap_reads else None
+        if mapped is not None:
+            return self.read_array_chunk(path, lambda: mapped.read(j, b - a), str(j))
+        arr = array()
+        return self.read_array_chunk(path, lambda: _read_present(arr, j, a, b), str(j))
 
-    def mapped_chunks(self, path: str, arr: zarr.Array | None = None) -> "MappedChunks | None":
-        """How chunks of the array at `path` are memory-mapped, or None when they go through zarr."""
+    def mapped_chunks(self, path: str, array: Callable[[], zarr.Array] | None = None) -> "MappedChunks | None":
+        """How chunks of the array at `path` are memory-mapped, or None when they go through zarr's
+        codecs (a remote store, a compressor in the chain, another chunk layout). Decided once per array."""
         if path not in self._mapped:
-            self._mapped[path] = MappedChunks.of(self.group[path] if arr is None else arr)
+            self._mapped[path] = MappedChunks.of(self.group[path] if array is None else array())
         return self._mapped[path]
 
     def _committed_range(self, j: int, rng) -> tuple[int, int]:
