@@ -114,3 +114,17 @@ def test_the_loader_gives_the_same_batches_from_mapped_and_decoded_chunks(none_s
 
     for (x, rx), (y, ry) in zip(batches(ActivationStore.open(none_store)), batches(_zarr_path(none_store))):
         assert torch.equal(x, y) and torch.equal(rx, ry)
+
+
+def test_the_codec_read_benchmark_runs_on_a_tiny_store(tmp_path):
+    from benchmarks.bench_codec_read import format_table, run
+
+    r = run(tmp_path, tokens=2048, d=16, context_size=32, chunk_sequences=16, rounds=1, seconds=0.05,
+            batch_size=256, threads=1, window_chunks=2)
+    ways = r["ways"]
+    assert list(ways) == ["none, mmap", "none, zarr decode", "blosc-zstd-5"]
+    assert ways["none, mmap"]["stored_over_raw"] == ways["none, zarr decode"]["stored_over_raw"] >= 1.0
+    assert ways["blosc-zstd-5"]["stored_over_raw"] < 1.0  # Gaussian float16 still compresses a little
+    assert all(w["raw_read_gb_per_s"] > 0 and w["loader_tokens_per_s"] > 0 for w in ways.values())
+    assert ways["none, zarr decode"]["loader_vs_zarr_decode"] == 1.0
+    assert "| none, mmap |" in format_table(r)
