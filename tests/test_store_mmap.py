@@ -12,6 +12,7 @@ from actcache.common.errors import StoreError
 from actcache.common.store import ActivationStore
 from actcache.train.loader import ActivationLoader
 from synthetic import make_store
+from test_store_format import damage_chunk
 
 HOOK = "blocks.0.hook_resid_pre"
 
@@ -56,17 +57,11 @@ def test_the_chunk_file_is_found_through_the_array_metadata(none_store):
 
 
 def _damage(f: Path, damage: str) -> None:
-    raw = f.read_bytes()
-    if damage == "deleted":
-        f.unlink()
-    elif damage == "truncated":
-        f.write_bytes(raw[: len(raw) // 2])
-    elif damage == "flipped byte":
-        f.write_bytes(raw[:100] + bytes([raw[100] ^ 0x10]) + raw[101:])
-    elif damage == "flipped checksum":
+    if damage == "flipped checksum":  # the data intact, its stored crc32c not
+        raw = f.read_bytes()
         f.write_bytes(raw[:-1] + bytes([raw[-1] ^ 0x01]))
     else:
-        f.write_bytes(b"")
+        damage_chunk(f, damage)
 
 
 @pytest.mark.parametrize("array", ["activations", "tokens"])
