@@ -10,7 +10,9 @@ Chunk j of every array covers the sequences of tokens chunk j. A chunk is valid 
 manifest's n_chunks_committed counter has passed it; the counter is always written last.
 
 Readers trust nothing they did not check: open() compares the manifest with the arrays' metadata,
-and reading a committed chunk that is absent, truncated or fails its checksum is a StoreError."""
+and reading a committed chunk that is absent, truncated or fails its checksum is a StoreError.
+On local disk, chunks of uncompressed arrays (`--codec none`: bytes + crc32c) are read by memory-mapping
+their files (MappedChunks) instead of decoding them; the crc32c is still checked."""
 
 from __future__ import annotations
 
