@@ -10,20 +10,29 @@ Chunk j of every array covers the sequences of tokens chunk j. A chunk is valid 
 manifest's n_chunks_committed counter has passed it; the counter is always written last.
 
 Readers trust nothing they did not check: open() compares the manifest with the arrays' metadata,
-and reading a committed chunk that is absent, truncated or fails its checksum is a StoreError."""
+and reading a committed chunk that is absent, truncated or fails its checksum is a StoreError.
+On local disk, chunks of uncompressed arrays (`--codec none`: bytes + crc32c) are read by memory-mapping
+their files (MappedChunks) instead of decoding them; the crc32c is still checked."""
 
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
+import google_crc32c
 import numpy as np
 import zarr
 
+from zarr.codecs import BytesCodec, Crc32cCodec
+from zarr.core.chunk_grids import RegularChunkGrid
+from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 from zarr.core.sync import sync
 from zarr.errors import BaseZarrError
+from zarr.storage import LocalStore
 
 from . import codecs, location
 from .errors import StoreError, UserError, first_line
@@ -77,6 +86,9 @@ class ActivationStore:
         self.manifest = manifest
         # called before every commit (a writer's Lease.check): raises when this writer lost the store
         self.before_commit: Callable[[], None] | None = None
+        # read uncompressed local chunks by memory-mapping their files (False: always through zarr's codecs)
+        self.mmap_reads = True
+        self._mapped: dict[str, MappedChunks | None] = {}
 
     # ---------------------------------------------------------------- create / open
     @classmethod
@@ -347,14 +359,33 @@ class ActivationStore:
     def read_tokens(self, j: int) -> np.ndarray:
         """The int32 tokens of committed chunk j, [sequences, context_size]."""
         a, b = self._committed_range(j, self.chunk_sequence_range)
-        arr = self.tokens
-        return self.read_array_chunk("tokens", lambda: _read_present(arr, j, a, b), str(j))
+        return self._read_first_axis_chunk("tokens", lambda: self.tokens, j, a, b)
 
     def read_chunk(self, hook: str, j: int) -> np.ndarray:
-        """The float16 activations of committed chunk j of a hook, [rows, d]."""
+        """The float16 activations of committed chunk j of a hook, [rows, d].
+
+        From a local store written with `--codec none` this is a read-only view of the memory-mapped
+        chunk file (its crc32c checked first): no decode and no copy; otherwise zarr decodes it."""
         r0, r1 = self._committed_range(j, self.chunk_row_range)
-        arr = self.activations(hook)
-        return self.read_array_chunk(f"activations/{hook}", lambda: _read_present(arr, j, r0, r1), str(j))
+        if hook not in self.manifest.hook_names:
+            self.activations(hook)  # the StoreError naming the hooks there are
+        return self._read_first_axis_chunk(f"activations/{hook}", lambda: self.activations(hook), j, r0, r1)
+
+    def _read_first_axis_chunk(self, path: str, array: Callable[[], zarr.Array], j: int, a: int, b: int) -> np.ndarray:
+        """Rows [a, b) = chunk j of an array chunked along its first axis only: mapped when it can be,
+        else decoded by zarr. Opening the array (its metadata) is skipped once its mapping is known."""
+        mapped = self.mapped_chunks(path, array) if self.mmap_reads else None
+        if mapped is not None:
+            return self.read_array_chunk(path, lambda: mapped.read(j, b - a), str(j))
+        arr = array()
+        return self.read_array_chunk(path, lambda: _read_present(arr, j, a, b), str(j))
+
+    def mapped_chunks(self, path: str, array: Callable[[], zarr.Array] | None = None) -> "MappedChunks | None":
+        """How chunks of the array at `path` are memory-mapped, or None when they go through zarr's
+        codecs (a remote store, a compressor in the chain, another chunk layout). Decided once per array."""
+        if path not in self._mapped:
+            self._mapped[path] = MappedChunks.of(self.group[path] if array is None else array())
+        return self._mapped[path]
 
     def _committed_range(self, j: int, rng) -> tuple[int, int]:
         if not 0 <= j < self.n_committed:
@@ -420,6 +451,71 @@ def chunk_present(arr: zarr.Array, j: int) -> bool:
     key = arr.metadata.encode_chunk_key((j,) + (0,) * (arr.ndim - 1))
     prefix = arr.store_path.path
     return bool(sync(arr.store_path.store.exists(f"{prefix}/{key}" if prefix else key)))
+
+
+@dataclass(frozen=True)
+class MappedChunks:
+    """Chunk files of an uncompressed array on local disk, read by memory-mapping them.
+
+    Applies when the array is in a LocalStore, is Zarr v3 with a regular grid whose chunks span every
+    axis but the first, the default chunk key encoding, and the codec chain `bytes` (little-endian)
+    then `crc32c` (what `--codec none` writes). A chunk file is then the chunk's raw C-order bytes
+    (the last chunk of an array is stored at full size too, padded with the fill value) followed by
+    the crc32c of those bytes, 4 bytes little-endian. The file name comes from the array metadata's
+    own chunk key encoding."""
+
+    folder: Path
+    metadata: Any
+    chunk_shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @classmethod
+    def of(cls, arr: zarr.Array) -> "MappedChunks | None":
+        store, md = arr.store_path.store, arr.metadata
+        if not isinstance(store, LocalStore) or getattr(md, "zarr_format", None) != 3:
+            return None
+        if not isinstance(md.chunk_key_encoding, DefaultChunkKeyEncoding) or not isinstance(md.chunk_grid, RegularChunkGrid):
+            return None
+        chain = tuple(md.codecs)
+        if len(chain) != 2 or not isinstance(chain[0], BytesCodec) or not isinstance(chain[1], Crc32cCodec):
+            return None
+        dtype = np.dtype(arr.dtype)
+        endian = getattr(chain[0].endian, "value", chain[0].endian)
+        if dtype.itemsize > 1 and endian != "little":
+            return None
+        chunks = tuple(md.chunk_grid.chunk_shape)
+        if not chunks or chunks[1:] != tuple(arr.shape[1:]):
+            return None
+        prefix = arr.store_path.path
+        return cls(Path(store.root) / prefix if prefix else Path(store.root), md, chunks, dtype.newbyteorder("<"))
+
+    @property
+    def chunk_bytes(self) -> int:
+        return int(np.prod(self.chunk_shape)) * self.dtype.itemsize
+
+    def file(self, j: int) -> Path:
+        return self.folder / self.metadata.encode_chunk_key((j,) + (0,) * (len(self.chunk_shape) - 1))
+
+    def read(self, j: int, n: int) -> np.ndarray:
+        """The first n rows of chunk j as a read-only view of its mapped file, after checking its size
+        and crc32c. Absent: _MissingChunk; truncated or failing its checksum: ValueError."""
+        try:
+            f = open(self.file(j), "rb")
+        except FileNotFoundError:
+            raise _MissingChunk() from None
+        with f:
+            size, want = os.fstat(f.fileno()).st_size, self.chunk_bytes + 4
+            if size != want:
+                raise ValueError(f"the chunk file holds {size} bytes where {want} were written (truncated or replaced)")
+            # the mapping outlives the descriptor; a writer replaces chunk files by renaming, never in place
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        raw = np.frombuffer(m, dtype=np.uint8)
+        stored = bytes(raw[-4:])
+        computed = google_crc32c.value(raw[:-4]).to_bytes(4, "little")
+        if computed != stored:
+            raise ValueError(f"crc32c checksum mismatch: stored {stored.hex()}, computed {computed.hex()}")
+        row = int(np.prod(self.chunk_shape[1:]))
+        return np.frombuffer(m, dtype=self.dtype, count=n * row).reshape((n,) + self.chunk_shape[1:])
 
 
 def _read_present(arr: zarr.Array, j: int, a: int, b: int) -> np.ndarray:
