@@ -21,6 +21,10 @@ SUBCOMMANDS = {
     "train": "actcache.train.cli:train_command",
     "features": "actcache.train.features_cli:features_command",
     "eval": "actcache.eval_cli:eval_command",
+    "analyse": "actcache.harvest.analysis_cli:analyse_command",
+    "steer": "actcache.harvest.analysis_cli:steer_command",
+    "attribute": "actcache.harvest.analysis_cli:attribute_command",
+    "hooks": "actcache.harvest.analysis_cli:hooks_command",
 }
 
 
