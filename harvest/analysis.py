@@ -270,35 +270,42 @@ class Steering:
 
 
 def generate(model: Any, tokens: torch.Tensor, max_new_tokens: int, *, splices: dict[str, Any] | None = None,
-             temperature: float = 0.0, seed: int | None = None, stop_at_eos: bool = True) -> list[int]:
-    """New token ids after `tokens` [1, pos]: each step runs the whole sequence through the model (with
-    the splices) and takes the next token greedily (temperature 0) or sampled with a seeded generator."""
-    gen = torch.Generator().manual_seed(int(seed if seed is not None else 0))
+             temperature: float = 0.0, seed: int | None = None, stop_at_eos: bool = True) -> list[list[int]]:
+    """New token ids after each row of `tokens` [rows, pos]: each step runs the whole sequences through
+    the model (with the splices) and takes each row's next token greedily (temperature 0) or sampled,
+    every row with its own generator seeded with `seed` (rows that agree draw the same)."""
+    rows = tokens.shape[0]
+    gens = [torch.Generator().manual_seed(int(seed if seed is not None else 0)) for _ in range(rows)]
     eos = getattr(model.tokenizer, "eos_token_id", None) if model.tokenizer is not None else None
     seq = tokens.clone()
-    out: list[int] = []
+    out: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
     for _ in range(int(max_new_tokens)):
         logits, _ = splice.forward(model, seq, splices or {})
-        last = logits[0, -1].float().cpu()
-        if temperature and temperature > 0:
-            nxt = int(torch.multinomial(torch.softmax(last / float(temperature), -1), 1, generator=gen))
-        else:
-            nxt = int(last.argmax())
-        out.append(nxt)
-        if stop_at_eos and eos is not None and nxt == int(eos):
+        last = logits[:, -1].float().cpu()
+        nxt = []
+        for r in range(rows):
+            if temperature and temperature > 0:
+                t = int(torch.multinomial(torch.softmax(last[r] / float(temperature), -1), 1, generator=gens[r]))
+            else:
+                t = int(last[r].argmax())
+            nxt.append(t)
+            if not done[r]:
+                out[r].append(t)
+                done[r] = stop_at_eos and eos is not None and t == int(eos)
+        if all(done):
             break
-        seq = torch.cat([seq, torch.tensor([[nxt]], dtype=seq.dtype)], dim=1)
+        seq = torch.cat([seq, torch.tensor(nxt, dtype=seq.dtype)[:, None]], dim=1)
     return out
 
 
-def steering_hook(direction: torch.Tensor, strength: float, n_prompt: int | None = None):
-    """x -> x + strength * direction at every position (n_prompt: only the first n_prompt positions)."""
+def steering_hook(direction: torch.Tensor, strength: float, n_prompt: int | None = None, rows: int | None = None):
+    """x -> x + strength * direction at every position (n_prompt: only the first n_prompt positions;
+    rows: only the first `rows` sequences of the batch)."""
     def add(x: torch.Tensor) -> torch.Tensor:
         d = (float(strength) * direction).to(x.device, x.dtype)
-        if n_prompt is None:
-            return x + d
         out = x.clone()
-        out[:, :n_prompt] += d
+        out[slice(rows), slice(n_prompt)] += d
         return out
 
     return add
@@ -309,7 +316,8 @@ def steer(sae_or_dir: Any, prompt: Prompt, feature: int, strength: float = 8.0, 
           device: str | None = None, tokenizer: str | None = None) -> Steering:
     """Generate after the prompt with strength * W_dec[feature] added to the hook's activation (at every
     position, or the prompt's only: positions="prompt"), and the plain continuation beside it. Greedy at
-    temperature 0, else sampled with a generator seeded with `seed` (the same draws for both)."""
+    temperature 0, else sampled with a generator seeded with `seed` (the same draws for both). The two
+    continuations run as one batch of two sequences, the direction added to the first only."""
     if positions not in ("all", "prompt"):
         raise UserError(f"positions {positions!r}: choose all or prompt")
     if temperature < 0:
@@ -320,9 +328,9 @@ def steer(sae_or_dir: Any, prompt: Prompt, feature: int, strength: float = 8.0, 
     feature = _check_feature(sae, feature)
     tokens = tokenize(hm, prompt, _prepend_bos(sae), room=max_new_tokens)
     direction = sae.W_dec[feature].detach()
-    fn = steering_hook(direction, strength, tokens.shape[1] if positions == "prompt" else None)
-    steered = generate(hm, tokens, max_new_tokens, splices={hook: fn}, temperature=temperature, seed=seed)
-    plain = generate(hm, tokens, max_new_tokens, temperature=temperature, seed=seed)
+    fn = steering_hook(direction, strength, tokens.shape[1] if positions == "prompt" else None, rows=1)
+    steered, plain = generate(hm, tokens.repeat(2, 1), max_new_tokens, splices={hook: fn},
+                              temperature=temperature, seed=seed)
     text = _decoder(hm)
     return Steering(model=hm.info.name, hook=hook, feature=feature, strength=float(strength), positions=positions,
                     prompt_tokens=tokens[0].tolist(), steered_tokens=steered, plain_tokens=plain,
