@@ -432,11 +432,12 @@ def attribute(sae_or_dir: Any, prompt: Prompt, target: str | int, model: Any = N
     kind, w, b = _final_norm(tl)
     if kind is None:
         raise UserError(f"{hm.info.name} has no final normalisation that attribution understands")
-    final = "ln_final.hook_in"
+    # the residual stream entering the final norm: TransformerLens 4 names it, 3 has the last block's output
+    final = "ln_final.hook_in" if "ln_final.hook_in" in tl.hook_dict else f"blocks.{hm.info.n_layers - 1}.hook_resid_post"
     scale_hook = "ln_final.hook_scale"
-    logits, got = splice.forward(hm, tokens, cache=[hook, final, scale_hook, "ln_final.hook_out"])
-    if final not in got or scale_hook not in got:
-        raise UserError(f"{hm.info.name} does not expose ln_final.hook_in and ln_final.hook_scale; cannot attribute")
+    if scale_hook not in tl.hook_dict or final not in tl.hook_dict:
+        raise UserError(f"{hm.info.name} does not expose {final} and {scale_hook}; cannot attribute")
+    logits, got = splice.forward(hm, tokens, cache=list(dict.fromkeys([hook, final, scale_hook])))
     dt = torch.float64
     x_final = got[final][0, p].to(dt)
     s = float(got[scale_hook][0, p].reshape(-1)[0])
@@ -452,15 +453,12 @@ def attribute(sae_or_dir: Any, prompt: Prompt, target: str | int, model: Any = N
             v = v - v.mean(-1, keepdim=True)
         return (v / s) @ u
 
-    # check the frozen-scale map against the model's own output at this position
-    out = got.get("ln_final.hook_out")
-    if out is not None:
-        mine = proj(x_final) + bias
-        theirs = float(out[0, p].to(dt) @ W_U[:, t_id].to(dt)) + (float(b_U[t_id]) if b_U is not None else 0.0)
-        if abs(float(mine) - theirs) > 1e-3 * max(1.0, abs(theirs)):
-            raise UserError(f"the final normalisation of {hm.info.name} is not one attribution understands "
-                            f"(recomputed logit {float(mine):.4f}, the model's {theirs:.4f})")
     logit = float(logits[0, p, t_id])
+    # the frozen-scale map must give the model's own logit back, else this model is not one it understands
+    mine = float(proj(x_final)) + bias
+    if abs(mine - logit) > 1e-3 * max(1.0, abs(logit)):
+        raise UserError(f"the final normalisation or unembedding of {hm.info.name} is not one attribution "
+                        f"understands (recomputed logit {mine:.4f}, the model's {logit:.4f})")
     x = got[hook][0, p].to(sae.W_dec.device, sae.W_dec.dtype)
     f = sae.encode(x[None])[0]
     xh = sae.decode(f[None])[0]
