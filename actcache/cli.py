@@ -22,6 +22,10 @@ SUBCOMMANDS = {
     "bench-read": "actcache.train.bench_read:bench_read_command",
     "features": "actcache.train.features_cli:features_command",
     "eval": "actcache.eval_cli:eval_command",
+    "analyse": "actcache.harvest.analysis_cli:analyse_command",
+    "steer": "actcache.harvest.analysis_cli:steer_command",
+    "attribute": "actcache.harvest.analysis_cli:attribute_command",
+    "hooks": "actcache.harvest.analysis_cli:hooks_command",
 }
 
 
