@@ -93,6 +93,8 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except UserError as e:
+        if getattr(e, "quiet", False):  # another rank of a torchrun job failed; its rank 0 says why
+            sys.exit(e.exit_code)
         if "-v" in sys.argv or "--verbose" in sys.argv or os.environ.get("ACTCACHE_DEBUG"):
             raise
         click.echo(f"actcache: error: {e}", err=True)

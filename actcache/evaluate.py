@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .common.errors import UserError
+from .common.progress import log
 
 EVAL_FILE = "eval.json"
 RUN_FILE = "run.json"
@@ -77,11 +78,22 @@ def find_targets(paths: Sequence[str | os.PathLike], sae_dirs: Sequence[str | os
         found.append((p, None))
     if not found:
         raise UserError("no SAE to evaluate: give a run folder, an SAE folder or --sae DIR")
-    targets, names = [], set()
+    targets, names, skipped = [], set(), []
     for folder, run in dict.fromkeys(found):
         name = folder.name if folder.name not in names else f"{folder.parent.name}/{folder.name}"
         names.add(name)
-        targets.append(Target(name, folder, SAE.load_from_disk(folder, device=device), run))
+        sae = SAE.load_from_disk(folder, device=device)
+        out_hook = sae.cfg.metadata.get("hook_name_out")
+        if out_hook and out_hook != sae.cfg.metadata.get("hook_name"):
+            skipped.append(name)  # a transcoder: its reconstruction replaces another hook than it reads
+            continue
+        targets.append(Target(name, folder, sae, run))
+    if skipped:
+        log.warning(f"not evaluating {', '.join(skipped)}: transcoders are scored by their training summary "
+                    "(output FVU, L0), not spliced into the model by `actcache eval`")
+    if not targets:
+        raise UserError("no SAE to evaluate: the folders hold only transcoders, which `actcache eval` does not "
+                        "splice into the model; their output FVU and L0 are in the run's summary")
     return targets
 
 

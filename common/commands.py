@@ -7,24 +7,35 @@ import sys
 
 import click
 
+from . import location
 from .info import format_info, info
 from .verify import verify
+
+# the option every command that opens a store takes (as `storage_options`, a tuple of key=value)
+storage_option = click.option(
+    "--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+    help="key=value passed to the store's filesystem (repeatable), e.g. endpoint_url=http://host:9000, "
+         "profile=NAME, key=..., secret=...; beside the standard AWS chain; never written anywhere.")
 
 
 @click.command("info")
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
-def info_command(store: str, as_json: bool) -> None:
+@storage_option
+def info_command(store: str, as_json: bool, storage_options: tuple[str, ...]) -> None:
     """What a store holds: manifest, hooks, tokens, size on disk, compression ratio, statistics."""
-    d = info(store)
+    with location.storage_options(list(storage_options)):
+        d = info(store)
     click.echo(json.dumps(d, indent=2) if as_json else format_info(d))
 
 
 @click.command("verify")
 @click.argument("store")
-def verify_command(store: str) -> None:
+@storage_option
+def verify_command(store: str, storage_options: tuple[str, ...]) -> None:
     """Read every committed chunk, check checksums and the manifest; exit 1 on damage."""
-    report = verify(store, progress=sys.stderr.isatty())
+    with location.storage_options(list(storage_options)):
+        report = verify(store, progress=sys.stderr.isatty())
     click.echo(report.summary())
     if not report.ok:
         sys.exit(1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from zarr.abc.store import Store
 from zarr.storage import FsspecStore, LocalStore
@@ -37,18 +37,19 @@ def _quiet_async_noise() -> None:
 
 
 def open_store(url: str | os.PathLike, read_only: bool = False, storage_options: dict | None = None) -> Store:
-    """A zarr Store for a location. Endpoint and keys of S3 come from the usual AWS environment
-    variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_DEFAULT_REGION...); storage_options (s3fs's
-    names: endpoint_url, key, secret, anon...) override them. S3 is read with obstore when it is
-    installed (measured faster: see the README, "Reading from S3") and written with s3fs;
-    ACTCACHE_S3_BACKEND=fsspec or =obstore picks the reader."""
+    """A zarr Store for a location. Endpoint and keys of S3 come from the standard AWS chain
+    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE, ~/.aws/...), from the options in force
+    (`storage_options()`: the command line's --storage-option key=value) and from storage_options
+    (s3fs's names: endpoint_url, key, secret, anon...), each overriding the one before. S3 is read
+    with obstore when it is installed (measured faster: see the README, "Reading from S3"; s3fs when
+    a profile is named) and written with s3fs; ACTCACHE_S3_BACKEND=fsspec or =obstore picks the reader."""
     if not is_remote(url):
         return LocalStore(local_path(url), read_only=read_only)
     s = str(url)
     _quiet_async_noise()
     options = {**_fs_options(s), **(storage_options or {})}
     try:
-        if read_only and s.startswith("s3://") and s3_read_backend() == "obstore":
+        if read_only and s.startswith("s3://") and s3_read_backend() == "obstore" and "profile" not in options:
             return _obstore_store(s, options)
         return FsspecStore.from_url(s, storage_options=options, read_only=read_only)
     except ImportError as e:
@@ -207,13 +208,50 @@ def storage_error(e: BaseException, url: str | os.PathLike, doing: str = "access
     if any(k in text for k in ("EndpointConnectionError", "Could not connect", "Connection refused",
                                "ClientConnectorError", "ConnectTimeout", "ReadTimeout", "ServerDisconnected")):
         return UserError(f"cannot reach the storage server while {doing} {url}: check that it is up and the endpoint "
-                         "(AWS_ENDPOINT_URL) is right, then rerun (add --resume where the work had begun)")
+                         "(AWS_ENDPOINT_URL or --storage-option endpoint_url=...) is right, then rerun (add --resume "
+                         "where the work had begun)")
     culprit = os_err or e
     return UserError(f"{doing} {url} failed ({type(culprit).__name__}: {first_line(culprit)}); fix the cause and "
                      "rerun the same command with --resume")
 
 
+_OPTIONS: dict[str, Any] = {}  # the fsspec options in force (storage_options); held in memory only
+
+
 def _fs_options(url: str) -> dict:
+    out: dict[str, Any] = {}
     if url.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
-        return {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
-    return {}
+        out["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+    out.update(_OPTIONS)
+    return out
+
+
+def parse_storage_options(items: "list[str] | tuple[str, ...] | dict[str, Any] | None") -> dict[str, Any]:
+    """--storage-option key=value (repeatable) as fsspec options: true/false become booleans, the rest
+    stay strings (e.g. endpoint_url=http://127.0.0.1:9000, key=..., secret=..., profile=..., anon=true)."""
+    if not items:
+        return {}
+    if isinstance(items, dict):
+        return dict(items)
+    out: dict[str, Any] = {}
+    for item in items:
+        k, eq, v = str(item).partition("=")
+        if not eq or not k.strip():
+            raise UserError(f"--storage-option {k.strip() or item!r}...: write key=value "
+                            "(e.g. endpoint_url=http://host:9000)")
+        out[k.strip()] = {"true": True, "false": False}.get(v.strip().lower(), v.strip())
+    return out
+
+
+@contextlib.contextmanager
+def storage_options(options: "list[str] | tuple[str, ...] | dict[str, Any] | None") -> Iterator[None]:
+    """Use these fsspec options (credentials, endpoint_url ...) for every remote location opened
+    inside the block, beside the standard AWS chain. They are kept in memory only: no manifest,
+    run.json, summary or log line ever holds them."""
+    global _OPTIONS
+    previous = _OPTIONS
+    _OPTIONS = {**previous, **parse_storage_options(options)}
+    try:
+        yield
+    finally:
+        _OPTIONS = previous

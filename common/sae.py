@@ -1,9 +1,13 @@
 """A trained SAE for inference, in the SAELens v6 layout: cfg.json + sae_weights.safetensors.
 
-The API mirrors what SAELens users know: encode, decode, forward, W_enc [d_in, d_sae],
-W_dec [d_sae, d_in], b_enc, b_dec, cfg, save_model, load_from_disk. SAELens forms: standard, topk,
-jumprelu (also how batchtopk and matryoshka_batchtopk SAEs are exported) and gated; an architecture
-may register more (`register_inference_form`)."""
+The API mirrors what SAELens users know: encode, decode, forward, forward_with_activations,
+W_enc [d_in, d_sae], W_dec [d_sae, d_out], b_enc, b_dec, cfg, save_model, load_from_disk. SAELens
+forms: standard, topk, jumprelu (also how batchtopk and matryoshka_batchtopk SAEs are exported) and
+gated; an architecture may register more (`register_inference_form`), as the transcoders do.
+
+A transcoder reads one hook and reconstructs another (cfg.d_out, cfg.metadata.hook_name_out; its
+encoder reads x itself, apply_b_dec_to_input = false); a form whose weights include W_skip adds the
+skip connection x @ W_skip^T to the output, as SAELens's skip transcoders do."""
 
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ class InferenceForm:
     name: str
     weight_keys: tuple[str, ...]
     encode: Callable[["SAE", torch.Tensor], torch.Tensor]
+    description: str = ""
 
 
 def _pre(sae: "SAE", x: torch.Tensor) -> torch.Tensor:
@@ -68,6 +73,8 @@ def _encode_gated(sae, x):
 # the SAELens v6 forms this package reads and writes; architectures may add forms
 # (train/architectures/base.py: a class's `inference_form`)
 INFERENCE_FORMS: dict[str, InferenceForm] = {}
+# the encoders of the forms below, for architectures that register forms of their own
+encode_relu, encode_jumprelu, encode_topk = _encode_standard, _encode_jumprelu, _encode_topk
 # weight names by form (a live view of INFERENCE_FORMS)
 WEIGHT_KEYS: dict[str, tuple[str, ...]] = {}
 
@@ -113,6 +120,7 @@ class SAEConfig:
     reshape_activations: str = "none"
     k: int | None = None
     rescale_acts_by_decoder_norm: bool | None = None
+    d_out: int | None = None  # a transcoder's output width
     metadata: Metadata = field(default_factory=Metadata)
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,11 +163,20 @@ class SAE(nn.Module):
         return self.form.encode(self, x)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
-        """The reconstruction [..., d_in] of latent activations f [..., d_sae]."""
+        """The reconstruction [..., d_out] of latent activations f [..., d_sae] (d_out = d_in for an SAE;
+        a skip transcoder's skip term is added by forward, as in SAELens)."""
         return f @ self.W_dec + self.b_dec
 
+    def forward_with_activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output [..., d_out], latent activations [..., d_sae]) of input activations x."""
+        f = self.encode(x)
+        out = self.decode(f)
+        if "W_skip" in self.form.weight_keys:
+            out = out + x.to(self.W_skip.dtype) @ self.W_skip.t()
+        return out, f
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        return self.forward_with_activations(x)[0]
 
     # ------------------------------------------------------------------ files
     def save_model(self, path: str | Path) -> tuple[Path, Path]:

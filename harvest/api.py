@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -13,6 +14,7 @@ import torch
 import zarr
 
 from ..common import codecs, location
+from ..common.distributed import under_torchrun
 from ..common.errors import OverflowError16, UserError
 from ..common.lease import Lease
 from ..common.manifest import HookInfo, Manifest
@@ -73,8 +75,19 @@ class HarvestResult:
 # ---------------------------------------------------------------------------------------------- harvest
 def harvest(cfg: HarvestConfig, progress: bool = True, model: HookedModel | None = None) -> HarvestResult:
     """Harvest activations into cfg.out (see HarvestConfig). Resumable: rerun with resume=True.
-    `model`: the result of load_model(cfg.model, ...) when the caller has it loaded already."""
+    `model`: the result of load_model(cfg.model, ...) when the caller has it loaded already.
+    cfg.storage_options (key=value strings, or a dict): fsspec options for an s3:// store
+    (endpoint_url, key, secret, profile ...), beside the standard AWS chain; never written anywhere."""
+    with location.storage_options(cfg.storage_options):
+        return _harvest(cfg, progress, model)
+
+
+def _harvest(cfg: HarvestConfig, progress: bool, model: HookedModel | None) -> HarvestResult:
     t_start = time.time()
+    if under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:  # torchrun: this rank's share of one harvest
+        from .distributed import harvest_ranks
+
+        return harvest_ranks(cfg, progress, model, t_start)
     n_tokens = _validate(cfg)
     held_out = _held_out_spec(cfg.held_out, n_tokens)
     location.check_reachable(cfg.out)  # an unreachable endpoint, a missing bucket, refused keys: before any model
@@ -164,7 +177,7 @@ def _harvest_chunks(store: ActivationStore, model: HookedModel, windows: Iterato
                     cfg: HarvestConfig, start: int, progress: bool) -> int:
     """The forward passes, chunk by chunk, handing each finished chunk to the writer. Returns tokens done."""
     m = store.manifest
-    ctx, bs = m.context_size, m.batch_size
+    ctx = m.context_size
     clamped = {h: int(n) for h, n in m.n_clamped.items()}
     done = 0
     with ChunkWriter(store) as writer, \
@@ -178,20 +191,36 @@ def _harvest_chunks(store: ActivationStore, model: HookedModel, windows: Iterato
                 if not rows:
                     break
             tokens = np.stack(rows)
-            acts = {h.name: np.empty((len(rows) * ctx, h.d), dtype=np.float16) for h in m.hooks}
-            for s in range(0, len(rows), bs):  # batches never straddle chunks: a resumed run repeats them
-                batch = torch.from_numpy(tokens[s:s + bs]).to(model.device, torch.long)
-                for h, x in model.run(batch, m.hook_names).items():
-                    x16 = to_float16(x, h, m.overflow, clamped)
-                    acts[h][s * ctx:s * ctx + x16.shape[0] * ctx] = x16.reshape(-1, x16.shape[-1]).numpy()
-                writer.check()
-                bar.update(batch.numel())
-                done += batch.numel()
-            fields = {"n_clamped": dict(clamped)} if m.overflow == "clamp" else {}
+            acts = compute_chunk(model, tokens, m, clamped, writer, bar)
+            done += tokens.size
+            fields = {"n_clamped": ordered_counts(clamped, m)} if m.overflow == "clamp" else {}
             writer.submit(j, tokens, acts, **fields)
             if len(rows) < b - a:
                 break
     return done
+
+
+def compute_chunk(model: HookedModel, tokens: np.ndarray, m: Manifest, clamped: dict[str, int],
+                  writer: ChunkWriter, bar) -> dict[str, np.ndarray]:
+    """The float16 activations {hook: [rows * ctx, d]} of one chunk's token windows, in batches of
+    m.batch_size that never straddle chunks (so a resumed run, or another rank, repeats them exactly);
+    values clamped to float16's range are counted into `clamped`."""
+    ctx, bs = m.context_size, m.batch_size
+    acts = {h.name: np.empty((len(tokens) * ctx, h.d), dtype=np.float16) for h in m.hooks}
+    for s in range(0, len(tokens), bs):
+        batch = torch.from_numpy(tokens[s:s + bs]).to(model.device, torch.long)
+        for h, x in model.run(batch, m.hook_names).items():
+            x16 = to_float16(x, h, m.overflow, clamped)
+            acts[h][s * ctx:s * ctx + x16.shape[0] * ctx] = x16.reshape(-1, x16.shape[-1]).numpy()
+        writer.check()
+        bar.update(batch.numel())
+    return acts
+
+
+def ordered_counts(counts: dict[str, int], m: Manifest) -> dict[str, int]:
+    """Per-hook counts in the manifest's hook order (the manifest's bytes do not depend on which hook
+    was clamped first, or on which process counted it)."""
+    return {h: int(counts[h]) for h in m.hook_names if counts.get(h)}
 
 
 def to_float16(x: torch.Tensor, hook: str, overflow: str, clamped: dict[str, int]) -> torch.Tensor:

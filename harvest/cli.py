@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import click
 
+from ..common.distributed import env_rank
 from ..common.progress import parse_count
 
 from .api import harvest
@@ -58,4 +59,6 @@ def _command(fn: Callable) -> click.Command:
 def harvest_command(**options: Any) -> None:
     """Run a model once over a dataset; write the activations of its hooks to a compressed Zarr store."""
     options["hooks"] = list(options["hooks"])
-    click.echo(harvest(HarvestConfig(**options)).summary())
+    result = harvest(HarvestConfig(**options))
+    if env_rank() == 0:  # under torchrun, rank 0 speaks for the job
+        click.echo(result.summary())

@@ -20,14 +20,15 @@ DEFAULT_HELD_OUT = "5%"
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", cli: str | None = None, *,
-           choices: tuple[str, ...] | None = None, multiple: bool = False, count: bool = False) -> Any:
+           choices: tuple[str, ...] | None = None, multiple: bool = False, count: bool = False,
+           secret: bool = False) -> Any:
     """A dataclass field with what the command line needs: its help, its option name (default
     --field-name; a bool defaulting to True gets --name/--no-name), the allowed choices, whether it
-    repeats, and whether it is a token count written like 100M."""
+    repeats, and whether it is a token count written like 100M. A secret field stays out of repr()."""
     meta = {"help": help, "cli": cli, "choices": choices, "multiple": multiple, "count": count}
     if default is dataclasses.MISSING:
-        return field(metadata=meta)  # required
-    return field(default=default, metadata=meta)
+        return field(metadata=meta, repr=not secret)  # required
+    return field(default=default, metadata=meta, repr=not secret)
 
 
 @dataclass
@@ -65,6 +66,10 @@ class HarvestConfig:
                                                    "5%) or a token count (e.g. 20k); 0 holds out nothing.")
     allow_short: bool = option(False, "Accept a store shorter than --tokens when the dataset runs out (exit 0 "
                                       "instead of an error); the store is complete either way.")
+    storage_options: tuple[str, ...] | list[str] = option(
+        (), "key=value passed to the store's filesystem (repeatable), e.g. endpoint_url=http://host:9000, "
+            "profile=NAME, key=..., secret=...; beside the standard AWS chain; never written anywhere.",
+        "--storage-option", multiple=True, secret=True)
 
 
 def fields_with_options() -> list[dataclasses.Field]:

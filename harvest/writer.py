@@ -24,8 +24,13 @@ _STOP = object()
 class ChunkWriter:
     """Writes chunks of a store on a background thread; use as a context manager."""
 
-    def __init__(self, store: ActivationStore, max_pending: int = 2):
+    def __init__(self, store: ActivationStore, max_pending: int = 2, commit: bool = True):
+        """commit=False (a rank of a distributed harvest): write chunks without advancing the counter;
+        `wait_written(j)` says when chunk j is in the store, and rank 0 queues the commits itself."""
         self.store = store
+        self._commit = commit
+        self._written: set[int] = set()
+        self._cond = threading.Condition()
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: UserError | None = None
         self._thread = threading.Thread(target=self._loop, name="actcache-writer", daemon=True)
@@ -40,6 +45,19 @@ class ChunkWriter:
     def truncate(self, n_sequences: int) -> None:
         """Shrink the store to n_sequences, in order with the chunk writes (the data ran out)."""
         self._put(("truncate", n_sequences))
+
+    def commit(self, n_chunks_committed: int, **fields: Any) -> None:
+        """Queue a commit of the counter (in order with the chunk writes and truncations queued before)."""
+        self._put(("commit", n_chunks_committed, fields))
+
+    def wait_written(self, j: int) -> None:
+        """Block until chunk j is written (raises the writer's error if it failed)."""
+        with self._cond:
+            while j not in self._written and self._error is None and self._thread.is_alive():
+                self._cond.wait(0.1)
+        self.check()
+        if j not in self._written:
+            raise UserError(f"chunk {j} of {self.store.url} was never written")
 
     def close(self) -> None:
         """Wait for every queued chunk to be committed; raise the writer's error if it failed."""
@@ -88,13 +106,21 @@ class ChunkWriter:
             try:
                 if item[0] == "truncate":
                     self.store.truncate(item[1])
+                elif item[0] == "commit":
+                    self.store.commit(item[1], **item[2])
                 else:
                     _, j, tokens, acts, fields = item
                     stats = {h: chunk_stats(x) for h, x in acts.items()}
                     self.store.write_chunk(j, tokens, acts, stats)
-                    self.store.commit(j + 1, **fields)
+                    if self._commit:
+                        self.store.commit(j + 1, **fields)
+                    with self._cond:
+                        self._written.add(j)
+                        self._cond.notify_all()
             except BaseException as e:  # noqa: BLE001  (every failure must reach the main thread)
                 self._error = _as_user_error(e, item[1] if item[0] == "chunk" else None, self.store.url)
+                with self._cond:
+                    self._cond.notify_all()
                 self._drain()
                 return
 

@@ -154,10 +154,11 @@ def test_python_api_matches_training_and_folds_normalisation(all_archs, store_ur
         torch.testing.assert_close(SAE.load_from_disk(again_dir).encode(x), f)
 
 
+# run in the sae-lens environment: python check.py x.pt FOLDER... writes x.pt.out, per folder what SAELens
+# makes of it (its class, architecture, encode, decode, forward, metadata.hook_name_out)
 SAELENS_CHECK = r"""
-import json, sys, torch
+import sys, torch
 from pathlib import Path
-from safetensors.torch import load_file
 from sae_lens import SAE
 x = torch.load(sys.argv[1])
 out = {}
@@ -165,7 +166,9 @@ for folder in sys.argv[2:]:
     sae = SAE.load_from_disk(folder, device="cpu")
     with torch.no_grad():
         f = sae.encode(x)
-        out[Path(folder).name] = {"arch": sae.cfg.architecture(), "encode": f, "decode": sae.decode(f)}
+        out[Path(folder).name] = {"class": type(sae).__name__, "arch": sae.cfg.architecture(), "encode": f,
+                                  "decode": sae.decode(f), "forward": sae(x),
+                                  "hook_out": sae.cfg.metadata.hook_name_out}
 torch.save(out, sys.argv[1] + ".out")
 """
 

@@ -1,4 +1,4 @@
-"""The sweep configuration: a TOML file naming the hook, the data budget and the SAEs to train.
+"""The sweep configuration: a TOML file naming the hook(s), the data budget and the SAEs to train.
 
 Every key is described once: the sweep-level keys by the fields of `SweepConfig` (their metadata is
 a `Key`: type, default, valid range, help), the SAE keys by the registered architectures
@@ -8,6 +8,9 @@ a `Key`: type, default, valid range, help), the SAE keys by the registered archi
 [defaults] holds SAE keys that every SAE starts from (keys an architecture does not take are
 skipped for it); [[sae]] tables add SAEs one by one; [grid] holds lists whose product adds SAEs,
 each on top of [defaults] and named automatically, e.g. "batchtopk-k16-x8".
+
+Every SAE reads its own `hook` (the top-level `hook` by default); transcoders also name the
+`hook_out` they reconstruct. One loader reads every hook the SAEs need, each chunk once.
 
 Every value is checked when the config is read, before the store is opened: a value that cannot be
 right is a UserError naming the key; a legal but surprising one is a warning (`SweepConfig.warnings`,
@@ -42,7 +45,8 @@ SUMMARY_FILES = ("summary.json", "summary.md", "frontier.png")
 RUN_FILES = (CHECKPOINT, CHECKPOINT + ".tmp", RUN_FILE, "metrics.jsonl") + SUMMARY_FILES
 _RUN_PREFIXES = ("checkpoint", "summary", "run.", "frontier.")
 TABLES = ("defaults", "sae", "grid")
-_SHORT = {"k": "k", "expansion": "x", "d_sae": "d", "l1_coefficient": "l1_", "l0_coefficient": "l0_", "lr": "lr"}
+_SHORT = {"k": "k", "expansion": "x", "d_sae": "d", "l1_coefficient": "l1_", "l0_coefficient": "l0_", "lr": "lr",
+          "hook": "", "hook_out": "to-"}
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -58,9 +62,10 @@ def _key(kind: str, default: Any = None, help: str = "", **kw) -> Any:
 class SweepConfig:
     """A whole sweep: the data stream every SAE shares, and the SAEs."""
 
-    hook: str = _key("str", None, 'the store\'s hook to train on, e.g. "blocks.8.hook_resid_pre"', required=True)
     tokens: int = _key("count", None, 'training tokens (an integer, or a string such as "50M")', low=1,
                        required=True)
+    hook: str | None = _key("str", None, 'the store\'s hook to train on, e.g. "blocks.8.hook_resid_pre"; the default '
+                            "of every SAE's `hook`", default_text="none: then every SAE names its `hook`")
     saes: list[SAEConfig] = field(default_factory=list)
     batch_size: int = _key("count", 4096, "tokens per step; every SAE steps on the same batch", low=1)
     seed: int = _key("int", 0, "data order and SAE initialisation are pure functions of it", low=0)
@@ -79,11 +84,16 @@ class SweepConfig:
                                    "as dead", low=1)
     eval_tokens: int = _key("count", 65536, "tokens for the final evaluation of every SAE (L0, FVU, feature "
                             "density), and for calibrating BatchTopK thresholds", low=1)
-    d_in: int | None = _key("int", None, "checked against the hook's width in the store", low=1,
+    d_in: int | None = _key("int", None, "checked against the width of the top-level `hook` in the store", low=1,
                             default_text="from the store")
     held_out: list[int] | None = _key("int_list", None, "[start_sequence, stop_sequence]: a range of the store that training never reads (for stores without their own held-out part); the loader checks it", low=0,
                                       default_text="the store's own held-out part")
     warnings: list[str] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def hooks(self) -> list[str]:
+        """Every hook the SAEs read or reconstruct, in the order they are first named."""
+        return list(dict.fromkeys(h for s in self.saes for h in (s.hook, s.hook_out) if h))
 
     @property
     def n_steps(self) -> int:
@@ -154,10 +164,8 @@ def parse_config(raw: dict[str, Any]) -> SweepConfig:
             if not hint and k in all_sae_keys():
                 hint = f"; {k!r} is an SAE key: put it in [defaults], an [[sae]] table or [grid]"
             raise UserError(f"unknown config key {k!r}{hint or '; the accepted top-level keys are: ' + ', '.join(list(top_keys) + list(TABLES))}")
-    for key in ("hook", "tokens"):
-        if key not in raw:
-            raise UserError(f"the config has no {key!r}; add e.g. "
-                            + ('hook = "blocks.8.hook_resid_pre"' if key == "hook" else "tokens = 50_000_000"))
+    if "tokens" not in raw:
+        raise UserError("the config has no 'tokens'; add e.g. tokens = 50_000_000")
     top = {k: top_keys[k].check(v, "the config") for k, v in raw.items() if k in top_keys}
 
     known = all_sae_keys()
@@ -210,7 +218,7 @@ def parse_config(raw: dict[str, Any]) -> SweepConfig:
     if not entries:
         raise UserError("the config names no SAE: add [[sae]] tables or a [grid]")
 
-    saes = [_make_sae(entry, explicit, defaults) for entry, explicit in entries]
+    saes = [_make_sae(entry, explicit, defaults, top.get("hook")) for entry, explicit in entries]
     names = [s.name for s in saes]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
@@ -245,7 +253,7 @@ def _tag(key: str, value: Any) -> str:
     return f"{_SHORT.get(key, key)}{text}"
 
 
-def _make_sae(entry: dict[str, Any], explicit: set[str], defaults: dict[str, Any]) -> SAEConfig:
+def _make_sae(entry: dict[str, Any], explicit: set[str], defaults: dict[str, Any], hook: str | None) -> SAEConfig:
     name = str(entry["name"])
     if not _NAME_OK.match(name):
         raise UserError(f"SAE name {name!r} must be letters, digits, '.', '_' or '-' (it names a folder)")
@@ -266,6 +274,11 @@ def _make_sae(entry: dict[str, Any], explicit: set[str], defaults: dict[str, Any
     values: dict[str, Any] = {k: v for k, v in defaults.items() if k in keys}
     values.update(entry)
     values["architecture"] = arch_name
+    if values.get("hook") is None:
+        if hook is None:
+            raise UserError(f"SAE {name!r} names no hook; add hook = \"blocks.8.hook_resid_pre\" at the top of "
+                            "the config (every SAE's default) or in the SAE's table")
+        values["hook"] = hook
     # width: an SAE's own expansion/d_sae beats [defaults]; giving both at one level is ambiguous
     for level in (explicit, set(defaults)):
         if "expansion" in level and "d_sae" in level:
@@ -289,14 +302,25 @@ def resolve(cfg: SweepConfig, store, allow_repeat: bool = False) -> SweepConfig:
     """Check the config against a store and fill in d_in, d_sae and the step-based defaults (each
     architecture resolves its own keys). Warnings are logged and added to cfg.warnings."""
     m = store.manifest
-    if cfg.hook not in m.hook_names:
-        raise UserError(f"hook {cfg.hook!r} is not in the store {store.url}; it has: {', '.join(m.hook_names)}"
-                        f"{_did_you_mean(cfg.hook, m.hook_names)}")
-    d_in = m.hook(cfg.hook).d
-    if cfg.d_in is not None and cfg.d_in != d_in:
-        raise UserError(f"the config says d_in = {cfg.d_in} but hook {cfg.hook!r} in the store has d = {d_in}; "
-                        "remove d_in or pick the matching hook")
-    cfg.d_in = d_in
+    for s in cfg.saes:
+        for key in ("hook", "hook_out"):
+            h = getattr(s, key)
+            if h is not None and h not in m.hook_names:
+                where = "hook" if cfg.hook == h and key == "hook" else f"SAE {s.name!r}: {key}"
+                raise UserError(f"{where} {h!r} is not in the store {store.url}; it has: {', '.join(m.hook_names)}"
+                                f"{_did_you_mean(h, m.hook_names)}")
+    if cfg.hook is not None:
+        if cfg.hook not in m.hook_names:
+            raise UserError(f"hook {cfg.hook!r} is not in the store {store.url}; it has: {', '.join(m.hook_names)}"
+                            f"{_did_you_mean(cfg.hook, m.hook_names)}")
+        d_in = m.hook(cfg.hook).d
+        if cfg.d_in is not None and cfg.d_in != d_in:
+            raise UserError(f"the config says d_in = {cfg.d_in} but hook {cfg.hook!r} in the store has d = {d_in}; "
+                            "remove d_in or pick the matching hook")
+        cfg.d_in = d_in
+    elif cfg.d_in is not None:
+        raise UserError(f"the config says d_in = {cfg.d_in} but names no top-level hook to check it against; "
+                        "remove d_in")
     if store.n_committed == 0:
         raise UserError(f"the store {store.url} holds no committed chunk yet; finish the harvest first")
     chunks = training_chunks(store, cfg.held_out)
@@ -319,7 +343,8 @@ def resolve(cfg: SweepConfig, store, allow_repeat: bool = False) -> SweepConfig:
                                 f"(skip_special_tokens = true), fewer than the {cfg.tokens:,} asked for; the last "
                                 f"{cfg.tokens - usable:,} come from a second, reshuffled pass")
     for s in cfg.saes:
-        cfg.warnings.extend(get_architecture(s.architecture).resolve(s, d_in, d_in, cfg.n_steps))
+        d_in, d_out = m.hook(s.hook).d, m.hook(s.hook_out or s.hook).d
+        cfg.warnings.extend(get_architecture(s.architecture).resolve(s, d_in, d_out, cfg.n_steps))
     for w in cfg.warnings:
         log.warning(f"warning: {w}")
     return cfg
@@ -367,11 +392,12 @@ def readme_tables() -> str:
     for key, k in specs.items():
         archs = "all" if key in common else ", ".join(f"`{a}`" for a in users[key])
         lines.append(f"| `{key}` | {archs} | {k.default_for_docs()} | {_valid(k)} | {k.help} |")
-    lines += ["", "Architectures:", "", "| architecture | exported to SAELens as | takes k | AuxK | what it is |",
-              "| --- | --- | --- | --- | --- |"]
+    lines += ["", "Architectures:", "", "| architecture | exported to SAELens as | takes k | AuxK | transcoder | what it is |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for name, cls in ARCHITECTURES.items():
+        kind = "with skip" if cls.skip else "yes" if cls.transcoder else "no"
         lines.append(f"| `{name}` | `{cls.saelens_architecture}` | {'yes' if cls.takes_k else 'no'} | "
-                     f"{'yes' if cls.uses_auxk else 'no'} | {cls.help} |")
+                     f"{'yes' if cls.uses_auxk else 'no'} | {kind} | {cls.help} |")
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """Export trained SAEs as SAELens folders, evaluate them, and write the sweep summary.
 
 Each SAE folder gets cfg.json and sae_weights.safetensors (normalisation folded into the weights, so
-normalize_activations is "none" and the SAE runs on raw activations), sparsity.safetensors (log10
+normalize_activations is "none" and the SAE runs on raw activations; a transcoder's input and output
+normalisations both), sparsity.safetensors (log10
 feature density over the evaluation tokens, key "sparsity" as SAELens writes it), and keeps the
 trainer's metrics.jsonl. The sweep gets summary.json, summary.md (a markdown table) and frontier.png
 (L0 against fraction of variance unexplained)."""
@@ -51,29 +52,40 @@ def calibrate(saes: list[TrainingSAE], store: ActivationStore, cfg: SweepConfig,
     if not todo:
         return []
     batch = min(cfg.batch_size, cfg.eval_tokens)
-    loader = ActivationLoader(store, cfg.hook, batch, seed=cfg.seed + 2, window_chunks=cfg.window_chunks,
+    hooks = list(dict.fromkeys(s.cfg.hook for s in todo))
+    loader = ActivationLoader(store, hooks, batch, seed=cfg.seed + 2, window_chunks=cfg.window_chunks,
                               threads=cfg.loader_threads, device=device, normalize=cfg.normalize,
                               skip_special_tokens=cfg.skip_special_tokens, repeat=True, held_out=cfg.held_out)
     try:
-        batches = [loader.next_batch() for _ in range(max(1, cfg.eval_tokens // batch))]
+        batches = [loader.next_batches() for _ in range(max(1, cfg.eval_tokens // batch))]
     finally:
         loader.close()
-    warnings = [w for s in todo for w in s.calibrate(batches)]
+    warnings = [w for s in todo for w in s.calibrate([b[s.cfg.hook] for b in batches])]
     for w in warnings:
         log.warning(f"warning: {w}")
     return warnings
 
 
-def to_inference_sae(sae: TrainingSAE, scale: float, store: ActivationStore, cfg: SweepConfig) -> SAE:
-    """The exported form of a trained SAE: SAELens architecture, weights with the scale folded in."""
-    arch, extra, weights = sae.export_state(scale)
+def to_inference_sae(sae: TrainingSAE, scale: float, store: ActivationStore, cfg: SweepConfig,
+                     scale_out: float | None = None) -> SAE:
+    """The exported form of a trained SAE: SAELens architecture, weights with the scale folded in
+    (a transcoder's: `scale` of its input hook, `scale_out` of its output hook)."""
+    hook = sae.cfg.hook or cfg.hook
+    if sae.transcoder:
+        arch, extra, weights = sae.export_state(scale, scale if scale_out is None else scale_out)
+        outputs = {"hook_name_out": sae.cfg.hook_out, "hook_head_index_out": None,
+                   "normalization_scale_out_folded": scale if scale_out is None else scale_out}
+    else:
+        arch, extra, weights = sae.export_state(scale)
+        outputs = {}
     m = store.manifest
     metadata = Metadata(
         sae_lens_version=SAELENS_FORMAT_VERSION,
         sae_lens_training_version=SAELENS_FORMAT_VERSION,
         **model_metadata(m.model.name),
-        hook_name=cfg.hook,
+        hook_name=hook,
         hook_head_index=None,
+        **outputs,
         context_size=m.context_size,
         prepend_bos=m.prepend_bos,
         dataset_path=m.dataset.path,
@@ -91,27 +103,38 @@ def to_inference_sae(sae: TrainingSAE, scale: float, store: ActivationStore, cfg
     return SAE(scfg, {k: v.detach().float().cpu() for k, v in weights.items()})
 
 
+def _hooks_of(sae: SAE, cfg: SweepConfig) -> tuple[str, str]:
+    """(the hook an exported SAE reads, the hook it reconstructs) from its metadata."""
+    hook = sae.cfg.metadata.hook_name or cfg.hook
+    return hook, sae.cfg.metadata.hook_name_out or hook
+
+
 @torch.no_grad()
 def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, device: torch.device) -> dict:
-    """L0, FVU, MSE and feature density of exported SAEs on raw activations (a separately seeded stream)."""
+    """L0, FVU, MSE and feature density of exported SAEs on raw activations (a separately seeded
+    stream); FVU and MSE of what each reconstructs (a transcoder's output hook)."""
     batch = min(cfg.batch_size, cfg.eval_tokens)
     n_batches = max(1, cfg.eval_tokens // batch)
-    loader = ActivationLoader(store, cfg.hook, batch, seed=cfg.seed + 1, window_chunks=cfg.window_chunks,
+    hooks = {name: _hooks_of(s, cfg) for name, s in saes.items()}
+    loader = ActivationLoader(store, list(dict.fromkeys(h for pair in hooks.values() for h in pair)), batch,
+                              seed=cfg.seed + 1, window_chunks=cfg.window_chunks,
                               threads=cfg.loader_threads, device=device, normalize=False,
                               skip_special_tokens=cfg.skip_special_tokens, repeat=True, held_out=cfg.held_out)
     acc = {name: {"err": 0.0, "l0": 0.0, "fired": torch.zeros(s.cfg.d_sae, dtype=torch.float64)}
            for name, s in saes.items()}
-    total_var, n = 0.0, 0
+    total_var, n = {h: 0.0 for h in loader.hooks}, 0
     try:
         for _ in range(n_batches):
-            x = loader.next_batch()
-            total_var += float((x - x.mean(0)).pow(2).sum())
-            n += x.shape[0]
+            xs = loader.next_batches()
+            for h, x in xs.items():
+                total_var[h] += float((x - x.mean(0)).pow(2).sum())
+            n += loader.batch_size
             for name, s in saes.items():
                 s.to(device)
-                f = s.encode(x)
+                hook, hook_out = hooks[name]
+                out, f = s.forward_with_activations(xs[hook])
                 a = acc[name]
-                a["err"] += float((s.decode(f) - x).pow(2).sum())
+                a["err"] += float((out - xs[hook_out]).pow(2).sum())
                 active = f > 0
                 a["l0"] += float(active.sum())
                 a["fired"] += active.sum(0).double().cpu()
@@ -120,7 +143,8 @@ def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, dev
         loader.close()
     results = {}
     for name, a in acc.items():
-        fvu = a["err"] / total_var if total_var else float("nan")
+        var = total_var[hooks[name][1]]
+        fvu = a["err"] / var if var else float("nan")
         density = a["fired"] / n
         results[name] = {"l0": a["l0"] / n, "fvu": fvu, "explained_variance": 1 - fvu, "mse": a["err"] / n,
                          "dead_fraction_eval": float((density == 0).double().mean()), "eval_tokens": n,
@@ -161,13 +185,18 @@ def k_mismatches(summary: dict[str, Any]) -> list[str]:
 
 
 def summary_table(summary: dict[str, Any]) -> str:
-    head = "| SAE | architecture | d_sae | k | L0 | FVU | explained var. | dead (eval) |"
-    lines = [head, "|" + "---|" * 8]
-    flagged = {r["name"] for r in summary["saes"] if _l0_contradicts_k(r)}
-    for r in summary["saes"]:
+    """The markdown table of a sweep's SAEs; a column of hooks (input -> output for a transcoder) when
+    they are not all on one hook. FVU is of what each reconstructs."""
+    rows = summary["saes"]
+    by_hook = any(r.get("hook_out") for r in rows) or len({r.get("hook") for r in rows}) > 1
+    head = "| SAE | " + ("hook | " if by_hook else "") + "architecture | d_sae | k | L0 | FVU | explained var. | dead (eval) |"
+    lines = [head, "|" + "---|" * (9 if by_hook else 8)]
+    flagged = {r["name"] for r in rows if _l0_contradicts_k(r)}
+    for r in rows:
         k = r.get("k")
         k_text = "" if k is None else f"{k} (≠ L0)" if r["name"] in flagged else str(k)
-        lines.append(f"| {r['name']} | {r['architecture']} | {r['d_sae']} | {k_text} "
+        hook = (f"{r.get('hook')} → {r['hook_out']} | " if r.get("hook_out") else f"{r.get('hook')} | ") if by_hook else ""
+        lines.append(f"| {r['name']} | {hook}{r['architecture']} | {r['d_sae']} | {k_text} "
                      f"| {r['l0']:.1f} | {r['fvu']:.4f} | {r['explained_variance']:.4f} | {r['dead_fraction_eval']:.3f} |")
     if flagged:
         lines.append("")
@@ -197,7 +226,8 @@ def plot_frontier(summary: dict[str, Any], path: Path) -> None:
         ax.set_yscale("log")
     ax.set_xlabel("L0 (active latents per token)")
     ax.set_ylabel("fraction of variance unexplained")
-    ax.set_title(f"{summary['hook']}: sparsity / reconstruction frontier", fontsize=9)
+    ax.set_title(f"{summary.get('hook') or ', '.join(summary.get('hooks', []))}: sparsity / reconstruction "
+                 "frontier", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -8,7 +8,12 @@ Order of operations for epoch e:
   3. the window's rows are permuted by (seed, "window", e, w), so a batch mixes many sequences and chunks;
   4. batches are consecutive slices of the concatenation of all permuted windows of all epochs.
 So batch `step` is a pure function of (store, seed, step), every SAE of a sweep sees the same stream,
-and the position (epoch, window, offset) is all the state there is. While one window is consumed the
+and the position (epoch, window, offset) is all the state there is.
+
+Several hooks: a loader given a list of hooks reads, for every chunk, each hook's array once (and
+the token ids once), keeps the same positions of every hook and applies one permutation to all of
+them, so row i of every hook's batch is the same token. The order does not depend on which hooks are
+read: the batch of a hook is the same whether the loader reads it alone or with others. While one window is consumed the
 next is fetched and decoded in the background.
 
 Held-out sequences: the chunks are those committed chunks that share no sequence with the store's
@@ -27,6 +32,7 @@ import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -89,7 +95,7 @@ def training_chunks(store: ActivationStore, held_out: "list[int] | tuple[int, in
 class _Window:
     epoch: int
     index: int
-    acts: torch.Tensor  # [rows, d] float16 as stored (pinned memory with CUDA)
+    acts: dict[str, torch.Tensor]  # hook -> [rows, d] float16 as stored (pinned memory with CUDA)
     rows: torch.Tensor  # int64 [rows]: the store row of each kept position
     perm: torch.Tensor  # int64 [rows]
 
@@ -97,17 +103,28 @@ class _Window:
 class ActivationLoader:
     """Batches of float32 activations [batch_size, d] on `device`, scaled by `scale`.
 
-    Iterate it, or call next_batch(). state_dict()/load_state_dict() save and restore the position."""
+    `hook` is one hook name (next_batch() returns a tensor) or a list of them (next_batch() returns
+    {hook: tensor}, rows aligned: row i of every hook is the same token); next_batches() always
+    returns the dict. `scales[hook]` is each hook's normalisation constant (`scale`: the first hook's).
 
-    def __init__(self, store: ActivationStore | str, hook: str, batch_size: int, seed: int = 0,
+    Iterate it, or call next_batch(). state_dict()/load_state_dict() save and restore the position,
+    which does not depend on the hooks read."""
+
+    def __init__(self, store: ActivationStore | str, hook: "str | Sequence[str]", batch_size: int, seed: int = 0,
                  window_chunks: int = 8, threads: int = 4, device: str | torch.device = "cpu",
                  skip_special_tokens: bool = False, normalize: bool = True, repeat: bool = True,
                  prefetch: bool = True, max_chunks: int | None = None,
                  held_out: "list[int] | tuple[int, int] | None" = None):
         self.store = ActivationStore.open(store) if isinstance(store, str) else store
-        self.hook = hook
-        self.array = self.store.activations(hook)
-        self.d = self.store.manifest.hook(hook).d
+        self.single = isinstance(hook, str)
+        self.hooks: tuple[str, ...] = (hook,) if self.single else tuple(dict.fromkeys(hook))
+        if not self.hooks:
+            raise ValueError("a loader needs at least one hook")
+        self.hook = self.hooks[0]
+        for h in self.hooks:
+            self.store.activations(h)
+        self.dims = {h: self.store.manifest.hook(h).d for h in self.hooks}
+        self.d = self.dims[self.hook]
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.window_chunks = int(window_chunks)
@@ -125,8 +142,9 @@ class ActivationLoader:
             what = "no committed chunk yet" if not self.store.n_committed else "no committed chunk outside the held-out part"
             raise UserError(f"the store {self.store.url} holds {what}")
         # statistics of the training chunks only (with nothing held out: of every committed chunk)
-        self.scale = (normalisation_scale(self.store, hook, self.chunk_ids if self.held_out else None)
-                      if normalize else 1.0)
+        self.scales = {h: (normalisation_scale(self.store, h, self.chunk_ids if self.held_out else None)
+                           if normalize else 1.0) for h in self.hooks}
+        self.scale = self.scales[self.hook]
         tok = self.store.manifest.tokenizer
         self.special_ids = sorted({i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None})
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="actcache-read")
@@ -143,12 +161,12 @@ class ActivationLoader:
         self._next_key: tuple[int, int] | None = None
         self.wait_seconds = 0.0  # time next_batch spent waiting for a window that was not ready
         self.read_failed = False  # set when reading a chunk failed (the error itself reaches next_batch)
-        self._staging: list[torch.Tensor | None] = [None, None]
+        self._staging: list[dict[str, torch.Tensor] | None] = [None, None]
         self._copied: list = [None, None]
         # two reusable window buffers: one being consumed, one being filled (no fresh allocation per window)
         per_chunk = self.store.manifest.chunk_sequences * self.store.manifest.context_size
         self._slot_rows = per_chunk * min(self.window_chunks, self.n_chunks)
-        self._slots: list[torch.Tensor | None] = [None, None]
+        self._slots: list[dict[str, torch.Tensor] | None] = [None, None]
 
     # ------------------------------------------------------------------ geometry
     def chunk_order(self, epoch: int) -> list[int]:
@@ -168,12 +186,13 @@ class ActivationLoader:
         return order[w * self.window_chunks:(w + 1) * self.window_chunks]
 
     # ------------------------------------------------------------------ reading
-    def _slot(self, epoch: int, w: int) -> torch.Tensor:
+    def _slot(self, epoch: int, w: int) -> dict[str, torch.Tensor]:
         i = (epoch * self.n_windows() + w) % 2
         if self._slots[i] is None:
             # float16 as stored (pinned with CUDA): the shuffle gather moves half the bytes, and only the
             # rows of a batch are converted to scaled float32, once, after the gather
-            self._slots[i] = torch.empty((self._slot_rows, self.d), dtype=torch.float16, pin_memory=self.cuda)
+            self._slots[i] = {h: torch.empty((self._slot_rows, d), dtype=torch.float16, pin_memory=self.cuda)
+                              for h, d in self.dims.items()}
         return self._slots[i]
 
     def _put(self, dst: torch.Tensor, src: np.ndarray) -> None:
@@ -181,17 +200,17 @@ class ActivationLoader:
         single-threaded: the readers are the parallelism, nested thread teams would fight over cores)."""
         np.copyto(dst.numpy(), src)
 
-    def _read_chunk(self, j: int) -> np.ndarray:
-        """Chunk j of the hook, through the store (which refuses absent or damaged chunks). Any other
+    def _read_chunk(self, hook: str, j: int) -> np.ndarray:
+        """Chunk j of a hook, through the store (which refuses absent or damaged chunks). Any other
         failure (a storage error, a decode error) becomes one line naming the chunk."""
         try:
-            return self.store.read_chunk(self.hook, j)
+            return self.store.read_chunk(hook, j)
         except UserError:
             self.read_failed = True
             raise
         except Exception as e:  # noqa: BLE001
             self.read_failed = True
-            raise _read_error(self.store, f"activations/{self.hook}", j, e) from None
+            raise _read_error(self.store, f"activations/{hook}", j, e) from None
 
     def _read_tokens(self, j: int) -> np.ndarray:
         try:
@@ -203,18 +222,22 @@ class ActivationLoader:
             self.read_failed = True
             raise _read_error(self.store, "tokens", j, e) from None
 
-    def _read_into(self, j: int, dst: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray | None]:
-        """Decode chunk j; write it into dst when its place is known, else return the kept rows."""
-        r0, _ = self.store.chunk_row_range(j)
-        acts = self._read_chunk(j)
-        rows = np.arange(r0, r0 + acts.shape[0], dtype=np.int64)
+    def _read_into(self, j: int, dst: "dict[str, torch.Tensor] | None"
+                   ) -> tuple[np.ndarray, "dict[str, np.ndarray] | None"]:
+        """Decode chunk j of every hook (each array once, the token ids once when skipping); write the
+        rows into dst when their place is known, else return the kept rows of every hook."""
+        r0, r1 = self.store.chunk_row_range(j)
+        rows = np.arange(r0, r1, dtype=np.int64)
+        acts = {h: self._read_chunk(h, j) for h in self.hooks}
         if self.skip_special_tokens and self.special_ids:
             keep = ~np.isin(self._read_tokens(j).reshape(-1), self.special_ids)
-            acts, rows = acts[keep], rows[keep]
-        if dst is not None:
-            self._put(dst, acts)
-            return rows, None
-        return rows, acts
+            rows = rows[keep]
+            acts = {h: a[keep] for h, a in acts.items()}
+        if dst is None:
+            return rows, acts
+        for h, a in acts.items():
+            self._put(dst[h], a)
+        return rows, None
 
     def _load_window(self, epoch: int, w: int) -> _Window:
         ids = self.window_chunk_ids(epoch, w)
@@ -225,8 +248,9 @@ class ActivationLoader:
             at, rows = 0, []
             for f in futures:
                 r, acts = f.result()
-                self._put(slot[at:at + acts.shape[0]], acts)
-                at += acts.shape[0]
+                for h, a in acts.items():
+                    self._put(slot[h][at:at + a.shape[0]], a)
+                at += r.shape[0]
                 rows.append(r)
         else:
             offsets, at = [], 0
@@ -234,11 +258,12 @@ class ActivationLoader:
                 r0, r1 = self.store.chunk_row_range(j)
                 offsets.append((at, r1 - r0))
                 at += r1 - r0
-            futures = [self.pool.submit(self._read_into, j, slot[o:o + size]) for j, (o, size) in zip(ids, offsets)]
+            futures = [self.pool.submit(self._read_into, j, {h: b[o:o + size] for h, b in slot.items()})
+                       for j, (o, size) in zip(ids, offsets)]
             rows = [f.result()[0] for f in futures]
         n = at
         perm = permutation(n, self.seed, "window", epoch, w)
-        return _Window(epoch, w, slot[:n], torch.from_numpy(np.concatenate(rows)), perm)
+        return _Window(epoch, w, {h: b[:n] for h, b in slot.items()}, torch.from_numpy(np.concatenate(rows)), perm)
 
     def _following(self, epoch: int, w: int) -> tuple[int, int]:
         return (epoch, w + 1) if w + 1 < self.n_windows() else (epoch + 1, 0)
@@ -281,9 +306,18 @@ class ActivationLoader:
 
     # ------------------------------------------------------------------ batches
     def next_batch(self, return_rows: bool = False):
-        """The next batch [batch_size, d] (float32, scaled, on the device); with return_rows also the store rows."""
+        """The next batch [batch_size, d] (float32, scaled, on the device); with return_rows also the
+        store rows. A loader of several hooks returns {hook: batch} (rows aligned across hooks)."""
+        out = self.next_batches(return_rows)
+        if return_rows:
+            batches, rows = out
+            return (batches[self.hook] if self.single else batches), rows
+        return out[self.hook] if self.single else out
+
+    def next_batches(self, return_rows: bool = False):
+        """The next batch of every hook, {hook: [batch_size, d_hook]}; with return_rows also the store rows."""
         slot = self.step % 2
-        host = self._batch_buffer(slot)
+        host = self._batch_buffers(slot)
         row_parts, at = [], 0
         while at < self.batch_size:
             win = self._window_at(self.epoch, self.window)
@@ -291,7 +325,8 @@ class ActivationLoader:
             take = min(self.batch_size - at, n - self.offset)
             idx = win.perm[self.offset:self.offset + take]
             # gather now: the window's buffer is refilled once the stream moves two windows on
-            np.take(win.acts.numpy(), idx.numpy(), axis=0, out=host[at:at + take].numpy())
+            for h in self.hooks:
+                np.take(win.acts[h].numpy(), idx.numpy(), axis=0, out=host[h][at:at + take].numpy())
             if return_rows:
                 row_parts.append(win.rows.index_select(0, idx))
             at += take
@@ -300,35 +335,41 @@ class ActivationLoader:
                 self.epoch, self.window = self._following(self.epoch, self.window)
                 self.offset = 0
         self.step += 1
-        x = self._to_device(host, slot)
+        batches = self._to_device(host, slot)
         if return_rows:
-            return x, torch.cat(row_parts)
-        return x
+            return batches, torch.cat(row_parts)
+        return batches
 
-    def _batch_buffer(self, slot: int) -> torch.Tensor:
+    def _batch_buffers(self, slot: int) -> dict[str, torch.Tensor]:
         if not self.cuda:
-            return torch.empty((self.batch_size, self.d), dtype=torch.float16)
-        # one of two pinned staging buffers; the copy out of it two batches ago is waited for
+            return {h: torch.empty((self.batch_size, d), dtype=torch.float16) for h, d in self.dims.items()}
+        # one of two pinned staging buffers per hook; the copy out of them two batches ago is waited for
         if self._staging[slot] is None:
-            self._staging[slot] = torch.empty((self.batch_size, self.d), dtype=torch.float16, pin_memory=True)
+            self._staging[slot] = {h: torch.empty((self.batch_size, d), dtype=torch.float16, pin_memory=True)
+                                   for h, d in self.dims.items()}
             self._copied[slot] = torch.cuda.Event()
         else:
             self._copied[slot].synchronize()
         return self._staging[slot]
 
-    def _to_device(self, host: torch.Tensor, slot: int) -> torch.Tensor:
+    def _to_device(self, host: dict[str, torch.Tensor], slot: int) -> dict[str, torch.Tensor]:
+        out = {}
         if not self.cuda:
-            x = host.to(torch.float32)
-            return x.mul_(self.scale) if self.scale != 1.0 else x
-        # non_blocking copy on a side stream; the compute stream waits for this copy only
+            for h, buf in host.items():
+                x = buf.to(torch.float32)
+                out[h] = x.mul_(self.scales[h]) if self.scales[h] != 1.0 else x
+            return out
+        # non_blocking copies on a side stream; the compute stream waits for these copies only
         main = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.copy_stream):
-            dev = host.to(self.device, non_blocking=True)
+            devs = {h: buf.to(self.device, non_blocking=True) for h, buf in host.items()}
             self._copied[slot].record(self.copy_stream)
         main.wait_stream(self.copy_stream)
-        dev.record_stream(main)
-        x = dev.to(torch.float32)
-        return x.mul_(self.scale) if self.scale != 1.0 else x
+        for h, dev in devs.items():
+            dev.record_stream(main)
+            x = dev.to(torch.float32)
+            out[h] = x.mul_(self.scales[h]) if self.scales[h] != 1.0 else x
+        return out
 
     def __iter__(self):
         return self

@@ -33,12 +33,13 @@ class _GatherPre(torch.autograd.Function):
                                          is_coalesced=False, check_invariants=False)
         grad_W_enc = torch.sparse.mm(sparse, xc).t()
         # xc = x - b_dec, so b_dec receives minus the sum over tokens of the gradient reaching xc
-        grad_b_dec = -(W_enc @ grad_b_enc)
+        # (a transcoder's encoder reads x itself: b_dec is None then)
+        grad_b_dec = -(W_enc @ grad_b_enc) if ctx.needs_input_grad[4] else None
         return None, None, grad_W_enc, grad_b_enc, grad_b_dec, None, None
 
 
 def gather_pre(values: torch.Tensor, xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
-               b_dec: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+               b_dec: torch.Tensor | None, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Differentiable pre-activations of the active entries (values computed without grad)."""
     return _GatherPre.apply(values, xc, W_enc, b_enc, b_dec, rows, cols)
 

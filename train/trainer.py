@@ -1,6 +1,8 @@
 """The lockstep trainer: one batch stream, K SAEs, K optimisers.
 
-Each batch is read, decoded and copied to the device once; every SAE then takes an Adam step on it.
+Each batch is read, decoded and copied to the device once; every SAE then takes an Adam step on it:
+on the batch of its own hook, a transcoder with the batch of its output hook as the target (the
+loader's batches of all hooks are the same tokens, row by row).
 Per SAE: linear learning-rate warm-up and a linear decay to zero over the last lr_decay_steps,
 a linear warm-up of the sparsity coefficient, gradient-norm clipping, and a count of tokens since
 each latent last fired (dead = not fired for dead_window_tokens). Nothing waits on the device
@@ -26,6 +28,11 @@ from .loader import ActivationLoader
 from .architectures import TrainingSAE, build_sae
 
 AUX_REFRESH_STEPS = 25  # how often the host looks at whether any latent is dead (switches AuxK on)
+
+
+def output_hook(cfg: SAEConfig) -> str:
+    """The hook an SAE reconstructs: a transcoder's hook_out, else the hook it reads."""
+    return cfg.hook_out or cfg.hook
 
 
 def lr_at(cfg: SAEConfig, step: int, n_steps: int) -> float:
@@ -87,10 +94,12 @@ class Trainer:
     """Runs the steps of a sweep, writes metrics and checkpoints under `out`."""
 
     def __init__(self, cfg: SweepConfig, loader: ActivationLoader, out: Path, device: torch.device,
-                 progress: bool = True):
+                 progress: bool = True, checkpoint_dir: Path | None = None):
         self.cfg = cfg
         self.loader = loader
         self.out = Path(out)
+        # where checkpoint.safetensors lives: `out`, or a rank's own folder in a distributed sweep
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else self.out
         self.device = device
         self.progress = progress
         self.members = build_members(cfg, device)
@@ -98,6 +107,7 @@ class Trainer:
         self.last_checkpoint_step: int | None = None
         self.train_seconds = 0.0
         self.lease = None  # the run folder's lease, checked before every checkpoint replaces the last one
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         for m in self.members:
             (self.out / m.cfg.name).mkdir(parents=True, exist_ok=True)
             m.metrics_path = self.out / m.cfg.name / "metrics.jsonl"
@@ -111,7 +121,7 @@ class Trainer:
     def resume(self) -> bool:
         """Continue from out/checkpoint.safetensors if there is one; metrics lines past it are dropped
         (all of them when a run stopped before its first checkpoint: it starts again from step 0)."""
-        st = load_checkpoint(self.out)
+        st = load_checkpoint(self.checkpoint_dir)
         if st is None:
             for m in self.members:
                 _truncate_metrics(m.metrics_path, 0)
@@ -141,7 +151,7 @@ class Trainer:
 
     def checkpoint(self) -> None:
         self.check_finite()
-        save_checkpoint(self.out, self.state_dict(), self.lease.check if self.lease is not None else None)
+        save_checkpoint(self.checkpoint_dir, self.state_dict(), self.lease.check if self.lease is not None else None)
         self.last_checkpoint_step = self.step
 
     def check_finite(self) -> None:
@@ -162,14 +172,14 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             while self.step < n_steps:
-                x = self.loader.next_batch()
+                batch = self.loader.next_batches()
                 if self.step == 0:
                     for m in self.members:
-                        m.sae.init_b_dec(x)
+                        m.sae.init_b_dec(batch[output_hook(m.cfg)])
                 logging = self.step % cfg.log_every_steps == 0 or self.step == n_steps - 1
-                outs = [self._step_member(m, x) for m in self.members]
+                outs = [self._step_member(m, batch) for m in self.members]
                 if logging:
-                    self._log(x, outs)
+                    self._log(batch, outs)
                 self.step += 1
                 if self.step % AUX_REFRESH_STEPS == 0:
                     self._refresh_aux()
@@ -183,13 +193,15 @@ class Trainer:
         self.train_seconds += time.perf_counter() - t0
         self.checkpoint()
 
-    def _step_member(self, m: Member, x: torch.Tensor):
+    def _step_member(self, m: Member, batch: dict[str, torch.Tensor]):
         c, step = m.cfg, self.step
+        x = batch[c.hook]
         lr = lr_at(c, step, self.cfg.n_steps)
         for group in m.opt.param_groups:
             group["lr"] = lr
         dead = m.since_fired >= self.cfg.dead_window_tokens
-        out = m.sae.step_loss(x, sparsity_factor(c, step), dead, m.aux_on)
+        target = {"target": batch[output_hook(c)]} if m.sae.transcoder else {}
+        out = m.sae.step_loss(x, sparsity_factor(c, step), dead, m.aux_on, **target)
         m.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         m.sae.before_optimizer_step()
@@ -211,12 +223,17 @@ class Trainer:
         self.check_finite()
 
     @torch.no_grad()
-    def _log(self, x: torch.Tensor, outs) -> None:
+    def _log(self, batch: dict[str, torch.Tensor], outs) -> None:
+        """One metrics line per SAE; FVU and MSE are of what it reconstructs (a transcoder's output)."""
         self.check_finite()
-        centred = (x - x.mean(0)).pow(2).sum()
+        centred: dict[str, torch.Tensor] = {}
         for m, out in zip(self.members, outs):
+            hook = output_hook(m.cfg)
+            x = batch[hook]
+            if hook not in centred:
+                centred[hook] = (x - x.mean(0)).pow(2).sum()
             err = (out.x_hat - x).pow(2).sum()
-            fvu = float(err / centred)
+            fvu = float(err / centred[hook])
             row = {"step": self.step, "tokens": (self.step + 1) * self.cfg.batch_size,
                    "loss": float(out.loss.detach()), **{k: float(v.detach()) for k, v in out.terms.items()},
                    "l0": float(out.l0), "mse": float(err / x.shape[0]), "fvu": fvu, "explained_variance": 1 - fvu,

@@ -10,8 +10,8 @@
 
 A registered architecture can be named in a sweep config at once."""
 
-from .base import (ARCHITECTURES, AUXK_KEYS, COMMON_KEYS, K_KEY, SPARSITY_WARMUP_KEY, Key, SAEConfig, StepOut,
-                   TrainingSAE, all_sae_keys, build_sae, geometric_median, get_architecture, mse, register,
+from .base import (ARCHITECTURES, AUXK_KEYS, COMMON_KEYS, K_KEY, SPARSITY_WARMUP_KEY, TRANSCODER_KEYS, Key,
+                   SAEConfig, StepOut, TrainingSAE, all_sae_keys, build_sae, geometric_median, get_architecture, mse, register,
                    unregister)
 from .standard import StandardSAE
 from .topk import TopKSAE
@@ -19,8 +19,13 @@ from .batchtopk import BatchTopKSAE
 from .jumprelu import JumpReLUSAE
 from .gated import GatedSAE
 from .matryoshka_batchtopk import MatryoshkaBatchTopKSAE
+from .transcoder import SkipTranscoder, Transcoder
+from .topk_transcoder import TopKTranscoder
+from .jumprelu_transcoder import JumpReLUSkipTranscoder, JumpReLUTranscoder
 
-__all__ = ["ARCHITECTURES", "AUXK_KEYS", "COMMON_KEYS", "K_KEY", "SPARSITY_WARMUP_KEY", "Key", "SAEConfig",
+__all__ = ["ARCHITECTURES", "AUXK_KEYS", "COMMON_KEYS", "K_KEY", "SPARSITY_WARMUP_KEY", "TRANSCODER_KEYS", "Key",
+           "SAEConfig",
            "StepOut", "TrainingSAE", "all_sae_keys", "build_sae", "geometric_median", "get_architecture", "mse",
            "register", "unregister", "StandardSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "GatedSAE",
-           "MatryoshkaBatchTopKSAE"]
+           "MatryoshkaBatchTopKSAE", "Transcoder", "SkipTranscoder", "TopKTranscoder", "JumpReLUTranscoder",
+           "JumpReLUSkipTranscoder"]

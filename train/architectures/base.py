@@ -8,12 +8,18 @@ attributes state everything the rest of the package needs to know about it:
 - `keys`: its own config keys (`Key`: type, default, valid range, help), beyond the keys every SAE
   takes (`COMMON_KEYS`); `takes_k = True` adds `k`, `uses_auxk = True` adds `aux_k` and
   `aux_loss_coefficient` and makes the trainer switch its AuxK loss on when latents die;
+- `transcoder = True`: it reads one hook (`hook`) and reconstructs another of the same forward pass
+  (`hook_out`, a key it then takes): the trainer hands step_loss the output hook's batch as `target`,
+  the encoder does not subtract b_dec from the input, W_dec and b_dec have the output's width, and
+  the export folds each hook's normalisation in; `skip = True` adds a learned linear map W_skip from
+  input to output;
 - `resolve(cfg, d_in, d_out, n_steps)`: fills what depends on the store and the run (d_sae, aux_k,
   schedule defaults), raises UserError for what cannot be right, returns warnings;
-- `step_loss(...)`: its loss on one batch; `log_values()`: extra numbers for metrics.jsonl;
+- `step_loss(x, coefficient, dead, aux_on[, target])`: its loss on one batch (target: a transcoder's
+  output batch); `log_values()`: extra numbers for metrics.jsonl;
 - `calibrate(batches)`: an optional pass over fresh batches after training (e.g. the inference
   threshold of BatchTopK);
-- `saelens_architecture` and `export_state(scale)`: how it is saved for SAELens; the form must be one
+- `saelens_architecture` and `export_state(scale[, scale_out])`: how it is saved for SAELens; the form must be one
   train/sae.py runs (standard, topk, jumprelu, gated), or the class brings its own `inference_form`
   (weight names and encoder), which registration adds.
 
@@ -137,6 +143,8 @@ COMMON_KEYS: tuple[Key, ...] = (
     Key("name", "str", help="the SAE's folder name (letters, digits, '.', '_', '-'); [grid] SAEs are named "
         "automatically", required=True),
     Key("architecture", "str", help="which registered architecture (see the table)", required=True),
+    Key("hook", "str", None, "the store's hook this SAE reads (a transcoder's input)",
+        default_text="the top-level `hook`"),
     Key("expansion", "float", 16.0, "d_sae = expansion × d_in (or give d_sae)", low=0, low_open=True),
     Key("d_sae", "int", None, "the number of latents, instead of expansion", low=1,
         default_text="expansion × d_in"),
@@ -153,6 +161,10 @@ AUXK_KEYS: tuple[Key, ...] = (
     Key("aux_k", "int", None, "dead latents that reconstruct the residual in the AuxK loss", low=1,
         default_text="d_in / 2"),
     Key("aux_loss_coefficient", "float", 1 / 32, "weight of the AuxK loss", low=0),
+)
+TRANSCODER_KEYS: tuple[Key, ...] = (
+    Key("hook_out", "str", None, "the hook a transcoder reconstructs from `hook` (same forward pass), e.g. "
+        '"blocks.8.hook_mlp_out"', required=True),
 )
 SPARSITY_WARMUP_KEY = Key("sparsity_warmup_steps", "int", None,
                           "steps of linear warm-up of the sparsity coefficient from 0", low=0,
@@ -283,12 +295,20 @@ class TrainingSAE(nn.Module):
     saelens_architecture = "standard"
     inference_form: InferenceForm | None = None  # a new SAELens form this architecture exports as
     unit_norm_decoder = False
+    transcoder = False  # reads `hook`, reconstructs `hook_out` (step_loss gets the output batch as target)
+    skip = False  # a learned linear skip connection W_skip [d_out, d_in] from input to output
 
     @classmethod
     def all_keys(cls) -> tuple[Key, ...]:
-        """The keys this architecture takes: the common ones, k and the AuxK keys where they apply,
-        then its own."""
-        return COMMON_KEYS + ((K_KEY,) if cls.takes_k else ()) + (AUXK_KEYS if cls.uses_auxk else ()) + cls.keys
+        """The keys this architecture takes: the common ones, hook_out for transcoders, k and the AuxK
+        keys where they apply, then its own."""
+        return (COMMON_KEYS + (TRANSCODER_KEYS if cls.transcoder else ()) + ((K_KEY,) if cls.takes_k else ())
+                + (AUXK_KEYS if cls.uses_auxk else ()) + cls.keys)
+
+    @property
+    def apply_b_dec_to_input(self) -> bool:
+        """Whether the encoder reads x - b_dec (an SAE) or x itself (a transcoder: b_dec is the output's)."""
+        return not self.transcoder
 
     @classmethod
     def resolve(cls, cfg: SAEConfig, d_in: int, d_out: int, n_steps: int) -> list[str]:
@@ -298,6 +318,8 @@ class TrainingSAE(nn.Module):
         where = f"SAE {cfg.name!r}"
         warnings = []
         cfg.d_in = d_in
+        if cls.transcoder:
+            cfg.d_out = d_out
         if cfg.d_sae is None:
             cfg.d_sae = int(round(float(cfg.expansion) * d_in))
         if cfg.d_sae < 1:
@@ -329,11 +351,18 @@ class TrainingSAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         d_in, d_sae = cfg.d_in, cfg.d_sae
-        W_dec = torch.randn(d_sae, d_in, generator=generator)
+        d_out = cfg.d_out if self.transcoder else d_in
+        W_dec = torch.randn(d_sae, d_out, generator=generator)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec.to(device))
-        self.W_enc = nn.Parameter(W_dec.t().clone().contiguous().to(device))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device))
+        if self.transcoder:  # input and output directions differ: an encoder of its own, unit columns
+            W_enc = torch.randn(d_in, d_sae, generator=generator)
+            self.W_enc = nn.Parameter((W_enc / W_enc.norm(dim=0, keepdim=True)).to(device))
+        else:
+            self.W_enc = nn.Parameter(W_dec.t().clone().contiguous().to(device))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, device=device))
+        if self.skip:
+            self.W_skip = nn.Parameter(torch.zeros(d_out, d_in, device=device))
         self.init_params(device)
 
     def init_params(self, device) -> None:
@@ -341,7 +370,21 @@ class TrainingSAE(nn.Module):
 
     @torch.no_grad()
     def init_b_dec(self, sample: torch.Tensor) -> None:
+        """b_dec from the first batch of what the module reconstructs (a transcoder's output)."""
         self.b_dec.copy_(geometric_median(sample).to(self.b_dec.device))
+
+    # ------------------------------------------------------------------ the maps SAEs and transcoders share
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What W_enc multiplies: x - b_dec for an SAE, x for a transcoder."""
+        return x - self.b_dec if self.apply_b_dec_to_input else x
+
+    def input_bias(self) -> torch.Tensor | None:
+        """The bias subtracted from the input before the encoder (None for a transcoder)."""
+        return self.b_dec if self.apply_b_dec_to_input else None
+
+    def add_skip(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The output plus the skip connection x @ W_skip^T where the architecture has one."""
+        return out + x @ self.W_skip.t() if self.skip else out
 
     # ------------------------------------------------------------------ training hooks
     @torch.no_grad()
@@ -355,7 +398,10 @@ class TrainingSAE(nn.Module):
         if self.unit_norm_decoder:
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
-    def step_loss(self, x: torch.Tensor, coefficient: float, dead: torch.Tensor, aux_on: bool) -> StepOut:
+    def step_loss(self, x: torch.Tensor, coefficient: float, dead: torch.Tensor, aux_on: bool,
+                  target: torch.Tensor | None = None) -> StepOut:
+        """The loss on the batch x. target: what to reconstruct, passed to transcoders only (the batch
+        of `hook_out`); an SAE reconstructs x."""
         raise NotImplementedError
 
     def log_values(self) -> dict[str, float]:
@@ -370,10 +416,17 @@ class TrainingSAE(nn.Module):
         return []
 
     # ------------------------------------------------------------------ export
-    def export_state(self, scale: float) -> tuple[str, dict, dict[str, torch.Tensor]]:
-        """(SAELens architecture, extra cfg fields, weights) with x -> scale * x folded in."""
-        st = {"W_enc": self.W_enc.detach() * scale, "W_dec": self.W_dec.detach() / scale,
-              "b_dec": self.b_dec.detach() / scale}
+    def export_state(self, scale: float, scale_out: float | None = None) -> tuple[str, dict, dict[str, torch.Tensor]]:
+        """(SAELens architecture, extra cfg fields, weights) with the input normalisation x -> scale * x
+        and the output's y -> scale_out * y (a transcoder's; an SAE's is `scale`) folded in."""
+        s_out = scale if scale_out is None else scale_out
+        st = {"W_enc": self.W_enc.detach() * scale, "W_dec": self.W_dec.detach() / s_out,
+              "b_dec": self.b_dec.detach() / s_out}
         if hasattr(self, "b_enc"):
             st["b_enc"] = self.b_enc.detach().clone()
-        return self.saelens_architecture, {}, st
+        extra: dict[str, Any] = {}
+        if self.skip:  # y_n = ... + (scale x) W_skip^T, y = y_n / s_out
+            st["W_skip"] = self.W_skip.detach() * (scale / s_out)
+        if self.transcoder:
+            extra.update(d_out=int(self.cfg.d_out), apply_b_dec_to_input=False)
+        return self.saelens_architecture, extra, st

@@ -58,7 +58,7 @@ class BatchTopKSAE(TopKSAE):
         k = int(self.cfg.k)
         kept, n_tokens = [], 0
         for x in batches:
-            pre = ((x - self.b_dec) @ self.W_enc + self.b_enc).relu_().reshape(-1)
+            pre = (self.encoder_input(x) @ self.W_enc + self.b_enc).relu_().reshape(-1)
             n_keep = min(CALIBRATION_HEADROOM * k * x.shape[0], pre.numel())
             kept.append((pre.topk(n_keep, sorted=False).values, n_keep < pre.numel()))
             n_tokens += x.shape[0]
@@ -80,8 +80,8 @@ class BatchTopKSAE(TopKSAE):
                             "of the active latents; the exported threshold is approximate")
         return warnings
 
-    def export_state(self, scale):
-        arch, _, st = TrainingSAE.export_state(self, scale)
+    def export_state(self, scale, scale_out=None):
+        arch, extra, st = TrainingSAE.export_state(self, scale, scale_out)
         t = self.inference_threshold if self.inference_threshold is not None else float(self.topk_threshold)
         st["threshold"] = torch.full_like(st["b_enc"], t)
-        return arch, {}, st
+        return arch, extra, st

@@ -44,8 +44,8 @@ class GatedSAE(TrainingSAE):
         return StepOut(loss, {"mse": rec, "l1": l1, "aux": aux}, x_hat.detach(), fired.any(0),
                        fired.sum(-1).float().mean())
 
-    def export_state(self, scale):
-        arch, extra, st = super().export_state(scale)
+    def export_state(self, scale, scale_out=None):
+        arch, extra, st = super().export_state(scale, scale_out)
         st.update(b_gate=self.b_gate.detach().clone(), b_mag=self.b_mag.detach().clone(),
                   r_mag=self.r_mag.detach().clone())
         return arch, extra, st

@@ -63,12 +63,13 @@ class JumpReLUSAE(TrainingSAE):
         self.threshold = nn.Parameter(torch.full((self.cfg.d_sae,), float(self.cfg.jumprelu_init_threshold),
                                                  device=device))
 
-    def step_loss(self, x, coefficient, dead, aux_on):
-        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+    def step_loss(self, x, coefficient, dead, aux_on, target=None):
+        y = x if target is None else target
+        pre = self.encoder_input(x) @ self.W_enc + self.b_enc
         bw = float(self.cfg.jumprelu_bandwidth)
         acts = _JumpReLU.apply(pre, self.threshold, bw)
-        x_hat = acts @ self.W_dec + self.b_dec
-        rec = mse(x_hat, x)
+        x_hat = self.add_skip(acts @ self.W_dec + self.b_dec, x)
+        rec = mse(x_hat, y)
         l0_soft = _Step.apply(pre, self.threshold, bw).sum(-1).mean()
         loss = rec + coefficient * self.cfg.l0_coefficient * l0_soft
         active = acts.detach() > 0
@@ -80,7 +81,7 @@ class JumpReLUSAE(TrainingSAE):
         super().after_optimizer_step()
         self.threshold.clamp_(min=0.0)
 
-    def export_state(self, scale):
-        arch, extra, st = super().export_state(scale)
+    def export_state(self, scale, scale_out=None):
+        arch, extra, st = super().export_state(scale, scale_out)
         st["threshold"] = self.threshold.detach().clone()
         return arch, extra, st

@@ -16,11 +16,12 @@ class StandardSAE(TrainingSAE):
     keys = (Key("l1_coefficient", "float", 5.0, "weight of the L1 penalty", low=0), SPARSITY_WARMUP_KEY)
     saelens_architecture = "standard"
 
-    def step_loss(self, x, coefficient, dead, aux_on):
-        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+    def step_loss(self, x, coefficient, dead, aux_on, target=None):
+        y = x if target is None else target
+        pre = self.encoder_input(x) @ self.W_enc + self.b_enc
         acts = torch.relu(pre)
-        x_hat = acts @ self.W_dec + self.b_dec
-        rec = mse(x_hat, x)
+        x_hat = self.add_skip(acts @ self.W_dec + self.b_dec, x)
+        rec = mse(x_hat, y)
         l1 = (acts * self.W_dec.norm(dim=1)).sum(-1).mean()
         loss = rec + coefficient * self.cfg.l1_coefficient * l1
         active = acts > 0

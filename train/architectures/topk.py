@@ -45,18 +45,19 @@ class TopKSAE(TrainingSAE):
             self.W_enc.mul_(factor)
 
     def _encode_sparse(self, x):
-        xc = (x - self.b_dec).detach()
+        xc = self.encoder_input(x).detach()
         with torch.no_grad():
             pre = xc @ self.W_enc + self.b_enc
         rows, cols, offsets = self._code(pre)
         flat_cols = cols.reshape(-1)
         values = pre.reshape(-1).index_select(0, rows * pre.shape[1] + flat_cols)
-        pre_active = gather_pre(values, xc, self.W_enc, self.b_enc, self.b_dec, rows, flat_cols)
+        pre_active = gather_pre(values, xc, self.W_enc, self.b_enc, self.input_bias(), rows, flat_cols)
         vals = torch.relu(pre_active).reshape(cols.shape)
         return pre, xc, rows, cols, offsets, vals
 
     def _aux_loss(self, x, x_hat, pre, xc, dead):
-        """AuxK: the top aux_k dead latents (by pre-activation) reconstruct the residual x - x_hat."""
+        """AuxK: the top aux_k dead latents (by pre-activation) reconstruct the residual x - x_hat
+        (x: the target, a transcoder's output)."""
         aux_k = min(self.cfg.aux_k, pre.shape[1])
         with torch.no_grad():
             masked = pre.masked_fill(~dead[None, :], float("-inf"))
@@ -64,7 +65,7 @@ class TopKSAE(TrainingSAE):
         rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(aux_k)
         flat_cols = cols.reshape(-1)
         values = pre.reshape(-1).index_select(0, rows * pre.shape[1] + flat_cols)
-        vals = torch.relu(gather_pre(values, xc, self.W_enc, self.b_enc, self.b_dec, rows, flat_cols))
+        vals = torch.relu(gather_pre(values, xc, self.W_enc, self.b_enc, self.input_bias(), rows, flat_cols))
         vals = (vals * dead.index_select(0, flat_cols)).reshape(cols.shape)
         recon = sparse_decode(cols, vals, None, self.W_dec)
         residual = (x - x_hat).detach()
@@ -72,17 +73,18 @@ class TopKSAE(TrainingSAE):
         scale = torch.clamp(n_dead / aux_k, max=1.0)
         return scale * mse(recon, residual)
 
-    def step_loss(self, x, coefficient, dead, aux_on):
+    def step_loss(self, x, coefficient, dead, aux_on, target=None):
+        y = x if target is None else target
         pre, xc, rows, cols, offsets, vals = self._encode_sparse(x)
-        x_hat = sparse_decode(cols, vals, offsets, self.W_dec) + self.b_dec
-        rec = mse(x_hat, x)
+        x_hat = self.add_skip(sparse_decode(cols, vals, offsets, self.W_dec) + self.b_dec, x)
+        rec = mse(x_hat, y)
         terms = {"mse": rec}
         loss = rec
         if aux_on:
-            aux = self._aux_loss(x, x_hat, pre, xc, dead)
+            aux = self._aux_loss(y, x_hat, pre, xc, dead)
             terms["aux"] = aux
             loss = loss + self.cfg.aux_loss_coefficient * aux
-        loss, terms = self._extra_losses(x, cols, vals, offsets, loss, terms)
+        loss, terms = self._extra_losses(y, cols, vals, offsets, loss, terms)
         positive = (vals.detach() > 0).reshape(-1).to(x.dtype)
         fired = torch.zeros(self.cfg.d_sae, device=x.device).index_add_(0, cols.reshape(-1), positive) > 0
         l0 = positive.sum() / x.shape[0]
@@ -91,11 +93,12 @@ class TopKSAE(TrainingSAE):
         return out
 
     def _extra_losses(self, x, cols, vals, offsets, loss, terms):
+        """Further loss terms; x is what the module reconstructs (a transcoder's target)."""
         return loss, terms
 
     def _after_forward(self, vals) -> None:
         pass
 
-    def export_state(self, scale):
-        arch, extra, st = super().export_state(scale)
-        return arch, {"k": int(self.cfg.k), "rescale_acts_by_decoder_norm": False}, st
+    def export_state(self, scale, scale_out=None):
+        arch, extra, st = super().export_state(scale, scale_out)
+        return arch, {**extra, "k": int(self.cfg.k), "rescale_acts_by_decoder_norm": False}, st
