@@ -19,9 +19,11 @@ class TopKSAE(TrainingSAE):
     W_enc = W_dec^T and unit decoder rows, the k active latents sum to a reconstruction several times
     too long when k is a sizeable fraction of d_in (at k = d_in and 16x expansion about five times: an
     explained variance near -12 at the first step), and Adam, moving each weight by about lr per
-    step, needs hundreds of steps at lr 1e-3 to shrink it. The encoder is therefore multiplied by the least-squares factor that best matches the
-    first batch's reconstruction to its input; the set of active latents does not change (a positive
-    factor keeps the order of the pre-activations, and b_enc is zero)."""
+    step, needs hundreds of steps at lr 1e-3 to shrink it. The encoder is therefore multiplied by the
+    least-squares factor that best matches the first batch's reconstruction to its input; the set of
+    active latents does not change (a positive factor keeps the order of the pre-activations, and
+    b_enc is zero). Transcoders (an encoder of their own; the first batch here is their output) are
+    left as they are."""
 
     architecture = "topk"
     help = "the k largest latents of each token"
@@ -37,6 +39,8 @@ class TopKSAE(TrainingSAE):
     @torch.no_grad()
     def init_b_dec(self, sample: torch.Tensor) -> None:
         super().init_b_dec(sample)
+        if self.transcoder:
+            return
         _, xc, _, cols, offsets, vals = self._encode_sparse(sample)
         recon = sparse_decode(cols, vals, offsets, self.W_dec)
         # <recon, xc> is a sum of relu(p) * p >= 0: the factor is positive unless nothing fired
