@@ -171,3 +171,45 @@ def test_unit_norm_decoder_and_parallel_gradient_removed(one_thread):
         opt.step()
         sae.after_optimizer_step()
         torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+
+
+def test_initial_reconstruction_has_the_scale_of_its_input(one_thread):
+    # with k = d_in unit decoder rows, W_enc = W_dec^T sums to a reconstruction several times too long;
+    # the first batch scales W_enc (not the choice of latents) to the least-squares fit
+    sae = build_sae(_cfg("topk", k=16), torch.Generator().manual_seed(0))
+    x = torch.randn(512, 16) * 2 + 1
+    before = sae.W_dec.detach().t().clone()
+    sae.init_b_dec(x)
+    factor = sae.W_enc.detach() / before
+    assert 0 < float(factor.min()) < 0.9 and torch.allclose(factor, factor.mean().expand_as(factor))
+    x_hat = sae.step_loss(x, 1.0, torch.zeros(64, dtype=torch.bool), False).x_hat
+    centred = (x - x.mean(0)).pow(2).sum()
+    assert float(1 - (x_hat - x).pow(2).sum() / centred) > 0
+
+
+LARGE_K_SWEEP = """
+hook = "blocks.0.hook_resid_pre"
+batch_size = 4096
+tokens = 32768
+repeat_epochs = true
+eval_tokens = 4096
+
+[defaults]
+lr = 1e-3
+k = 32
+expansion = 16
+
+[grid]
+architecture = ["topk", "batchtopk"]
+"""
+
+
+def test_large_k_trains_in_few_large_batches(tmp_path, one_thread):
+    # k = d_in at batch 4096: 8 steps must give a useful SAE. With W_enc = W_dec^T unscaled the initial
+    # reconstruction is several times too long and Adam shrinks it by about lr per step: explained
+    # variance about -9 here (0.87 and 0.81 with the first batch's scaling)
+    make_store(tmp_path / "s.zarr", d=32, n_features=256, n_sequences=256, context_size=32, chunk_sequences=32,
+               active=8)
+    summary = train_sweep(str(tmp_path / "s.zarr"), LARGE_K_SWEEP, tmp_path / "out", progress=False)
+    for row in summary["saes"]:
+        assert row["explained_variance"] >= 0.7, row

@@ -13,7 +13,17 @@ class TopKSAE(TrainingSAE):
     """TopK: the k largest latents of each token, ReLU'd, plus the AuxK loss that lets the top `aux_k`
     dead latents reconstruct the residual. Decodes only the active latents (train/sparse_ops.py).
 
-    Subclasses change which latents are active (`_code`) and may add loss terms (`_extra_losses`)."""
+    Subclasses change which latents are active (`_code`) and may add loss terms (`_extra_losses`).
+
+    Initialisation: besides b_dec, the first batch sets the scale of W_enc (`init_b_dec`). With
+    W_enc = W_dec^T and unit decoder rows, the k active latents sum to a reconstruction several times
+    too long when k is a sizeable fraction of d_in (at k = d_in and 16x expansion about five times: an
+    explained variance near -12 at the first step), and Adam, moving each weight by about lr per
+    step, needs hundreds of steps at lr 1e-3 to shrink it. The encoder is therefore multiplied by the
+    least-squares factor that best matches the first batch's reconstruction to its input; the set of
+    active latents does not change (a positive factor keeps the order of the pre-activations, and
+    b_enc is zero). Transcoders (an encoder of their own; the first batch here is their output) are
+    left as they are."""
 
     architecture = "topk"
     help = "the k largest latents of each token"
@@ -25,6 +35,18 @@ class TopKSAE(TrainingSAE):
     def _code(self, pre):
         rows, cols = topk_code(pre, self.cfg.k)
         return rows, cols, None
+
+    @torch.no_grad()
+    def init_b_dec(self, sample: torch.Tensor) -> None:
+        super().init_b_dec(sample)
+        if self.transcoder:
+            return
+        _, xc, _, cols, offsets, vals = self._encode_sparse(sample)
+        recon = sparse_decode(cols, vals, offsets, self.W_dec)
+        # <recon, xc> is a sum of relu(p) * p >= 0: the factor is positive unless nothing fired
+        factor = (recon * xc).sum() / recon.pow(2).sum()
+        if torch.isfinite(factor) and factor > 0:
+            self.W_enc.mul_(factor)
 
     def _encode_sparse(self, x):
         xc = self.encoder_input(x).detach()
