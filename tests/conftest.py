@@ -49,7 +49,7 @@ def make_sweep(*saes: dict, defaults: dict | None = None, hook: str = SYNTHETIC_
     return cfg
 
 
-def toml_value(v) -> str:
+def _toml_value(v) -> str:
     """One TOML value: a bool, number or string, or a list of them."""
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -60,7 +60,7 @@ def toml_value(v) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"no TOML value for {v!r}")
 
 
@@ -78,11 +78,11 @@ def _tables(v) -> list[dict]:
 def sweep_toml(cfg: dict) -> str:
     """The TOML text of a sweep dict (what make_sweep returns): top-level keys first, then each table
     ([defaults], [grid]) and each array of tables ([[sae]]). Checked: the text parses back to cfg."""
-    lines = [f"{_toml_key(k)} = {toml_value(v)}" for k, v in cfg.items() if not _tables(v)]
+    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in cfg.items() if not _tables(v)]
     for k, v in cfg.items():
         for table in _tables(v):
             lines += ["", f"[{_toml_key(k)}]" if isinstance(v, dict) else f"[[{_toml_key(k)}]]"]
-            lines += [f"{_toml_key(key)} = {toml_value(x)}" for key, x in table.items()]
+            lines += [f"{_toml_key(key)} = {_toml_value(x)}" for key, x in table.items()]
     text = "\n".join(lines) + "\n"
     try:
         import tomllib
