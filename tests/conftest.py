@@ -100,12 +100,6 @@ def write_sweep(cfg: dict, path: str | Path) -> Path:
     return path
 
 
-@pytest.fixture
-def sweep():
-    """make_sweep, for tests: sweep({"name": "t", "architecture": "topk", "k": 4}, tokens=2048, ...)."""
-    return make_sweep
-
-
 @pytest.fixture(scope="session")
 def bundled_model():
     """The bundled SmolLM2 model on the CPU, loaded once for the whole run, and how long loading took."""
