@@ -93,7 +93,12 @@ class ActivationStore:
     # ---------------------------------------------------------------- create / open
     @classmethod
     def create(cls, url: str | os.PathLike, manifest: Manifest) -> "ActivationStore":
-        """Make a new, empty store with every array at its final shape and no chunk committed."""
+        """Make a new, empty store with every array at its final shape and no chunk committed (retried
+        across a brief storage outage: creating replaces whatever an earlier attempt left)."""
+        return location.retrying(lambda: cls._create(url, manifest), url, "creating")
+
+    @classmethod
+    def _create(cls, url: str | os.PathLike, manifest: Manifest) -> "ActivationStore":
         store = location.open_store(url)
         root = zarr.open_group(store=store, mode="w", zarr_format=3)
         m = manifest
@@ -257,7 +262,12 @@ class ActivationStore:
     # ---------------------------------------------------------------- writing
     def write_chunk(self, j: int, tokens: np.ndarray, acts: dict[str, np.ndarray],
                     stats: dict[str, ChunkStats]) -> None:
-        """Write every array's chunk j (not yet committed). Rewriting a chunk is allowed."""
+        """Write every array's chunk j (not yet committed). Rewriting a chunk is allowed, so a brief
+        storage outage is retried (location.retrying)."""
+        location.retrying(lambda: self._write_chunk(j, tokens, acts, stats), self.url, f"writing chunk {j} of")
+
+    def _write_chunk(self, j: int, tokens: np.ndarray, acts: dict[str, np.ndarray],
+                     stats: dict[str, ChunkStats]) -> None:
         a, b = self.chunk_sequence_range(j)
         r0, r1 = self.chunk_row_range(j)
         self.tokens[a:b] = tokens
@@ -277,19 +287,28 @@ class ActivationStore:
 
     def commit(self, n_chunks_committed: int, complete: bool = False, **fields: Any) -> None:
         """Advance the counter: the last write of a chunk. Written as one object (atomic). `fields`:
-        manifest fields updated with it (e.g. n_clamped, device)."""
+        manifest fields updated with it (e.g. n_clamped, device). Retried across a brief storage outage,
+        each attempt asking `before_commit` (the lease) again first."""
+        for k in fields:
+            if not hasattr(self.manifest, k):
+                raise TypeError(f"the manifest has no field {k!r}")
+        location.retrying(lambda: self._commit(n_chunks_committed, complete, fields), self.url, "committing")
+
+    def _commit(self, n_chunks_committed: int, complete: bool, fields: dict[str, Any]) -> None:
         if self.before_commit is not None:
             self.before_commit()
         for k, v in fields.items():
-            if not hasattr(self.manifest, k):
-                raise TypeError(f"the manifest has no field {k!r}")
             setattr(self.manifest, k, v)
         self.manifest.n_chunks_committed = n_chunks_committed
         self.manifest.complete = complete
         self.group.attrs[ATTR] = self.manifest.to_dict()
 
     def truncate(self, n_sequences: int) -> None:
-        """Shrink every array to n_sequences (a dataset that ran out early); call before finalize."""
+        """Shrink every array to n_sequences (a dataset that ran out early); call before finalize.
+        Retried across a brief storage outage (resizing to the same shape again changes nothing)."""
+        location.retrying(lambda: self._truncate(n_sequences), self.url, "truncating")
+
+    def _truncate(self, n_sequences: int) -> None:
         m = self.manifest
         n_chunks = -(-n_sequences // m.chunk_sequences)
         self.tokens.resize((n_sequences, m.context_size))
@@ -307,19 +326,22 @@ class ActivationStore:
         m.held_out = held_out_after_truncation(m.held_out, m.planned_n_sequences, n_sequences, m.chunk_sequences)
 
     def finalize(self) -> None:
-        """Write the summary statistics and mark the store complete."""
+        """Write the summary statistics and mark the store complete (each step retried across a brief
+        storage outage)."""
         for h in self.manifest.hooks:
-            s = self.stats(h.name)
-            g = self.group["stats"][h.name]
-            for key, val in s.items():
-                arr = np.asarray(val, dtype="float64")
-                if key in g:
-                    del g[key]
-                dims = ("d",) if arr.ndim == 1 else ()
-                g.create_array(key, shape=arr.shape, dtype="float64", fill_value=0.0,
-                               dimension_names=dims)[...] = arr
+            location.retrying(lambda: self._write_summary(h.name), self.url, f"writing the statistics of {h.name} in")
         fp = self.compute_fingerprint() if "digests" in self.expected_arrays() else None
         self.commit(self.n_chunks, complete=True, fingerprint=fp)
+
+    def _write_summary(self, hook: str) -> None:
+        s = self.stats(hook)
+        g = self.group["stats"][hook]
+        for key, val in s.items():
+            arr = np.asarray(val, dtype="float64")
+            if key in g:
+                del g[key]
+            dims = ("d",) if arr.ndim == 1 else ()
+            g.create_array(key, shape=arr.shape, dtype="float64", fill_value=0.0, dimension_names=dims)[...] = arr
 
     def stored_digests(self, upto: int | None = None) -> np.ndarray:
         """The per-chunk digests written with the chunks, uint8 [n, 16] (version 2)."""
@@ -394,10 +416,10 @@ class ActivationStore:
         return rng(j)
 
     def read_array_chunk(self, path: str, read, chunk: str) -> np.ndarray:
-        """Run read(); an absent, truncated or corrupt chunk becomes one StoreError line naming it,
-        a failing storage one UserError line."""
+        """Run read(), again after a transient storage failure (location.retrying); an absent, truncated
+        or corrupt chunk becomes one StoreError line naming it, a failing storage one UserError line."""
         try:
-            return read()
+            return location.retrying(read, self.url, f"reading chunk {chunk} of {path} in")
         except _MissingChunk:
             raise StoreError(f"chunk {chunk} of {path} in {self.url} is committed but missing: the store is "
                              f"damaged; run `actcache verify {self.url}`") from None
