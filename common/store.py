@@ -89,6 +89,7 @@ class ActivationStore:
         # read uncompressed local chunks by memory-mapping their files (False: always through zarr's codecs)
         self.mmap_reads = True
         self._mapped: dict[str, MappedChunks | None] = {}
+        self._arrays: dict[str, zarr.Array] = {}
 
     # ---------------------------------------------------------------- create / open
     @classmethod
@@ -250,14 +251,27 @@ class ActivationStore:
         c = self.manifest.context_size
         return a * c, b * c
 
+    def array(self, path: str) -> zarr.Array:
+        """The array at `path` ("tokens", "activations/<hook>", "stats/<hook>/chunks/sum" ...), opened once
+        per handle: opening reads its metadata, two requests on S3, which every chunk written or read
+        would otherwise repeat for each of its arrays. (Only truncate() changes a shape, through these.)"""
+        arr = self._arrays.get(path)
+        if arr is None:
+            arr = self._arrays[path] = self.group[path]
+        return arr
+
     @property
     def tokens(self) -> zarr.Array:
-        return self.group["tokens"]
+        return self.array("tokens")
 
     def activations(self, hook: str) -> zarr.Array:
         if hook not in self.manifest.hook_names:
             raise StoreError(f"hook {hook!r} is not in {self.url}; it has: {', '.join(self.manifest.hook_names)}")
-        return self.group["activations"][hook]
+        return self.array(f"activations/{hook}")
+
+    def partial_stats(self, hook: str, field: str) -> zarr.Array:
+        """The per-chunk partial statistic `field` (one of PARTIAL_FIELDS) of a hook: one row per chunk."""
+        return self.array(f"stats/{hook}/chunks/{field}")
 
     # ---------------------------------------------------------------- writing
     def write_chunk(self, j: int, tokens: np.ndarray, acts: dict[str, np.ndarray],
@@ -272,18 +286,12 @@ class ActivationStore:
         r0, r1 = self.chunk_row_range(j)
         self.tokens[a:b] = tokens
         for name, x in acts.items():
-            self.group["activations"][name][r0:r1] = x
-            part = self.group["stats"][name]["chunks"]
-            s = stats[name]
-            part["count"][j] = s.count
-            part["sum"][j] = s.sum
-            part["sumsq"][j] = s.sumsq
-            part["norm_sum"][j] = s.norm_sum
-            part["max_abs"][j] = s.max_abs
-            part["n_nonfinite"][j] = s.n_nonfinite
+            self.activations(name)[r0:r1] = x
+            for f in PARTIAL_FIELDS:
+                self.partial_stats(name, f)[j] = getattr(stats[name], f)
         if "digests" in self.expected_arrays():
             digest = chunk_digest(tokens, acts, self.manifest.hook_names)
-            self.group["digests"][j] = np.frombuffer(digest, dtype=np.uint8)
+            self.array("digests")[j] = np.frombuffer(digest, dtype=np.uint8)
 
     def commit(self, n_chunks_committed: int, complete: bool = False, **fields: Any) -> None:
         """Advance the counter: the last write of a chunk. Written as one object (atomic). `fields`:
@@ -313,13 +321,12 @@ class ActivationStore:
         n_chunks = -(-n_sequences // m.chunk_sequences)
         self.tokens.resize((n_sequences, m.context_size))
         for h in m.hooks:
-            self.group["activations"][h.name].resize((n_sequences * m.context_size, h.d))
-            part = self.group["stats"][h.name]["chunks"]
+            self.activations(h.name).resize((n_sequences * m.context_size, h.d))
             for f in PARTIAL_FIELDS:
-                arr = part[f]
+                arr = self.partial_stats(h.name, f)
                 arr.resize((n_chunks,) + arr.shape[1:])
         if "digests" in self.expected_arrays():
-            self.group["digests"].resize((n_chunks, DIGEST_BYTES))
+            self.array("digests").resize((n_chunks, DIGEST_BYTES))
         if m.planned_n_sequences is None:
             m.planned_n_sequences = m.n_sequences
         m.n_sequences = n_sequences
@@ -346,7 +353,7 @@ class ActivationStore:
     def stored_digests(self, upto: int | None = None) -> np.ndarray:
         """The per-chunk digests written with the chunks, uint8 [n, 16] (version 2)."""
         n = self.n_chunks if upto is None else upto
-        return self.read_array_chunk("digests", lambda: self.group["digests"][:n], f"0..{n - 1}")
+        return self.read_array_chunk("digests", lambda: self.array("digests")[:n], f"0..{n - 1}")
 
     def compute_fingerprint(self, digests: np.ndarray | None = None) -> str:
         """The fingerprint from the manifest's identity fields and the per-chunk digests (the stored ones
@@ -359,23 +366,22 @@ class ActivationStore:
         """Summary statistics of a hook over the committed chunks (or the first `upto`)."""
         n = self.n_committed if upto is None else upto
         self.activations(hook)
-        part = self.group["stats"][hook]["chunks"]
-        count = float(part["count"][:n].sum()) if n else 0.0
+        count = float(self.partial_stats(hook, "count")[:n].sum()) if n else 0.0
         d = self.manifest.hook(hook).d
         if count == 0:
             z = np.zeros(d)
             return {"count": 0.0, "mean": z, "var": z, "mean_norm": 0.0, "max_abs": 0.0, "n_nonfinite": 0.0}
-        total = part["sum"][:n].sum(axis=0)
-        totsq = part["sumsq"][:n].sum(axis=0)
+        total = self.partial_stats(hook, "sum")[:n].sum(axis=0)
+        totsq = self.partial_stats(hook, "sumsq")[:n].sum(axis=0)
         mean = total / count
         var = np.maximum(totsq / count - mean**2, 0.0)
         return {
             "count": count,
             "mean": mean,
             "var": var,
-            "mean_norm": float(part["norm_sum"][:n].sum() / count),
-            "max_abs": float(part["max_abs"][:n].max()),
-            "n_nonfinite": float(part["n_nonfinite"][:n].sum()),
+            "mean_norm": float(self.partial_stats(hook, "norm_sum")[:n].sum() / count),
+            "max_abs": float(self.partial_stats(hook, "max_abs")[:n].max()),
+            "n_nonfinite": float(self.partial_stats(hook, "n_nonfinite")[:n].sum()),
         }
 
     def read_tokens(self, j: int) -> np.ndarray:
