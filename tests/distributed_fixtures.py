@@ -77,16 +77,19 @@ class MotoS3:
             self.running = False
 
     def start_again(self) -> None:
+        if self.running:
+            return
         self.server = self._cls(ip_address="127.0.0.1", port=self.port)
         self.server.start()
         self.running = True
 
     def objects(self, bucket: str, prefix: str) -> dict[str, bytes]:
-        """Every object under bucket/prefix/, by key relative to the prefix."""
+        """Every object under bucket/prefix/ (the whole bucket for prefix ""), by key relative to the prefix."""
         out = {}
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        under = f"{prefix}/" if prefix else ""
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=under):
             for o in page.get("Contents", []):
-                out[o["Key"][len(prefix) + 1:]] = self.client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+                out[o["Key"][len(under):]] = self.client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
         return out
 
 
