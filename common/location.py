@@ -92,8 +92,8 @@ def _obstore_store(url: str, options: dict) -> Store:
     config = {names.get(k, k): v for k, v in options.items()}
     endpoint = str(config.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL", ""))
     client = {"allow_http": True} if endpoint.startswith("http://") else {}
-    return ObjectStore(S3Store(bucket, prefix=prefix.strip("/") or None, client_options=client, **config),
-                       read_only=True)
+    return ObjectStore(S3Store(bucket, prefix=prefix.strip("/") or None, client_options=client,
+                               retry_config=OBSTORE_RETRIES, **config), read_only=True)
 
 
 def exists(url: str | os.PathLike) -> bool:
@@ -200,6 +200,7 @@ _UNREACHABLE = ("EndpointConnectionError", "Could not connect", "Connection refu
                 "ConnectTimeout", "ReadTimeout", "ServerDisconnected")
 _DENIED = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden")
 # what waiting does not fix: a full or read-only disk, refused permissions, a path that is not there
+_LASTING_TYPES = ("NotFoundError", "UnauthenticatedError", "PermissionDeniedError")  # obstore's
 _LASTING_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT,
                    errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST, errno.ENOTEMPTY, errno.EINVAL}
 
@@ -228,8 +229,7 @@ def _failure_kind(e: BaseException) -> tuple[str, OSError | None]:
     if any(k in text for k in _UNREACHABLE):
         return "unreachable", os_err
     if (os_err is not None and os_err.errno in _LASTING_ERRNOS) or any(
-            isinstance(x, FileNotFoundError) or type(x).__name__ in ("NotFoundError", "UnauthenticatedError")
-            for x in chain):
+            isinstance(x, FileNotFoundError) or type(x).__name__ in _LASTING_TYPES for x in chain):
         return "lasting", os_err
     return "other", os_err
 
@@ -266,6 +266,16 @@ RETRY_SECONDS = 60.0
 RETRY_ENV = "ACTCACHE_STORAGE_RETRY_SECONDS"
 RETRY_OPTION = "retry_seconds"
 FIRST_WAIT, MAX_WAIT = 0.5, 8.0
+# obstore retries a request up to 10 times over up to 3 minutes by default, a second policy that the
+# budget above would not bound; left with a few quick retries (about a second, like botocore's), the
+# long wait is ours. (botocore's own retries are left as they are: AWS_MAX_ATTEMPTS sets them.)
+OBSTORE_RETRIES = {"max_retries": 3}
+
+# the help of --storage-option, on every command that opens a store
+STORAGE_OPTION_HELP = (
+    "key=value passed to the store's filesystem (repeatable), e.g. endpoint_url=http://host:9000, profile=NAME, "
+    f"key=..., secret=...; and {RETRY_OPTION}=N, how long to retry a failing storage operation (default "
+    f"{RETRY_SECONDS:g} s); beside the standard AWS chain; never written anywhere.")
 
 
 def retry_seconds() -> float:
