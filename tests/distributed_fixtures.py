@@ -1,5 +1,5 @@
 """Helpers shared by the torchrun and S3 tests: one-thread subprocesses, torchrun command lines, the
-pid of a rank's worker, our error lines, and a moto S3 server on loopback."""
+pid of a rank's worker, our error and retry lines, and a moto S3 server on loopback."""
 
 from __future__ import annotations
 
@@ -32,6 +32,12 @@ def run(cmd: list[str], timeout: float = 300, extra_env: dict[str, str] | None =
 
 def our_errors(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("actcache: error:")]
+
+
+def retry_lines(stderr: str) -> list[str]:
+    """The lines saying that a storage operation failed and will be retried (progress bars split off)."""
+    return [line for line in stderr.replace("\r", "\n").splitlines()
+            if line.startswith("actcache: ") and "; attempt " in line and ", retrying in " in line]
 
 
 def worker_pid(parent: int, rank: int) -> int | None:

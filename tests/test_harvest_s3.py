@@ -9,6 +9,7 @@ import pytest
 from actcache import HarvestConfig, harvest, info, verify
 from actcache.common.store import ActivationStore
 from benchmarks.s3_server import moto_s3
+from distributed_fixtures import retry_lines
 from harvest_fixtures import HOOKS, RANDOM, write_token_jsonl
 
 
@@ -145,11 +146,6 @@ def finish(p, timeout: float = 240) -> tuple[str, str]:
         if p.poll() is None:
             p.kill()
             p.wait()
-
-
-def retry_lines(err: str) -> list[str]:
-    return [line for line in err.replace("\r", "\n").splitlines() if line.startswith("actcache: ") and "; attempt " in line
-            and ", retrying in " in line]
 
 
 def assert_uninterrupted_store(server, bucket: str, uninterrupted) -> None:
