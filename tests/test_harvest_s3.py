@@ -92,6 +92,7 @@ def test_endpoint_down_at_the_start_is_one_line_before_the_model_loads(s3, tmp_p
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own random waits (up to 15 s) are not what is tested
     _one_line_error(tmp_path, monkeypatch, f"{s3}/down/acts.zarr", "cannot reach")
 
 
