@@ -202,6 +202,38 @@ def ours_sweep(store: str, plan: Plan, work: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- SAELens side
+def export_random_model(plan: Plan, path: Path) -> Path:
+    """The weights of the random: model our harvest ran, under HookedTransformer's parameter names,
+    for saelens_side.py --weights. The same spec builds different weights in TransformerLens 3 (SAELens's
+    environment) and 4 (ours): same embeddings, other block weights (v4 scales W_O and W_out by
+    1/sqrt(2 n_layers), and draws the other weights differently). Without this, SAELens's on-the-fly and multi runs
+    would train on another model's activations than the store holds, and be scored on ours."""
+    import torch
+    from safetensors.torch import save_file
+
+    from actcache.harvest.models import load_model
+
+    tl = load_model(plan.model, device="cpu").tl
+    sd = tl.state_dict()
+
+    def ln(name: str, which: str) -> torch.Tensor:  # v3: ln1.w / ln1.b; v4: ln1.weight / ln1.bias
+        short = sd.get(f"{name}.{which}")
+        return short if short is not None else sd[f"{name}.{'weight' if which == 'w' else 'bias'}"]
+
+    out = {"embed.W_E": tl.W_E, "pos_embed.W_pos": tl.W_pos, "unembed.W_U": tl.W_U, "unembed.b_U": tl.b_U,
+           "ln_final.w": ln("ln_final", "w"), "ln_final.b": ln("ln_final", "b")}
+    for i in range(tl.cfg.n_layers):
+        b = f"blocks.{i}"
+        for n in ("ln1", "ln2"):
+            out[f"{b}.{n}.w"], out[f"{b}.{n}.b"] = ln(f"{b}.{n}", "w"), ln(f"{b}.{n}", "b")
+        for n in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"):
+            out[f"{b}.attn.{n}"] = getattr(tl, n)[i]
+        for n in ("W_in", "b_in", "W_out", "b_out"):
+            out[f"{b}.mlp.{n}"] = getattr(tl, n)[i]
+    save_file({k: v.detach().to(torch.float32).contiguous() for k, v in out.items()}, str(path))
+    return path
+
+
 def saelens_python(arg: str | None) -> str | None:
     for cand in (arg, os.environ.get("ACTCACHE_SAELENS_PYTHON"), str(ROOT / ".venv-saelens" / "bin" / "python")):
         if cand and Path(cand).exists():
@@ -221,7 +253,8 @@ def run_saelens(py: str, plan: Plan, tokens_file: Path, store: str, eval_store: 
            "--sweep-tokens", str(plan.sweep_tokens), "--batch-size", str(plan.batch_size), "--lr", str(plan.lr),
            "--work", str(work / "saelens"), "--json", str(out_json)]
     if plan.saelens_shape:
-        cmd += ["--shape", json.dumps(plan.saelens_shape), "--shape-from-scratch"]
+        cmd += ["--shape", json.dumps(plan.saelens_shape), "--shape-from-scratch",
+                "--weights", str(export_random_model(plan, work / "saelens-model.safetensors"))]
     if threads:
         cmd += ["--threads", str(threads)]
     log("SAELens side: " + " ".join(cmd[1:3]) + " ...")
@@ -319,7 +352,8 @@ def parity(r: dict) -> list[dict]:
         row = {"name": f"topk-k{kx[0]}-x{kx[1]}"}
         for tag, m in (("ours", o), ("saelens", t), ("saelens_multi", multi.get(kx))):
             for f in ("explained_variance", "l0", "dead_fraction"):
-                row[f"{tag}_{f}"] = m.get(f) if m else None
+                # an SAE trained on another model's activations than the store's has no quality to report here
+                row[f"{tag}_{f}"] = m.get(f) if m and not m.get("other_model") else None
         row["ev_gap"] = (o["explained_variance"] - t["explained_variance"]) if o and t else None
         rows.append(row)
     return rows
@@ -352,7 +386,7 @@ def markdown(r: dict) -> str:
              f"# actcache vs SAELens — {m['date']} on {m['host']} ({what})")
     plan = r["plan"]
     steps = plan["sweep_tokens"] // plan["batch_size"]
-    model = (f"model `{plan['model']}` (ours; SAELens: a HookedTransformer of that shape)"
+    model = (f"model `{plan['model']}` (ours; SAELens: a HookedTransformer of that shape with its weights)"
              if plan.get("saelens_shape") else f"model `{plan.get('model')}`")
     lines = [title, "",
              f"{m['cpu']}, {m['cores']} cores; torch {m['torch']}; sae-lens {_get(r, 'saelens', 'sae_lens_version')}; "
@@ -383,18 +417,44 @@ def markdown(r: dict) -> str:
         rate = n_tok / sec if sec and "writing" not in label else None
         lines.append(f"| {label} | {_fmt(sec, 1)} | {_fmt(rate)} |")
     if r.get("parity"):
-        multi = any(p.get("saelens_multi_explained_variance") is not None for p in r["parity"])
+        multi = "multi" in plan.get("saelens_parts", "")
         lines += ["", "Quality on held-out tokens (same evaluator, sae_lens.SAE, for both):", "",
                   "| SAE | EV ours | EV SAELens | L0 ours | L0 SAELens | dead ours | dead SAELens |"
                   + (" EV SAELens multi | dead SAELens multi |" if multi else ""),
                   "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if multi else "")]
         for p in r["parity"]:
-            lines.append(f"| {p['name']} | {_fmt(p['ours_explained_variance'])} | {_fmt(p['saelens_explained_variance'])} | "
+            lines.append(f"| {p['name']} | {_fmt_ev(p['ours_explained_variance'])} | "
+                         f"{_fmt_ev(p['saelens_explained_variance'])} | "
                          f"{_fmt(p['ours_l0'], 1)} | {_fmt(p['saelens_l0'], 1)} | {_fmt(p['ours_dead_fraction'])} | "
                          f"{_fmt(p['saelens_dead_fraction'])} |"
-                         + (f" {_fmt(p['saelens_multi_explained_variance'])} | {_fmt(p['saelens_multi_dead_fraction'])} |"
+                         + (f" {_fmt_ev(p['saelens_multi_explained_variance'])} | {_fmt(p['saelens_multi_dead_fraction'])} |"
                             if multi else ""))
     return _notes(r, lines)
+
+
+def _fmt_ev(v) -> str:
+    """An explained variance, marked when below zero (worse than predicting the mean): see the notes."""
+    return _fmt(v) + (" (< 0)" if v is not None and v < 0 else "")
+
+
+def quality_notes(r: dict) -> list[str]:
+    """What the quality table cannot be trusted for: SAEs that learnt another model's activations
+    than the store's, and any explained variance below zero (an SAE that has not learnt the data it
+    is scored on)."""
+    notes = []
+    check = _get(r, "saelens", "model_check")
+    if check and not check.get("same_model") and "multi" in r["plan"].get("saelens_parts", ""):
+        notes.append(f"SAELens's model does not reproduce the store's activations (relative error "
+                     f"{check['relative_error']:.2g}): its MultiSAETrainingRunner SAEs learnt another model's "
+                     "activations than the ones they would be scored on, so their quality is not reported")
+    below = [f"{p['name']} ({who})" for p in r.get("parity", [])
+             for who, key in (("ours", "ours"), ("SAELens", "saelens"), ("SAELens multi", "saelens_multi"))
+             if (p.get(f"{key}_explained_variance") is not None and p[f"{key}_explained_variance"] < 0)]
+    if below:
+        notes.append("explained variance below zero (worse than predicting the mean: the SAE has not learnt the "
+                     "data it is scored on, from too few steps or other data; not a quality to quote): "
+                     + ", ".join(below))
+    return notes
 
 
 def rates_table(oh: dict, sl: dict) -> list[str]:
@@ -428,6 +488,7 @@ def _notes(r: dict, lines: list[str]) -> str:
         notes.append(f"training store written by {_get(oh, 'store', 'writer')}")
     if isinstance(sl, dict) and sl.get("status"):
         notes.append(f"SAELens side: {sl['status']} ({sl.get('error')})")
+    notes += quality_notes(r)
     notes += _get(r, "meta", "notes") or []
     lines += ["Notes:", ""] + [f"- {n}" for n in notes if n]
     return "\n".join(lines) + "\n"

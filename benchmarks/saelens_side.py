@@ -18,6 +18,11 @@ SAELens's runners load models by name. No hub is reachable, so this script build
 initialised HookedTransformer of the bundled model's shape (SmolLM2-135M: Llama, 30 layers,
 d_model 576) and hands it over: CacheActivationsRunner's module-level load_model is patched to
 return it, and the training runner gets it as override_model. The output says so ("model_note").
+With --weights the model holds the weights of the model actcache harvested (benchmarks/run.py
+exports them for a random: model: TransformerLens 3 and 4 build different weights from the same
+random spec and seed), so that the SAEs trained with the model in the loop (onthefly, multi) learn
+the activations the store holds and are scored on; "model_check" says whether SAELens's model
+reproduces the store's activations.
 
     python benchmarks/saelens_side.py --tokens toks.npy --parts harvest,loader --work /tmp/sl
 """
@@ -74,6 +79,35 @@ def build_model(shape: dict, seed: int = 0):
     model = HookedTransformer(cfg)
     model.eval()
     return model
+
+
+def load_weights(model, path: str) -> None:
+    """Load a HookedTransformer state dict (safetensors) into the model; every parameter must be in it."""
+    from safetensors.torch import load_file
+
+    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    buffers = {n for n, _ in model.named_buffers()}
+    missing = [k for k in missing if k not in buffers]
+    if missing or unexpected:
+        raise SystemExit(f"{path}: missing {missing[:3]}, unexpected {unexpected[:3]} (of {len(missing)}, "
+                         f"{len(unexpected)})")
+
+
+@torch.no_grad()
+def model_check(model, store: str, hook: str, n_seq: int = 4) -> dict:
+    """Does this model produce the store's activations? Run it on the store's first windows and
+    compare with what the store holds (float16): the relative error ||x - y|| / ||x||. SAEs trained
+    with the model in the loop (on the fly, MultiSAETrainingRunner) are comparable with the store's
+    only when it does."""
+    import zarr
+
+    root = zarr.open_group(store, mode="r")
+    ctx = root.attrs["actcache"]["context_size"]
+    toks = torch.from_numpy(np.asarray(root["tokens"][:n_seq]).astype(np.int64))
+    x = torch.from_numpy(np.asarray(root["activations"][hook][:len(toks) * ctx]).astype(np.float32))
+    y = model.run_with_cache(toks, names_filter=[hook], stop_at_layer=layer_of(hook) + 1)[1][hook]
+    rel = float((x - y.reshape(x.shape)).norm() / x.norm())
+    return {"relative_error": rel, "same_model": rel < 0.01, "sequences": int(len(toks))}
 
 
 def token_dataset(tokens: np.ndarray):
@@ -375,6 +409,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--onthefly-tokens", type=int, default=0, help="default: --sweep-tokens")
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--weights", help="HookedTransformer weights (safetensors) of the model actcache harvested: "
+                                      "SAELens gets the same model, not only the same shape")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--work", required=True, help="folder for caches and SAEs")
     ap.add_argument("--json", help="also write the result here")
@@ -401,7 +437,17 @@ def main(argv: list[str] | None = None) -> dict:
                         "of the shape the benchmark names (seed 0) was handed to it (override_model)")}
     t0 = time.perf_counter()
     model = build_model(shape)
+    if a.weights:
+        load_weights(model, a.weights)
+        result["model_note"] = ("SAELens loads models by name and no hub is reachable: a HookedTransformer of the shape "
+                                "the benchmark names, holding the weights of the model actcache harvested, was handed "
+                                "to it (override_model)")
     result["model_build_s"] = time.perf_counter() - t0
+    if a.eval_store:
+        # SAEs trained with SAELens's model in the loop are scored on the store's activations:
+        # that is fair only if its model is the store's
+        result["model_check"] = model_check(model, a.eval_store, a.hook)
+        log(f"SAELens's model vs the store's activations: relative error {result['model_check']['relative_error']:.2g}")
     if "harvest" in parts or "loader" in parts:
         ht = tokens[: max(1, a.harvest_tokens // tokens.shape[1])] if a.harvest_tokens else tokens
         ht = ht[: len(ht) // a.model_batch * a.model_batch] if len(ht) >= a.model_batch else ht
@@ -441,6 +487,10 @@ def main(argv: list[str] | None = None) -> dict:
         dirs = sweep_dirs + [d for d in a.eval_dirs.split(",") if d]
         log(f"evaluating {len(dirs)} SAEs on {a.eval_store}")
         result["eval"] = evaluate_dirs(dirs, a.eval_store, a.hook, a.eval_tokens)
+        if not result["model_check"]["same_model"]:
+            for key, m in result["eval"].items():
+                if key.endswith("saes_multi"):  # trained on SAELens's model, scored on the store's
+                    m["other_model"] = True
     out = json.dumps(result, indent=1, default=float)
     if a.json:
         Path(a.json).write_text(out)

@@ -1,6 +1,9 @@
 """Test set-up: offline, CPU only, and the repository root importable without installing."""
 
+import json
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -46,10 +49,55 @@ def make_sweep(*saes: dict, defaults: dict | None = None, hook: str = SYNTHETIC_
     return cfg
 
 
-@pytest.fixture
-def sweep():
-    """make_sweep, for tests: sweep({"name": "t", "architecture": "topk", "k": 4}, tokens=2048, ...)."""
-    return make_sweep
+def _toml_value(v) -> str:
+    """One TOML value: a bool, number or string, or a list of them."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)  # JSON's string escapes are TOML's too
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"no TOML value for {v!r}")
+
+
+def _toml_key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k, ensure_ascii=False)
+
+
+def _tables(v) -> list[dict]:
+    """The tables a value of a sweep dict stands for: one for a dict, several for a list of dicts."""
+    if isinstance(v, dict):
+        return [v]
+    return v if isinstance(v, list) and v and all(isinstance(x, dict) for x in v) else []
+
+
+def sweep_toml(cfg: dict) -> str:
+    """The TOML text of a sweep dict (what make_sweep returns): top-level keys first, then each table
+    ([defaults], [grid]) and each array of tables ([[sae]]). Checked: the text parses back to cfg."""
+    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in cfg.items() if not _tables(v)]
+    for k, v in cfg.items():
+        for table in _tables(v):
+            lines += ["", f"[{_toml_key(k)}]" if isinstance(v, dict) else f"[[{_toml_key(k)}]]"]
+            lines += [f"{_toml_key(key)} = {_toml_value(x)}" for key, x in table.items()]
+    text = "\n".join(lines) + "\n"
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    # the text says what the dict says (json.dumps: a NaN equals a NaN, a tuple its list)
+    assert json.dumps(tomllib.loads(text), sort_keys=True) == json.dumps(cfg, sort_keys=True), text
+    return text
+
+
+def write_sweep(cfg: dict, path: str | Path) -> Path:
+    """Write a sweep dict as the TOML file a user would pass to `actcache train --config`."""
+    path = Path(path)
+    path.write_text(sweep_toml(cfg))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -212,6 +212,8 @@ def test_saelens_side_trains_from_our_store_and_evaluates(tmp_path, saelens_pyth
     assert sorted(k.split("@")[1].rsplit("/", 1)[1] for k in r["eval"]) == ["saes_cached", "saes_multi"]
     multi_ev = next(v for k, v in r["eval"].items() if k.endswith("saes_multi"))
     assert multi_ev["l0"] == pytest.approx(4.0) and -1.0 < multi_ev["explained_variance"] < 1.0
+    # the planted store comes from no model: the multi SAE learnt its model's activations, not the store's
+    assert r["model_check"]["same_model"] is False and multi_ev["other_model"] is True
     ev = next(v for k, v in r["eval"].items() if k.startswith("topk-k4-x2@") and k.endswith("saes_cached"))
     assert ev["l0"] == pytest.approx(4.0)
     assert ev["eval_tokens"] == 256
@@ -254,3 +256,40 @@ def test_sweep4096_run_reports_the_sweeps_with_multi_sae_runner_and_keeps_its_ow
     # 8 SAEs x 262,144 tokens in 45 s
     assert "| SAELens MultiSAETrainingRunner (on the fly, one forward pass for all 8) | 45.0 | 46,603 |" in md
     assert "Rates (tokens/s)" not in md
+
+
+def test_saelens_gets_the_weights_of_the_random_model_we_harvested(tmp_path, saelens_python):
+    """TransformerLens 3 (SAELens's environment) and 4 build different weights from one random spec:
+    the benchmark hands SAELens the weights our harvest ran, and its model reproduces the store."""
+    spec = "random:n_layers=1,d_model=16,n_heads=4,d_vocab=100,n_ctx=16,seed=0"
+    plan = br.Plan(hook="blocks.0.hook_resid_post", hooks4=[], harvest_tokens=0, sweep_tokens=128, eval_tokens=0,
+                   model=spec, model_batch=4, context_size=16)
+    windows = np.random.default_rng(0).integers(3, 100, (8, 16))
+    br.build_store(str(tmp_path / "s.zarr"), windows, plan, tmp_path, "s")
+    weights = br.export_random_model(plan, tmp_path / "w.safetensors")
+    shape = {"n_layers": 1, "d_model": 16, "n_heads": 4, "d_head": 4, "d_mlp": 64, "d_vocab": 100, "n_ctx": 16,
+             "act_fn": "gelu"}
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import saelens_side as S; "
+            "m = S.build_model(json.loads(sys.argv[2])); S.load_weights(m, sys.argv[3]); "
+            "print(json.dumps(S.model_check(m, sys.argv[4], 'blocks.0.hook_resid_post')))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([saelens_python, "-c", code, str(ROOT / "benchmarks"), json.dumps(shape), str(weights),
+                        str(tmp_path / "s.zarr")], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    check = json.loads(p.stdout.strip().splitlines()[-1])
+    assert check["same_model"] is True and check["relative_error"] < 1e-2, check
+
+
+def test_quality_table_leaves_out_other_model_saes_and_flags_negative_explained_variance():
+    r = {"saelens": {"model_check": {"relative_error": 2.9, "same_model": False},
+                     "eval": {"topk-k16-x8@/w/saes_cached": {"explained_variance": -0.2, "l0": 16, "dead_fraction": 0.1},
+                              "topk-k16-x8@/w/saes_multi": {"explained_variance": -0.4, "l0": 16, "dead_fraction": 0.2,
+                                                            "other_model": True},
+                              "topk-k16-x8@/w/ours_saes": {"explained_variance": 0.8, "l0": 16, "dead_fraction": 0.0}}},
+         "plan": {"saelens_parts": "sweep,onthefly,multi,eval"}}
+    r["parity"] = br.parity(r)
+    assert r["parity"][0]["saelens_multi_explained_variance"] is None  # not scored on another model's data
+    notes = br.quality_notes(r)
+    assert any("does not reproduce the store's activations" in n for n in notes)
+    assert any("below zero" in n and "topk-k16-x8 (SAELens)" in n and "multi" not in n for n in notes)
+    assert br._fmt_ev(-0.2).endswith("(< 0)") and "<" not in br._fmt_ev(0.8)

@@ -13,46 +13,22 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import make_sweep, write_sweep
 from tests.synthetic import make_store
 from distributed_fixtures import one_thread_env, our_errors, run, torchrun, worker_pid
 from harvest_fixtures import ROOT
 
 pytest.importorskip("torch.distributed")
 
-SWEEP = """hook = "blocks.0.hook_resid_pre"
-batch_size = 256
-tokens = 32768
-seed = 3
-log_every_steps = 10
-dead_window_tokens = 2048
-eval_tokens = 2048
-window_chunks = 2
-repeat_epochs = true
-checkpoint_every_tokens = 2048
-
-[defaults]
-lr = 1e-3
-d_sae = 64
-
-[[sae]]
-name = "relu"
-architecture = "standard"
-l1_coefficient = 0.5
-
-[[sae]]
-name = "wide-gated"
-architecture = "gated"
-d_sae = 128
-
-[[sae]]
-name = "jump"
-architecture = "jumprelu"
-l0_coefficient = 0.5
-
-[grid]
-architecture = ["topk", "batchtopk"]
-k = [4, 8]
-"""
+SWEEP = make_sweep(
+    {"name": "relu", "architecture": "standard", "l1_coefficient": 0.5},
+    {"name": "wide-gated", "architecture": "gated", "d_sae": 128},
+    {"name": "jump", "architecture": "jumprelu", "l0_coefficient": 0.5},
+    defaults={"lr": 1e-3, "d_sae": 64},
+    grid={"architecture": ["topk", "batchtopk"], "k": [4, 8]},
+    batch_size=256, tokens=32768, seed=3, log_every_steps=10, dead_window_tokens=2048, eval_tokens=2048,
+    window_chunks=2, repeat_epochs=True, checkpoint_every_tokens=2048,
+)
 NAMES = ["relu", "wide-gated", "jump", "topk-k4", "topk-k8", "batchtopk-k4", "batchtopk-k8"]
 
 
@@ -65,7 +41,7 @@ def single(tmp_path_factory):
     """The store, the sweep file, and the sweep trained by one process (one thread)."""
     d = tmp_path_factory.mktemp("dsweep")
     make_store(d / "s.zarr", d=16, n_features=48, n_sequences=256, context_size=32, chunk_sequences=16)
-    (d / "sweep.toml").write_text(SWEEP)
+    write_sweep(SWEEP, d / "sweep.toml")
     done = run([sys.executable, "-m", "actcache", *train_args(d / "s.zarr", d / "sweep.toml", d / "single")])
     assert done.returncode == 0, done.stderr[-3000:]
     return d
@@ -127,9 +103,7 @@ def test_shares_are_balanced_by_cost():
     from actcache.train.config import parse_config
     from actcache.train.distributed import assign, step_cost
 
-    import tomllib
-
-    cfg = parse_config(tomllib.loads(SWEEP))
+    cfg = parse_config(SWEEP)
     for c in cfg.saes:
         c.d_in = 16
         c.d_sae = c.d_sae or 64

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import make_sweep
 from tests.synthetic import make_store
 from actcache.common.errors import UserError
 from actcache.common.store import ActivationStore, chunk_stats
@@ -158,10 +159,10 @@ def test_accumulator_rescales_like_a_final_histogram():
 
 
 # ---------------------------------------------------------------------------------- a trained run
-SWEEP = {"hook": HOOK, "tokens": 4096, "batch_size": 256, "seed": 1, "eval_tokens": 1024, "window_chunks": 2,
-         "log_every_steps": 8, "dead_window_tokens": 2048, "defaults": {"lr": 1e-3, "d_sae": 48},
-         "sae": [{"name": "topk4", "architecture": "topk", "k": 4},
-                 {"name": "relu", "architecture": "standard", "l1_coefficient": 0.5}]}
+SWEEP = make_sweep({"name": "topk4", "architecture": "topk", "k": 4},
+                   {"name": "relu", "architecture": "standard", "l1_coefficient": 0.5},
+                   defaults={"lr": 1e-3, "d_sae": 48}, hook=HOOK, tokens=4096, batch_size=256, seed=1,
+                   eval_tokens=1024, window_chunks=2, log_every_steps=8, dead_window_tokens=2048)
 
 
 @pytest.fixture(scope="module")

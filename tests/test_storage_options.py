@@ -11,6 +11,7 @@ import pytest
 
 from distributed_fixtures import moto_s3
 from harvest_fixtures import HOOKS, ROOT, env, harvest_args, write_token_jsonl
+from tests.conftest import make_sweep, write_sweep
 
 SECRET_OPTION = "optsecret-7f3a9c-never-written"
 SECRET_ENV = "envsecret-51d2e8-never-written"
@@ -48,9 +49,8 @@ def test_secrets_passed_both_ways_reach_s3_and_are_never_written(tmp_path):
         assert h.returncode == 0, h.stderr[-3000:]
 
         # train: the endpoint on the command line, the keys from the standard AWS environment variables
-        (tmp_path / "sweep.toml").write_text(
-            f'hook = "{HOOKS[0]}"\nbatch_size = 128\ntokens = 1024\neval_tokens = 256\nwindow_chunks = 2\n\n'
-            '[[sae]]\nname = "topk"\narchitecture = "topk"\nk = 4\nd_sae = 64\n')
+        write_sweep(make_sweep({"name": "topk", "architecture": "topk", "k": 4, "d_sae": 64}, hook=HOOKS[0],
+                               batch_size=128, tokens=1024, eval_tokens=256, window_chunks=2), tmp_path / "sweep.toml")
         out = tmp_path / "run"
         t = subprocess.run([sys.executable, "-m", "actcache", "-v", "train", url, "--config",
                             str(tmp_path / "sweep.toml"), "--out", str(out), "--no-progress",

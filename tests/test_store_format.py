@@ -19,6 +19,7 @@ from actcache.common.info import format_info
 from actcache.common.store import ATTR, ActivationStore
 from harvest_fixtures import HOOKS, RANDOM, ROOT, env, write_token_jsonl
 from synthetic import make_store
+from tests.conftest import make_sweep
 
 HOOK = "blocks.0.hook_resid_pre"
 
@@ -224,8 +225,8 @@ def test_train_on_a_store_with_a_damaged_chunk_stops_with_one_line(tmp_path, dam
     url = tmp_path / "s.zarr"
     make_store(url, d=8, n_features=16, n_sequences=128, context_size=16, chunk_sequences=16)  # 8 chunks
     damage_chunk(chunk_file(url, 3), damage)
-    sweep = (f'hook = "{HOOK}"\nbatch_size = 128\ntokens = 1792\nlog_every_steps = 4\neval_tokens = 256\n'
-             '[defaults]\nd_sae = 16\nlr = 1e-3\n[[sae]]\nname = "t"\narchitecture = "topk"\nk = 4\n')
+    sweep = make_sweep({"name": "t", "architecture": "topk", "k": 4}, defaults={"d_sae": 16, "lr": 1e-3}, hook=HOOK,
+                       batch_size=128, tokens=1792, log_every_steps=4, eval_tokens=256)
     with pytest.raises(StoreError) as e:
         train_sweep(str(url), sweep, str(tmp_path / "run"), progress=False)
     assert "\n" not in str(e.value) and f"chunk 3 of activations/{HOOK}" in str(e.value)

@@ -4,7 +4,6 @@ value is one line from the real CLI before anything trains, and the README's key
 generated ones."""
 
 import json
-import math
 import os
 import stat
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import make_sweep, write_sweep
 from tests.synthetic import make_store, sample_activations
 from tests.test_train_saes import one_thread  # noqa: F401  (a fixture)
 from actcache.common.errors import UserError
@@ -25,28 +25,6 @@ from actcache.train.sweep import train_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.hook_resid_pre"
-
-
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, float) and math.isnan(v):
-        return "nan"
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return repr(v)
-
-
-def sweep(top: dict, saes: list[dict], defaults: dict | None = None) -> str:
-    """TOML text of a sweep from plain dicts."""
-    lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]
-    if defaults:
-        lines += ["", "[defaults]"] + [f"{k} = {toml_value(v)}" for k, v in defaults.items()]
-    for s in saes:
-        lines += ["", "[[sae]]"] + [f"{k} = {toml_value(v)}" for k, v in s.items()]
-    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------ exported SAEs behave as trained
@@ -71,8 +49,9 @@ def short_run(tmp_path_factory):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        summary = train_sweep(str(root / "s.zarr"), sweep(top, FIDELITY_SAES, {"lr": 3e-3, "d_sae": 64}),
-                              root / "out", progress=False)
+        summary = train_sweep(str(root / "s.zarr"),
+                              make_sweep(*FIDELITY_SAES, defaults={"lr": 3e-3, "d_sae": 64}, **top), root / "out",
+                              progress=False)
     finally:
         torch.set_num_threads(n)
     return summary, planted, root / "out"
@@ -160,9 +139,9 @@ def test_architecture_defined_in_a_test_trains_and_exports(test_architecture, tm
            "eval_tokens": 2048}
     saes = [{"name": "mine", "architecture": "test_l2_topk", "k": 4, "act_l2": 0.05, "d_sae": 512}]
     with pytest.raises(UserError, match="act_l2 = -1.0 is out of range"):
-        load_config(sweep(top, [{**saes[0], "act_l2": -1.0}]))
+        load_config(make_sweep({**saes[0], "act_l2": -1.0}, **top))
     assert "`act_l2` | `test_l2_topk`" in readme_tables()
-    summary = train_sweep(str(tmp_path / "s.zarr"), sweep(top, saes), tmp_path / "out", progress=False)
+    summary = train_sweep(str(tmp_path / "s.zarr"), make_sweep(*saes, **top), tmp_path / "out", progress=False)
     row = summary["saes"][0]
     assert row["exported_as"] == "topk" and row["k"] == 4
     metrics = [json.loads(line) for line in (tmp_path / "out" / "mine" / "metrics.jsonl").read_text().splitlines()]
@@ -241,12 +220,12 @@ SAE_SPECIFIC = [
 ]
 
 
-def _case_toml(where, key, value):
+def _case(where, key, value) -> dict:
     top, sae, defaults = dict(BASE_TOP), dict(BASE_SAE), {}
     {"top": top, "sae": sae, "defaults": defaults}[where][key] = value
     if key == "architecure":
         del sae["architecture"]
-    return sweep(top, [sae], defaults)
+    return make_sweep(sae, defaults=defaults, **top)
 
 
 @pytest.fixture(scope="module")
@@ -274,12 +253,12 @@ def _cli(monkeypatch, capsys, args) -> tuple[int, str]:
 def test_bad_sweep_value_is_one_line_before_training(case, small_store, tmp_path, monkeypatch, capsys):
     if len(case) == 4:
         where, key, value, expected = case
-        text = _case_toml(where, key, value)
+        cfg = _case(where, key, value)
     else:
         override, expected = case
         sae = {k: v for k, v in {**BASE_SAE, **override}.items() if v is not None}
-        text = sweep(BASE_TOP, [sae])
-    (tmp_path / "sweep.toml").write_text(text)
+        cfg = make_sweep(sae, **BASE_TOP)
+    write_sweep(cfg, tmp_path / "sweep.toml")
     code, err = _cli(monkeypatch, capsys, ["train", small_store, "--config", str(tmp_path / "sweep.toml"),
                                            "--out", str(tmp_path / "out"), "--no-progress"])
     assert code == 2, err
@@ -292,10 +271,10 @@ def test_bad_sweep_value_is_one_line_before_training(case, small_store, tmp_path
 def test_surprising_values_are_warnings(small_store):
     from actcache.common.store import ActivationStore
 
-    text = sweep({**BASE_TOP, "checkpoint_every_tokens": 8192},
-                 [{**BASE_SAE, "lr_decay_steps": 40}, {"name": "s", "architecture": "standard",
-                                                       "sparsity_warmup_steps": 100}])
-    cfg = resolve(load_config(text), ActivationStore.open(small_store))
+    raw = make_sweep({**BASE_SAE, "lr_decay_steps": 40},
+                     {"name": "s", "architecture": "standard", "sparsity_warmup_steps": 100},
+                     **BASE_TOP, checkpoint_every_tokens=8192)
+    cfg = resolve(load_config(raw), ActivationStore.open(small_store))
     assert len(cfg.warnings) == 3, cfg.warnings
     assert "lr_decay_steps = 40 is longer than the run (14 steps)" in cfg.warnings[1]
     assert "sparsity_warmup_steps = 100 is longer than the run" in cfg.warnings[2]
@@ -306,13 +285,13 @@ def test_misspelt_key_and_warning_through_a_real_process(small_store, tmp_path):
     """`architecure` is named as an unknown key; a legal but surprising value warns and still trains."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cfg = tmp_path / "a.toml"
-    cfg.write_text(_case_toml("sae", "architecure", "topk"))
+    write_sweep(_case("sae", "architecure", "topk"), cfg)
     p = subprocess.run([sys.executable, "-m", "actcache", "train", small_store, "--config", str(cfg),
                         "--out", str(tmp_path / "a")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip() == ("actcache: error: unknown SAE key 'architecure' in [[sae]] 'a'; "
                                 "did you mean 'architecture'?")
-    cfg.write_text(sweep(BASE_TOP, [{**BASE_SAE, "lr_decay_steps": 40}]))
+    write_sweep(make_sweep({**BASE_SAE, "lr_decay_steps": 40}, **BASE_TOP), cfg)
     p = subprocess.run([sys.executable, "-m", "actcache", "train", small_store, "--config", str(cfg),
                         "--out", str(tmp_path / "b"), "--no-progress"], capture_output=True, text=True, cwd=ROOT,
                        env=env, timeout=300)

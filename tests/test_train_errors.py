@@ -11,6 +11,7 @@ import torch
 
 from actcache.common.errors import UserError
 from actcache.common.store import ActivationStore, chunk_stats
+from tests.conftest import make_sweep, sweep_toml, write_sweep
 from tests.synthetic import make_store
 from actcache.train.checkpoint import load_checkpoint
 from actcache.train.config import load_config
@@ -20,11 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.hook_resid_pre"
 
 
-def toml(sae: str = '[[sae]]\nname = "t"\narchitecture = "topk"\nk = 4\n', **top) -> str:
-    head = {"hook": f'"{HOOK}"', "batch_size": 128, "tokens": 2048, "log_every_steps": 4, "eval_tokens": 512,
-            "skip_special_tokens": "false"}
-    head.update({k: (f'"{v}"' if isinstance(v, str) else v) for k, v in top.items()})
-    return "\n".join(f"{k} = {v}" for k, v in head.items()) + "\n[defaults]\nd_sae = 32\nlr = 1e-3\n" + sae
+TOPK = {"name": "t", "architecture": "topk", "k": 4}
+HEAD = {"batch_size": 128, "tokens": 2048, "log_every_steps": 4, "eval_tokens": 512, "skip_special_tokens": False}
+
+
+def config(*saes: dict, **top) -> dict:
+    """This file's small sweep: the SAEs given (one TopK SAE when neither SAEs nor a grid are)."""
+    if not saes and "grid" not in top:
+        saes = (TOPK,)
+    return make_sweep(*saes, defaults={"d_sae": 32, "lr": 1e-3}, **{**HEAD, **top})
 
 
 @pytest.fixture(scope="module")
@@ -34,71 +39,73 @@ def store_url(tmp_path_factory):
     return str(url)
 
 
-def fails(store_url, text, out, match, **kw):
+def fails(store_url, cfg, out, match, **kw):
     with pytest.raises(UserError, match=match) as e:
-        train_sweep(store_url, text, out, progress=False, **kw)
+        train_sweep(store_url, cfg, out, progress=False, **kw)
     assert "\n" not in str(e.value)
     assert not Path(out).exists(), "a refused run must not create its output folder"
     return str(e.value)
 
 
 def test_hook_not_in_store(store_url, tmp_path):
-    msg = fails(store_url, toml(hook="blocks.9.hook_resid_post"), tmp_path / "o", "not in the store")
+    msg = fails(store_url, config(hook="blocks.9.hook_resid_post"), tmp_path / "o", "not in the store")
     assert HOOK in msg  # names the hooks it has
 
 
 def test_d_in_mismatch(store_url, tmp_path):
-    fails(store_url, toml(d_in=576), tmp_path / "o", r"d_in = 576 .* has d = 8")
+    fails(store_url, config(d_in=576), tmp_path / "o", r"d_in = 576 .* has d = 8")
 
 
 def test_unknown_architecture_names_the_accepted_ones(store_url, tmp_path):
-    msg = fails(store_url, toml('[[sae]]\nname = "x"\narchitecture = "topkk"\nk = 4\n'), tmp_path / "o",
+    msg = fails(store_url, config({"name": "x", "architecture": "topkk", "k": 4}), tmp_path / "o",
                 "unknown architecture 'topkk'")
     assert "standard, topk, batchtopk, jumprelu, gated, matryoshka_batchtopk" in msg
 
 
 def test_parameter_the_architecture_does_not_take(store_url, tmp_path):
-    msg = fails(store_url, toml('[[sae]]\nname = "x"\narchitecture = "topk"\nk = 4\nl1_coefficient = 2.0\n'),
+    msg = fails(store_url, config({"name": "x", "architecture": "topk", "k": 4, "l1_coefficient": 2.0}),
                 tmp_path / "o", "does not take 'l1_coefficient'")
     assert "aux_loss_coefficient" in msg and "k," in msg
     # in a grid too
-    fails(store_url, toml("[grid]\narchitecture = [\"standard\"]\nk = [4]\n"), tmp_path / "o",
+    fails(store_url, config(grid={"architecture": ["standard"], "k": [4]}), tmp_path / "o",
           "'standard' does not take 'k'")
 
 
 def test_k_larger_than_d_sae(store_url, tmp_path):
-    fails(store_url, toml('[[sae]]\nname = "x"\narchitecture = "batchtopk"\nk = 64\n'), tmp_path / "o",
+    fails(store_url, config({"name": "x", "architecture": "batchtopk", "k": 64}), tmp_path / "o",
           "k = 64 must be between 1 and d_sae = 32")
 
 
 def test_more_tokens_than_the_store_needs_permission(store_url, tmp_path):
-    fails(store_url, toml(tokens=4096), tmp_path / "o", "store holds 2,048.*--allow-repeat")
+    fails(store_url, config(tokens=4096), tmp_path / "o", "store holds 2,048.*--allow-repeat")
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        s = train_sweep(store_url, toml(tokens=4096), tmp_path / "ok", allow_repeat=True, progress=False)
+        s = train_sweep(store_url, config(tokens=4096), tmp_path / "ok", allow_repeat=True, progress=False)
         assert s["tokens"] == 4096
-        s = train_sweep(store_url, toml(tokens=4096, repeat_epochs="true").replace('"true"', "true"),
-                        tmp_path / "ok2", progress=False)
+        s = train_sweep(store_url, config(tokens=4096, repeat_epochs=True), tmp_path / "ok2", progress=False)
         assert s["tokens"] == 4096
     finally:
         torch.set_num_threads(n)
 
 
 def test_config_mistakes(store_url, tmp_path):
-    fails(store_url, toml().replace("batch_size", "batchsize"), tmp_path / "o", "unknown config key 'batchsize'")
-    fails(store_url, toml('[[sae]]\nname = "x"\narchitecture = "topk"\n'), tmp_path / "o", "needs k")
-    fails(store_url, toml('[[sae]]\nname = "a"\narchitecture = "topk"\nk = 2\n[[sae]]\nname = "a"\n'
-                          'architecture = "topk"\nk = 3\n'), tmp_path / "o", "two SAEs are named 'a'")
-    fails(store_url, toml("[grid]\nk = [4]\n"), tmp_path / "o", "has no architecture")
-    fails(store_url, toml() + "\n[[sae\n", tmp_path / "o", "not valid TOML")
+    misspelt = config()
+    misspelt["batchsize"] = misspelt.pop("batch_size")
+    fails(store_url, misspelt, tmp_path / "o", "unknown config key 'batchsize'")
+    fails(store_url, config({"name": "x", "architecture": "topk"}), tmp_path / "o", "needs k")
+    twins = config({"name": "a", "architecture": "topk", "k": 2}, {"name": "a", "architecture": "topk", "k": 3})
+    fails(store_url, twins, tmp_path / "o", "two SAEs are named 'a'")
+    fails(store_url, config(grid={"k": [4]}), tmp_path / "o", "has no architecture")
+    # about TOML text itself: a file that breaks off inside a table header
+    fails(store_url, sweep_toml(config()) + "\n[[sae\n", tmp_path / "o", "not valid TOML")
     with pytest.raises(UserError, match="no config file"):
         load_config(tmp_path / "missing.toml")
 
 
 def test_grid_expands_with_automatic_names():
-    cfg = load_config(toml('[[sae]]\nname = "relu"\narchitecture = "standard"\n\n'
-                           '[grid]\narchitecture = ["batchtopk"]\nk = [16, 64]\nexpansion = [8, 16]\n'))
+    cfg = load_config(config({"name": "relu", "architecture": "standard"},
+                             grid={"architecture": ["batchtopk"], "k": [16, 64], "expansion": [8, 16]}))
     assert [s.name for s in cfg.saes] == ["relu", "batchtopk-k16-x8", "batchtopk-k16-x16", "batchtopk-k64-x8",
                                           "batchtopk-k64-x16"]
     s = cfg.saes[3]
@@ -113,19 +120,19 @@ def test_output_folder_rules(store_url, tmp_path):
     torch.set_num_threads(1)
     try:
         out = tmp_path / "run"
-        train_sweep(store_url, toml(), out, progress=False)
+        train_sweep(store_url, config(), out, progress=False)
         with pytest.raises(UserError, match="already holds a training run; pass --resume"):
-            train_sweep(store_url, toml(), out, progress=False)
+            train_sweep(store_url, config(), out, progress=False)
         with pytest.raises(UserError, match="holds a different run"):
-            train_sweep(store_url, toml(seed=5), out, resume=True, progress=False)
+            train_sweep(store_url, config(seed=5), out, resume=True, progress=False)
         # resuming a finished run only re-exports it
-        again = train_sweep(store_url, toml(), out, resume=True, progress=False)
+        again = train_sweep(store_url, config(), out, resume=True, progress=False)
         assert again["steps"] == 16
         other = tmp_path / "other"
         other.mkdir()
         (other / "notes.txt").write_text("mine")
         with pytest.raises(UserError, match="not empty and holds no actcache run"):
-            train_sweep(store_url, toml(), other, progress=False)
+            train_sweep(store_url, config(), other, progress=False)
     finally:
         torch.set_num_threads(n)
 
@@ -144,13 +151,13 @@ def test_nan_loss_stops_with_the_sae_name_and_step_and_keeps_the_last_good_check
     order = ActivationLoader(str(url), HOOK, 128, seed=0, window_chunks=1).chunk_order(0)
     bad_step = order.index(bad_chunk) * 256 // 128
     assert bad_step >= 2, "choose another bad chunk so that a checkpoint comes first"
-    text = toml('[[sae]]\nname = "fine"\narchitecture = "standard"\n[[sae]]\nname = "victim"\n'
-                'architecture = "topk"\nk = 4\n', window_chunks=1, checkpoint_every_tokens=128)
+    cfg = config({"name": "fine", "architecture": "standard"}, {"name": "victim", "architecture": "topk", "k": 4},
+                 window_chunks=1, checkpoint_every_tokens=128)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with pytest.raises(UserError) as e:
-            train_sweep(str(url), text, tmp_path / "out", progress=False)
+            train_sweep(str(url), cfg, tmp_path / "out", progress=False)
     finally:
         torch.set_num_threads(n)
     msg = str(e.value)
@@ -162,8 +169,7 @@ def test_nan_loss_stops_with_the_sae_name_and_step_and_keeps_the_last_good_check
 
 
 def test_cli_prints_one_line_and_exits_2(store_url, tmp_path):
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(toml('[[sae]]\nname = "x"\narchitecture = "topk"\nk = 4\nl1_coefficient = 2.0\n'))
+    cfg = write_sweep(config({"name": "x", "architecture": "topk", "k": 4, "l1_coefficient": 2.0}), tmp_path / "c.toml")
     proc = subprocess.run([sys.executable, "-m", "actcache", "train", store_url, "--config", str(cfg),
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)

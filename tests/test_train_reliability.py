@@ -23,19 +23,18 @@ from actcache.train.checkpoint import CHECKPOINT, load_checkpoint
 from actcache.train.loader import ActivationLoader, normalisation_scale
 from actcache.train.sweep import train_sweep
 from distributed_fixtures import retry_lines
+from tests.conftest import make_sweep, write_sweep
 from tests.synthetic import make_store
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.hook_resid_pre"
-SAES = '[[sae]]\nname = "t"\narchitecture = "topk"\nk = 4\n[[sae]]\nname = "j"\narchitecture = "jumprelu"\n'
+SAES = ({"name": "t", "architecture": "topk", "k": 4}, {"name": "j", "architecture": "jumprelu"})
+HEAD = {"batch_size": 128, "tokens": 4096, "log_every_steps": 8, "eval_tokens": 512, "window_chunks": 2, "seed": 1}
 
 
-def toml(saes: str = SAES, **top) -> str:
-    head = {"hook": f'"{HOOK}"', "batch_size": 128, "tokens": 4096, "log_every_steps": 8, "eval_tokens": 512,
-            "window_chunks": 2, "seed": 1}
-    head.update({k: (f'"{v}"' if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v)
-                 for k, v in top.items()})
-    return "\n".join(f"{k} = {v}" for k, v in head.items()) + "\n[defaults]\nd_sae = 32\nlr = 1e-3\n" + saes
+def config(*saes: dict, **top) -> dict:
+    """This file's small sweep: a TopK and a JumpReLU SAE unless other SAEs are given."""
+    return make_sweep(*(saes or SAES), defaults={"d_sae": 32, "lr": 1e-3}, **{**HEAD, **top})
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +72,6 @@ def one_error_line(proc: subprocess.Popen, timeout: float = 180) -> str:
     return lines[0]
 
 
-def config_file(tmp_path: Path, text: str) -> Path:
-    p = tmp_path / "sweep.toml"
-    p.write_text(text)
-    return p
-
-
 # ------------------------------------------------------------------------------------ safe loading
 class _Touch:
     def __init__(self, path: str):
@@ -90,7 +83,7 @@ class _Touch:
 
 def test_crafted_pickle_checkpoint_is_refused_and_runs_nothing(store_url, tmp_path):
     out = tmp_path / "run"
-    train_sweep(store_url, toml(), out, progress=False)
+    train_sweep(store_url, config(), out, progress=False)
     (out / CHECKPOINT).unlink()
     marker = tmp_path / "pwned"
     with open(out / "checkpoint.pt", "wb") as f:
@@ -101,31 +94,32 @@ def test_crafted_pickle_checkpoint_is_refused_and_runs_nothing(store_url, tmp_pa
     assert marker.exists()
     marker.unlink()
 
-    line = one_error_line(cli("train", store_url, "--config", config_file(tmp_path, toml()), "--out", out, "--resume"))
+    cfg = write_sweep(config(), tmp_path / "sweep.toml")
+    line = one_error_line(cli("train", store_url, "--config", cfg, "--out", out, "--resume"))
     assert "checkpoint.pt is a pickle file" in line and "--overwrite" in line
     assert not marker.exists()
 
 
 def test_damaged_or_foreign_safetensors_checkpoint_is_one_line(store_url, tmp_path):
     out = tmp_path / "run"
-    train_sweep(store_url, toml(), out, progress=False)
+    train_sweep(store_url, config(), out, progress=False)
     good = (out / CHECKPOINT).read_bytes()
     for bad in (good[:len(good) // 2], b"", b"\x00" * 64, good[:9] + b"X" + good[10:]):
         (out / CHECKPOINT).write_bytes(bad)
         with pytest.raises(UserError, match="the checkpoint .* cannot be read") as e:
-            train_sweep(store_url, toml(), out, resume=True, progress=False)
+            train_sweep(store_url, config(), out, resume=True, progress=False)
         assert "\n" not in str(e.value)
     # a valid safetensors file that is not an actcache checkpoint
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(2)}, str(out / CHECKPOINT))
     with pytest.raises(UserError, match="not an actcache checkpoint"):
-        train_sweep(store_url, toml(), out, resume=True, progress=False)
+        train_sweep(store_url, config(), out, resume=True, progress=False)
 
 
 def test_checkpoint_round_trips_every_value_exactly(store_url, tmp_path):
     out = tmp_path / "run"
-    train_sweep(store_url, toml(), out, progress=False)
+    train_sweep(store_url, config(), out, progress=False)
     st = load_checkpoint(out)
     assert st["step"] == 32 and isinstance(st["train_seconds"], float)
     opt = st["members"]["t"]["opt"]
@@ -136,8 +130,8 @@ def test_checkpoint_round_trips_every_value_exactly(store_url, tmp_path):
 
 # ------------------------------------------------------------------------------------ run folder
 def test_two_trains_racing_on_one_folder_one_stops_at_once_naming_the_other(store_url, tmp_path):
-    cfg = config_file(tmp_path, toml(tokens=128 * 1000, checkpoint_every_tokens=128 * 10, repeat_epochs=True,
-                                     log_every_steps=10))
+    cfg = write_sweep(config(tokens=128 * 1000, checkpoint_every_tokens=128 * 10, repeat_epochs=True,
+                             log_every_steps=10), tmp_path / "sweep.toml")
     out = tmp_path / "run"
     procs = [cli("train", store_url, "--config", cfg, "--out", out, "--resume", "--no-progress") for _ in range(2)]
     deadline = time.time() + 240
@@ -157,7 +151,7 @@ def test_two_trains_racing_on_one_folder_one_stops_at_once_naming_the_other(stor
     assert not list(out.glob("*.tmp"))
 
 
-def crash_after_checkpoint(monkeypatch, store_url: str, text: str, out: Path, step: int, last_words=None) -> None:
+def crash_after_checkpoint(monkeypatch, store_url: str, sweep: dict, out: Path, step: int, last_words=None) -> None:
     """Run a sweep that dies right after writing its checkpoint of `step` (last_words(trainer) runs first)."""
     original = trainer_module.Trainer.checkpoint
 
@@ -170,20 +164,20 @@ def crash_after_checkpoint(monkeypatch, store_url: str, text: str, out: Path, st
 
     monkeypatch.setattr(trainer_module.Trainer, "checkpoint", checkpoint_then_die)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_sweep(store_url, text, out, progress=False)
+        train_sweep(store_url, sweep, out, progress=False)
     monkeypatch.undo()
 
 
 def test_overwrite_replaces_a_crashed_run_and_nothing_else(store_url, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    crash_after_checkpoint(monkeypatch, store_url, toml(checkpoint_every_tokens=1024), out, 8)
+    crash_after_checkpoint(monkeypatch, store_url, config(checkpoint_every_tokens=1024), out, 8)
     with pytest.raises(UserError, match="already holds a training run; pass --resume .* --overwrite"):
-        train_sweep(store_url, toml(seed=9), out, progress=False)
+        train_sweep(store_url, config(seed=9), out, progress=False)
     with pytest.raises(UserError, match="contradict"):
-        train_sweep(store_url, toml(seed=9), out, resume=True, overwrite=True, progress=False)
-    s = train_sweep(store_url, toml(seed=9), out, overwrite=True, progress=False)
+        train_sweep(store_url, config(seed=9), out, resume=True, overwrite=True, progress=False)
+    s = train_sweep(store_url, config(seed=9), out, overwrite=True, progress=False)
     assert s["seed"] == 9 and json.loads((out / "run.json").read_text())["config"]["seed"] == 9
-    fresh = train_sweep(store_url, toml(seed=9), tmp_path / "fresh", progress=False)
+    fresh = train_sweep(store_url, config(seed=9), tmp_path / "fresh", progress=False)
     for name in ("t", "j"):
         a, b = load_file(str(out / name / "sae_weights.safetensors")), load_file(
             str(tmp_path / "fresh" / name / "sae_weights.safetensors"))
@@ -195,7 +189,7 @@ def test_overwrite_replaces_a_crashed_run_and_nothing_else(store_url, tmp_path, 
     other.mkdir()
     (other / "notes.txt").write_text("keep")
     with pytest.raises(UserError, match="holds no actcache run"):
-        train_sweep(store_url, toml(), other, overwrite=True, progress=False)
+        train_sweep(store_url, config(), other, overwrite=True, progress=False)
     assert (other / "notes.txt").read_text() == "keep"
 
 
@@ -206,19 +200,19 @@ def test_half_written_metrics_line_does_not_break_resume(store_url, tmp_path, mo
         with open(trainer.members[0].metrics_path, "a") as f:
             f.write('{"step": 16, "tokens": 21')  # the process died inside this write
 
-    crash_after_checkpoint(monkeypatch, store_url, toml(checkpoint_every_tokens=128 * 8), out, 16, half_a_line)
-    train_sweep(store_url, toml(checkpoint_every_tokens=128 * 8), out, resume=True, progress=False)
-    train_sweep(store_url, toml(checkpoint_every_tokens=128 * 8), tmp_path / "ref", progress=False)
+    crash_after_checkpoint(monkeypatch, store_url, config(checkpoint_every_tokens=128 * 8), out, 16, half_a_line)
+    train_sweep(store_url, config(checkpoint_every_tokens=128 * 8), out, resume=True, progress=False)
+    train_sweep(store_url, config(checkpoint_every_tokens=128 * 8), tmp_path / "ref", progress=False)
     for name in ("t", "j"):
         assert (out / name / "metrics.jsonl").read_text() == (tmp_path / "ref" / name / "metrics.jsonl").read_text()
 
 
 def test_disk_full_during_a_checkpoint_is_one_line_keeps_the_last_one_and_resume_is_bitwise(
         store_url, tmp_path, monkeypatch):
-    text = toml(checkpoint_every_tokens=128 * 8, log_every_steps=16)
-    cfg = config_file(tmp_path, text)
+    sweep = config(checkpoint_every_tokens=128 * 8, log_every_steps=16)
+    cfg = write_sweep(sweep, tmp_path / "sweep.toml")
     out = tmp_path / "run"
-    crash_after_checkpoint(monkeypatch, store_url, text, out, 8)
+    crash_after_checkpoint(monkeypatch, store_url, sweep, out, 8)
     before = (out / CHECKPOINT).read_bytes()
     assert load_checkpoint(out)["step"] == 8
 
@@ -232,8 +226,8 @@ def test_disk_full_during_a_checkpoint_is_one_line_keeps_the_last_one_and_resume
     assert (out / CHECKPOINT).read_bytes() == before
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
-    train_sweep(store_url, text, out, resume=True, progress=False)
-    train_sweep(store_url, text, tmp_path / "ref", progress=False)
+    train_sweep(store_url, sweep, out, resume=True, progress=False)
+    train_sweep(store_url, sweep, tmp_path / "ref", progress=False)
     a, b = load_checkpoint(out), load_checkpoint(tmp_path / "ref")
     assert a["step"] == b["step"] == 32
     for name in ("t", "j"):
@@ -255,7 +249,7 @@ def _chunk_file(store: Path, j: int) -> Path:
 def test_a_damaged_chunk_read_by_train_is_one_line_naming_it(tmp_path):
     damages = {"deleted": lambda data: None, "truncated": lambda data: data[:len(data) // 2],
                "flipped": lambda data: data[:40] + bytes([data[40] ^ 0x10]) + data[41:], "empty": lambda data: b""}
-    cfg = config_file(tmp_path, toml(tokens=2048))
+    cfg = write_sweep(config(tokens=2048), tmp_path / "sweep.toml")
     runs = {}
     for i, (name, damage) in enumerate(damages.items()):  # one store per kind of damage, trained side by side
         url = tmp_path / f"{name}.zarr"
@@ -300,10 +294,9 @@ def _direct_scale(store: ActivationStore, chunks: list[int]) -> float:
 
 def test_training_never_reads_a_user_named_held_out_range(store_url, tmp_path, reads):
     # sequences [72, 100) touch chunks 4, 5 and 6 (16 sequences each): all three stay unread
-    text = toml(tokens=128 * 40, repeat_epochs=True, skip_special_tokens=True) + ""
-    text = text.replace("[defaults]", "held_out = [72, 100]\n[defaults]")
+    cfg = config(tokens=128 * 40, repeat_epochs=True, skip_special_tokens=True, held_out=[72, 100])
     out = tmp_path / "run"
-    summary = train_sweep(store_url, text, out, progress=False)
+    summary = train_sweep(store_url, cfg, out, progress=False)
     assert reads["acts"] and set(reads["acts"]) == set(range(16)) - {4, 5, 6}
     assert set(reads["tokens"]) <= set(range(16)) - {4, 5, 6}
     held = [{"start_sequence": 72, "stop_sequence": 100}]
@@ -329,20 +322,17 @@ def test_loader_skips_the_stores_own_held_out_part(store_url, monkeypatch, reads
 
 
 def test_bad_held_out_range_is_refused_before_anything_is_written(store_url, tmp_path):
-    for bad in ("[10, 5]", "[0, 9999]", "[1.5, 4]", "[3]", '"all"'):
-        text = toml().replace("[defaults]", f"held_out = {bad}\n[defaults]")
+    for bad in ([10, 5], [0, 9999], [1.5, 4], [3], "all"):
         with pytest.raises(UserError, match="held_out") as e:
-            train_sweep(store_url, text, tmp_path / "o", progress=False)
+            train_sweep(store_url, config(held_out=bad), tmp_path / "o", progress=False)
         assert "\n" not in str(e.value)
         assert not (tmp_path / "o").exists()
     # everything held out
     with pytest.raises(UserError, match="outside the held-out part"):
-        train_sweep(store_url, toml().replace("[defaults]", "held_out = [0, 256]\n[defaults]"), tmp_path / "o",
-                    progress=False)
+        train_sweep(store_url, config(held_out=[0, 256]), tmp_path / "o", progress=False)
     # fewer training tokens than asked for once the range is left out
     with pytest.raises(UserError, match="outside its held-out part"):
-        train_sweep(store_url, toml().replace("[defaults]", "held_out = [0, 16]\n[defaults]"), tmp_path / "o",
-                    progress=False)
+        train_sweep(store_url, config(held_out=[0, 16]), tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
 
 
@@ -375,8 +365,8 @@ def s3():
 
 
 def test_s3_endpoint_dying_during_training_is_one_line_and_resume_completes(s3, tmp_path):
-    cfg = config_file(tmp_path, toml(tokens=128 * 100, checkpoint_every_tokens=128 * 5, repeat_epochs=True,
-                                     log_every_steps=10))
+    cfg = write_sweep(config(tokens=128 * 100, checkpoint_every_tokens=128 * 5, repeat_epochs=True,
+                             log_every_steps=10), tmp_path / "sweep.toml")
     out = tmp_path / "run"
     # a retry budget of 1 s: the reads are retried, briefly, before the one line
     victim = cli("train", s3["url"], "--config", cfg, "--out", out, "--no-progress",
@@ -415,8 +405,8 @@ def test_s3_server_restarting_during_training_is_retried_and_the_run_is_bitwise_
     """A real training process reading the store from S3; the server stops after the first checkpoint and
     is back on the same port 3 s later: the reads are retried, the run finishes by itself (exit 0, no
     --resume) with bitwise the weights of an uninterrupted run."""
-    text = toml(tokens=128 * 100, checkpoint_every_tokens=128 * 5, repeat_epochs=True, log_every_steps=10)
-    cfg = config_file(tmp_path, text)
+    sweep = config(tokens=128 * 100, checkpoint_every_tokens=128 * 5, repeat_epochs=True, log_every_steps=10)
+    cfg = write_sweep(sweep, tmp_path / "sweep.toml")
     out = tmp_path / "run"
     p = cli("train", s3["url"], "--config", cfg, "--out", out, "--no-progress")
     try:
@@ -431,7 +421,7 @@ def test_s3_server_restarting_during_training_is_retried_and_the_run_is_bitwise_
     assert retried and all(f" in {s3['url']} failed (" in line for line in retried), err[-3000:]
     assert "resuming" not in err
 
-    train_sweep(s3["url"], text, tmp_path / "ref", progress=False)  # uninterrupted, in this process
+    train_sweep(s3["url"], sweep, tmp_path / "ref", progress=False)  # uninterrupted, in this process
     for name in ("t", "j"):
         a, b = (load_file(str(d / name / "sae_weights.safetensors")) for d in (out, tmp_path / "ref"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
@@ -440,7 +430,7 @@ def test_s3_server_restarting_during_training_is_retried_and_the_run_is_bitwise_
 def test_s3_location_problems_at_the_start_are_one_line_before_any_work(s3, tmp_path):
     import urllib.request
 
-    cfg = config_file(tmp_path, toml())
+    cfg = write_sweep(config(), tmp_path / "sweep.toml")
     closed = f"http://127.0.0.1:{_closed_port()}"
     cases = {
         "no bucket": cli("train", "s3://no-such-bucket/s.zarr", "--config", cfg, "--out", tmp_path / "a"),

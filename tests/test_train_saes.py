@@ -4,6 +4,7 @@ dictionary, recovers that dictionary; and the sparse TopK paths compute the dens
 import pytest
 import torch
 
+from tests.conftest import make_sweep
 from tests.synthetic import feature_recovery, make_store
 from actcache.common.sae import SAE
 from actcache.train.architectures import SAEConfig, build_sae, geometric_median
@@ -13,45 +14,15 @@ from actcache.train.sweep import train_sweep
 # best-matching decoder row has cosine similarity above 0.9
 MIN_EXPLAINED_VARIANCE = 0.8
 MIN_RECOVERED = 0.85
-SWEEP = """
-hook = "blocks.0.hook_resid_pre"
-batch_size = 256
-tokens = 250_000
-log_every_steps = 100
-repeat_epochs = true
-dead_window_tokens = 20000
-eval_tokens = 8192
-
-[defaults]
-lr = 3e-3
-d_sae = 128
-lr_warmup_steps = 20
-
-[[sae]]
-name = "relu"
-architecture = "standard"
-l1_coefficient = 0.5
-
-[[sae]]
-name = "gated"
-architecture = "gated"
-l1_coefficient = 2.0
-
-[[sae]]
-name = "jump"
-architecture = "jumprelu"
-l0_coefficient = 0.5
-
-[[sae]]
-name = "matryoshka"
-architecture = "matryoshka_batchtopk"
-k = 3
-matryoshka_widths = [64]
-
-[grid]
-architecture = ["topk", "batchtopk"]
-k = [3]
-"""
+SWEEP = make_sweep(
+    {"name": "relu", "architecture": "standard", "l1_coefficient": 0.5},
+    {"name": "gated", "architecture": "gated", "l1_coefficient": 2.0},
+    {"name": "jump", "architecture": "jumprelu", "l0_coefficient": 0.5},
+    {"name": "matryoshka", "architecture": "matryoshka_batchtopk", "k": 3, "matryoshka_widths": [64]},
+    defaults={"lr": 3e-3, "d_sae": 128, "lr_warmup_steps": 20},
+    grid={"architecture": ["topk", "batchtopk"], "k": [3]},
+    batch_size=256, tokens=250_000, log_every_steps=100, repeat_epochs=True, dead_window_tokens=20000, eval_tokens=8192,
+)
 
 
 @pytest.fixture
@@ -187,21 +158,9 @@ def test_initial_reconstruction_has_the_scale_of_its_input(one_thread):
     assert float(1 - (x_hat - x).pow(2).sum() / centred) > 0
 
 
-LARGE_K_SWEEP = """
-hook = "blocks.0.hook_resid_pre"
-batch_size = 4096
-tokens = 32768
-repeat_epochs = true
-eval_tokens = 4096
-
-[defaults]
-lr = 1e-3
-k = 32
-expansion = 16
-
-[grid]
-architecture = ["topk", "batchtopk"]
-"""
+LARGE_K_SWEEP = make_sweep(defaults={"lr": 1e-3, "k": 32, "expansion": 16},
+                           grid={"architecture": ["topk", "batchtopk"]},
+                           batch_size=4096, tokens=32768, repeat_epochs=True, eval_tokens=4096)
 
 
 def test_large_k_trains_in_few_large_batches(tmp_path, one_thread):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import make_sweep, write_sweep
 from tests.synthetic import make_store
 from actcache.train.checkpoint import load_checkpoint
 from actcache.common.sae import SAE, WEIGHT_KEYS
@@ -21,39 +22,22 @@ ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.hook_resid_pre"
 
 
-def sweep_toml(saes: str, tokens: int = 16384, **top) -> str:
-    head = {"hook": f'"{HOOK}"', "batch_size": 256, "tokens": tokens, "seed": 3, "log_every_steps": 10,
-            "dead_window_tokens": 2048, "eval_tokens": 2048, "window_chunks": 2}
-    head.update({k: (f'"{v}"' if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v)
-                 for k, v in top.items()})
-    return "\n".join(f"{k} = {v}" for k, v in head.items()) + "\n\n[defaults]\nlr = 1e-3\nd_sae = 64\n\n" + saes
+HEAD = {"batch_size": 256, "seed": 3, "log_every_steps": 10, "dead_window_tokens": 2048, "eval_tokens": 2048,
+        "window_chunks": 2}
 
 
-ALL_SAES = """
-[[sae]]
-name = "relu"
-architecture = "standard"
-l1_coefficient = 0.5
+def config(*saes: dict, tokens: int = 16384, **top) -> dict:
+    """This file's sweep of the given SAEs over the 16384-token store."""
+    return make_sweep(*saes, defaults={"lr": 1e-3, "d_sae": 64}, tokens=tokens, **{**HEAD, **top})
 
-[[sae]]
-name = "gated"
-architecture = "gated"
 
-[[sae]]
-name = "jump"
-architecture = "jumprelu"
-l0_coefficient = 0.5
-
-[[sae]]
-name = "matryoshka"
-architecture = "matryoshka_batchtopk"
-k = 4
-matryoshka_widths = [16]
-
-[grid]
-architecture = ["topk", "batchtopk"]
-k = [4]
-"""
+ALL_SAES = (
+    {"name": "relu", "architecture": "standard", "l1_coefficient": 0.5},
+    {"name": "gated", "architecture": "gated"},
+    {"name": "jump", "architecture": "jumprelu", "l0_coefficient": 0.5},
+    {"name": "matryoshka", "architecture": "matryoshka_batchtopk", "k": 4, "matryoshka_widths": [16]},
+)
+ALL_GRID = {"architecture": ["topk", "batchtopk"], "k": [4]}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +53,7 @@ def all_archs(store_url, tmp_path_factory):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        summary = train_sweep(store_url, sweep_toml(ALL_SAES), out, progress=False)
+        summary = train_sweep(store_url, config(*ALL_SAES, grid=ALL_GRID), out, progress=False)
     finally:
         torch.set_num_threads(n)
     return summary, out
@@ -89,9 +73,10 @@ def test_lockstep_sweep_equals_single_sae_runs(store_url, all_archs, tmp_path):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for name, entry in [("topk-k4", '[[sae]]\nname = "topk-k4"\narchitecture = "topk"\nk = 4\n'),
-                            ("jump", '[[sae]]\nname = "jump"\narchitecture = "jumprelu"\nl0_coefficient = 0.5\n')]:
-            single = train_sweep(store_url, sweep_toml(entry), tmp_path / name, progress=False)
+        for entry in [{"name": "topk-k4", "architecture": "topk", "k": 4},
+                      {"name": "jump", "architecture": "jumprelu", "l0_coefficient": 0.5}]:
+            name = entry["name"]
+            single = train_sweep(store_url, config(entry), tmp_path / name, progress=False)
             assert len(single["saes"]) == 1
             a, b = _weights(out / name), _weights(tmp_path / name / name)
             assert a.keys() == b.keys()
@@ -133,7 +118,7 @@ def test_python_api_matches_training_and_folds_normalisation(all_archs, store_ur
     scale = normalisation_scale(store, HOOK)
     assert abs(scale - 1.0) > 0.05  # the fold is really exercised
     x = torch.from_numpy(store.read_chunk(HOOK, 0)[:512]).float()
-    cfg = resolve(load_config(sweep_toml(ALL_SAES)), store)
+    cfg = resolve(load_config(config(*ALL_SAES, grid=ALL_GRID)), store)
     trained = load_checkpoint(out)["members"]
     for sc in cfg.saes:
         sae = SAE.load_from_disk(out / sc.name)
@@ -198,22 +183,11 @@ def test_saelens_loads_every_folder_and_encodes_identically(saelens_python, all_
 
 
 # ---------------------------------------------------------------------------------------- resume
-RESUME_SAES = """
-[[sae]]
-name = "topk"
-architecture = "topk"
-k = 4
-
-[[sae]]
-name = "batchtopk"
-architecture = "batchtopk"
-k = 4
-
-[[sae]]
-name = "jump"
-architecture = "jumprelu"
-l0_coefficient = 0.5
-"""
+RESUME_SAES = (
+    {"name": "topk", "architecture": "topk", "k": 4},
+    {"name": "batchtopk", "architecture": "batchtopk", "k": 4},
+    {"name": "jump", "architecture": "jumprelu", "l0_coefficient": 0.5},
+)
 
 
 def _run_cli(args, **kw):
@@ -223,9 +197,9 @@ def _run_cli(args, **kw):
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(store_url, tmp_path):
-    cfg = tmp_path / "sweep.toml"
     # 400 steps of 256 tokens over a 16384-token store (repeated epochs), a checkpoint every 20 steps
-    cfg.write_text(sweep_toml(RESUME_SAES, tokens=102400, checkpoint_every_tokens=5120, repeat_epochs=True))
+    cfg = write_sweep(config(*RESUME_SAES, tokens=102400, checkpoint_every_tokens=5120, repeat_epochs=True),
+                      tmp_path / "sweep.toml")
     full, cut = tmp_path / "full", tmp_path / "cut"
     ref = _run_cli(["train", store_url, "--config", str(cfg), "--out", str(full), "--no-progress"])
 
