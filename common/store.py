@@ -254,10 +254,14 @@ class ActivationStore:
     def array(self, path: str) -> zarr.Array:
         """The array at `path` ("tokens", "activations/<hook>", "stats/<hook>/chunks/sum" ...), opened once
         per handle: opening reads its metadata, two requests on S3, which every chunk written or read
-        would otherwise repeat for each of its arrays. (Only truncate() changes a shape, through these.)"""
+        would otherwise repeat for each of its arrays. (Only truncate() changes a shape, through these.)
+        An all-zero chunk is written too, as create() asks, so that it is never taken for a missing one."""
         arr = self._arrays.get(path)
         if arr is None:
-            arr = self._arrays[path] = self.group[path]
+            arr = self.group[path]
+            if isinstance(arr, zarr.Array):  # write_empty_chunks is no part of the stored metadata: say it again
+                arr = arr.with_config(_array_config())
+            self._arrays[path] = arr
         return arr
 
     @property

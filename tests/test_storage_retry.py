@@ -142,3 +142,62 @@ def test_the_budget_knob_option_over_environment_and_bad_values_refused_at_once(
     with pytest.raises(UserError, match="--storage-option retry_seconds='x'"):
         with location.storage_options(["retry_seconds=x"]):
             pass
+
+
+def tiny_manifest():
+    from actcache.common.manifest import DatasetInfo, HookInfo, Manifest, ModelInfo, TokenizerInfo
+
+    return Manifest(model=ModelInfo("random:test", d_model=8, n_layers=1, n_ctx=16), tokenizer=TokenizerInfo(),
+                    dataset=DatasetInfo(path="synthetic"), hooks=[HookInfo("h", 8)], context_size=4,
+                    prepend_bos=False, seed=0, n_sequences=8, chunk_sequences=4, codec="zstd-3", batch_size=2)
+
+
+def test_a_retried_commit_asks_the_lease_again_and_stops_when_it_was_lost(waits, tmp_path):
+    """The commit's first attempt fails on the way to the server; the retry checks the lease again
+    first: still ours, the commit goes through; taken over meanwhile, nothing is committed."""
+    import numpy as np
+
+    from actcache.common.store import ActivationStore, chunk_stats
+
+    store = ActivationStore.create(tmp_path / "s.zarr", tiny_manifest())
+    x = np.ones((16, 8), np.float16)
+    for j in range(2):
+        store.write_chunk(j, np.full((4, 4), 7, np.int32), {"h": x}, {"h": chunk_stats(x)})
+
+    checks = []
+
+    def lease_check(outcomes):
+        def check():
+            checks.append(1)
+            outcome = outcomes[len(checks) - 1]
+            if outcome is not None:
+                raise outcome
+
+        return check
+
+    store.before_commit = lease_check([connection_refused(), None])
+    store.commit(1)
+    assert len(checks) == 2 and len(waits) == 1
+    assert ActivationStore.open(tmp_path / "s.zarr").n_committed == 1
+
+    checks.clear()
+    store.before_commit = lease_check([connection_refused(), LeaseLost("taken over by another harvest")])
+    with pytest.raises(LeaseLost):
+        store.commit(2)
+    assert len(checks) == 2 and ActivationStore.open(tmp_path / "s.zarr").n_committed == 1
+
+
+def test_an_all_zero_chunk_is_written_and_reads_back(tmp_path):
+    """zarr skips a chunk equal to the fill value unless told otherwise, and that setting is not stored
+    with the array: a store's writes must still write it, or opening would find it missing."""
+    import numpy as np
+
+    from actcache.common.store import ActivationStore, chunk_stats
+
+    store = ActivationStore.create(tmp_path / "s.zarr", tiny_manifest())
+    zeros = np.zeros((16, 8), np.float16)
+    store.write_chunk(0, np.zeros((4, 4), np.int32), {"h": zeros}, {"h": chunk_stats(zeros)})
+    store.commit(1)
+    again = ActivationStore.open(tmp_path / "s.zarr")  # checks that the last committed chunk is there
+    assert (tmp_path / "s.zarr" / "tokens" / "c" / "0" / "0").is_file()
+    np.testing.assert_array_equal(again.read_chunk("h", 0), zeros)
