@@ -14,8 +14,7 @@ from .verify import verify
 # the option every command that opens a store takes (as `storage_options`, a tuple of key=value)
 storage_option = click.option(
     "--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
-    help="key=value passed to the store's filesystem (repeatable), e.g. endpoint_url=http://host:9000, "
-         "profile=NAME, key=..., secret=...; beside the standard AWS chain; never written anywhere.")
+    help=location.STORAGE_OPTION_HELP)
 
 
 @click.command("info")

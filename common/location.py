@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import math
 import os
+import random
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from zarr.abc.store import Store
 from zarr.storage import FsspecStore, LocalStore
 
-from .errors import UserError
+from .errors import UserError, first_line
+
+T = TypeVar("T")
 
 
 def is_remote(url: str | os.PathLike) -> bool:
@@ -47,7 +53,7 @@ def open_store(url: str | os.PathLike, read_only: bool = False, storage_options:
         return LocalStore(local_path(url), read_only=read_only)
     s = str(url)
     _quiet_async_noise()
-    options = {**_fs_options(s), **(storage_options or {})}
+    options = _fsspec_only({**_fs_options(s), **(storage_options or {})})
     try:
         if read_only and s.startswith("s3://") and s3_read_backend() == "obstore" and "profile" not in options:
             return _obstore_store(s, options)
@@ -86,8 +92,8 @@ def _obstore_store(url: str, options: dict) -> Store:
     config = {names.get(k, k): v for k, v in options.items()}
     endpoint = str(config.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL", ""))
     client = {"allow_http": True} if endpoint.startswith("http://") else {}
-    return ObjectStore(S3Store(bucket, prefix=prefix.strip("/") or None, client_options=client, **config),
-                       read_only=True)
+    return ObjectStore(S3Store(bucket, prefix=prefix.strip("/") or None, client_options=client,
+                               retry_config=OBSTORE_RETRIES, **config), read_only=True)
 
 
 def exists(url: str | os.PathLike) -> bool:
@@ -182,37 +188,149 @@ def storage_errors(url: str | os.PathLike, doing: str) -> Iterator[None]:
         raise
 
 
-def storage_error(e: BaseException, url: str | os.PathLike, doing: str = "accessing") -> UserError:
-    """One line for a storage failure (local or S3): what went wrong with which location, and what to do."""
-    import errno
+class StorageFailure(UserError):
+    """A storage failure as one line; `transient` when it may pass by itself (retried, see `retrying`)."""
 
-    from .errors import first_line
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
-    if isinstance(e, UserError):
-        return e
-    chain, seen = [], e
+
+_UNREACHABLE = ("EndpointConnectionError", "Could not connect", "Connection refused", "ClientConnectorError",
+                "ConnectTimeout", "ReadTimeout", "ServerDisconnected")
+_DENIED = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden")
+# what waiting does not fix: a full or read-only disk, refused permissions, a path that is not there
+_LASTING_TYPES = ("NotFoundError", "UnauthenticatedError", "PermissionDeniedError")  # obstore's
+_LASTING_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT,
+                   errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST, errno.ENOTEMPTY, errno.EINVAL}
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    seen: BaseException | None = e
     while seen is not None and len(chain) < 10:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
+    return chain
+
+
+def _failure_kind(e: BaseException) -> tuple[str, OSError | None]:
+    """What kind of storage failure e is: "disk full", "no bucket", "denied", "unreachable", "lasting"
+    (another error that waiting does not fix) or "other"; with the OSError of its chain, if any."""
+    chain = _chain(e)
     text = " ".join(f"{type(x).__name__} {x}" for x in chain)
     os_err = next((x for x in chain if isinstance(x, OSError) and x.errno is not None), None)
     if os_err is not None and os_err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        return UserError(f"disk full while {doing} {url} ({os_err.strerror}): free some space and rerun the "
-                         "same command with --resume")
+        return "disk full", os_err
     if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
-        return UserError(f"the bucket of {url} does not exist: create it, or fix the URL")
-    if any(isinstance(x, PermissionError) for x in chain) or any(
-            k in text for k in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden")):
-        return UserError(f"access to {url} was denied: check the credentials (AWS_ACCESS_KEY_ID, "
-                         "AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and the bucket's permissions")
-    if any(k in text for k in ("EndpointConnectionError", "Could not connect", "Connection refused",
-                               "ClientConnectorError", "ConnectTimeout", "ReadTimeout", "ServerDisconnected")):
-        return UserError(f"cannot reach the storage server while {doing} {url}: check that it is up and the endpoint "
-                         "(AWS_ENDPOINT_URL or --storage-option endpoint_url=...) is right, then rerun (add --resume "
-                         "where the work had begun)")
+        return "no bucket", os_err
+    if any(isinstance(x, PermissionError) for x in chain) or any(k in text for k in _DENIED):
+        return "denied", os_err
+    if any(k in text for k in _UNREACHABLE):
+        return "unreachable", os_err
+    if (os_err is not None and os_err.errno in _LASTING_ERRNOS) or any(
+            isinstance(x, FileNotFoundError) or type(x).__name__ in _LASTING_TYPES for x in chain):
+        return "lasting", os_err
+    return "other", os_err
+
+
+def storage_error(e: BaseException, url: str | os.PathLike, doing: str = "accessing") -> UserError:
+    """One line for a storage failure (local or S3): what went wrong with which location, and what to do."""
+    if isinstance(e, UserError):
+        return e
+    kind, os_err = _failure_kind(e)
+    if kind == "disk full":
+        return StorageFailure(f"disk full while {doing} {url} ({os_err.strerror}): free some space and rerun the "
+                              "same command with --resume")
+    if kind == "no bucket":
+        return StorageFailure(f"the bucket of {url} does not exist: create it, or fix the URL")
+    if kind == "denied":
+        return StorageFailure(f"access to {url} was denied: check the credentials (AWS_ACCESS_KEY_ID, "
+                              "AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and the bucket's permissions")
+    if kind == "unreachable":
+        return StorageFailure(
+            f"cannot reach the storage server while {doing} {url}: check that it is up and the endpoint "
+            "(AWS_ENDPOINT_URL or --storage-option endpoint_url=...) is right, then rerun (add --resume "
+            "where the work had begun)", transient=True)
     culprit = os_err or e
-    return UserError(f"{doing} {url} failed ({type(culprit).__name__}: {first_line(culprit)}); fix the cause and "
-                     "rerun the same command with --resume")
+    return StorageFailure(f"{doing} {url} failed ({type(culprit).__name__}: {first_line(culprit)}); fix the cause "
+                          "and rerun the same command with --resume", transient=kind == "other")
+
+
+# ---------------------------------------------------------------------- retries across brief outages
+# The one policy for retrying storage operations: a budget of seconds per operation, counted from the
+# start of its first failed attempt (--storage-option retry_seconds=N, else $ACTCACHE_STORAGE_RETRY_SECONDS,
+# else RETRY_SECONDS; 0 turns retries off), waits doubling from FIRST_WAIT up to MAX_WAIT, each one
+# shortened by a random fraction of up to a half (jitter: writers that failed together do not return together).
+RETRY_SECONDS = 60.0
+RETRY_ENV = "ACTCACHE_STORAGE_RETRY_SECONDS"
+RETRY_OPTION = "retry_seconds"
+FIRST_WAIT, MAX_WAIT = 0.5, 8.0
+# obstore retries a request up to 10 times over up to 3 minutes by default, a second policy that the
+# budget above would not bound; left with a few quick retries (about a second, like botocore's), the
+# long wait is ours. (botocore's own retries are left as they are: AWS_MAX_ATTEMPTS sets them.)
+OBSTORE_RETRIES = {"max_retries": 3}
+
+# the help of --storage-option, on every command that opens a store
+STORAGE_OPTION_HELP = (
+    "key=value passed to the store's filesystem (repeatable), e.g. endpoint_url=http://host:9000, profile=NAME, "
+    f"key=..., secret=...; and {RETRY_OPTION}=N, how long to retry a failing storage operation (default "
+    f"{RETRY_SECONDS:g} s); beside the standard AWS chain; never written anywhere.")
+
+
+def retry_seconds() -> float:
+    """The retry budget in force, in seconds; a value that is not a number >= 0 is a UserError."""
+    raw, where = _OPTIONS.get(RETRY_OPTION), f"--storage-option {RETRY_OPTION}"
+    if raw is None:
+        raw, where = os.environ.get(RETRY_ENV), RETRY_ENV
+    if raw is None or not str(raw).strip():
+        return RETRY_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise UserError(f"{where}={raw!r}: give the seconds to keep retrying a failed storage operation "
+                        "(0 turns retries off)")
+    return value
+
+
+def transient_failure(e: BaseException) -> bool:
+    """Whether a storage failure may pass by itself and is worth retrying: a refused or dropped
+    connection, a timeout, a server error. Never: a missing bucket, refused credentials, a full or
+    read-only disk, a missing file, a damaged chunk, or any other error a user must fix."""
+    if isinstance(e, UserError):
+        return isinstance(e, StorageFailure) and e.transient
+    return storage_failure(e) and _failure_kind(e)[0] in ("unreachable", "other")
+
+
+def retrying(operation: Callable[[], T], url: str | os.PathLike, doing: str) -> T:
+    """operation(), run again after a transient storage failure (`transient_failure`) until it succeeds
+    or the retry budget (`retry_seconds`) is spent; then its last error is raised as it was. Only for
+    operations that may run twice: writing a chunk, a commit (which checks the lease again), a read.
+    Each retry is one log line: what failed, the attempt, the wait."""
+    from .progress import log
+
+    deadline: float | None = None
+    attempt = 1
+    while True:
+        began = time.monotonic()
+        try:
+            return operation()
+        except BaseException as e:  # noqa: BLE001  (re-raised unless it is a transient storage failure)
+            if not isinstance(e, Exception) or not transient_failure(e):
+                raise
+            if deadline is None:
+                deadline = began + retry_seconds()
+            wait = min(MAX_WAIT, FIRST_WAIT * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            wait = min(wait, deadline - time.monotonic())
+            if wait <= 0:
+                raise
+            cause = next((x for x in _chain(e) if not isinstance(x, UserError)), e)
+            log.warning(f"{doing} {url} failed ({type(cause).__name__}: {first_line(cause, 160)}); attempt "
+                        f"{attempt}, retrying in {wait:.1f} s (for up to {retry_seconds():g} s in all)")
+            time.sleep(wait)
+            attempt += 1
 
 
 _OPTIONS: dict[str, Any] = {}  # the fsspec options in force (storage_options); held in memory only
@@ -223,12 +341,18 @@ def _fs_options(url: str) -> dict:
     if url.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
         out["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
     out.update(_OPTIONS)
-    return out
+    return _fsspec_only(out)
+
+
+def _fsspec_only(options: dict[str, Any]) -> dict[str, Any]:
+    """The options meant for the filesystem: without ours (retry_seconds)."""
+    return {k: v for k, v in options.items() if k != RETRY_OPTION}
 
 
 def parse_storage_options(items: "list[str] | tuple[str, ...] | dict[str, Any] | None") -> dict[str, Any]:
     """--storage-option key=value (repeatable) as fsspec options: true/false become booleans, the rest
-    stay strings (e.g. endpoint_url=http://127.0.0.1:9000, key=..., secret=..., profile=..., anon=true)."""
+    stay strings (e.g. endpoint_url=http://127.0.0.1:9000, key=..., secret=..., profile=..., anon=true).
+    One key is ours, not the filesystem's: retry_seconds (see `retry_seconds`)."""
     if not items:
         return {}
     if isinstance(items, dict):
@@ -252,6 +376,7 @@ def storage_options(options: "list[str] | tuple[str, ...] | dict[str, Any] | Non
     previous = _OPTIONS
     _OPTIONS = {**previous, **parse_storage_options(options)}
     try:
+        retry_seconds()  # a bad retry budget is refused before any work
         yield
     finally:
         _OPTIONS = previous

@@ -10,10 +10,21 @@ from tqdm import tqdm
 log = logging.getLogger("actcache")
 
 
+class _BarAwareHandler(logging.StreamHandler):
+    """Writes each log line through tqdm, which lifts a progress bar drawn on the same stream out of
+    the way first: a line logged mid-harvest (a storage retry, say) starts a line of its own."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001  (as logging.StreamHandler does)
+            self.handleError(record)
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Send actcache's log lines to stderr, once."""
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _BarAwareHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("actcache: %(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -89,11 +89,17 @@ class ActivationStore:
         # read uncompressed local chunks by memory-mapping their files (False: always through zarr's codecs)
         self.mmap_reads = True
         self._mapped: dict[str, MappedChunks | None] = {}
+        self._arrays: dict[str, zarr.Array] = {}
 
     # ---------------------------------------------------------------- create / open
     @classmethod
     def create(cls, url: str | os.PathLike, manifest: Manifest) -> "ActivationStore":
-        """Make a new, empty store with every array at its final shape and no chunk committed."""
+        """Make a new, empty store with every array at its final shape and no chunk committed (retried
+        across a brief storage outage: creating replaces whatever an earlier attempt left)."""
+        return location.retrying(lambda: cls._create(url, manifest), url, "creating")
+
+    @classmethod
+    def _create(cls, url: str | os.PathLike, manifest: Manifest) -> "ActivationStore":
         store = location.open_store(url)
         root = zarr.open_group(store=store, mode="w", zarr_format=3)
         m = manifest
@@ -245,86 +251,113 @@ class ActivationStore:
         c = self.manifest.context_size
         return a * c, b * c
 
+    def array(self, path: str) -> zarr.Array:
+        """The array at `path` ("tokens", "activations/<hook>", "stats/<hook>/chunks/sum" ...), opened once
+        per handle: opening reads its metadata, two requests on S3, which every chunk written or read
+        would otherwise repeat for each of its arrays. (Only truncate() changes a shape, through these.)
+        An all-zero chunk is written too, as create() asks, so that it is never taken for a missing one."""
+        arr = self._arrays.get(path)
+        if arr is None:
+            arr = self.group[path]
+            if isinstance(arr, zarr.Array):  # write_empty_chunks is no part of the stored metadata: say it again
+                arr = arr.with_config(_array_config())
+            self._arrays[path] = arr
+        return arr
+
     @property
     def tokens(self) -> zarr.Array:
-        return self.group["tokens"]
+        return self.array("tokens")
 
     def activations(self, hook: str) -> zarr.Array:
         if hook not in self.manifest.hook_names:
             raise StoreError(f"hook {hook!r} is not in {self.url}; it has: {', '.join(self.manifest.hook_names)}")
-        return self.group["activations"][hook]
+        return self.array(f"activations/{hook}")
+
+    def partial_stats(self, hook: str, field: str) -> zarr.Array:
+        """The per-chunk partial statistic `field` (one of PARTIAL_FIELDS) of a hook: one row per chunk."""
+        return self.array(f"stats/{hook}/chunks/{field}")
 
     # ---------------------------------------------------------------- writing
     def write_chunk(self, j: int, tokens: np.ndarray, acts: dict[str, np.ndarray],
                     stats: dict[str, ChunkStats]) -> None:
-        """Write every array's chunk j (not yet committed). Rewriting a chunk is allowed."""
+        """Write every array's chunk j (not yet committed). Rewriting a chunk is allowed, so a brief
+        storage outage is retried (location.retrying)."""
+        location.retrying(lambda: self._write_chunk(j, tokens, acts, stats), self.url, f"writing chunk {j} of")
+
+    def _write_chunk(self, j: int, tokens: np.ndarray, acts: dict[str, np.ndarray],
+                     stats: dict[str, ChunkStats]) -> None:
         a, b = self.chunk_sequence_range(j)
         r0, r1 = self.chunk_row_range(j)
         self.tokens[a:b] = tokens
         for name, x in acts.items():
-            self.group["activations"][name][r0:r1] = x
-            part = self.group["stats"][name]["chunks"]
-            s = stats[name]
-            part["count"][j] = s.count
-            part["sum"][j] = s.sum
-            part["sumsq"][j] = s.sumsq
-            part["norm_sum"][j] = s.norm_sum
-            part["max_abs"][j] = s.max_abs
-            part["n_nonfinite"][j] = s.n_nonfinite
+            self.activations(name)[r0:r1] = x
+            for f in PARTIAL_FIELDS:
+                self.partial_stats(name, f)[j] = getattr(stats[name], f)
         if "digests" in self.expected_arrays():
             digest = chunk_digest(tokens, acts, self.manifest.hook_names)
-            self.group["digests"][j] = np.frombuffer(digest, dtype=np.uint8)
+            self.array("digests")[j] = np.frombuffer(digest, dtype=np.uint8)
 
     def commit(self, n_chunks_committed: int, complete: bool = False, **fields: Any) -> None:
         """Advance the counter: the last write of a chunk. Written as one object (atomic). `fields`:
-        manifest fields updated with it (e.g. n_clamped, device)."""
+        manifest fields updated with it (e.g. n_clamped, device). Retried across a brief storage outage,
+        each attempt asking `before_commit` (the lease) again first."""
+        for k in fields:
+            if not hasattr(self.manifest, k):
+                raise TypeError(f"the manifest has no field {k!r}")
+        location.retrying(lambda: self._commit(n_chunks_committed, complete, fields), self.url, "committing")
+
+    def _commit(self, n_chunks_committed: int, complete: bool, fields: dict[str, Any]) -> None:
         if self.before_commit is not None:
             self.before_commit()
         for k, v in fields.items():
-            if not hasattr(self.manifest, k):
-                raise TypeError(f"the manifest has no field {k!r}")
             setattr(self.manifest, k, v)
         self.manifest.n_chunks_committed = n_chunks_committed
         self.manifest.complete = complete
         self.group.attrs[ATTR] = self.manifest.to_dict()
 
     def truncate(self, n_sequences: int) -> None:
-        """Shrink every array to n_sequences (a dataset that ran out early); call before finalize."""
+        """Shrink every array to n_sequences (a dataset that ran out early); call before finalize.
+        Retried across a brief storage outage (resizing to the same shape again changes nothing)."""
+        location.retrying(lambda: self._truncate(n_sequences), self.url, "truncating")
+
+    def _truncate(self, n_sequences: int) -> None:
         m = self.manifest
         n_chunks = -(-n_sequences // m.chunk_sequences)
         self.tokens.resize((n_sequences, m.context_size))
         for h in m.hooks:
-            self.group["activations"][h.name].resize((n_sequences * m.context_size, h.d))
-            part = self.group["stats"][h.name]["chunks"]
+            self.activations(h.name).resize((n_sequences * m.context_size, h.d))
             for f in PARTIAL_FIELDS:
-                arr = part[f]
+                arr = self.partial_stats(h.name, f)
                 arr.resize((n_chunks,) + arr.shape[1:])
         if "digests" in self.expected_arrays():
-            self.group["digests"].resize((n_chunks, DIGEST_BYTES))
+            self.array("digests").resize((n_chunks, DIGEST_BYTES))
         if m.planned_n_sequences is None:
             m.planned_n_sequences = m.n_sequences
         m.n_sequences = n_sequences
         m.held_out = held_out_after_truncation(m.held_out, m.planned_n_sequences, n_sequences, m.chunk_sequences)
 
     def finalize(self) -> None:
-        """Write the summary statistics and mark the store complete."""
+        """Write the summary statistics and mark the store complete (each step retried across a brief
+        storage outage)."""
         for h in self.manifest.hooks:
-            s = self.stats(h.name)
-            g = self.group["stats"][h.name]
-            for key, val in s.items():
-                arr = np.asarray(val, dtype="float64")
-                if key in g:
-                    del g[key]
-                dims = ("d",) if arr.ndim == 1 else ()
-                g.create_array(key, shape=arr.shape, dtype="float64", fill_value=0.0,
-                               dimension_names=dims)[...] = arr
+            location.retrying(lambda: self._write_summary(h.name), self.url, f"writing the statistics of {h.name} in")
         fp = self.compute_fingerprint() if "digests" in self.expected_arrays() else None
         self.commit(self.n_chunks, complete=True, fingerprint=fp)
+
+    def _write_summary(self, hook: str) -> None:
+        s = self.stats(hook)
+        g = self.group["stats"][hook]
+        for key, val in s.items():
+            arr = np.asarray(val, dtype="float64")
+            if key in g:
+                del g[key]
+            dims = ("d",) if arr.ndim == 1 else ()
+            g.create_array(key, shape=arr.shape, dtype="float64", fill_value=0.0, dimension_names=dims)[...] = arr
 
     def stored_digests(self, upto: int | None = None) -> np.ndarray:
         """The per-chunk digests written with the chunks, uint8 [n, 16] (version 2)."""
         n = self.n_chunks if upto is None else upto
-        return self.read_array_chunk("digests", lambda: self.group["digests"][:n], f"0..{n - 1}")
+        return self.read_array_chunk("digests", lambda: self.array("digests")[:n], f"0..{n - 1}")
 
     def compute_fingerprint(self, digests: np.ndarray | None = None) -> str:
         """The fingerprint from the manifest's identity fields and the per-chunk digests (the stored ones
@@ -337,23 +370,22 @@ class ActivationStore:
         """Summary statistics of a hook over the committed chunks (or the first `upto`)."""
         n = self.n_committed if upto is None else upto
         self.activations(hook)
-        part = self.group["stats"][hook]["chunks"]
-        count = float(part["count"][:n].sum()) if n else 0.0
+        count = float(self.partial_stats(hook, "count")[:n].sum()) if n else 0.0
         d = self.manifest.hook(hook).d
         if count == 0:
             z = np.zeros(d)
             return {"count": 0.0, "mean": z, "var": z, "mean_norm": 0.0, "max_abs": 0.0, "n_nonfinite": 0.0}
-        total = part["sum"][:n].sum(axis=0)
-        totsq = part["sumsq"][:n].sum(axis=0)
+        total = self.partial_stats(hook, "sum")[:n].sum(axis=0)
+        totsq = self.partial_stats(hook, "sumsq")[:n].sum(axis=0)
         mean = total / count
         var = np.maximum(totsq / count - mean**2, 0.0)
         return {
             "count": count,
             "mean": mean,
             "var": var,
-            "mean_norm": float(part["norm_sum"][:n].sum() / count),
-            "max_abs": float(part["max_abs"][:n].max()),
-            "n_nonfinite": float(part["n_nonfinite"][:n].sum()),
+            "mean_norm": float(self.partial_stats(hook, "norm_sum")[:n].sum() / count),
+            "max_abs": float(self.partial_stats(hook, "max_abs")[:n].max()),
+            "n_nonfinite": float(self.partial_stats(hook, "n_nonfinite")[:n].sum()),
         }
 
     def read_tokens(self, j: int) -> np.ndarray:
@@ -394,10 +426,10 @@ class ActivationStore:
         return rng(j)
 
     def read_array_chunk(self, path: str, read, chunk: str) -> np.ndarray:
-        """Run read(); an absent, truncated or corrupt chunk becomes one StoreError line naming it,
-        a failing storage one UserError line."""
+        """Run read(), again after a transient storage failure (location.retrying); an absent, truncated
+        or corrupt chunk becomes one StoreError line naming it, a failing storage one UserError line."""
         try:
-            return read()
+            return location.retrying(read, self.url, f"reading chunk {chunk} of {path} in")
         except _MissingChunk:
             raise StoreError(f"chunk {chunk} of {path} in {self.url} is committed but missing: the store is "
                              f"damaged; run `actcache verify {self.url}`") from None

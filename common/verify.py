@@ -107,11 +107,10 @@ def _check_chunk(store: ActivationStore, j: int, rep: VerifyReport, stored: byte
 
 def _check_stats(store: ActivationStore, hook: str, j: int, data: np.ndarray, rep: VerifyReport) -> None:
     """The stored partial statistics of chunk j must be those of the stored activations."""
-    part = store.group["stats"][hook]["chunks"]
     s = chunk_stats(data)
     for f in PARTIAL_FIELDS:
         try:
-            stored = part[f][j]
+            stored = store.partial_stats(hook, f)[j]
         except Exception as e:  # noqa: BLE001
             rep.problems.append(f"stats/{hook}/chunks/{f} chunk {j}: unreadable ({first_line(e, 120)})")
             return

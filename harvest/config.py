@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..common import codecs
+from ..common import codecs, location
 
 from .data import STDLIB
 from .models import DEFAULT_MODEL, DTYPES
@@ -67,8 +67,7 @@ class HarvestConfig:
     allow_short: bool = option(False, "Accept a store shorter than --tokens when the dataset runs out (exit 0 "
                                       "instead of an error); the store is complete either way.")
     storage_options: tuple[str, ...] | list[str] = option(
-        (), "key=value passed to the store's filesystem (repeatable), e.g. endpoint_url=http://host:9000, "
-            "profile=NAME, key=..., secret=...; beside the standard AWS chain; never written anywhere.",
+        (), location.STORAGE_OPTION_HELP,
         "--storage-option", multiple=True, secret=True)
 
 

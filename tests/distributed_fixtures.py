@@ -1,5 +1,5 @@
 """Helpers shared by the torchrun and S3 tests: one-thread subprocesses, torchrun command lines, the
-pid of a rank's worker, our error lines, and a moto S3 server on loopback."""
+pid of a rank's worker, our error and retry lines, and a moto S3 server on loopback."""
 
 from __future__ import annotations
 
@@ -32,6 +32,12 @@ def run(cmd: list[str], timeout: float = 300, extra_env: dict[str, str] | None =
 
 def our_errors(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("actcache: error:")]
+
+
+def retry_lines(stderr: str) -> list[str]:
+    """The lines saying that a storage operation failed and will be retried (progress bars split off)."""
+    return [line for line in stderr.replace("\r", "\n").splitlines()
+            if line.startswith("actcache: ") and "; attempt " in line and ", retrying in " in line]
 
 
 def worker_pid(parent: int, rank: int) -> int | None:
@@ -77,16 +83,19 @@ class MotoS3:
             self.running = False
 
     def start_again(self) -> None:
+        if self.running:
+            return
         self.server = self._cls(ip_address="127.0.0.1", port=self.port)
         self.server.start()
         self.running = True
 
     def objects(self, bucket: str, prefix: str) -> dict[str, bytes]:
-        """Every object under bucket/prefix/, by key relative to the prefix."""
+        """Every object under bucket/prefix/ (the whole bucket for prefix ""), by key relative to the prefix."""
         out = {}
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        under = f"{prefix}/" if prefix else ""
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=under):
             for o in page.get("Contents", []):
-                out[o["Key"][len(prefix) + 1:]] = self.client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+                out[o["Key"][len(under):]] = self.client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
         return out
 
 

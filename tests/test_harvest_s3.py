@@ -1,5 +1,6 @@
 """A harvest straight to S3 (a local moto server): the same store, read back by info, verify and resume."""
 
+import json
 import time
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from actcache import HarvestConfig, harvest, info, verify
 from actcache.common.store import ActivationStore
 from benchmarks.s3_server import moto_s3
+from distributed_fixtures import retry_lines
 from harvest_fixtures import HOOKS, RANDOM, write_token_jsonl
 
 
@@ -90,69 +92,118 @@ def test_endpoint_down_at_the_start_is_one_line_before_the_model_loads(s3, tmp_p
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own random waits (up to 15 s) are not what is tested
     _one_line_error(tmp_path, monkeypatch, f"{s3}/down/acts.zarr", "cannot reach")
 
 
-def test_endpoint_dying_mid_harvest_is_one_line_and_resume_is_byte_identical(tmp_path):
-    """A real harvest process writing to a real server that stops after two commits, then --resume."""
-    import json
-    import os
-    import signal
+# --------------------------------------------------------------------- a server that stops mid-harvest
+SECRET = "SECRET-a1b2c3-never-written"
+SMALL = dict(hooks=HOOKS[:1], tokens=8 * 8 * 32, chunk=8)  # 8 chunks of 8 sequences
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A real S3 server on loopback (moto's) that the tests stop and start again on the same port."""
+    from distributed_fixtures import moto_s3 as stoppable_s3
+
+    with stoppable_s3("dying") as s3:
+        s3.client.create_bucket(Bucket="restart")
+        yield s3
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The dataset and the store that an uninterrupted harvest with SMALL writes (locally, in this process)."""
+    from harvest_fixtures import array_files
+
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    data = write_token_jsonl(tmp / "toks.jsonl", n_docs=300)
+    ref = tmp / "ref.zarr"
+    harvest(HarvestConfig(out=str(ref), hooks=SMALL["hooks"], model=RANDOM, dataset=str(data), context_size=32,
+                          tokens=SMALL["tokens"], batch_size=4, chunk_sequences=SMALL["chunk"], device="cpu"),
+            progress=False)
+    return data, array_files(ref), json.loads((ref / "zarr.json").read_text())["attributes"]["actcache"]
+
+
+def harvest_process(server, bucket: str, data, *extra: str, **env_extra: str):
+    """`actcache harvest` in a fresh process, writing s3://bucket/acts.zarr on the server. The secret key
+    is a recognisable one; AWS_MAX_ATTEMPTS=1: botocore does not retry, so what survives is our retrying."""
     import subprocess
     import sys
 
-    import boto3
-    from moto.server import ThreadedMotoServer
+    from harvest_fixtures import ROOT, env, harvest_args
 
-    from harvest_fixtures import ROOT, array_files, env, harvest_args
+    e = env() | {"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": SECRET,
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1", **env_extra}
+    args = harvest_args(f"s3://{bucket}/acts.zarr", data, *extra, **SMALL)
+    return subprocess.Popen([sys.executable, "-m", "actcache", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=e, cwd=ROOT)
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    e = env() | {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "2"}
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                          region_name="us-east-1")
-    client.create_bucket(Bucket="dying")
-    data = write_token_jsonl(tmp_path / "toks.jsonl", n_docs=300)
-    args = harvest_args("s3://dying/acts.zarr", data, hooks=HOOKS[:1], tokens=8 * 8 * 32, chunk=8)
-    p = subprocess.Popen([sys.executable, "-m", "actcache", *args], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True, env=e, cwd=ROOT)
+
+def finish(p, timeout: float = 240) -> tuple[str, str]:
     try:
-        wait_for_commits(client, "dying", "acts.zarr", 2, p)
-        server.stop()  # the endpoint dies mid-harvest
-        _, err = p.communicate(timeout=240)
+        return p.communicate(timeout=timeout)
     finally:
         if p.poll() is None:
-            os.kill(p.pid, signal.SIGKILL)
-    lines = [l for l in err.replace("\r", "\n").splitlines() if l.strip() and not l.startswith("harvest:")]
+            p.kill()
+            p.wait()
+
+
+def assert_uninterrupted_store(server, bucket: str, uninterrupted) -> None:
+    """The objects of s3://bucket/acts.zarr are the uninterrupted store's files, byte for byte."""
+    _, want, manifest = uninterrupted
+    got = server.objects(bucket, "acts.zarr")
+    root = json.loads(got.pop("zarr.json"))["attributes"]["actcache"]
+    assert got.keys() == want.keys() and [k for k in want if got[k] != want[k]] == []
+    assert root["complete"] and root["fingerprint"] == manifest["fingerprint"]
+
+
+def test_server_restarting_mid_harvest_is_retried_and_the_store_is_byte_identical(server, uninterrupted):
+    """A real harvest process; the server stops after two commits and is back on the same port 3 s later:
+    the process retries, finishes by itself (exit 0, no --resume), and the store is the uninterrupted one.
+    The secret key is in no object on the server and in no line the process printed."""
+    p = harvest_process(server, "restart", uninterrupted[0])
+    try:
+        wait_for_commits(server.client, "restart", "acts.zarr", 2, p)
+        assert p.poll() is None, "the harvest ended before the server stopped: make it longer"
+        server.stop()
+        time.sleep(3)
+    finally:
+        server.start_again()
+    out, err = finish(p)
+    assert p.returncode == 0, err[-3000:]
+    assert "actcache: error" not in err and "Traceback" not in err, err[-3000:]
+    retried = retry_lines(err)
+    assert retried and all(" s3://restart/acts.zarr failed (" in line for line in retried), err[-3000:]
+    assert "resumed" not in out
+    assert_uninterrupted_store(server, "restart", uninterrupted)
+    written = {"stdout": out.encode(), "stderr": err.encode(), **server.objects("restart", "")}
+    assert ".acts.zarr.actcache-lock" not in written  # released; while it was held it named no key either
+    assert [k for k, v in written.items() if SECRET.encode() in v] == []
+
+
+def test_endpoint_dying_mid_harvest_is_one_line_and_resume_is_byte_identical(server, uninterrupted):
+    """A real harvest process writing to a real server that stops after two commits for longer than the
+    retry budget (1 s here): retries, then one line; with the server back, --resume finishes the store."""
+    p = harvest_process(server, "dying", uninterrupted[0], ACTCACHE_STORAGE_RETRY_SECONDS="1")
+    try:
+        wait_for_commits(server.client, "dying", "acts.zarr", 2, p)
+        server.stop()  # the endpoint dies mid-harvest
+        _, err = finish(p)
+    finally:
+        server.start_again()
+    retried = retry_lines(err)
+    lines = [l for l in err.replace("\r", "\n").splitlines()
+             if l.strip() and not l.startswith("harvest:") and l not in retried]
     assert p.returncode != 0 and "Traceback" not in err, err[-3000:]
     assert len(lines) == 1 and lines[0].startswith("actcache: error: ") and "--resume" in lines[0], lines
+    assert retried, err[-3000:]  # it did retry before giving up
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)  # back up, same data (one in-process backend)
-    server.start()
-    try:
-        done = subprocess.run([sys.executable, "-m", "actcache", *args, "--resume"], capture_output=True, text=True,
-                              env=e, cwd=ROOT, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert "resumed at chunk" in done.stdout
-        ref = tmp_path / "ref.zarr"
-        harvest(HarvestConfig(out=str(ref), hooks=HOOKS[:1], model=RANDOM, dataset=str(data), context_size=32,
-                              tokens=8 * 8 * 32, batch_size=4, chunk_sequences=8, device="cpu"), progress=False)
-        want = array_files(ref)
-        got = {}
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket="dying", Prefix="acts.zarr/"):
-            for o in page.get("Contents", []):
-                rel = o["Key"][len("acts.zarr/"):]
-                if rel != "zarr.json":
-                    got[rel] = client.get_object(Bucket="dying", Key=o["Key"])["Body"].read()
-        assert got.keys() == want.keys() and [k for k in want if got[k] != want[k]] == []
-        fp = json.loads(client.get_object(Bucket="dying", Key="acts.zarr/zarr.json")["Body"].read())
-        ref_fp = json.loads((ref / "zarr.json").read_text())
-        assert fp["attributes"]["actcache"]["fingerprint"] == ref_fp["attributes"]["actcache"]["fingerprint"]
-    finally:
-        server.stop()
+    done = harvest_process(server, "dying", uninterrupted[0], "--resume")
+    out, err = finish(done)
+    assert done.returncode == 0, err[-3000:]
+    assert "resumed at chunk" in out
+    assert_uninterrupted_store(server, "dying", uninterrupted)
 
 
 def test_two_harvests_racing_on_one_s3_store_second_fails_at_once(s3, tmp_path):
