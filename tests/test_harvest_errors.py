@@ -127,7 +127,9 @@ def test_ctrl_c_during_a_harvest_says_how_to_continue(data, tmp_path):
     from harvest_fixtures import ROOT, env
 
     out = tmp_path / "i.zarr"
-    args = harvest_args(out, data, hooks=HOOKS[:1], tokens=2_000_000, batch=2, chunk=2)
+    # enough data (about 300k tokens) that the harvest cannot finish before the signal lands
+    big = write_token_jsonl(tmp_path / "big.jsonl", n_docs=3_000)
+    args = harvest_args(out, big, hooks=HOOKS[:1], tokens=2_000_000, batch=2, chunk=2)
     p = subprocess.Popen([sys.executable, "-m", "actcache", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env=env(), cwd=ROOT)
     from actcache.common.store import ActivationStore

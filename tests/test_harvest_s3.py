@@ -210,6 +210,7 @@ def test_two_harvests_racing_on_one_s3_store_second_fails_at_once(s3, tmp_path):
     """A real harvest process writes to the S3 store; a second writer (--overwrite, another seed) stops at
     once with one line naming the first; the first finishes a store that is wholly its own."""
     import os
+    import signal
     import subprocess
     import sys
 
@@ -228,8 +229,12 @@ def test_two_harvests_racing_on_one_s3_store_second_fails_at_once(s3, tmp_path):
     assert first.poll() is None, "the first harvest ended before the second could race it"
     cfg = HarvestConfig(out=url, hooks=HOOKS[:1], model=RANDOM, dataset=str(data), context_size=32,
                         tokens=12 * 8 * 32, batch_size=4, chunk_sequences=8, seed=2, overwrite=True, device="cpu")
-    with pytest.raises(LeaseHeld, match=f"is being written by harvest pid {first.pid} ") as e:
-        harvest(cfg, progress=False)
+    os.kill(first.pid, signal.SIGSTOP)  # paused mid-harvest, its lease fresh, so it cannot finish first
+    try:
+        with pytest.raises(LeaseHeld, match=f"is being written by harvest pid {first.pid} ") as e:
+            harvest(cfg, progress=False)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert "\n" not in str(e.value)
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     assert verify(url).ok and ActivationStore.open(url).manifest.seed == 1
