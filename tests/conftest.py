@@ -111,3 +111,19 @@ def bundled_model():
     t = time.perf_counter()
     model = load_model(DEFAULT_MODEL, device="cpu")
     return SimpleNamespace(model=model, load_seconds=time.perf_counter() - t)
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """The bundled GGUF model through transformers alone (the independent reference of the bundled-model
+    tests), float32 on the CPU, and its tokenizer: loaded once for the whole run. Tests copy it before
+    changing it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from actcache.harvest.models import bundled_gguf
+
+    gguf = bundled_gguf()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return model, tok

@@ -11,8 +11,6 @@ import torch
 from actcache.common.sae import SAE, Metadata, SAEConfig
 from actcache.harvest.analysis import analyse, attribute, steer, tokenize
 
-from test_eval_bundled import hf_model  # noqa: F401  (the GGUF model through transformers, loaded once here)
-
 LAYER = 24
 HOOK = f"blocks.{LAYER}.hook_resid_post"
 RANK = 32
@@ -20,7 +18,7 @@ PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def model(hf_model):  # noqa: F811
+def model(hf_model):
     """Our HookedModel: the TransformerLens bridge over a copy of the same weights (the bridge replaces
     the copy's layers; the reference model keeps its own)."""
     from actcache.common.manifest import ModelInfo
@@ -50,7 +48,7 @@ def _hf_pass(hf, tokens):
 
 
 @pytest.fixture(scope="module")
-def sae(hf_model, tmp_path_factory):  # noqa: F811
+def sae(hf_model, tmp_path_factory):
     """An SAE whose latents are +/- the top principal directions of the layer's activations on some
     Python source (a reconstruction between exact and zero), saved as a folder naming the model."""
     import json as json_module
@@ -73,7 +71,7 @@ def sae(hf_model, tmp_path_factory):  # noqa: F811
     return folder
 
 
-def test_analyse_error_equals_an_independent_computation(model, hf_model, sae):  # noqa: F811
+def test_analyse_error_equals_an_independent_computation(model, hf_model, sae):
     hf, tok = hf_model
     a = analyse(sae, PROMPT, model=model, top=3)
     loaded = SAE.load_from_disk(sae)
@@ -95,7 +93,7 @@ def test_analyse_error_equals_an_independent_computation(model, hf_model, sae): 
     assert a.tokens[-1].token == " is"
 
 
-def test_attribution_adds_up_to_the_logit_of_the_transformers_forward(model, hf_model, sae):  # noqa: F811
+def test_attribution_adds_up_to_the_logit_of_the_transformers_forward(model, hf_model, sae):
     hf, tok = hf_model
     r = attribute(sae, PROMPT, " Paris", model=model, top=5)
     tokens = tokenize(model, PROMPT, True)

@@ -25,18 +25,6 @@ N_WINDOWS, CTX, RANK = 4, 32, 48
 
 
 @pytest.fixture(scope="module")
-def hf_model():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from actcache.harvest.models import bundled_gguf
-
-    gguf = bundled_gguf()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    return model, tok
-
-
-@pytest.fixture(scope="module")
 def windows(hf_model):
     """Token windows of Python source, each starting with BOS, as a harvest writes them."""
     import json as json_module
