@@ -14,7 +14,7 @@ from actcache.common.errors import UserError
 from actcache.common.sae import SAE, Metadata, SAEConfig
 from actcache.harvest.analysis import analyse, attribute, list_hooks, steer
 
-from harvest_fixtures import ROOT, env
+from harvest_fixtures import ROOT, env, run_cli
 
 SPEC = "random:n_layers=2,d_model=32,n_ctx=24,d_vocab=49152,seed=0"  # the bundled tokenizer's vocabulary
 HOOK = "blocks.0.hook_resid_post"
@@ -92,17 +92,23 @@ def _cli(*args, ok=True):
     return res
 
 
-def test_commands(folder):
+def test_commands(folder, capfd):
+    """The commands as a user runs them: steer and hooks through the entry point in this process, and the
+    error through a real process (its exit status and stderr as a shell sees them)."""
     tok = ("--tokenizer", "smollm2-135m-instruct-q4")  # a random model has no tokenizer of its own
-    out = json.loads(_cli("steer", str(folder), "--feature", "5", "--strength", "0", "--prompt", "The weather",
-                          "--max-new-tokens", "3", *tok, "--json").stdout)
+    code, stdout, err = run_cli(["steer", str(folder), "--feature", "5", "--strength", "0", "--prompt", "The weather",
+                                 "--max-new-tokens", "3", *tok, "--json"], capfd)
+    assert code == 0, err[-2000:]
+    out = json.loads(stdout)
     assert out["steered_tokens"] == out["plain_tokens"] and len(out["plain_tokens"]) == 3
     assert out["prompt_tokens"] == [504, 3947]  # no BOS: the SAE's metadata says prepend_bos false
     bad = _cli("attribute", str(folder), "--prompt", "The capital of France is", "--target", " Parisian", *tok, ok=False)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()]
     assert bad.stderr.startswith("actcache: error: the target ' Parisian' is 2 tokens")
-    hooks = json.loads(_cli("hooks", SPEC, "--json").stdout)
+    code, stdout, err = run_cli(["hooks", SPEC, "--json"], capfd)
+    assert code == 0, err[-2000:]
+    hooks = json.loads(stdout)
     assert {"name": HOOK, "fires": True, "shape": [1, 5, D], "width": D} in hooks
 
 
