@@ -130,8 +130,11 @@ def test_ctrl_c_during_a_harvest_says_how_to_continue(data, tmp_path):
     # enough data (about 300k tokens) that the harvest cannot finish before the signal lands
     big = write_token_jsonl(tmp_path / "big.jsonl", n_docs=3_000)
     args = harvest_args(out, big, hooks=HOOKS[:1], tokens=2_000_000, batch=2, chunk=2)
+    # Ctrl-C as in a terminal: a test run started in the background (nohup, `&` in a script) ignores
+    # SIGINT, and children inherit that; the harvest gets the default disposition, as a user's shell gives it
     p = subprocess.Popen([sys.executable, "-m", "actcache", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=env(), cwd=ROOT)
+                         text=True, env=env(), cwd=ROOT,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     from actcache.common.store import ActivationStore
 
     def committed() -> int:
