@@ -1,5 +1,6 @@
 """Test set-up: offline, CPU only, and the repository root importable without installing."""
 
+import contextlib
 import json
 import math
 import os
@@ -127,3 +128,17 @@ def hf_model():
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     return model, tok
+
+
+@contextlib.contextmanager
+def single_thread():
+    """torch on one thread inside the block (the arithmetic of OMP_NUM_THREADS=1 subprocesses, and
+    timings that the other core's work disturbs less); the previous count is restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

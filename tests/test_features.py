@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_sweep
+from tests.conftest import make_sweep, single_thread
 from tests.synthetic import make_store
 from actcache.common.errors import UserError
 from actcache.common.store import ActivationStore, chunk_stats
@@ -170,12 +170,8 @@ def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("run")
     url = base / "s.zarr"
     make_store(url, d=D, n_features=32, n_sequences=256, context_size=16, chunk_sequences=16)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         train_sweep(str(url), SWEEP, base / "run", progress=False)
-    finally:
-        torch.set_num_threads(n)
     return base
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import make_sweep, write_sweep
+from tests.conftest import make_sweep, write_sweep, single_thread
 from tests.synthetic import make_store, sample_activations
 from tests.test_train_saes import one_thread  # noqa: F401  (a fixture)
 from actcache.common.errors import UserError
@@ -46,14 +46,10 @@ def short_run(tmp_path_factory):
                             chunk_sequences=16)
     top = {"hook": HOOK, "batch_size": 1024, "tokens": 102_400, "seed": 1, "log_every_steps": 5,
            "repeat_epochs": True, "dead_window_tokens": 4096, "eval_tokens": 8192}
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         summary = train_sweep(str(root / "s.zarr"),
                               make_sweep(*FIDELITY_SAES, defaults={"lr": 3e-3, "d_sae": 64}, **top), root / "out",
                               progress=False)
-    finally:
-        torch.set_num_threads(n)
     return summary, planted, root / "out"
 
 

@@ -11,7 +11,7 @@ import torch
 
 from actcache.common.errors import UserError
 from actcache.common.store import ActivationStore, chunk_stats
-from tests.conftest import make_sweep, sweep_toml, write_sweep
+from tests.conftest import make_sweep, sweep_toml, write_sweep, single_thread
 from tests.synthetic import make_store
 from actcache.train.checkpoint import load_checkpoint
 from actcache.train.config import load_config
@@ -78,15 +78,11 @@ def test_k_larger_than_d_sae(store_url, tmp_path):
 
 def test_more_tokens_than_the_store_needs_permission(store_url, tmp_path):
     fails(store_url, config(tokens=4096), tmp_path / "o", "store holds 2,048.*--allow-repeat")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         s = train_sweep(store_url, config(tokens=4096), tmp_path / "ok", allow_repeat=True, progress=False)
         assert s["tokens"] == 4096
         s = train_sweep(store_url, config(tokens=4096, repeat_epochs=True), tmp_path / "ok2", progress=False)
         assert s["tokens"] == 4096
-    finally:
-        torch.set_num_threads(n)
 
 
 def test_config_mistakes(store_url, tmp_path):
@@ -116,9 +112,7 @@ def test_grid_expands_with_automatic_names():
 
 
 def test_output_folder_rules(store_url, tmp_path):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         out = tmp_path / "run"
         train_sweep(store_url, config(), out, progress=False)
         with pytest.raises(UserError, match="already holds a training run; pass --resume"):
@@ -133,8 +127,6 @@ def test_output_folder_rules(store_url, tmp_path):
         (other / "notes.txt").write_text("mine")
         with pytest.raises(UserError, match="not empty and holds no actcache run"):
             train_sweep(store_url, config(), other, progress=False)
-    finally:
-        torch.set_num_threads(n)
 
 
 def test_nan_loss_stops_with_the_sae_name_and_step_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -153,13 +145,9 @@ def test_nan_loss_stops_with_the_sae_name_and_step_and_keeps_the_last_good_check
     assert bad_step >= 2, "choose another bad chunk so that a checkpoint comes first"
     cfg = config({"name": "fine", "architecture": "standard"}, {"name": "victim", "architecture": "topk", "k": 4},
                  window_chunks=1, checkpoint_every_tokens=128)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         with pytest.raises(UserError) as e:
             train_sweep(str(url), cfg, tmp_path / "out", progress=False)
-    finally:
-        torch.set_num_threads(n)
     msg = str(e.value)
     assert "SAE 'fine'" in msg and f"at step {bad_step}" in msg and f"checkpoint (step {bad_step})" in msg
     ckpt = load_checkpoint(tmp_path / "out")

@@ -23,7 +23,7 @@ from actcache.train.checkpoint import CHECKPOINT, load_checkpoint
 from actcache.train.loader import ActivationLoader, normalisation_scale
 from actcache.train.sweep import train_sweep
 from distributed_fixtures import retry_lines
-from tests.conftest import make_sweep, write_sweep
+from tests.conftest import make_sweep, write_sweep, single_thread
 from tests.synthetic import make_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,10 +46,8 @@ def store_url(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same arithmetic as the OMP_NUM_THREADS=1 subprocesses
-    yield
-    torch.set_num_threads(n)
+    with single_thread():  # the same arithmetic as the OMP_NUM_THREADS=1 subprocesses
+        yield
 
 
 def env(**extra) -> dict:

@@ -4,7 +4,7 @@ dictionary, recovers that dictionary; and the sparse TopK paths compute the dens
 import pytest
 import torch
 
-from tests.conftest import make_sweep
+from tests.conftest import make_sweep, single_thread
 from tests.synthetic import feature_recovery, make_store
 from actcache.common.sae import SAE
 from actcache.train.architectures import SAEConfig, build_sae, geometric_median
@@ -28,23 +28,17 @@ SWEEP = make_sweep(
 @pytest.fixture
 def one_thread():
     # small matrices: one thread is faster and immune to other processes on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def planted_sweep(tmp_path_factory):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         root = tmp_path_factory.mktemp("recovery")
         _, planted = make_store(root / "s.zarr", d=32, n_features=64, n_sequences=512, context_size=32,
                                 chunk_sequences=32, active=3)
         summary = train_sweep(str(root / "s.zarr"), SWEEP, root / "out", progress=False)
-    finally:
-        torch.set_num_threads(n)
     return summary, planted, root / "out"
 
 

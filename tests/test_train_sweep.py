@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import make_sweep, write_sweep
+from tests.conftest import make_sweep, write_sweep, single_thread
 from tests.synthetic import make_store
 from actcache.train.checkpoint import load_checkpoint
 from actcache.common.sae import SAE, WEIGHT_KEYS
@@ -50,12 +50,8 @@ def store_url(tmp_path_factory):
 @pytest.fixture(scope="module")
 def all_archs(store_url, tmp_path_factory):
     out = tmp_path_factory.mktemp("all") / "out"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         summary = train_sweep(store_url, config(*ALL_SAES, grid=ALL_GRID), out, progress=False)
-    finally:
-        torch.set_num_threads(n)
     return summary, out
 
 
@@ -70,9 +66,7 @@ def _weights(folder: Path) -> dict:
 def test_lockstep_sweep_equals_single_sae_runs(store_url, all_archs, tmp_path):
     """Every SAE of the sweep saw exactly the batches a run of that SAE alone sees."""
     _, out = all_archs
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         for entry in [{"name": "topk-k4", "architecture": "topk", "k": 4},
                       {"name": "jump", "architecture": "jumprelu", "l0_coefficient": 0.5}]:
             name = entry["name"]
@@ -83,8 +77,6 @@ def test_lockstep_sweep_equals_single_sae_runs(store_url, all_archs, tmp_path):
             for k in a:
                 assert torch.equal(a[k], b[k]), (name, k)
             assert _metrics(out, name) == _metrics(tmp_path / name, name)
-    finally:
-        torch.set_num_threads(n)
 
 
 def test_folders_have_saelens_layout(all_archs):

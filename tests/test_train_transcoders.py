@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import make_sweep
+from tests.conftest import make_sweep, single_thread
 from tests.synthetic import feature_recovery, make_store
 from tests.test_train_reliability import crash_after_checkpoint
 from tests.test_train_saes import one_thread  # noqa: F401  (a fixture)
@@ -48,9 +48,7 @@ SAELENS_CLASS = {"transcoder": "Transcoder", "skip_transcoder": "SkipTranscoder"
 def planted_map(tmp_path_factory):
     """A store whose OUT hook is a planted linear-sparse map of its IN hook, and one sweep of every
     transcoder architecture from IN to OUT."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         root = tmp_path_factory.mktemp("transcoders")
         _, planted = make_store(root / "s.zarr", d=32, n_features=64, n_sequences=512, context_size=32,
                                 chunk_sequences=32, active=3, hooks=(RES, IN, OUT), maps={OUT: IN},
@@ -59,8 +57,6 @@ def planted_map(tmp_path_factory):
                          hook=IN, batch_size=256, tokens=300_000, log_every_steps=100, repeat_epochs=True,
                          dead_window_tokens=20000, eval_tokens=8192)
         summary = train_sweep(str(root / "s.zarr"), cfg, root / "out", progress=False)
-    finally:
-        torch.set_num_threads(n)
     return summary, planted, root
 
 
@@ -214,12 +210,8 @@ def _mixed(*saes):
 @pytest.fixture(scope="module")
 def mixed_run(small_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("mixed") / "out"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         summary = train_sweep(small_store, _mixed(*MIXED), out, progress=False)
-    finally:
-        torch.set_num_threads(n)
     return summary, out
 
 
