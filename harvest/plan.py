@@ -10,39 +10,29 @@ import zarr
 from ..common import codecs, location
 from ..common.errors import UserError
 from ..common.manifest import HookInfo, Manifest
+from ..common.options import check_values
 from ..common.progress import log, parse_count
 from ..common.store import ATTR as STORE_ATTR
 from ..common.store import ActivationStore, chunk_sequences_for, held_out_after_truncation, held_out_for
 
-from .config import OVERFLOW_MODES, HarvestConfig
+from .config import HarvestConfig
 from .data import TokenWindows
-from .models import DTYPES, HookedModel
+from .models import HookedModel
 
 
 def validate(cfg: HarvestConfig) -> int:
     """Every cheap check, before any model is loaded; returns the number of tokens asked for."""
-    codecs.validate(cfg.codec)
-    if cfg.overflow not in OVERFLOW_MODES:
-        raise UserError(f"invalid overflow mode {cfg.overflow!r}; choose error or clamp")
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"invalid dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
     if not cfg.hooks:
         raise UserError("no hook given: pass --hook NAME (e.g. --hook blocks.0.hook_resid_post)")
-    try:
-        n_tokens = parse_count(cfg.tokens)
-    except ValueError:
-        raise UserError(f"invalid token count {cfg.tokens!r}; write e.g. 100M, 2k or 50000") from None
-    for what, v, lo in (("context size", cfg.context_size, 2), ("token count", n_tokens, 1),
-                        ("batch size", cfg.batch_size, 1), ("chunk size", cfg.chunk_sequences or 1, 1)):
-        if v < lo:
-            raise UserError(f"the {what} must be at least {lo} (got {v})")
+    check_values(cfg)  # each option's kind and range (common/options.py)
+    codecs.validate(cfg.codec)
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
     if not location.is_remote(cfg.out):
         parent = location.local_path(cfg.out).parent
         if not parent.is_dir():
             raise UserError(f"cannot write {cfg.out}: the folder {parent} does not exist")
-    return n_tokens
+    return parse_count(cfg.tokens)
 
 
 def held_out_spec(spec: str | int | float | None, n_tokens: int) -> tuple[str, float]:

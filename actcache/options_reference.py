@@ -1,0 +1,52 @@
+"""docs/options.md: the reference tables of every command's options and every sweep key, generated
+from the option declarations (common/options.py). Here, at the top layer, because it names the
+options of both stages.
+
+    python -m actcache.options_reference            # print it
+    python -m actcache.options_reference --write    # rewrite docs/options.md (a test fails when stale)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .common.options import markdown_table, options_of
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "options.md"
+
+INTRO = """# Options reference
+
+Generated from the option declarations (`common/options.py`) by `python -m actcache.options_reference
+--write`; a test fails when this file is stale. Every option has one name; an old name still works for
+one release and prints a one-line deprecation warning on stderr. A unit column says what a number
+counts wherever a number could mean two things (`batch_size` of a forward pass counts sequences; the
+sweep's `batch_tokens` counts tokens). A range of a store's sequences is written `START:STOP`
+everywhere (the sweep's `held_out`, `actcache eval --held-out`, `actcache features --held-out`).
+Unknown or misspelt options and keys are errors."""
+
+
+def sections() -> list[tuple[str, str]]:
+    """(title, markdown) of each table, in the order of the document."""
+    from .harvest.config import HarvestConfig
+    from .train.config import readme_tables
+
+    return [
+        ("`actcache harvest`", markdown_table(options_of(HarvestConfig).values())),
+        ("Sweep configuration (`actcache train --config sweep.toml`)", readme_tables()),
+    ]
+
+
+def render() -> str:
+    parts = [INTRO]
+    for title, table in sections():
+        parts += [f"## {title}", table]
+    return "\n\n".join(parts) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--write"]:
+        DOC.write_text(render())
+        print(f"wrote {DOC}")
+    else:
+        print(render(), end="")
