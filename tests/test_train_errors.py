@@ -22,7 +22,7 @@ HOOK = "blocks.0.hook_resid_pre"
 
 
 TOPK = {"name": "t", "architecture": "topk", "k": 4}
-HEAD = {"batch_size": 128, "tokens": 2048, "log_every_steps": 4, "eval_tokens": 512, "skip_special_tokens": False}
+HEAD = {"batch_tokens": 128, "tokens": 2048, "log_every_steps": 4, "eval_tokens": 512, "skip_special_tokens": False}
 
 
 def config(*saes: dict, **top) -> dict:
@@ -77,9 +77,9 @@ def test_k_larger_than_d_sae(store_url, tmp_path):
 
 
 def test_more_tokens_than_the_store_needs_permission(store_url, tmp_path):
-    fails(store_url, config(tokens=4096), tmp_path / "o", "store holds 2,048.*--allow-repeat")
+    fails(store_url, config(tokens=4096), tmp_path / "o", "store holds 2,048.*--repeat-epochs")
     with single_thread():
-        s = train_sweep(store_url, config(tokens=4096), tmp_path / "ok", allow_repeat=True, progress=False)
+        s = train_sweep(store_url, config(tokens=4096), tmp_path / "ok", repeat_epochs=True, progress=False)
         assert s["tokens"] == 4096
         s = train_sweep(store_url, config(tokens=4096, repeat_epochs=True), tmp_path / "ok2", progress=False)
         assert s["tokens"] == 4096
@@ -87,7 +87,7 @@ def test_more_tokens_than_the_store_needs_permission(store_url, tmp_path):
 
 def test_config_mistakes(store_url, tmp_path):
     misspelt = config()
-    misspelt["batchsize"] = misspelt.pop("batch_size")
+    misspelt["batchsize"] = misspelt.pop("batch_tokens")
     fails(store_url, misspelt, tmp_path / "o", "unknown config key 'batchsize'")
     fails(store_url, config({"name": "x", "architecture": "topk"}), tmp_path / "o", "needs k")
     twins = config({"name": "a", "architecture": "topk", "k": 2}, {"name": "a", "architecture": "topk", "k": 3})

@@ -6,6 +6,7 @@ import click
 
 from ..common.commands import storage_option
 from ..common.distributed import env_rank
+from ..common.options import warn_deprecated
 
 from .export import summary_table
 from .sweep import train_sweep
@@ -23,13 +24,18 @@ __all__ = ["train_command", "train_sweep"]
 @click.option("--overwrite", is_flag=True, help="Delete the run already in --out (a finished one, or one a crash left) "
               "and start again.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu).")
-@click.option("--allow-repeat", is_flag=True, help="Allow more training tokens than the store holds (repeat epochs).")
+@click.option("--repeat-epochs", is_flag=True, help="Allow more training tokens than the store holds (the data repeats, "
+              "reshuffled); the config key repeat_epochs = true does the same.")
+@click.option("--allow-repeat", "old_allow_repeat", is_flag=True, hidden=True)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @storage_option
 def train_command(store: str, config: str, out: str, resume: bool, overwrite: bool, device: str | None,
-                  allow_repeat: bool, no_progress: bool, storage_options: tuple[str, ...]) -> None:
+                  repeat_epochs: bool, old_allow_repeat: bool, no_progress: bool,
+                  storage_options: tuple[str, ...]) -> None:
     """Train the SAEs of a sweep in lockstep on one store and export them in the SAELens format."""
-    summary = train_sweep(store, config, out, resume=resume, device=device, allow_repeat=allow_repeat,
+    if old_allow_repeat:
+        warn_deprecated("--allow-repeat", "--repeat-epochs")
+    summary = train_sweep(store, config, out, resume=resume, device=device, repeat_epochs=repeat_epochs or old_allow_repeat,
                           progress=not no_progress, overwrite=overwrite, storage_options=list(storage_options))
     if env_rank() == 0:  # under torchrun, rank 0 speaks for the job
         click.echo(summary_table(summary))

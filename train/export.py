@@ -51,7 +51,7 @@ def calibrate(saes: list[TrainingSAE], store: ActivationStore, cfg: SweepConfig,
     todo = [s for s in saes if s.needs_calibration]
     if not todo:
         return []
-    batch = min(cfg.batch_size, cfg.eval_tokens)
+    batch = min(cfg.batch_tokens, cfg.eval_tokens)
     hooks = list(dict.fromkeys(s.cfg.hook for s in todo))
     loader = ActivationLoader(store, hooks, batch, seed=cfg.seed + 2, window_chunks=cfg.window_chunks,
                               threads=cfg.loader_threads, device=device, normalize=cfg.normalize,
@@ -93,7 +93,7 @@ def to_inference_sae(sae: TrainingSAE, scale: float, store: ActivationStore, cfg
         trained_with="actcache",
         actcache_version=__version__,
         trained_architecture=sae.architecture,
-        training_tokens=cfg.n_steps * cfg.batch_size,
+        training_tokens=cfg.n_steps * cfg.batch_tokens,
         normalization_scale_folded=scale,
         store_fingerprint=m.fingerprint,
         # every sequence range this SAE never trained on: the store's held-out part and the config's own
@@ -113,7 +113,7 @@ def _hooks_of(sae: SAE, cfg: SweepConfig) -> tuple[str, str]:
 def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, device: torch.device) -> dict:
     """L0, FVU, MSE and feature density of exported SAEs on raw activations (a separately seeded
     stream); FVU and MSE of what each reconstructs (a transcoder's output hook)."""
-    batch = min(cfg.batch_size, cfg.eval_tokens)
+    batch = min(cfg.batch_tokens, cfg.eval_tokens)
     n_batches = max(1, cfg.eval_tokens // batch)
     hooks = {name: _hooks_of(s, cfg) for name, s in saes.items()}
     loader = ActivationLoader(store, list(dict.fromkeys(h for pair in hooks.values() for h in pair)), batch,
