@@ -28,12 +28,18 @@ Unknown or misspelt options and keys are errors."""
 
 def sections() -> list[tuple[str, str]]:
     """(title, markdown) of each table, in the order of the document."""
+    from .eval_cli import EvalOptions
     from .harvest.config import HarvestConfig
+    from .train.cli import TrainOptions
     from .train.config import readme_tables
+    from .train.features_cli import FeaturesCommandOptions
 
     return [
         ("`actcache harvest`", markdown_table(options_of(HarvestConfig).values())),
+        ("`actcache train STORE`", markdown_table(options_of(TrainOptions).values())),
         ("Sweep configuration (`actcache train --config sweep.toml`)", readme_tables()),
+        ("`actcache eval [RUN_OR_SAE...]`", markdown_table(options_of(EvalOptions).values())),
+        ("`actcache features RUN`", markdown_table(options_of(FeaturesCommandOptions).values())),
     ]
 
 

@@ -72,6 +72,7 @@ class Option:
     flag: str | None = None
     cli: bool = True
     secret: bool = False
+    metavar: str | None = None
 
     # ------------------------------------------------------------------ checking a value
     def check(self, value: Any, where: str = "") -> Any:
@@ -196,6 +197,12 @@ class Option:
     def flag_name(self) -> str:
         """The option on the command line, e.g. --context-size."""
         return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def flag_decl(self) -> str:
+        """As click declares it: a switch that is on by default also has its --no- form."""
+        return f"{self.flag_name}/--no-{self.flag_name[2:]}" if self.kind == "bool" and self.default is True \
+            else self.flag_name
 
 
 def _is_int(v: Any) -> bool:
@@ -370,7 +377,8 @@ class _Value(click.ParamType):
             except (ValueError, OverflowError):
                 raise UserError(f"{o.flag_name} {value!r} is not a count (write e.g. 100M, 2k, 50000)") from None
         elif o.kind == "range":
-            parse_range(value, o.flag_name)
+            if value:
+                parse_range(value, o.flag_name)
             return value
         else:
             return value
@@ -393,16 +401,16 @@ def click_decorators(cls: type, only: Iterable[str] | None = None) -> list[Calla
         if not o.cli or (only is not None and o.name not in only):
             continue
         kw: dict[str, Any] = {"help": o.help + (f" [unit: {o.unit}]" if o.unit else "")}
-        decls = [o.flag_name]
+        if o.metavar:
+            kw["metavar"] = o.metavar
+        decls = [o.flag_decl]
         if o.required:
             kw["required"] = True
         else:
             kw["default"] = list(o.default) if o.kind == "str_list" else o.default
             kw["show_default"] = o.default not in (None, False, (), [])
         if o.kind == "bool":
-            if o.default is True:
-                decls = [f"{o.flag_name}/--no-{o.flag_name[2:]}"]
-            else:
+            if o.default is not True:
                 kw["is_flag"] = True
         elif o.kind == "str_list":
             kw["multiple"] = True
@@ -410,6 +418,8 @@ def click_decorators(cls: type, only: Iterable[str] | None = None) -> list[Calla
             kw["type"] = click.Choice(list(o.choices))
         elif o.kind in ("int", "float", "count", "range"):
             kw["type"] = _Value(o)
+            if o.kind == "range":  # a bare --held-out (a flag of earlier releases) means the default
+                kw["is_flag"], kw["flag_value"] = False, ""
         out.append(click.option(*decls, o.name, **kw))
         for old in o.old_names:
             old_kw = {"hidden": True, "default": None, "type": kw.get("type")}
@@ -444,6 +454,10 @@ def from_click(cls: type, given: dict[str, Any]) -> dict[str, Any]:
     for o in options_of(cls).values():
         if o.name in given:
             out[o.name] = _listed(o, given.pop(o.name))
+            if o.kind == "range" and out[o.name] == "":
+                warn_deprecated(f"{o.flag_name} without START:STOP", f"no {o.flag_name} (the default) or "
+                                f"{o.flag_name} START:STOP")
+                out[o.name] = None
         for old in o.old_names:
             v = given.pop(_old_dest(old), None)
             if v is None or v == () or v is False:
@@ -466,7 +480,7 @@ def markdown_table(options: Iterable[Option], cli: bool = True) -> str:
     head = "option" if cli else "key"
     lines = [f"| {head} | default | unit | valid | meaning |", "| --- | --- | --- | --- | --- |"]
     for o in options:
-        name = f"`{o.flag_name}`" if cli else f"`{o.name}`"
+        name = f"`{o.flag_decl}`" if cli else f"`{o.name}`"
         if o.old_names:
             olds = ", ".join(f"`{'--' + n.replace('_', '-') if cli else n}`" for n in o.old_names)
             name += f" (was {olds})"

@@ -60,4 +60,4 @@ class HarvestConfig:
     allow_short: bool = option(False, "Accept a store shorter than --tokens when the dataset runs out (exit 0 "
                                       "instead of an error); the store is complete either way.")
     storage_options: tuple[str, ...] | list[str] = option(
-        (), location.STORAGE_OPTION_HELP, kind="str_list", flag="--storage-option", secret=True)
+        (), location.STORAGE_OPTION_HELP, kind="str_list", flag="--storage-option", secret=True, metavar="KEY=VALUE")

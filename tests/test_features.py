@@ -251,6 +251,8 @@ def test_held_out_range_is_the_default(trained):
     store.held_out_range = lambda: (224, 256)  # what a store that sets sequences aside answers
     assert choose_sequences(store, True, 64) == (224, 228, "held-out")
     assert choose_sequences(store, False, None) == (0, 256, "all")
+    assert choose_sequences(store, "8:40", None) == (8, 40, "named")  # --held-out START:STOP, as eval takes it
+    assert choose_sequences(store, "8:400", 64) == (8, 12, "named")  # 64 tokens: 4 sequences of 16
 
 
 def _cli(*args, cwd=ROOT):

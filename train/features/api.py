@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ import torch
 from ...common import location
 from ...common.device import pick_device
 from ...common.errors import StoreError, UserError, first_line
+from ...common.options import parse_range
 from ...common.progress import log, token_bar
 from ...common.store import ActivationStore
 from ...common.sae import CFG_FILENAME, SAE
@@ -107,14 +108,18 @@ def _range_of(value: Any) -> tuple[int, int] | None:
     return None
 
 
-def choose_sequences(store: ActivationStore, held_out: bool, tokens: int | None,
+def choose_sequences(store: ActivationStore, held_out: bool | str | Sequence[int], tokens: int | None,
                      meta: dict[str, Any] | None = None) -> tuple[int, int, str]:
     """The sequences [a, b) to read and a word for them: the store's held-out range by default
-    (or the run's own, for stores that predate it), every committed sequence with held_out=False."""
+    (or the run's own, for stores that predate it), every committed sequence with held_out=False,
+    or the range held_out names ("START:STOP", or [start, stop])."""
     m = store.manifest
     committed = store.n_committed_sequences
     a, b, what = 0, committed, "all"
-    if held_out:
+    if isinstance(held_out, (str, list, tuple)):
+        start, stop = parse_range(held_out, "--held-out") if isinstance(held_out, str) else held_out
+        a, b, what = int(start), min(int(stop), committed), "named"
+    elif held_out:
         rng = store.held_out_range()
         if rng is None and meta:
             rng = _range_of(meta.get("held_out"))
@@ -338,13 +343,15 @@ def _safe_name(name: str) -> str:
 
 
 def write_features(run: str | Path, out: str | Path, store: str | None = None, saes: list[str] | None = None,
-                   tokens: int | None = None, top: int = 20, held_out: bool = True, overwrite: bool = False,
+                   tokens: int | None = None, top: int = 20, held_out: bool | str | Sequence[int] = True,
+                   overwrite: bool = False,
                    unembedding: torch.Tensor | None = None, tokenizer: Any = None,
                    model_loader: ModelLoader | None = None, device: str | None = None, progress: bool = True,
                    site: bool = True, options: FeatureOptions | None = None) -> dict[str, Any]:
     """Top contexts, densities, histograms (and logit effects, when the unembedding is known) of every
     SAE of `run`, written under `out`; returns the content of out/features.json. Nothing is left in
-    `out` if it fails.
+    `out` if it fails. held_out: True reads the store's held-out part, False every committed sequence,
+    "START:STOP" (or [start, stop]) that range of sequences.
 
     unembedding: the model's W_U [d_model, d_vocab] (logit effects are W_dec @ W_U), or None;
     tokenizer: anything with decode([id]) -> str, for the token strings of the browser, or None;
