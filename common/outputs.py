@@ -371,6 +371,13 @@ def publish(out: str | Path, kind: Kind, replace: bool = False) -> Iterator[Path
         raise
 
 
+def lock_path(out: str | os.PathLike) -> str:
+    """Where the lease of an output lives (beside its real path)."""
+    from .lease import lock_url
+
+    return lock_url(out if location.is_remote(out) else os.path.realpath(location.local_path(out)))
+
+
 def lease(out: str | os.PathLike, what: str, takeover: bool = False):
     """The exclusive lease of an output, taken on its real path (so a symlink, `./x` and `x` share one)."""
     from .lease import Lease
