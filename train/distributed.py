@@ -16,6 +16,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ..common.outputs import rank_dir
 from .config import SAEConfig, SweepConfig
 
 SPARSE_DECODERS = ("topk", "batchtopk", "matryoshka_batchtopk")  # decode only the k active latents (by prefix)
@@ -54,7 +55,7 @@ def share(cfg: SweepConfig, rank: int, world: int) -> SweepConfig:
 
 
 def checkpoint_dir(out: Path, rank: int, world: int) -> Path:
-    return Path(out) / f"rank-{rank}-of-{world}"
+    return rank_dir(out, rank, world)
 
 
 def merge_rows(cfg: SweepConfig, per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
