@@ -20,7 +20,7 @@ import pytest
 
 from actcache.common import outputs
 from actcache.train import train_sweep
-from actcache.train.features import write_features
+from actcache.train.features import load_features, write_features
 from conftest import make_sweep, single_thread, write_sweep
 from eval_fixtures import HOOK, RANDOM, harvest_store
 from harvest_fixtures import env, run_cli, write_token_jsonl
@@ -224,6 +224,7 @@ def test_results_record_the_weights_they_measured_and_go_stale_with_them(world, 
 
     feats = write_features(run, tmp_path / "feats", tokens=128, held_out=False, top=3, progress=False)
     assert feats["saes"][0]["sae_digest"]["weights"] == want
+    assert load_features(tmp_path / "feats")["saes"][0]["stale"] is False
 
     # other weights in the folder (changed by hand): the result is stale and readers drop it
     from safetensors.torch import load_file, save_file
@@ -232,6 +233,7 @@ def test_results_record_the_weights_they_measured_and_go_stale_with_them(world, 
     weights["b_dec"] = weights["b_dec"] + 1
     save_file(weights, str(folder / "sae_weights.safetensors"))
     assert outputs.read_eval(folder) is None
+    assert load_features(tmp_path / "feats")["saes"][0]["stale"] is True
     from actcache.evaluate import write_run_summary
 
     write_run_summary(run, [])

@@ -451,8 +451,19 @@ def _token_index(recs: list[dict[str, Any]]) -> dict[str, list[int]]:
 
 
 def load_features(out: str | Path) -> dict[str, Any]:
-    """The features.json of an output folder."""
+    """The features.json of an output folder. Each SAE's entry gets "stale": true (and a warning) when
+    the weights in its folder are no longer the ones it measured (or the folder is gone)."""
     p = Path(out) / outputs.FEATURES_FILE
     if not p.is_file():
         raise UserError(f"{out} holds no features.json; run `actcache features` first")
-    return json.loads(p.read_text())
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p} cannot be read ({first_line(e)}); rerun `actcache features` with --overwrite") from None
+    for entry in data.get("saes", []):
+        folder = entry.get("sae_path")
+        entry["stale"] = not (folder and outputs.is_current(entry, folder))
+        if entry["stale"]:
+            log.warning(f"the features of {entry.get('name')} in {out} measured other weights than those now in "
+                        f"{folder or 'its folder'}: rerun `actcache features` with --overwrite")
+    return data
