@@ -7,7 +7,7 @@ import itertools
 import time
 from dataclasses import dataclass
 
-from ..common import location
+from ..common import location, outputs
 from ..common.distributed import Ranks, ranks_from_env
 from ..common.errors import UserError
 from ..common.lease import Lease
@@ -135,7 +135,7 @@ def _harvest_leased(cfg: HarvestConfig, ranks: Ranks, progress: bool, model: Hoo
             lease.check()
             with location.storage_errors(cfg.out, "creating"):
                 if (replace or existing is not None) and location.exists(cfg.out):
-                    location.remove(cfg.out)
+                    outputs.remove_output(cfg.out, outputs.STORE)
                 store = ActivationStore.create(cfg.out, manifest)
         else:
             store = ActivationStore.open(cfg.out, "r+")

@@ -4,10 +4,11 @@ the held-out part, the manifest, and whether what is at the output can be resume
 from __future__ import annotations
 
 import math
+import os
 
 import zarr
 
-from ..common import codecs, location
+from ..common import codecs, location, outputs
 from ..common.errors import UserError
 from ..common.manifest import HookInfo, Manifest
 from ..common.options import check_values
@@ -28,11 +29,17 @@ def validate(cfg: HarvestConfig) -> int:
     codecs.validate(cfg.codec)
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
+    outputs.check_destination(cfg.out, outputs.STORE, inputs=_local_inputs(cfg), replace=cfg.overwrite)
     if not location.is_remote(cfg.out):
         parent = location.local_path(cfg.out).parent
         if not parent.is_dir():
             raise UserError(f"cannot write {cfg.out}: the folder {parent} does not exist")
     return parse_count(cfg.tokens)
+
+
+def _local_inputs(cfg: HarvestConfig) -> list[str]:
+    """The local files a harvest reads (its dataset, a model folder): never its output's place."""
+    return [p for p in (cfg.dataset, cfg.model, cfg.tokenizer) if p and os.path.exists(str(p))]
 
 
 def held_out_spec(spec: str | int | float | None, n_tokens: int) -> tuple[str, float]:
@@ -107,6 +114,7 @@ def existing_store(cfg: HarvestConfig) -> tuple[ActivationStore | None, bool]:
     if not location.exists(cfg.out):
         return None, False
     if cfg.overwrite:
+        outputs.check_destination(cfg.out, outputs.STORE, inputs=_local_inputs(cfg), replace=True)
         return None, True
     if not cfg.resume:
         raise UserError(f"{cfg.out} already exists: pass --resume to continue that harvest, "

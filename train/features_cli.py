@@ -50,8 +50,6 @@ def features_command(ctx: click.Context, run: str, **given: Any) -> None:
     o = FeaturesCommandOptions(**from_click(FeaturesCommandOptions, given))
     if o.all_sequences and o.held_out:
         raise UserError("--all and --held-out contradict each other: pick one")
-    if Path(o.out).exists() and not o.overwrite:
-        raise UserError(f"{o.out} exists; pass --overwrite to replace it, or choose another --out")
     root = ctx.find_root().obj or {}
     loader = root.get("load_unembedding") if o.logits else None
     summary = write_features(run, o.out, store=o.store, saes=o.saes or None, tokens=o.tokens, top=o.top,
