@@ -29,6 +29,7 @@ Unknown or misspelt options and keys are errors."""
 def sections() -> list[tuple[str, str]]:
     """(title, markdown) of each table, in the order of the document."""
     from .eval_cli import EvalOptions
+    from .harvest.analysis_cli import AnalyseOptions, AttributeOptions, HooksOptions, SteerOptions
     from .harvest.config import HarvestConfig
     from .train.cli import TrainOptions
     from .train.config import readme_tables
@@ -40,6 +41,10 @@ def sections() -> list[tuple[str, str]]:
         ("Sweep configuration (`actcache train --config sweep.toml`)", readme_tables()),
         ("`actcache eval [RUN_OR_SAE...]`", markdown_table(options_of(EvalOptions).values())),
         ("`actcache features RUN`", markdown_table(options_of(FeaturesCommandOptions).values())),
+        ("`actcache analyse SAE_DIR`", markdown_table(options_of(AnalyseOptions).values())),
+        ("`actcache steer SAE_DIR`", markdown_table(options_of(SteerOptions).values())),
+        ("`actcache attribute SAE_DIR`", markdown_table(options_of(AttributeOptions).values())),
+        ("`actcache hooks MODEL`", markdown_table(options_of(HooksOptions).values())),
     ]
 
 

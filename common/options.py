@@ -98,7 +98,8 @@ class Option:
             except (ValueError, OverflowError):
                 ok = False
             if not ok:
-                raise UserError(bad)
+                raise UserError(f"{at}invalid {self.name.replace('_', '-')} size {value!r}: give a percentage below "
+                                "100% (e.g. 5%), a count (e.g. 8192 or 10k), or 0 for none")
             return value
         if kind == "choice":
             if value not in self.choices:
@@ -408,7 +409,7 @@ def click_decorators(cls: type, only: Iterable[str] | None = None) -> list[Calla
             kw["required"] = True
         else:
             kw["default"] = list(o.default) if o.kind == "str_list" else o.default
-            kw["show_default"] = o.default not in (None, False, (), [])
+            kw["show_default"] = not (o.default is None or o.default is False or o.default in ((), []))
         if o.kind == "bool":
             if o.default is not True:
                 kw["is_flag"] = True

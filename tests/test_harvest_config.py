@@ -69,7 +69,7 @@ def test_the_command_line_builds_the_config_python_would(monkeypatch, capfd):
     (dict(tokens="lots"), "tokens must be a whole number"),
     (dict(batch_size=0), "batch_size = 0 is out of range"),
     (dict(dtype="float8"), "dtype must be one of float32, bfloat16, float16"),
-    (dict(held_out="150%"), "held_out must be a percentage below 100%"),
+    (dict(held_out="150%"), "invalid held-out size '150%': give a percentage below 100%"),
     (dict(hooks=[]), "no hook given"),
 ])
 def test_python_callers_get_the_same_checks(tmp_path, change, message):
