@@ -164,3 +164,22 @@ def test_cli_prints_one_line_and_exits_2(store_url, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("actcache: error: SAE 'x'")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_record_of_the_release_before_still_resumes(tmp_path):
+    """run.json written before the sweep's batch_size became batch_tokens (and --allow-repeat its
+    repeat_epochs) is the same run; another batch is not."""
+    import json
+
+    from actcache.common.outputs import RUN_FILE
+    from actcache.train.checkpoint import prepare_output
+
+    run = {"store": "s.zarr", "config": {"batch_tokens": 128, "repeat_epochs": True, "tokens": 2048}}
+    (tmp_path / "run").mkdir()
+    old = {"store": "s.zarr", "config": {"batch_size": 128, "repeat_epochs": False, "tokens": 2048},
+           "allow_repeat": True}
+    (tmp_path / "run" / RUN_FILE).write_text(json.dumps(old))
+    assert prepare_output(tmp_path / "run", run, resume=True) is True
+    other = dict(run, config=dict(run["config"], batch_tokens=256))
+    with pytest.raises(UserError, match="holds a different run"):
+        prepare_output(tmp_path / "run", other, resume=True)
