@@ -31,8 +31,10 @@ def sections() -> list[tuple[str, str]]:
     from .eval_cli import EvalOptions
     from .harvest.analysis_cli import AnalyseOptions, AttributeOptions, HooksOptions, SteerOptions
     from .harvest.config import HarvestConfig
+    from .train.bench_read import BenchReadOptions
     from .train.cli import TrainOptions
     from .train.config import readme_tables
+    from .train.features import FeatureOptions
     from .train.features_cli import FeaturesCommandOptions
 
     return [
@@ -41,10 +43,13 @@ def sections() -> list[tuple[str, str]]:
         ("Sweep configuration (`actcache train --config sweep.toml`)", readme_tables()),
         ("`actcache eval [RUN_OR_SAE...]`", markdown_table(options_of(EvalOptions).values())),
         ("`actcache features RUN`", markdown_table(options_of(FeaturesCommandOptions).values())),
+        ("`FeatureOptions` (Python: `write_features(..., options=FeatureOptions(...))`)",
+         markdown_table(options_of(FeatureOptions).values(), cli=False)),
         ("`actcache analyse SAE_DIR`", markdown_table(options_of(AnalyseOptions).values())),
         ("`actcache steer SAE_DIR`", markdown_table(options_of(SteerOptions).values())),
         ("`actcache attribute SAE_DIR`", markdown_table(options_of(AttributeOptions).values())),
         ("`actcache hooks MODEL`", markdown_table(options_of(HooksOptions).values())),
+        ("`actcache bench-read STORE`", markdown_table(options_of(BenchReadOptions).values())),
     ]
 
 

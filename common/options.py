@@ -75,12 +75,14 @@ class Option:
     metavar: str | None = None
 
     # ------------------------------------------------------------------ checking a value
-    def check(self, value: Any, where: str = "") -> Any:
+    def check(self, value: Any, where: str = "", label: str | None = None) -> Any:
         """The value, normalised (counts parsed, ranges as [start, stop]), or a UserError naming the
-        option and what it accepts. `where` prefixes the message (e.g. "[defaults]")."""
+        option (as `label`, e.g. its flag, or its name) and what it accepts. `where` prefixes the
+        message (e.g. "[defaults]")."""
         kind = self.kind
+        name = label or self.name
         at = f"{where}: " if where else ""
-        bad = f"{at}{self.name} must be {self.type_text()}, not {value!r}"
+        bad = f"{at}{name} must be {self.type_text()}, not {value!r}"
         if kind == "bool":
             if not isinstance(value, bool):
                 raise UserError(bad)
@@ -119,12 +121,12 @@ class Option:
                 value = text
             if not isinstance(value, str):
                 raise UserError(bad)
-            return list(parse_range(value, f"{at}{self.name}"))
+            return list(parse_range(value, f"{at}{name}"))
         if kind == "int_list":
             if not isinstance(value, list) or not value or not all(_is_int(v) for v in value):
                 raise UserError(bad)
             for v in value:
-                self._check_range(v, at)
+                self._check_range(v, at, name)
             return list(value)
         if kind == "count":
             if isinstance(value, float) and value.is_integer():
@@ -142,18 +144,18 @@ class Option:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise UserError(bad)
             if not math.isfinite(value):
-                raise UserError(f"{at}{self.name} must be a finite number, not {value!r}")
+                raise UserError(f"{at}{name} must be a finite number, not {value!r}")
             value = float(value)
         else:  # pragma: no cover - a programming error in a declaration
             raise ValueError(f"unknown option kind {kind!r}")
-        self._check_range(value, at)
+        self._check_range(value, at, name)
         return value
 
-    def _check_range(self, value: Any, at: str) -> None:
+    def _check_range(self, value: Any, at: str, name: str) -> None:
         too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
         if too_low or too_high:
-            raise UserError(f"{at}{self.name} = {value!r} is out of range; it must be {self.range_text()}")
+            raise UserError(f"{at}{name} = {value!r} is out of range; it must be {self.range_text()}")
 
     # ------------------------------------------------------------------ describing it
     def type_text(self) -> str:
@@ -383,15 +385,7 @@ class _Value(click.ParamType):
             return value
         else:
             return value
-        _check_cli(o, value)
-        return value
-
-
-def _check_cli(o: Option, value: Any) -> None:
-    try:
-        o.check(value)
-    except UserError as e:
-        raise UserError(str(e).replace(f"{o.name} = ", f"{o.flag_name} ", 1)) from None
+        return o.check(value, label=o.flag_name)
 
 
 def click_decorators(cls: type, only: Iterable[str] | None = None) -> list[Callable]:
