@@ -22,8 +22,13 @@ Generated from the option declarations (`common/options.py`) by `python -m actca
 one release and prints a one-line deprecation warning on stderr. A unit column says what a number
 counts wherever a number could mean two things (`batch_size` of a forward pass counts sequences; the
 sweep's `batch_tokens` counts tokens). A range of a store's sequences is written `START:STOP`
-everywhere (the sweep's `held_out`, `actcache eval --held-out`, `actcache features --held-out`).
-Unknown or misspelt options and keys are errors."""
+everywhere (the sweep's `held_out`, `actcache eval --held-out`, `actcache features --held-out`); the
+harvest's `--held-out` is not a range but the size of the part it sets aside at the store's end (a
+percentage, or a token count). Unknown or misspelt options and keys are errors.
+
+To add an option, add one field made with `option(default, help, unit=..., low=...)` to the command's
+dataclass (or an `Option` to an architecture's `keys`): the command line, the config-file key, the
+checks, `help()` and these tables follow; then run the command above."""
 
 
 def sections() -> list[tuple[str, str]]:
