@@ -144,7 +144,8 @@ class Option:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise UserError(bad)
             if not math.isfinite(value):
-                raise UserError(f"{at}{name} must be a finite number, not {value!r}")
+                raise UserError(f"{at}{name} {value!r}: give a finite number" if name.startswith("-")
+                                else f"{at}{name} must be a finite number, not {value!r}")
             value = float(value)
         else:  # pragma: no cover - a programming error in a declaration
             raise ValueError(f"unknown option kind {kind!r}")
@@ -155,6 +156,11 @@ class Option:
         too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
         if too_low or too_high:
+            if name.startswith("-"):  # a command-line flag: "--tokens 0: give a positive number of tokens"
+                positive = (self.low == 1 and self.kind in ("int", "count") or self.low == 0 and self.low_open) \
+                    and self.high is None
+                want = f"a positive number of {self.unit}" if positive and self.unit else f"a value {self.range_text()}"
+                raise UserError(f"{at}{name} {value!r}: give {want}")
             raise UserError(f"{at}{name} = {value!r} is out of range; it must be {self.range_text()}")
 
     # ------------------------------------------------------------------ describing it
@@ -251,6 +257,14 @@ def option(default: Any = dataclasses.MISSING, help: str = "", kind: str | None 
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta, repr=not spec.secret)
     return dataclasses.field(default=default, metadata=meta, repr=not spec.secret)
+
+
+def storage_options_option() -> Any:
+    """The field of every command that opens a store: --storage-option KEY=VALUE (repeatable), fsspec
+    options such as an S3 endpoint or profile; secret: never shown in repr() or written anywhere."""
+    from .location import STORAGE_OPTION_HELP
+
+    return option((), STORAGE_OPTION_HELP, kind="str_list", flag="--storage-option", secret=True, metavar="KEY=VALUE")
 
 
 def options_of(cls: type) -> dict[str, Option]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..common import codecs, location
-from ..common.options import configurable, option
+from ..common import codecs
+from ..common.options import configurable, option, storage_options_option
 
 from .data import STDLIB
 from .models import DEFAULT_MODEL, DTYPES
@@ -59,5 +59,4 @@ class HarvestConfig:
                                  kind="size", unit="tokens")
     allow_short: bool = option(False, "Accept a store shorter than --tokens when the dataset runs out (exit 0 "
                                       "instead of an error); the store is complete either way.")
-    storage_options: tuple[str, ...] | list[str] = option(
-        (), location.STORAGE_OPTION_HELP, kind="str_list", flag="--storage-option", secret=True, metavar="KEY=VALUE")
+    storage_options: tuple[str, ...] | list[str] = storage_options_option()

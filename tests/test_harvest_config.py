@@ -58,7 +58,7 @@ def test_the_command_line_builds_the_config_python_would(monkeypatch, capfd):
     assert got[1] == HarvestConfig(out="o", hooks=["a"], tokens=2000, prepend_bos=False, streaming=True,
                                    chunk_sequences=8, held_out="0", dtype="bfloat16")
     for args, message in ((["--tokens", "lots"], "--tokens 'lots' is not a count"),
-                          (["--context-size", "1"], "--context-size = 1 is out of range; it must be >= 2"),
+                          (["--context-size", "1"], "--context-size 1: give a value >= 2"),
                           (["--batch-size", "x"], "--batch-size 'x' is not a whole number")):
         bad = runner.invoke(harvest_cli.harvest_command, ["--out", "o", "--hook", "a", *args])
         assert isinstance(bad.exception, UserError) and message in str(bad.exception), (args, bad.output)

@@ -70,7 +70,7 @@ def test_the_command_line_comes_from_the_same_declaration(caplog):
         "warning: --batch-size is deprecated and will be removed in the next release; use --batch-tokens",
         "warning: --allow-repeat is deprecated and will be removed in the next release; use --repeat-epochs"}
     bad = runner.invoke(cmd, ["--batch-tokens", "0"])
-    assert isinstance(bad.exception, UserError) and "--batch-tokens = 0 is out of range" in str(bad.exception)
+    assert isinstance(bad.exception, UserError) and "--batch-tokens 0: give a positive number of tokens" in str(bad.exception)
     help_text = runner.invoke(cmd, ["--help"]).output
     assert "[unit: tokens]" in help_text and "--batch-size" not in help_text  # old names stay out of --help
 

@@ -8,9 +8,8 @@ from typing import Any
 
 import click
 
-from ..common import location
 from ..common.distributed import env_rank
-from ..common.options import command_options, configurable, from_click, option
+from ..common.options import command_options, configurable, from_click, option, storage_options_option
 
 from .export import summary_table
 from .sweep import train_sweep
@@ -34,8 +33,7 @@ class TrainOptions:
                                         "reshuffled); the config key repeat_epochs = true does the same.",
                                  old_names=("allow_repeat",))
     progress: bool = option(True, "Show a progress bar (--no-progress: none).")
-    storage_options: tuple[str, ...] = option((), location.STORAGE_OPTION_HELP, kind="str_list",
-                                              flag="--storage-option", secret=True, metavar="KEY=VALUE")
+    storage_options: tuple[str, ...] = storage_options_option()
 
 
 @click.command("train")
