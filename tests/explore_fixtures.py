@@ -83,3 +83,42 @@ def build_lab(base: Path, features: bool = True) -> Lab:
     if features:
         write_features(run, out, held_out=False, top=6, tokenizer=tok, progress=False)
     return Lab(model_dir, store, run, out, hf, tok)
+
+
+def hf_greedy(hf, ids: list[int], n: int, direction: torch.Tensor | None = None, n_prompt: int | None = None):
+    """Greedy tokens and per-step last logits of the transformers model alone, the whole sequence at every
+    step, with `direction` added to the output of decoder layer LAYER by a plain forward hook (at every
+    position, or at positions below n_prompt): the independent reference for steering."""
+    def add(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        stop = h.shape[1] if n_prompt is None else min(n_prompt, h.shape[1])
+        h = h.clone()
+        h[:, :stop] += direction
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    handle = hf.model.layers[LAYER].register_forward_hook(add) if direction is not None else None
+    seq, toks, logits = list(ids), [], []
+    try:
+        with torch.no_grad():
+            for _ in range(n):
+                last = hf(torch.tensor([seq])).logits[0, -1]
+                logits.append(last)
+                toks.append(int(last.argmax()))
+                seq.append(toks[-1])
+    finally:
+        if handle is not None:
+            handle.remove()
+    return toks, torch.stack(logits)
+
+
+def hf_hook_activation(hf, ids: list[int]) -> torch.Tensor:
+    """The output of decoder layer LAYER [pos, d] from the transformers model, by a plain forward hook."""
+    got = {}
+    h = hf.model.layers[LAYER].register_forward_hook(
+        lambda m, i, o: got.setdefault("x", o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.no_grad():
+            hf(torch.tensor([ids]))
+    finally:
+        h.remove()
+    return got["x"][0]

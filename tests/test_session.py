@@ -12,7 +12,7 @@ import torch
 
 from actcache.common.errors import UserError
 from actcache.harvest.session import Session
-from tests.explore_fixtures import HOOK, LAYER, build_lab
+from tests.explore_fixtures import HOOK, build_lab, hf_greedy, hf_hook_activation
 
 
 @pytest.fixture(scope="module")
@@ -25,32 +25,6 @@ def session(lab):
     return Session(lab.run)
 
 
-def _hf_greedy(hf, ids: list[int], n: int, direction: torch.Tensor | None, n_prompt: int | None = None):
-    """Greedy tokens and per-step last logits of the transformers model alone, the whole sequence at every
-    step, with `direction` added to the output of decoder layer LAYER by a plain forward hook (at every
-    position, or at positions below n_prompt)."""
-    def add(module, args, output):
-        h = output[0] if isinstance(output, tuple) else output
-        stop = h.shape[1] if n_prompt is None else min(n_prompt, h.shape[1])
-        h = h.clone()
-        h[:, :stop] += direction
-        return (h, *output[1:]) if isinstance(output, tuple) else h
-
-    handle = hf.model.layers[LAYER].register_forward_hook(add) if direction is not None else None
-    seq, toks, logits = list(ids), [], []
-    try:
-        with torch.no_grad():
-            for _ in range(n):
-                last = hf(torch.tensor([seq])).logits[0, -1]
-                logits.append(last)
-                toks.append(int(last.argmax()))
-                seq.append(toks[-1])
-    finally:
-        if handle is not None:
-            handle.remove()
-    return toks, torch.stack(logits)
-
-
 @pytest.mark.parametrize("positions", ["all", "prompt"])
 def test_steered_logits_equal_an_independent_forward_hook(lab, session, positions):
     latent, strength, n = 7, 6.0, 6
@@ -58,9 +32,9 @@ def test_steered_logits_equal_an_independent_forward_hook(lab, session, position
     ids = s.prompt_tokens
     assert ids[0] == 1 and len(ids) == 5  # BOS, then one token per word
     row = session.get().sae.W_dec[latent].detach()
-    steered, steered_logits = _hf_greedy(lab.hf, ids, n, strength * row,
+    steered, steered_logits = hf_greedy(lab.hf, ids, n, strength * row,
                                          n_prompt=len(ids) if positions == "prompt" else None)
-    plain, plain_logits = _hf_greedy(lab.hf, ids, n, None)
+    plain, plain_logits = hf_greedy(lab.hf, ids, n, None)
     assert s.steered_tokens == steered and s.plain_tokens == plain
     assert s.steered_tokens != s.plain_tokens  # the direction changes what comes out
     ours = torch.stack(s.step_logits)  # [steps, 2, vocab]
@@ -83,12 +57,7 @@ def test_top_features_are_the_latents_of_the_text_joined_with_their_contexts(lab
     assert t.features == str(lab.features) and t.note is None
     sae = session.get("beta").sae
     # the latents: an independent pass with a plain forward hook on the transformers model
-    got = {}
-    h = lab.hf.model.layers[LAYER].register_forward_hook(lambda m, i, o: got.setdefault("x", o[0] if isinstance(o, tuple) else o))
-    with torch.no_grad():
-        lab.hf(torch.tensor([[1, 5, 17, 300]]))
-    h.remove()
-    f = sae.encode(got["x"][0])
+    f = sae.encode(hf_hook_activation(lab.hf, [1, 5, 17, 300]))
     assert [tok.token for tok in t.tokens] == ["<s>", "w5", "w17", "w300"]
     assert t.tokens[0].special and not t.tokens[1].special
     n_contexts = 0
