@@ -85,9 +85,10 @@ def build_lab(base: Path, features: bool = True) -> Lab:
     return Lab(model_dir, store, run, out, hf, tok)
 
 
-def hf_greedy(hf, ids: list[int], n: int, direction: torch.Tensor | None = None, n_prompt: int | None = None):
+def hf_greedy(hf, ids: list[int], n: int, direction: torch.Tensor | None = None, n_prompt: int | None = None,
+              layer: int = LAYER):
     """Greedy tokens and per-step last logits of the transformers model alone, the whole sequence at every
-    step, with `direction` added to the output of decoder layer LAYER by a plain forward hook (at every
+    step, with `direction` added to the output of decoder layer `layer` by a plain forward hook (at every
     position, or at positions below n_prompt): the independent reference for steering."""
     def add(module, args, output):
         h = output[0] if isinstance(output, tuple) else output
@@ -96,7 +97,7 @@ def hf_greedy(hf, ids: list[int], n: int, direction: torch.Tensor | None = None,
         h[:, :stop] += direction
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
-    handle = hf.model.layers[LAYER].register_forward_hook(add) if direction is not None else None
+    handle = hf.model.layers[layer].register_forward_hook(add) if direction is not None else None
     seq, toks, logits = list(ids), [], []
     try:
         with torch.no_grad():

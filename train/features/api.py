@@ -26,12 +26,12 @@ import torch
 from ...common import location
 from ...common.device import pick_device
 from ...common.errors import StoreError, UserError, first_line
+from ...common.features_output import FORMAT, FeaturesOutput
 from ...common.progress import log, token_bar
 from ...common.store import ActivationStore
 from ...common.sae import CFG_FILENAME, SAE
 from .contexts import LatentAccumulator, LatentStats, logit_effects
 
-FORMAT = "actcache-features"
 FORMAT_VERSION = 1
 # hooks whose space is the residual stream, where W_dec @ W_U reads as direct logit effects
 ModelLoader = Callable[[str, "str | None"], "tuple[torch.Tensor | None, Any]"]
@@ -460,7 +460,4 @@ def _token_index(recs: list[dict[str, Any]]) -> dict[str, list[int]]:
 
 def load_features(out: str | Path) -> dict[str, Any]:
     """The features.json of an output folder."""
-    p = Path(out) / "features.json"
-    if not p.is_file():
-        raise UserError(f"{out} holds no features.json; run `actcache features` first")
-    return json.loads(p.read_text())
+    return FeaturesOutput(out).summary
