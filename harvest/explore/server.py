@@ -130,8 +130,8 @@ def create_app(state: State) -> Any:
             _text(d, "text"), k=_int(d.get("k", 5), "k", 1, 64), sae=d.get("sae")).to_dict())
 
     @app.get("/api/latent")
-    def latent() -> Response:
-        return model_call(lambda: state.session.latent(request.args.get("latent", ""), request.args.get("sae")))
+    def latent() -> Response:  # the features output only: answered while the model works
+        return jsonify(state.session.latent(request.args.get("latent", ""), request.args.get("sae")))
 
     @app.post("/api/steer")
     def steer() -> Response:
