@@ -10,7 +10,7 @@ features output. Then, each in a fresh process as a user runs it:
   steer:     `actcache steer SAE --feature L --prompt P --max-new-tokens N`: the whole command
 
     python -m benchmarks.bench_explore                              # 8k tokens harvested, 20 new tokens
-    python -m benchmarks.bench_explore --out benchmarks/results/explore-cpu.json
+    python -m benchmarks.bench_explore --threads 1 --out benchmarks/results/explore-cpu.json
 
 Prints one JSON object."""
 
@@ -43,8 +43,11 @@ STEER_PROMPT = "The weather today is"
 LATENT = 3
 
 
-def env() -> dict[str, str]:
+def env(threads: int | None) -> dict[str, str]:
+    """The environment of a measured process: offline, and with `threads` torch threads when given."""
     e = dict(os.environ)
+    if threads:
+        e["OMP_NUM_THREADS"] = str(threads)
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     e.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return e
@@ -76,10 +79,10 @@ def post(url: str, body: dict) -> tuple[float, dict]:
     return time.perf_counter() - t, out
 
 
-def explore(run: Path, new_tokens: int) -> dict:
+def explore(run: Path, new_tokens: int, threads: int | None) -> dict:
     t = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-m", "actcache", "explore", str(run), "--port", "0"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(threads), cwd=ROOT)
     try:
         line = p.stdout.readline()
         if not line.startswith("explore: http://"):
@@ -102,9 +105,9 @@ def explore(run: Path, new_tokens: int) -> dict:
         p.wait(60)
 
 
-def command(args: list[str]) -> float:
+def command(args: list[str], threads: int | None) -> float:
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "actcache", *args], capture_output=True, text=True, env=env(),
+    r = subprocess.run([sys.executable, "-m", "actcache", *args], capture_output=True, text=True, env=env(threads),
                        cwd=ROOT, timeout=1800)
     if r.returncode != 0:
         raise SystemExit(f"actcache {' '.join(args)} failed: {r.stderr[-2000:]}")
@@ -116,19 +119,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tokens", type=int, default=8192, help="tokens harvested for the features output")
     ap.add_argument("--new-tokens", type=int, default=20, help="tokens each steering request generates")
     ap.add_argument("--work", default=None, help="folder for the store and run (default: a temporary one)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of every process (1 on a machine that other work keeps busy)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         t = time.perf_counter()
         run = build(work, args.tokens)
         setup = time.perf_counter() - t
         result = {"benchmark": "explore", "model": DEFAULT_MODEL, "hook": HOOK, "new_tokens": args.new_tokens,
-                  "setup_s": round(setup, 1), "explore": explore(run, args.new_tokens),
-                  "analyse_command_s": command(["analyse", str(run / "topk"), "--prompt", PROMPT]),
+                  "setup_s": round(setup, 1), "explore": explore(run, args.new_tokens, args.threads),
+                  "analyse_command_s": command(["analyse", str(run / "topk"), "--prompt", PROMPT], args.threads),
                   "steer_command_s": command(["steer", str(run / "topk"), "--feature", str(LATENT), "--prompt",
-                                              STEER_PROMPT, "--max-new-tokens", str(args.new_tokens)]),
-                  "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
+                                              STEER_PROMPT, "--max-new-tokens", str(args.new_tokens)], args.threads),
+                  "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "threads": args.threads}
     e = result["explore"]
     result["prompt_speedup"] = round(result["analyse_command_s"] / min(e["prompt_s"]), 1)
     result["steer_speedup"] = round(result["steer_command_s"] / min(e["steer_s"]), 1)

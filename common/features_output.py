@@ -1,6 +1,7 @@
-"""The features output folder (what `actcache features` writes), read side: its file names and a reader.
+"""Reading a features output folder (what `actcache features` writes) latent by latent.
 
-train/features writes it; the model side (the explorer, the session) reads it, so its layout lives here.
+train/features writes it; the model side (the explorer, the session) reads it here. The kind, its
+marker and its summary's name are common/outputs.py's; this module adds where each latent's record is.
 
   <out>/features.json                     the summary: format, store, model, one entry per SAE
   <out>/vocab.json                        token id -> token string (absent without a tokenizer)
@@ -19,13 +20,14 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from . import outputs
 from .errors import UserError
 
-FORMAT = "actcache-features"
-SUMMARY_FILE = "features.json"
+FORMAT = outputs.FEATURES_FORMAT
+SUMMARY_FILE = outputs.FEATURES_FILE
 VOCAB_FILE = "vocab.json"
 INDEX_PAGE = "index.html"
-DEFAULT_FOLDER = "features"  # where a run's features output goes unless --out says otherwise
+DEFAULT_FOLDER = "features"  # where readers look for a run's features output unless told
 
 
 def block_path(sae_folder: str, block: int) -> str:
@@ -33,19 +35,12 @@ def block_path(sae_folder: str, block: int) -> str:
     return f"{sae_folder}/blocks/{block:05d}"
 
 
-def build_command(run: str | Path) -> str:
+def build_command(run: str | Path, overwrite: bool = False) -> str:
     """The command that writes a run's features output where readers look for it by default."""
-    return f"actcache features {run} --out {Path(run) / DEFAULT_FOLDER}"
+    return f"actcache features {run} --out {Path(run) / DEFAULT_FOLDER}" + (" --overwrite" if overwrite else "")
 
 
-def is_features_output(folder: str | Path) -> bool:
-    p = Path(folder) / SUMMARY_FILE
-    if not p.is_file():
-        return False
-    try:
-        return json.loads(p.read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+is_features_output = outputs.is_features
 
 
 class FeaturesOutput:
@@ -73,6 +68,19 @@ class FeaturesOutput:
 
     def has(self, sae: str) -> bool:
         return sae in self.entries
+
+    def entry_for(self, folder: str | Path) -> dict[str, Any] | None:
+        """The entry for the SAE folder `folder`: the one that recorded its path, else the one of its name
+        (a run that was moved or copied); whether it measured these weights is is_current's to say."""
+        real = Path(folder).resolve()
+        for e in self.entries.values():
+            if e.get("sae_path") and Path(e["sae_path"]).resolve() == real:
+                return e
+        return self.entries.get(Path(folder).name)
+
+    def is_current(self, entry: dict[str, Any], folder: str | Path) -> bool:
+        """Whether an entry measured the weights now in `folder` (see outputs.is_current)."""
+        return outputs.is_current(entry, folder)
 
     @property
     def vocab(self) -> dict[str, str]:

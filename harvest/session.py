@@ -55,8 +55,8 @@ from typing import Any, Sequence
 import torch
 
 from ..common.errors import UserError
+from ..common import outputs
 from ..common.features_output import DEFAULT_FOLDER, FeaturesOutput, build_command, is_features_output
-from ..common.sae import CFG_FILENAME
 from . import splice
 from .generation import generate, steering_hook
 from .prompts import Prompt, single_token, special_ids, text_of, token_strings, tokenize
@@ -268,16 +268,15 @@ def _sae_folders(path: Path) -> tuple[list[Path], Path | None]:
     """(SAE folders, run folder or None) of a path given to a session."""
     if not path.exists():
         raise UserError(f"{path} does not exist: give a run folder (from `actcache train`) or an SAE folder")
-    if (path / CFG_FILENAME).is_file():
-        return [path], None
-    subs = sorted(p for p in path.iterdir() if p.is_dir() and (p / CFG_FILENAME).is_file()) if path.is_dir() else []
-    if not subs:
-        raise UserError(f"{path} holds no SAE folder (a folder with {CFG_FILENAME}); give a run or an SAE folder")
-    return subs, path
+    found = outputs.sae_folders(path)
+    if not found:
+        raise UserError(f"{path} holds no SAE folder ({outputs.CFG_FILENAME} and {outputs.WEIGHTS_FILENAME}); "
+                        "give a run or an SAE folder")
+    return found, (None if found == [path] else path)
 
 
 def _features_candidates(path: Path, run: Path | None) -> list[Path]:
-    """Where a path's features output is looked for: RUN/features, or beside an SAE folder."""
+    """Where a path's features output is looked for: RUN/features, or the run's beside an SAE folder."""
     if run is not None:
         return [run / DEFAULT_FOLDER]
     return [path.parent / DEFAULT_FOLDER, path / DEFAULT_FOLDER]
@@ -307,22 +306,31 @@ class Session:
                 found.append((None, item, [], Path(".")))
         self.saes: dict[str, LoadedSAE] = {}
         self.missing_features: dict[str, str] = {}  # SAE name -> the command that builds its features output
+        self._why: dict[str, str] = {}               # SAE name -> why it has no top contexts
         opened: dict[Path, FeaturesOutput] = {}
         for folder, sae, cands, origin in found:
             base = folder.name if folder is not None else "sae"
             name = base if base not in self.saes else f"{folder.parent.name}/{base}" if folder else f"sae{len(self.saes)}"
-            hook = splice.sae_hook(sae)
-            entry = LoadedSAE(name, folder, sae, hook)
+            entry = LoadedSAE(name, folder, sae, splice.sae_hook(sae))
+            self.saes[name] = entry
+            if folder is None:
+                continue
             for c in cands:
                 if c not in opened and is_features_output(c):
                     opened[c] = FeaturesOutput(c)
+            stale = None
             for fo in given + [opened[c] for c in cands if c in opened]:
-                if fo.has(base):
-                    entry.features, entry.features_name = fo, base
+                rec = fo.entry_for(folder)
+                if rec is None:
+                    continue
+                if fo.is_current(rec, folder):
+                    entry.features, entry.features_name = fo, rec["name"]
                     break
-            if entry.features is None and folder is not None:
-                self.missing_features[name] = build_command(origin)
-            self.saes[name] = entry
+                stale = stale or fo
+            if entry.features is None:
+                self.missing_features[name] = build_command(origin, overwrite=stale is not None)
+                self._why[name] = (f"the features output {stale.folder} measured other weights than those now in "
+                                   f"{folder}" if stale is not None else f"{name} has no features output")
         if model is None or isinstance(model, str):
             specs = sorted({m for e in self.saes.values() if (m := model_spec_of(e.sae))})
             if model is None and len(specs) > 1:
@@ -352,6 +360,13 @@ class Session:
         if e is None:
             raise UserError(f"no SAE named {sae!r} in this session; it has: {', '.join(self.saes)}")
         return e
+
+    def features_problem(self, sae: str | None = None) -> str:
+        """Why an SAE has no top contexts, and the command that builds them (one line)."""
+        e = self.get(sae)
+        cmd = self.missing_features.get(e.name)
+        why = self._why.get(e.name, f"{e.name} was given as a loaded SAE, without a features output")
+        return f"{why}; build it with `{cmd}`" if cmd else why
 
     def check_latent(self, latent: Any, sae: str | None = None) -> int:
         e = self.get(sae)
@@ -425,10 +440,7 @@ class Session:
         for p, t in enumerate(ids):
             hits = [self._hit(e, int(j), float(v), contexts) for j, v in zip(idx[p].tolist(), vals[p].tolist()) if v > 0]
             rows.append(TokenFeatures(p, int(t), strings[p], t in self.special, hits))
-        note = None
-        if e.features is None:
-            cmd = self.missing_features.get(e.name)
-            note = f"no top contexts: build them with `{cmd}`" if cmd else "no features output for this SAE"
+        note = None if e.features is not None else f"no top contexts: {self.features_problem(e.name)}"
         return TopFeatures(model=self.model.info.name, sae=e.name, hook=e.hook, tokens=rows,
                            features=str(e.features.folder) if e.features else None, note=note)
 
@@ -454,8 +466,7 @@ class Session:
         e = self.get(sae)
         i = self.check_latent(latent, e.name)
         if e.features is None:
-            cmd = self.missing_features.get(e.name)
-            raise UserError(f"no features output for {e.name}" + (f": build it with `{cmd}`" if cmd else ""))
+            raise UserError(f"no latent card: {self.features_problem(e.name)}")
         rec = dict(e.features.latent(e.features_name, i))
         show = lambda ex: asdict(self._context(e, ex))  # noqa: E731
         rec["top"] = [show(ex) for ex in rec.get("top", [])]

@@ -144,9 +144,10 @@ def test_a_run_without_features_output_says_the_command(lab, tmp_path):
     cmd = f"actcache features {run} --out {run / 'features'}"
     assert info["saes"][0]["build"] == cmd and info["saes"][0]["browser"] is None
     r = client.get("/api/latent?latent=3")
-    assert r.status_code == 400 and r.get_json()["error"] == f"no features output for alpha: build it with `{cmd}`"
+    assert r.status_code == 400
+    assert r.get_json()["error"] == f"no latent card: alpha has no features output; build it with `{cmd}`"
     top = client.post("/api/top_features", json={"text": "w5 w6"}).get_json()
-    assert top["note"] == f"no top contexts: build them with `{cmd}`"
+    assert top["note"] == f"no top contexts: alpha has no features output; build it with `{cmd}`"
     assert client.get("/browser/0/index.html").status_code == 404
 
 

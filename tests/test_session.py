@@ -110,8 +110,26 @@ def test_a_run_without_features_output_says_the_command(lab, tmp_path):
     s = Session(run)
     assert s.missing_features == {"alpha": f"actcache features {run} --out {run / 'features'}"}
     t = s.top_features("w5 w6", k=2)
-    assert t.features is None and f"actcache features {run} --out" in t.note
+    assert t.features is None
+    assert t.note == f"no top contexts: alpha has no features output; build it with `actcache features {run} --out {run / 'features'}`"
     assert all(not h.contexts for tok in t.tokens for h in tok.latents)
-    with pytest.raises(UserError, match="no features output for alpha: build it with `actcache features"):
+    with pytest.raises(UserError, match="no latent card: alpha has no features output; build it with `actcache features"):
         s.latent(3)
     assert s.get().hook == HOOK
+
+
+def test_features_of_other_weights_are_not_shown(lab, tmp_path):
+    """A features output measured the weights of its time: after the SAE is retrained (new weights),
+    its contexts are not shown as this SAE's, and the command to rebuild them is said."""
+    import shutil
+
+    from tests.explore_fixtures import random_sae
+
+    run = tmp_path / "run"
+    shutil.copytree(lab.run, run)  # a copied run: the same weights, so its features output still holds
+    assert Session(run).missing_features == {}
+    random_sae("alpha", str(lab.model_dir), 7).save_model(run / "alpha")  # retrained: other weights
+    s = Session(run)
+    assert s.missing_features == {"alpha": f"actcache features {run} --out {run / 'features'} --overwrite"}
+    assert s.get("beta").features is not None
+    assert "measured other weights than those now in" in s.top_features("w5", sae="alpha").note

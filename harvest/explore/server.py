@@ -108,7 +108,8 @@ def create_app(state: State) -> Any:
                          "architecture": e.sae.cfg.architecture,
                          "features": str(e.features.folder) if n is not None else None,
                          "browser": f"browser/{n}/sae-{folder}.html" if n is not None else None,
-                         "build": s.missing_features.get(e.name)})
+                         "build": s.missing_features.get(e.name),
+                         "problem": s.features_problem(e.name) if n is None else None})
         return jsonify({"model": s.model.info.name, "n_ctx": int(s.model.info.n_ctx), "saes": saes,
                         "browsers": [f"browser/{i}/{INDEX_PAGE}" for i in range(len(outputs))],
                         "max_new_tokens": MAX_NEW_TOKENS})
@@ -226,8 +227,9 @@ def serve(paths: Sequence[str | Path], *, host: str = HOST, port: int = PORT, fe
     sock = bind(host, port)
     try:
         session = Session(list(paths), model=model, features=features, device=device, tokenizer=tokenizer)
-        for name, cmd in session.missing_features.items():
-            log.warning(f"{name} has no features output, so no top contexts or latent cards: build it with `{cmd}`")
+        for name in session.saes:
+            if session.get(name).features is None:
+                log.warning(f"no top contexts or latent cards for {name}: {session.features_problem(name)}")
         logging.getLogger("werkzeug").setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING)
         server = make_server(host, port, create_app(State(session)), threaded=True, fd=sock.fileno())
     except BaseException:

@@ -86,13 +86,8 @@ function showSae() {
   link.hidden = !s.browser;
   if (s.browser) link.href = s.browser;
   var notice = document.getElementById("notice");
-  notice.hidden = !s.build;
-  notice.innerHTML = "";
-  if (s.build) {
-    notice.appendChild(document.createTextNode(s.name + " has no features output, so no top contexts or latent cards; build it with "));
-    notice.appendChild(el("code", {text: s.build}));
-    notice.appendChild(document.createTextNode(" and restart explore."));
-  }
+  notice.hidden = !s.problem;
+  notice.textContent = s.problem ? "No top contexts or latent cards: " + s.problem + " (then restart explore)." : "";
 }
 
 // ---------------------------------------------------------------- prompt -> top latents
