@@ -301,7 +301,8 @@ class Session:
                 path = Path(item)
                 folders, run = _sae_folders(path)
                 cands = _features_candidates(path, run)
-                found += [(f, SAE.load_from_disk(f), cands, run or path) for f in folders]
+                origin = run or outputs.run_of(path) or path  # what `actcache features` is given
+                found += [(f, SAE.load_from_disk(f), cands, origin) for f in folders]
             else:
                 found.append((None, item, [], Path(".")))
         self.saes: dict[str, LoadedSAE] = {}

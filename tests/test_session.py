@@ -133,3 +133,14 @@ def test_features_of_other_weights_are_not_shown(lab, tmp_path):
     assert s.missing_features == {"alpha": f"actcache features {run} --out {run / 'features'} --overwrite"}
     assert s.get("beta").features is not None
     assert "measured other weights than those now in" in s.top_features("w5", sae="alpha").note
+
+
+def test_an_sae_folder_of_a_run_finds_the_runs_features_output(lab, session, tmp_path):
+    s = Session(lab.run / "beta", model=session.model)  # the loaded model is reused, not loaded again
+    assert s.sae_names == ["beta"] and s.get().features is not None and s.missing_features == {}
+    import shutil
+
+    shutil.copytree(lab.run, tmp_path / "run", ignore=shutil.ignore_patterns("features"))
+    s = Session(tmp_path / "run" / "beta", model=session.model)
+    run = tmp_path / "run"
+    assert s.missing_features == {"beta": f"actcache features {run} --out {run / 'features'}"}
