@@ -4,7 +4,8 @@ A Session.steer call generates the steered and the plain continuation as one bat
   whole:  every step runs the whole sequence so far through the model (the code before the cache)
   cached: the prompt runs once, then each new token alone against the cached keys and values
 Both must produce the same tokens (checked here too); tokens/s counts the new tokens of one
-continuation (`--tokens`) per second of the call. Runs alternate (whole, cached, whole, ...) so both
+continuation per second of the call (generation stops early when both continuations reach EOS: the
+steps actually run are counted). Runs alternate (whole, cached, whole, ...) so both
 see the same machine load; the median is reported.
 
     python -m benchmarks.bench_generation                          # the bundled SmolLM2-135M, 20 tokens
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--hook", default="blocks.4.hook_resid_post")
     ap.add_argument("--tokens", type=int, default=20, help="new tokens per continuation")
+    ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
@@ -62,21 +64,22 @@ def main(argv: list[str] | None = None) -> dict:
     d = int(model.info.d_model)
     with tempfile.TemporaryDirectory() as tmp:
         session = Session(random_sae(Path(tmp) / "sae", args.model, args.hook, d, 4 * d), model=model)
-        session.steer(PROMPT, 3, 4.0, 2)  # warm-up: first-call costs are no one's
+        session.steer(args.prompt, 3, 4.0, 2)  # warm-up: first-call costs are no one's
         runs: dict[str, list[float]] = {"whole": [], "cached": []}
         tokens: dict[str, list[int]] = {}
         for _ in range(args.repeats):
             for mode in ("whole", "cached"):
-                s = session.steer(PROMPT, 3, 4.0, args.tokens, use_cache=mode == "cached")
+                s = session.steer(args.prompt, 3, 4.0, args.tokens, use_cache=mode == "cached")
                 runs[mode].append(s.seconds)
                 tokens[mode] = s.steered_tokens + s.plain_tokens
+                steps = max(len(s.steered_tokens), len(s.plain_tokens))
     same = tokens["whole"] == tokens["cached"]
     result = {
-        "benchmark": "generation", "model": args.model, "hook": args.hook, "prompt": PROMPT,
-        "new_tokens": args.tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
+        "benchmark": "generation", "model": args.model, "hook": args.hook, "prompt": args.prompt,
+        "new_tokens": args.tokens, "steps": steps, "repeats": args.repeats, "threads": torch.get_num_threads(),
         "model_load_s": round(load_s, 2), "same_tokens": same,
         **{f"{m}_s": [round(x, 3) for x in v] for m, v in runs.items()},
-        **{f"{m}_tokens_per_s": round(args.tokens / statistics.median(v), 2) for m, v in runs.items()},
+        **{f"{m}_tokens_per_s": round(steps / statistics.median(v), 2) for m, v in runs.items()},
         "speedup": round(statistics.median(runs["whole"]) / statistics.median(runs["cached"]), 2),
         "date": time.strftime("%Y-%m-%d"),
     }
