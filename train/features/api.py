@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ...common import location
+from ...common import finite, location
 from ...common.device import pick_device
 from ...common.errors import StoreError, UserError, first_line
 from ...common.progress import log, token_bar
@@ -313,12 +313,14 @@ def _density_histogram(density: np.ndarray) -> dict[str, Any]:
     return {"log10_edges": edges.tolist(), "counts": [int(c) for c in counts], "dead": int((density == 0).sum())}
 
 
-def _write_data(path: Path, key: str, obj: Any) -> None:
-    """Write path.json, and path.js for the browser (file:// pages cannot fetch JSON; a script can)."""
-    text = json.dumps(obj, separators=(",", ":"))
+def _write_data(path: Path, key: str, obj: Any) -> list[str]:
+    """Write path.json, and path.js for the browser (file:// pages cannot fetch JSON; a script can).
+    A non-finite number is written as null (JSON has no NaN); returns the key paths of those."""
+    text, bad = finite.dumps(obj, separators=(",", ":"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(text)
     path.with_suffix(".js").write_text(f"actcacheData({json.dumps(key)},{text});\n")
+    return bad
 
 
 def _token_strings(ids: set[int], tokenizer: Any) -> dict[str, str]:
@@ -335,6 +337,33 @@ def _token_strings(ids: set[int], tokenizer: Any) -> dict[str, str]:
 
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "sae"
+
+
+def page_folders(names: list[str]) -> dict[str, str]:
+    """The browser folder of each SAE name (its characters outside [A-Za-z0-9._-] replaced); two names
+    that would share a folder (`a b` and `a_b`, or names differing in case only) are refused."""
+    folders: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for name in names:
+        folder = _safe_name(name)
+        other = seen.get(folder.lower())
+        if other is not None:
+            raise UserError(f"the SAEs {other!r} and {name!r} would share the browser folder saes/{folder}; "
+                            "rename one of the SAE folders, or pick one with --sae")
+        seen[folder.lower()] = name
+        folders[name] = folder
+    return folders
+
+
+def probe_folder(out: Path) -> Path:
+    """The temporary folder the output is written into, created beside `out` before any work, so that
+    an output folder that cannot be written is one line at once, not after the pass."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"cannot write the output {out}: {e.strerror or first_line(e)} in {out.parent}; "
+                        "choose another --out") from None
 
 
 def write_features(run: str | Path, out: str | Path, store: str | None = None, saes: list[str] | None = None,
@@ -362,10 +391,25 @@ def write_features(run: str | Path, out: str | Path, store: str | None = None, s
     folders = find_saes(run, saes)
     meta = _run_meta(run)
     st = resolve_store(run, store, meta)
+    pages = page_folders(list(folders))
     loaded = {n: SAE.load_from_disk(p) for n, p in folders.items()}
     hooks = {n: sae_hook(n, s, st) for n, s in loaded.items()}
     a, b, what = choose_sequences(st, held_out, tokens, meta)
     dev = pick_device(device)
+    tmp = probe_folder(out)
+    try:
+        return _write_features(out, tmp, st, meta, pages, loaded, hooks, (a, b, what), dev, opts, unembedding,
+                               tokenizer, model_loader, progress, site)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_features(out: Path, tmp: Path, st: ActivationStore, meta: dict[str, Any],
+                    pages: dict[str, str], loaded: dict[str, SAE], hooks: dict[str, str],
+                    sequences: tuple[int, int, str], dev: Any, opts: FeatureOptions, unembedding: Any,
+                    tokenizer: Any, model_loader: ModelLoader | None, progress: bool, site: bool) -> dict[str, Any]:
+    a, b, what = sequences
     if model_loader is not None and unembedding is None and tokenizer is None:
         first = next(iter(loaded.values()))
         spec = first.cfg.metadata.get("model_spec") or st.manifest.model.name
@@ -379,73 +423,75 @@ def write_features(run: str | Path, out: str | Path, store: str | None = None, s
     seconds = time.perf_counter() - t0
 
     metrics = {r["name"]: r for r in meta.get("saes", []) if isinstance(r, dict) and "name" in r}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        vocab_ids: set[int] = set()
-        entries = []
-        for name, sae in loaded.items():
-            logits = None
-            if unembedding is not None:
-                if not RESIDUAL_HOOKS.search(hooks[name]) or unembedding.shape[0] != sae.cfg.d_in:
-                    log.info(f"no logit effects for {name}: {hooks[name]} is not a residual-stream hook of width "
-                             f"{unembedding.shape[0]}")
-                else:
-                    logits = logit_effects(sae.W_dec.detach(), unembedding.to(dev), opts.n_logits)
-            recs = latent_records(stats[name], st, opts, logits)
-            folder = _safe_name(name)
-            base = tmp / "saes" / folder
-            for i in range(0, len(recs), opts.block):
-                _write_data(base / "blocks" / f"{i // opts.block:05d}", f"{folder}/{i // opts.block}",
-                            {"sae": name, "start": i, "stop": min(i + opts.block, len(recs)),
-                             "latents": recs[i:i + opts.block]})
-            for r in recs:
-                for e in r["top"] + [x for q in r["quantiles"] for x in q["examples"]]:
-                    vocab_ids.update(e["tokens"])
-                if r["logits"]:
-                    vocab_ids.update(t for t, _ in r["logits"]["positive"] + r["logits"]["negative"])
-            density = np.array([r["density"] for r in recs])
-            index = {
-                "sae": name, "density": [r["density"] for r in recs], "max_act": [r["max_act"] for r in recs],
-                "mean_act": [r["mean_act"] for r in recs],
-                "top_token": [r["top_tokens"][0][0] if r["top_tokens"] else None for r in recs],
-                "token_latents": _token_index(recs),
-            }
-            _write_data(base / "latents", f"{folder}/latents", index)
-            s = stats[name]
-            entries.append({
-                "name": name, "folder": f"saes/{folder}", "hook": hooks[name], "architecture": sae.cfg.architecture,
-                "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "n_blocks": -(-len(recs) // opts.block),
-                "l0": float(s.count.sum()) / max(s.n_tokens, 1), "dead_fraction": float((density == 0).mean()),
-                "logit_effects": logits is not None, "density_histogram": _density_histogram(density),
-                "training_metrics": {k: v for k, v in metrics.get(name, {}).items()
-                                     if k in ("l0", "fvu", "explained_variance", "mse", "dead_fraction_eval", "k")},
-            })
-        vocab = _token_strings(vocab_ids, tokenizer) if tokenizer is not None else None
-        if vocab is not None:
-            _write_data(tmp / "vocab", "vocab", vocab)
-        n_tokens = next(iter(stats.values())).n_tokens
-        summary = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "store": st.url,
-            "store_fingerprint": st.manifest.fingerprint, "model": st.manifest.model.name,
-            "sequences": [a, b], "range": what, "n_tokens": n_tokens,
-            "special_tokens_skipped": special_ids(st) if opts.skip_special_tokens else [],
-            "top": opts.top, "window": [opts.window_before, opts.window_after], "histogram_bins": opts.n_bins,
-            "quantile_groups": opts.n_groups, "per_group": opts.per_group, "block": opts.block,
-            "vocab": "vocab.json" if vocab is not None else None, "seconds": seconds,
-            "tokens_per_s": n_tokens / seconds if seconds else None, "saes": entries,
+    non_finite: dict[str, list[str]] = {}
+    vocab_ids: set[int] = set()
+    entries = []
+    for name, sae in loaded.items():
+        logits = None
+        if unembedding is not None:
+            if not RESIDUAL_HOOKS.search(hooks[name]) or unembedding.shape[0] != sae.cfg.d_in:
+                log.info(f"no logit effects for {name}: {hooks[name]} is not a residual-stream hook of width "
+                         f"{unembedding.shape[0]}")
+            else:
+                logits = logit_effects(sae.W_dec.detach(), unembedding.to(dev), opts.n_logits)
+        recs = latent_records(stats[name], st, opts, logits)
+        folder = pages[name]
+        base = tmp / "saes" / folder
+        bad: list[str] = []
+        for i in range(0, len(recs), opts.block):
+            bad += _write_data(base / "blocks" / f"{i // opts.block:05d}", f"{folder}/{i // opts.block}",
+                               {"sae": name, "start": i, "stop": min(i + opts.block, len(recs)),
+                                "latents": recs[i:i + opts.block]})
+        for r in recs:
+            for e in r["top"] + [x for q in r["quantiles"] for x in q["examples"]]:
+                vocab_ids.update(e["tokens"])
+            if r["logits"]:
+                vocab_ids.update(t for t, _ in r["logits"]["positive"] + r["logits"]["negative"])
+        density = np.array([r["density"] for r in recs])
+        index = {
+            "sae": name, "density": [r["density"] for r in recs], "max_act": [r["max_act"] for r in recs],
+            "mean_act": [r["mean_act"] for r in recs],
+            "top_token": [r["top_tokens"][0][0] if r["top_tokens"] else None for r in recs],
+            "token_latents": _token_index(recs),
         }
-        _write_data(tmp / "features", "features", summary)
-        if site:
-            from .browser import write_site
+        bad += _write_data(base / "latents", f"{folder}/latents", index)
+        if bad:
+            non_finite[name] = bad
+        s = stats[name]
+        entries.append({
+            "name": name, "folder": f"saes/{folder}", "hook": hooks[name], "architecture": sae.cfg.architecture,
+            "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "n_blocks": -(-len(recs) // opts.block),
+            "l0": float(s.count.sum()) / max(s.n_tokens, 1), "dead_fraction": float((density == 0).mean()),
+            "logit_effects": logits is not None, "density_histogram": _density_histogram(density),
+            "training_metrics": {k: v for k, v in metrics.get(name, {}).items()
+                                 if k in ("l0", "fvu", "explained_variance", "mse", "dead_fraction_eval", "k")},
+        })
+    vocab = _token_strings(vocab_ids, tokenizer) if tokenizer is not None else None
+    if vocab is not None:
+        _write_data(tmp / "vocab", "vocab", vocab)
+    n_tokens = next(iter(stats.values())).n_tokens
+    summary = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "store": st.url,
+        "store_fingerprint": st.manifest.fingerprint, "model": st.manifest.model.name,
+        "sequences": [a, b], "range": what, "n_tokens": n_tokens,
+        "special_tokens_skipped": special_ids(st) if opts.skip_special_tokens else [],
+        "top": opts.top, "window": [opts.window_before, opts.window_after], "histogram_bins": opts.n_bins,
+        "quantile_groups": opts.n_groups, "per_group": opts.per_group, "block": opts.block,
+        "vocab": "vocab.json" if vocab is not None else None, "seconds": seconds,
+        "tokens_per_s": n_tokens / seconds if seconds else None, "saes": entries,
+        "non_finite": non_finite,
+    }
+    summary, bad = finite.finite_json(summary)
+    if bad:
+        summary["non_finite"]["features.json"] = bad
+    _write_data(tmp / "features", "features", summary)
+    if site:
+        from .browser import write_site
 
-            write_site(tmp, summary)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_site(tmp, summary)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
     return summary
 
 
