@@ -1,0 +1,88 @@
+"""The retry budget is a deadline: against an S3 endpoint that accepts connections and never answers (a
+server hung mid-outage), an operation gives up about one request timeout after its budget, with both
+readers (s3fs and obstore), and says what to do in one line that names a fix the command has."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from harvest_fixtures import cli_subprocess
+
+BUDGET, REQUEST = 3, 2
+
+
+@pytest.fixture
+def hung_endpoint():
+    """http://127.0.0.1:PORT that accepts every connection and never sends a byte."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    t.join()
+    for c in held:
+        c.close()
+    server.close()
+
+
+def _aws(monkeypatch, backend: str) -> None:
+    pytest.importorskip("s3fs")
+    pytest.importorskip("obstore")
+    monkeypatch.setenv("ACTCACHE_S3_BACKEND", backend)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+
+
+@pytest.mark.parametrize("backend", ["fsspec", "obstore"])
+def test_a_command_gives_up_on_a_hung_server_soon_after_the_budget(hung_endpoint, backend, monkeypatch):
+    _aws(monkeypatch, backend)
+    t = time.perf_counter()
+    r = cli_subprocess(["info", "s3://bucket/acts.zarr", "--storage-option", f"endpoint_url={hung_endpoint}",
+                        "--storage-option", f"retry_seconds={BUDGET}", "--storage-option", f"request_timeout={REQUEST}"])
+    seconds = time.perf_counter() - t
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "cannot reach the storage server" in lines[0] and lines[0].endswith("then rerun the same command")
+    assert "--resume" not in lines[0]  # info has none
+    # the budget, one request timeout past it, and the start of a Python process on a busy machine;
+    # before the timeouts the same command hung for more than five minutes
+    assert seconds < BUDGET + REQUEST + 15, seconds
+
+
+@pytest.mark.parametrize("backend", ["fsspec", "obstore"])
+def test_each_reader_times_out_its_requests_within_the_budget(hung_endpoint, backend, monkeypatch):
+    """The zarr store each backend reads through (obstore's ObjectStore, s3fs's FsspecStore), retried
+    by the one policy (location.retrying): the whole operation ends within budget + one request."""
+    import zarr
+
+    from actcache.common import location
+
+    _aws(monkeypatch, backend)
+    url = "s3://bucket/acts.zarr"
+    with location.storage_options([f"endpoint_url={hung_endpoint}", f"retry_seconds={BUDGET}",
+                                   f"request_timeout={REQUEST}"]):
+        store = location.open_store(url, read_only=True)
+        assert type(store).__name__ == {"fsspec": "FsspecStore", "obstore": "ObjectStore"}[backend]
+        t = time.perf_counter()
+        with pytest.raises(Exception) as e:
+            location.retrying(lambda: zarr.open_group(store=store, mode="r", zarr_format=3), url, "opening")
+        seconds = time.perf_counter() - t
+    assert location.transient_failure(e.value)  # it was retried until the budget ran out, not refused at once
+    assert BUDGET <= seconds < BUDGET + REQUEST + 3, seconds
