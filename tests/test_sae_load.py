@@ -254,3 +254,36 @@ def test_truncated_mismatched_and_incomplete_folders_are_one_line_from_eval_and_
         assert code == 2 and len(lines) == 1 and lines[0].startswith("actcache: error: "), err
         assert str(runs[kind] / "s" / file) in lines[0] and says in lines[0], lines[0]
         assert not (tmp_path / "feat").exists()
+
+
+def test_a_form_of_another_package_loads_in_a_fresh_process_through_its_entry_point(tmp_path):
+    """An architecture outside this package declares its exported form under the entry point group
+    actcache.inference_forms; a fresh process that never imported that package loads its folders."""
+    plugin = tmp_path / "plugin"
+    (plugin / "myforms-0.1.dist-info").mkdir(parents=True)
+    (plugin / "myforms-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: myforms\nVersion: 0.1\n")
+    (plugin / "myforms-0.1.dist-info" / "entry_points.txt").write_text(
+        "[actcache.inference_forms]\ndoubled = myforms:DOUBLED\n")
+    (plugin / "myforms.py").write_text(
+        "import torch\nfrom actcache.common.sae import InferenceForm\n"
+        "DOUBLED = InferenceForm('doubled', ('W_enc', 'b_enc', 'W_dec', 'b_dec'),\n"
+        "                        lambda sae, x: 2 * torch.relu(x @ sae.W_enc + sae.b_enc))\n")
+    g = torch.Generator().manual_seed(0)
+    w = {"W_enc": torch.randn(D_IN, D_SAE, generator=g), "b_enc": torch.zeros(D_SAE),
+         "W_dec": torch.randn(D_SAE, D_IN, generator=g), "b_dec": torch.zeros(D_IN)}
+    save_file(w, tmp_path / "w.safetensors")
+    folder = tmp_path / "sae"
+    folder.mkdir()
+    save_file(w, folder / "sae_weights.safetensors")
+    (folder / "cfg.json").write_text(json.dumps({"architecture": "doubled", "d_in": D_IN, "d_sae": D_SAE,
+                                                 "apply_b_dec_to_input": False}))
+    code = ("import sys, torch; from actcache import SAE; s = SAE.load_from_disk(sys.argv[1]); "
+            "x = torch.ones(1, %d); print(float(s.encode(x).sum()))" % D_IN)
+    e = env()
+    e["PYTHONPATH"] = f"{plugin}:{e['PYTHONPATH']}"
+    r = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, env=e, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout) == pytest.approx(float(2 * torch.relu(torch.ones(1, D_IN) @ w["W_enc"]).sum()), rel=1e-5)
+    # without the plugin on the path, the same folder is one line naming the forms there are
+    r = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, env=env(), timeout=120)
+    assert r.returncode != 0 and "architecture 'doubled' cannot be loaded; known: standard" in r.stderr
