@@ -143,12 +143,9 @@ class ActivationStore:
     def open(cls, url: str | os.PathLike, mode: str = "r", check: bool = True) -> "ActivationStore":
         """Open an existing store ('r' to read, 'r+' to resume writing). Checks the format version and
         (check=True) the manifest against the arrays' metadata: names, shapes, chunk grids, dtypes and
-        that the last committed chunk of every array exists. Reads no chunk data. Retried across a brief
-        storage outage (location.retrying)."""
-        return location.retrying(lambda: cls._open(url, mode, check), url, "opening")
-
-    @classmethod
-    def _open(cls, url: str | os.PathLike, mode: str, check: bool) -> "ActivationStore":
+        that the last committed chunk of every array exists. Reads no chunk data. Not retried: a server
+        that is down when a command starts is reported at once (each request times out, see
+        location.REQUEST_TIMEOUT)."""
         with location.storage_errors(url, "opening"):
             if not location.exists(url):
                 raise StoreError(f"no store at {url}: check the path (harvest one with `actcache harvest --out {url}`)")

@@ -1,6 +1,6 @@
 """The retry budget is a deadline: against an S3 endpoint that accepts connections and never answers (a
-server hung mid-outage), an operation gives up about one request timeout after its budget, with both
-readers (s3fs and obstore), and says what to do in one line that names a fix the command has."""
+server hung mid-outage), a retried operation gives up about one request timeout after its budget, with
+both readers (s3fs and obstore); a command says what to do in one line that names a fix it has."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def _aws(monkeypatch, backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["fsspec", "obstore"])
-def test_a_command_gives_up_on_a_hung_server_soon_after_the_budget(hung_endpoint, backend, monkeypatch):
+def test_a_command_that_meets_a_hung_server_says_so_within_a_request_timeout(hung_endpoint, backend, monkeypatch):
+    """A store that cannot be opened is reported at once (not retried), after one request timeout."""
     _aws(monkeypatch, backend)
     t = time.perf_counter()
     r = cli_subprocess(["info", "s3://bucket/acts.zarr", "--storage-option", f"endpoint_url={hung_endpoint}",
@@ -61,9 +62,9 @@ def test_a_command_gives_up_on_a_hung_server_soon_after_the_budget(hung_endpoint
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "cannot reach the storage server" in lines[0] and lines[0].endswith("then rerun the same command")
     assert "--resume" not in lines[0]  # info has none
-    # the budget, one request timeout past it, and the start of a Python process on a busy machine;
-    # before the timeouts the same command hung for more than five minutes
-    assert seconds < BUDGET + REQUEST + 15, seconds
+    # one request timeout and the start of a Python process on a busy machine; before the timeouts the
+    # same command hung for more than five minutes
+    assert seconds < REQUEST + 15, seconds
 
 
 @pytest.mark.parametrize("backend", ["fsspec", "obstore"])
