@@ -87,3 +87,26 @@ def test_each_reader_times_out_its_requests_within_the_budget(hung_endpoint, bac
         seconds = time.perf_counter() - t
     assert location.transient_failure(e.value)  # it was retried until the budget ran out, not refused at once
     assert BUDGET <= seconds < BUDGET + REQUEST + 3, seconds
+
+
+@pytest.mark.parametrize("command", ["info", "verify", "eval", "features", "bench-read"])
+def test_every_command_that_reads_a_store_takes_storage_options_and_names_its_own_fix(
+        hung_endpoint, command, monkeypatch, tmp_path, capfd):
+    """--storage-option reaches the store of each reading command (the endpoint given there is the one
+    that hangs), and the line tells the user to rerun, not to pass a --resume the command lacks."""
+    from eval_fixtures import make_sae
+    from harvest_fixtures import run_cli
+
+    _aws(monkeypatch, "obstore")
+    url = "s3://bucket/acts.zarr"
+    make_sae("random").save_model(tmp_path / "run" / "s")
+    args = {"info": ["info", url], "verify": ["verify", url], "bench-read": ["bench-read", url],
+            "eval": ["eval", "--sae", str(tmp_path / "run" / "s"), "--store", url],
+            "features": ["features", str(tmp_path / "run"), "--store", url, "--out", str(tmp_path / "f"),
+                         "--no-logits"]}[command]
+    code, out, err = run_cli(args + ["--storage-option", f"endpoint_url={hung_endpoint}",
+                                     "--storage-option", "request_timeout=1"], capfd)
+    lines = [line for line in err.splitlines() if line.startswith("actcache: error: ")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert f"cannot reach the storage server while looking at {url}" in lines[0]
+    assert lines[0].endswith("then rerun the same command") and "--resume" not in lines[0]
