@@ -14,7 +14,18 @@ _json = click.option("--json", "as_json", is_flag=True, help="Print the result a
 
 
 def _emit(obj: dict, as_json: bool, text: str) -> None:
-    click.echo(json.dumps(obj, indent=2) if as_json else text)
+    """Print the result (JSON: null for a non-finite number); then, if any number came out NaN or
+    infinite, exit non-zero naming them (common/finite.py)."""
+    from ..common.finite import NonFiniteResult, describe, finite_json
+
+    clean, bad = finite_json(obj)
+    bad = sorted(set(bad) | set(clean.pop("non_finite", None) or []))
+    if as_json:
+        click.echo(json.dumps({**clean, "non_finite": bad}, indent=2, allow_nan=False))
+    else:
+        click.echo(text)
+    if bad:
+        raise NonFiniteResult(f"non-finite results (NaN or infinity; null in --json): {describe(bad)}")
 
 
 @click.command("analyse")
@@ -55,8 +66,10 @@ def steer_command(sae_dir, feature, strength, prompt, max_new_tokens, positions,
                   tokenizer, as_json) -> None:
     """Generate after PROMPT with the latent's decoder direction times STRENGTH added at the SAE's hook;
     the plain continuation beside it."""
-    from .session import Session
+    from .session import Session, check_strength, check_temperature
 
+    check_strength(strength, "--strength")  # before the model loads
+    check_temperature(temperature, "--temperature")
     s = Session(sae_dir, model=model, device=device, tokenizer=tokenizer).steer(
         prompt, feature, strength, max_new_tokens, positions=positions, temperature=temperature, seed=seed)
     _emit(s.to_dict(), as_json, f"prompt: {prompt!r}\n" + s.side_by_side())

@@ -55,6 +55,7 @@ from typing import Any, Sequence
 import torch
 
 from ..common.errors import UserError
+from ..common.finite import finite_json
 from ..common import outputs
 from ..common.features_output import DEFAULT_FOLDER, FeaturesOutput, build_command, is_features_output
 from . import splice
@@ -86,7 +87,7 @@ class Analysis:
     hook: str
     tokens: list[TokenLatents]
     mse: float
-    fvu: float
+    fvu: float | None  # None: undefined (the scored tokens' activations have no variance, e.g. one token)
     cossim: float
     l0: float
     n_tokens_scored: int
@@ -95,10 +96,14 @@ class Analysis:
     reconstruction: torch.Tensor = field(repr=False)  # [pos, d_in]
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("latents", "activations", "reconstruction")}
+        """JSON-ready: a non-finite metric is null and named in "non_finite"."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("latents", "activations", "reconstruction")}
+        d, d["non_finite"] = finite_json(d)
+        return d
 
     def table(self) -> str:
-        lines = [f"{self.model} {self.hook}: mse {self.mse:.4g}  fvu {self.fvu:.4g}  cossim {self.cossim:.4f}  "
+        fvu = "n/a" if self.fvu is None else f"{self.fvu:.4g}"
+        lines = [f"{self.model} {self.hook}: mse {self.mse:.4g}  fvu {fvu}  cossim {self.cossim:.4f}  "
                  f"l0 {self.l0:.1f}  ({self.n_tokens_scored} tokens scored)"]
         w = max((len(repr(t.token)) for t in self.tokens), default=5)
         for t in self.tokens:
@@ -234,6 +239,29 @@ class Attribution:
         for r in self.top:
             lines.append(f"{r['latent']:>8} {r['activation']:>11.4g} {r['contribution']:>+13.4f}")
         return "\n".join(lines)
+
+
+def check_strength(strength: Any, name: str = "strength") -> float:
+    """A steering strength as a finite float, or one line saying what to give (`name`: how the caller
+    spells the option, e.g. --strength)."""
+    try:
+        value = float(strength)
+        if isinstance(strength, bool) or not math.isfinite(value):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise UserError(f"{name} {strength!r}: give a finite number (a multiple of the decoder row)") from None
+    return value
+
+
+def check_temperature(temperature: Any, name: str = "temperature") -> float:
+    """A sampling temperature: 0 (greedy) or a finite positive number."""
+    try:
+        value = float(temperature)
+        if isinstance(temperature, bool) or not math.isfinite(value) or value < 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise UserError(f"{name} {temperature!r}: give 0 (greedy) or a finite positive number") from None
+    return value
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -421,7 +449,7 @@ class Session:
         total_var = float(xs.pow(2).sum()) - float(xs.sum(0).pow(2).sum()) / n
         sse = float(sse_tok[keep].sum())
         return Analysis(model=self.model.info.name, hook=e.hook, tokens=rows, mse=sse / n,
-                        fvu=sse / total_var if total_var > 0 else float("nan"), cossim=float(cos_tok[keep].mean()),
+                        fvu=sse / total_var if total_var > 0 else None, cossim=float(cos_tok[keep].mean()),
                         l0=float((f[keep] != 0).sum(-1).double().mean()), n_tokens_scored=n,
                         latents=f.detach().cpu(), activations=x.detach().cpu(), reconstruction=xh.detach().cpu())
 
@@ -493,14 +521,8 @@ class Session:
 
         if positions not in ("all", "prompt"):
             raise UserError(f"positions {positions!r}: choose all or prompt")
-        try:
-            strength = float(strength)
-        except (TypeError, ValueError):
-            raise UserError(f"strength {strength!r} is not a number") from None
-        if not math.isfinite(strength):
-            raise UserError(f"strength {strength} is not a finite number; give one such as 8 or -4")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-            raise UserError("temperature must be 0 (greedy) or more")
+        strength = check_strength(strength)
+        temperature = check_temperature(temperature)
         if int(tokens) < 1:
             raise UserError("the number of new tokens must be at least 1")
         e = self.get(sae)

@@ -90,8 +90,8 @@ def _sae(lab, name):
     ("api/steer", {"prompt": " ".join(["w5"] * 50), "latent": 1, "tokens": 20}, "plus 20 new tokens"),
     ("api/steer", {"prompt": "w5", "latent": 96, "sae": "alpha"}, "latent 96 is out of range: alpha has 96 latents"),
     ("api/steer", {"prompt": "w5", "latent": "seven"}, "latent 'seven' is not a whole number"),
-    ("api/steer", {"prompt": "w5", "latent": 1, "strength": "nan"}, "strength nan is not a finite number"),
-    ("api/steer", {"prompt": "w5", "latent": 1, "strength": "-inf"}, "strength -inf is not a finite number"),
+    ("api/steer", {"prompt": "w5", "latent": 1, "strength": "nan"}, "strength nan: give a finite number"),
+    ("api/steer", {"prompt": "w5", "latent": 1, "strength": "-inf"}, "strength -inf: give a finite number"),
     ("api/steer", {"prompt": "w5", "latent": 1, "tokens": 100000}, "tokens must be between 1 and 256"),
     ("api/latent?sae=beta&latent=300", None, "latent 300 is out of range: beta has 300 latents"),
     ("api/latent?sae=gamma&latent=3", None, "no SAE named 'gamma'"),
@@ -210,7 +210,7 @@ def test_the_page_in_chromium(lab, server, tmp_path):
             page.fill("#steer-strength", "inf")
             page.click("#run-steer")
             page.wait_for_function("document.querySelector('#steer-panel .err').textContent.length > 0")
-            assert "strength inf is not a finite number" in page.inner_text("#steer-panel .err")
+            assert "strength inf: give a finite number" in page.inner_text("#steer-panel .err")
             page.fill("#attr-prompt", "w5 w17")
             page.fill("#attr-target", "w9")
             page.click("#run-attr")

@@ -89,8 +89,8 @@ def test_attribution_adds_up_to_the_logit(lab, session):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda s: s.steer("w5", 7, float("nan"), 3), "strength nan is not a finite number"),
-    (lambda s: s.steer("w5", 7, float("inf"), 3), "strength inf is not a finite number"),
+    (lambda s: s.steer("w5", 7, float("nan"), 3), "strength nan: give a finite number"),
+    (lambda s: s.steer("w5", 7, float("inf"), 3), "strength inf: give a finite number"),
     (lambda s: s.steer("w5", 96, 1.0, 3, sae="alpha"), "latent 96 is out of range: alpha has 96 latents"),
     (lambda s: s.latent("x"), "latent 'x' is not a whole number"),
     (lambda s: s.top_features(" ".join(["w5"] * 64)), "more than the 64-token context"),

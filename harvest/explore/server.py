@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 from ...common.errors import UserError, first_line
 from ...common.features_output import INDEX_PAGE
+from ...common.finite import finite_json
 from ...common.progress import log
 
 HOST = "127.0.0.1"
@@ -114,9 +115,12 @@ def create_app(state: State) -> Any:
                         "browsers": [f"browser/{i}/{INDEX_PAGE}" for i in range(len(outputs))],
                         "max_new_tokens": MAX_NEW_TOKENS})
 
+    def answer(obj: Any) -> Response:  # JSON without a bare NaN (a browser's JSON.parse refuses one)
+        return jsonify(finite_json(obj)[0])
+
     def model_call(fn: Callable[[], Any]) -> Response:
         with state.lock:  # one request at a time on the model
-            return jsonify(fn())
+            return answer(fn())
 
     def body() -> dict[str, Any]:
         data = request.get_json(silent=True)
@@ -132,7 +136,7 @@ def create_app(state: State) -> Any:
 
     @app.get("/api/latent")
     def latent() -> Response:  # the features output only: answered while the model works
-        return jsonify(state.session.latent(request.args.get("latent", ""), request.args.get("sae")))
+        return answer(state.session.latent(request.args.get("latent", ""), request.args.get("sae")))
 
     @app.post("/api/steer")
     def steer() -> Response:
