@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from .common.options import command_options, configurable, from_click, option
+from .common.options import command_options, configurable, from_click, option, storage_options_option
 
 
 @configurable
@@ -32,6 +32,7 @@ class EvalOptions:
     include_special_tokens: bool = option(False, "Replace and score BOS/EOS/pad positions too.")
     force: bool = option(False, "Evaluate with a model other than the store's.")
     as_json: bool = option(False, "Print the records as JSON.", flag="--json")
+    storage_options: tuple[str, ...] = storage_options_option()
 
 
 @click.command("eval")
@@ -41,16 +42,20 @@ def eval_command(runs_or_saes: tuple[str, ...], **given: Any) -> None:
     """Splice each SAE of RUNS_OR_SAES (run folders or SAE folders) into the model on held-out token
     windows of the store and report CE loss score, KL and activation metrics; writes eval.json in each
     SAE folder and the columns in the run's summary."""
-    from .evaluate import evaluate, records_table
+    from .evaluate import evaluate, non_finite_error, records_table
 
     opts = asdict(EvalOptions(**from_click(EvalOptions, given)))
     as_json = opts.pop("as_json")
+    opts["storage_options"] = list(opts["storage_options"])
     records = evaluate(runs_or_saes, **opts, write=True)
     if as_json:
-        click.echo(json.dumps(records, indent=2))
-        return
-    click.echo(records_table(records))
-    r = records[0]
-    s = r["sequences_scored"]
-    click.echo(f"\n{r['ce_tokens']} token positions of sequences {s['start_sequence']}:{s['stop_sequence']} of "
-               f"{r['store']} (fingerprint {r['store_fingerprint']}); eval.json in each SAE folder")
+        click.echo(json.dumps(records, indent=2, allow_nan=False))
+    else:
+        click.echo(records_table(records))
+        r = records[0]
+        s = r["sequences_scored"]
+        click.echo(f"\n{r['ce_tokens']} token positions of sequences {s['start_sequence']}:{s['stop_sequence']} of "
+                   f"{r['store']} (fingerprint {r['store_fingerprint']}); eval.json in each SAE folder")
+    bad = non_finite_error(records)
+    if bad is not None:
+        raise bad

@@ -1,5 +1,6 @@
-"""`actcache analyse | steer | attribute | hooks`: thin layers over harvest/analysis.py. Their
-options are the fields of the dataclasses below (common/options.py)."""
+"""`actcache analyse | steer | attribute | hooks`: thin layers over harvest/session.py (a Session over one SAE)
+and harvest/analysis.py (list_hooks). Their options are the fields of the dataclasses below
+(common/options.py)."""
 
 from __future__ import annotations
 
@@ -86,7 +87,18 @@ class HooksOptions:
 
 
 def _emit(obj: dict, as_json: bool, text: str) -> None:
-    click.echo(json.dumps(obj, indent=2) if as_json else text)
+    """Print the result (JSON: null for a non-finite number); then, if any number came out NaN or
+    infinite, exit non-zero naming them (common/finite.py)."""
+    from ..common.finite import NonFiniteResult, describe, finite_json
+
+    clean, bad = finite_json(obj)
+    bad = sorted(set(bad) | set(clean.pop("non_finite", None) or []))
+    if as_json:
+        click.echo(json.dumps({**clean, "non_finite": bad}, indent=2, allow_nan=False))
+    else:
+        click.echo(text)
+    if bad:
+        raise NonFiniteResult(f"non-finite results (NaN or infinity; null in --json): {describe(bad)}")
 
 
 @click.command("analyse")
@@ -95,11 +107,11 @@ def _emit(obj: dict, as_json: bool, text: str) -> None:
 def analyse_command(sae_dir: str, **given: Any) -> None:
     """Encode PROMPT's activations at the SAE's hook: the top latents of every token and the
     reconstruction error (mse, fvu, cossim)."""
-    from .analysis import analyse
+    from .session import Session
 
     o = AnalyseOptions(**from_click(AnalyseOptions, given))
-    a = analyse(sae_dir, o.prompt, model=o.model, top=o.top, device=o.device,
-                include_special_tokens=o.include_special_tokens, tokenizer=o.tokenizer)
+    a = Session(sae_dir, model=o.model, device=o.device, tokenizer=o.tokenizer).analyse(
+        o.prompt, o.top, include_special_tokens=o.include_special_tokens)
     _emit(a.to_dict(), o.as_json, a.table())
 
 
@@ -109,11 +121,14 @@ def analyse_command(sae_dir: str, **given: Any) -> None:
 def steer_command(sae_dir: str, **given: Any) -> None:
     """Generate after PROMPT with the latent's decoder direction times STRENGTH added at the SAE's hook;
     the plain continuation beside it."""
-    from .analysis import steer
+    from .session import Session, check_strength, check_temperature
 
     o = SteerOptions(**from_click(SteerOptions, given))
-    s = steer(sae_dir, o.prompt, o.feature, o.strength, model=o.model, max_new_tokens=o.max_new_tokens,
-              positions=o.positions, temperature=o.temperature, seed=o.seed, device=o.device, tokenizer=o.tokenizer)
+    check_strength(o.strength, "--strength")  # before the model loads
+    check_temperature(o.temperature, "--temperature")
+    s = Session(sae_dir, model=o.model, device=o.device, tokenizer=o.tokenizer).steer(
+        o.prompt, o.feature, o.strength, o.max_new_tokens, positions=o.positions, temperature=o.temperature,
+        seed=o.seed)
     _emit(s.to_dict(), o.as_json, f"prompt: {o.prompt!r}\n" + s.side_by_side())
 
 
@@ -123,11 +138,11 @@ def steer_command(sae_dir: str, **given: Any) -> None:
 def attribute_command(sae_dir: str, **given: Any) -> None:
     """Each latent's direct contribution to the logit of TARGET after PROMPT (final normalisation's
     scale frozen), the top ones, and the remainder (b_dec, SAE error, later layers, biases)."""
-    from .analysis import attribute
+    from .session import Session
 
     o = AttributeOptions(**from_click(AttributeOptions, given))
-    r = attribute(sae_dir, o.prompt, o.target, model=o.model, position=o.position, top=o.top, device=o.device,
-                  tokenizer=o.tokenizer)
+    r = Session(sae_dir, model=o.model, device=o.device, tokenizer=o.tokenizer).attribute(
+        o.prompt, o.target, position=o.position, top=o.top)
     _emit(r.to_dict(), o.as_json, r.table())
 
 

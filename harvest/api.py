@@ -73,7 +73,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: HookedModel | None
     Under torchrun every rank runs this same call and the ranks share the chunks (harvest/rounds.py);
     one process is a world of one, and the store is the same, byte for byte, for any number of ranks."""
     t_start = time.time()
-    with location.storage_options(cfg.storage_options), ranks_from_env() as ranks:
+    with location.storage_options(cfg.storage_options, resumable=True), ranks_from_env() as ranks:
         ranks.check_same_arguments(dataclasses.astuple(cfg))
 
         def checks() -> tuple[int, tuple[str, float]]:  # everything cheap, before any model loads

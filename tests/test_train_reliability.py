@@ -327,10 +327,10 @@ def test_bad_held_out_range_is_refused_before_anything_is_written(store_url, tmp
         assert not (tmp_path / "o").exists()
     # everything held out
     with pytest.raises(UserError, match="outside the held-out part"):
-        train_sweep(store_url, config(held_out=[0, 256]), tmp_path / "o", progress=False)
+        train_sweep(store_url, config(held_out="0:256"), tmp_path / "o", progress=False)
     # fewer training tokens than asked for once the range is left out
     with pytest.raises(UserError, match="outside its held-out part"):
-        train_sweep(store_url, config(held_out=[0, 16]), tmp_path / "o", progress=False)
+        train_sweep(store_url, config(held_out="0:16"), tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
 
 

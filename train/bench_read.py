@@ -21,7 +21,7 @@ import click
 
 from ..common import location
 from ..common.errors import UserError
-from ..common.options import command_options, configurable, from_click, option
+from ..common.options import command_options, configurable, from_click, option, storage_options_option
 from ..common.store import ActivationStore
 from .loader import ActivationLoader
 
@@ -110,6 +110,7 @@ class BenchReadOptions:
     step_ms: float = option(0.0, "Time a consumer spends per batch (a training step); 0: as fast as the loader "
                                  "goes.", unit="milliseconds", low=0)
     as_json: bool = option(False, "Print one JSON object instead of the table.", flag="--json")
+    storage_options: tuple[str, ...] = storage_options_option()
 
 
 @click.command("bench-read")
@@ -120,7 +121,8 @@ def bench_read_command(store: str, **given: Any) -> None:
     fraction of the time a training step would wait for data. Reads only; nothing is written."""
     try:
         o = BenchReadOptions(**from_click(BenchReadOptions, given))
-        r = bench_read(store, o.hook, o.batch_tokens, o.threads, o.window_chunks, o.seconds, o.step_ms)
+        with location.storage_options(list(o.storage_options)):
+            r = bench_read(store, o.hook, o.batch_tokens, o.threads, o.window_chunks, o.seconds, o.step_ms)
     except UserError:
         raise
     except Exception as e:  # the storage underneath failed (S3 unreachable, denied...): one line

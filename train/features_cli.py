@@ -13,8 +13,9 @@ from typing import Any
 
 import click
 
+from ..common import location
 from ..common.errors import UserError
-from ..common.options import command_options, configurable, from_click, option
+from ..common.options import command_options, configurable, from_click, option, storage_options_option
 from .features import write_features
 
 __all__ = ["FeaturesCommandOptions", "features_command", "write_features"]
@@ -38,6 +39,7 @@ class FeaturesCommandOptions:
     logits: bool = option(True, "Load the model the store names for logit effects and token strings.")
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda if available, else cpu).", kind="str")
     progress: bool = option(True, "Show a progress bar (--no-progress: none).")
+    storage_options: tuple[str, ...] = storage_options_option()
 
 
 @click.command("features")
@@ -52,12 +54,18 @@ def features_command(ctx: click.Context, run: str, **given: Any) -> None:
         raise UserError("--all and --held-out contradict each other: pick one")
     root = ctx.find_root().obj or {}
     loader = root.get("load_unembedding") if o.logits else None
-    summary = write_features(run, o.out, store=o.store, saes=o.saes or None, tokens=o.tokens, top=o.top,
-                             held_out=False if o.all_sequences else (o.held_out or True), overwrite=o.overwrite,
-                             model_loader=loader, device=o.device, progress=o.progress)
+    with location.storage_options(list(o.storage_options)):
+        summary = write_features(run, o.out, store=o.store, saes=o.saes or None, tokens=o.tokens, top=o.top,
+                                 held_out=False if o.all_sequences else (o.held_out or True), overwrite=o.overwrite,
+                                 model_loader=loader, device=o.device, progress=o.progress)
     click.echo(f"{summary['n_tokens']} tokens ({summary['range']} sequences {summary['sequences'][0]}"
                f"-{summary['sequences'][1]}) at {summary['tokens_per_s']:.0f} tokens/s")
     for s in summary["saes"]:
         click.echo(f"  {s['name']}: d_sae {s['d_sae']}, L0 {s['l0']:.1f}, dead {s['dead_fraction']:.3f}"
                    f"{', logit effects' if s['logit_effects'] else ''}")
     click.echo(f"open {Path(o.out) / 'index.html'}")
+    if summary.get("non_finite"):
+        from ..common.finite import NonFiniteResult, describe
+
+        raise NonFiniteResult("non-finite values (NaN or infinity, written as null) in " + "; ".join(
+            f"{k} ({describe(v, 2)})" for k, v in summary["non_finite"].items()))

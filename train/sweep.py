@@ -57,7 +57,7 @@ def train_sweep(store_url: str, config: str | Path | dict | SweepConfig, out: st
     if allow_repeat is not None:
         warn_deprecated("train_sweep(allow_repeat=...)", "repeat_epochs=")
         repeat_epochs = repeat_epochs or allow_repeat
-    with location.storage_options(storage_options), ranks_from_env() as ranks:
+    with location.storage_options(storage_options, resumable=True), ranks_from_env() as ranks:
         return _train_sweep(ranks, store_url, config, out, resume, device, repeat_epochs, progress, overwrite)
 
 
