@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -298,6 +299,7 @@ def configurable(cls: type) -> type:
     names = {f.name for f in dataclasses.fields(cls)}
     init = cls.__init__
 
+    @functools.wraps(init)  # help() and IDEs still show the fields as parameters
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         for old, new in renamed.items():
             if old in kwargs:
