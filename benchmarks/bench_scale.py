@@ -60,19 +60,37 @@ def model_spec(d_model: int, ctx: int, vocab: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------ measuring
+# Starts the command from a small process and reports that child's rusage. The kernel counts the
+# memory of a process from its fork, before it execs: a child forked straight from a big parent would
+# show at least the parent's resident size.
+_LAUNCHER = """import os, subprocess, sys
+p = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(p.pid, 0)
+code = os.waitstatus_to_exitcode(status)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{usage.ru_maxrss} {code}")
+sys.exit(code if code >= 0 else 1)
+"""
+
+
 def measure(cmd: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None) -> dict[str, Any]:
-    """Run cmd to completion in its own process: wall seconds, its peak resident memory (bytes,
-    from wait4's rusage of that one child), its exit code and stdout."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd, text=True)
-        _, status, usage = os.wait4(p.pid, 0)  # this child's own rusage (Popen.wait would discard it)
-        wall = time.perf_counter() - t
-        p.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return {"cmd": cmd, "seconds": wall, "peak_rss_bytes": usage.ru_maxrss * 1024, "rc": p.returncode,
-                "stdout": out.read(), "stderr": err.read()[-4000:]}
+    """Run cmd to completion in its own process: wall seconds, its peak resident memory (bytes, from
+    wait4's rusage of that one process), its exit code and stdout."""
+    with tempfile.TemporaryDirectory(prefix="bench-scale-measure-") as tmp:
+        usage_file = Path(tmp) / "rusage"
+        with open(Path(tmp) / "out", "w+") as out, open(Path(tmp) / "err", "w+") as err:
+            t = time.perf_counter()
+            p = subprocess.run([sys.executable, "-I", "-S", "-c", _LAUNCHER, str(usage_file), *cmd],
+                               stdout=out, stderr=err, env=env, cwd=cwd)
+            wall = time.perf_counter() - t
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read(), err.read()[-4000:]
+        if not usage_file.is_file():
+            raise RuntimeError(f"could not start {cmd[0]}: {stderr.strip()}")
+        maxrss_kib, code = map(int, usage_file.read_text().split())
+    return {"cmd": cmd, "seconds": wall, "peak_rss_bytes": maxrss_kib * 1024, "rc": code,
+            "stdout": stdout, "stderr": stderr}
 
 
 def free_space_check(folder: Path, sizes: list[int], d_model: int, ctx: int) -> dict[str, int]:
