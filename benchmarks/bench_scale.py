@@ -68,14 +68,14 @@ p = subprocess.Popen(sys.argv[2:])
 _, status, usage = os.wait4(p.pid, 0)
 code = os.waitstatus_to_exitcode(status)
 with open(sys.argv[1], "w") as f:
-    f.write(f"{usage.ru_maxrss} {code}")
+    f.write(f"{usage.ru_maxrss} {code} {usage.ru_utime + usage.ru_stime}")
 sys.exit(code if code >= 0 else 1)
 """
 
 
 def measure(cmd: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None) -> dict[str, Any]:
-    """Run cmd to completion in its own process: wall seconds, its peak resident memory (bytes, from
-    wait4's rusage of that one process), its exit code and stdout."""
+    """Run cmd to completion in its own process: wall seconds, CPU seconds (user + system) and peak
+    resident memory (bytes), both from wait4's rusage of that one process; its exit code and stdout."""
     with tempfile.TemporaryDirectory(prefix="bench-scale-measure-") as tmp:
         usage_file = Path(tmp) / "rusage"
         with open(Path(tmp) / "out", "w+") as out, open(Path(tmp) / "err", "w+") as err:
@@ -88,8 +88,9 @@ def measure(cmd: list[str], env: dict[str, str] | None = None, cwd: str | Path |
             stdout, stderr = out.read(), err.read()[-4000:]
         if not usage_file.is_file():
             raise RuntimeError(f"could not start {cmd[0]}: {stderr.strip()}")
-        maxrss_kib, code = map(int, usage_file.read_text().split())
-    return {"cmd": cmd, "seconds": wall, "peak_rss_bytes": maxrss_kib * 1024, "rc": code,
+        maxrss_kib, code, cpu = usage_file.read_text().split()
+    return {"cmd": cmd, "seconds": wall, "cpu_seconds": float(cpu), "peak_rss_bytes": int(maxrss_kib) * 1024,
+            "rc": int(code),
             "stdout": stdout, "stderr": stderr}
 
 
@@ -222,7 +223,7 @@ def run_size(n_tokens: int, a: argparse.Namespace, work: Path, data: Path, env: 
         m = measure(cmds[name], env=env, cwd=ROOT)
         if m["rc"] != 0:
             raise RuntimeError(f"{name} at {n_tokens:,} tokens failed (exit {m['rc']}): {m['stderr'][-2000:]}")
-        rec = {"wall_seconds": m["seconds"], "peak_rss_bytes": m["peak_rss_bytes"]}
+        rec = {"wall_seconds": m["seconds"], "cpu_seconds": m["cpu_seconds"], "peak_rss_bytes": m["peak_rss_bytes"]}
         if name in STEP_FUNCS:
             rec.update(json.loads(m["stdout"]))
         elif name == "info":
@@ -280,11 +281,12 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['verify']['tokens_per_s']:,.0f} | {r['loader']['tokens_per_s']:,.0f} "
             f"({r['loader']['raw_tokens_per_s']:,.0f}) | {r['train']['tokens_per_s']:,.0f} | "
             f"{r['features']['tokens_per_s']:,.0f} |")
-    lines += ["", "Wall seconds and peak resident memory (MiB) of each process:", "",
+    lines += ["", "Wall seconds, CPU seconds (user + system) and peak resident memory (MiB) of each process:", "",
               "| tokens | " + " | ".join(STEPS) + " |", "|---:|" + "---:|" * len(STEPS)]
     for r in res:
         lines.append(f"| {r['tokens']:,} | " + " | ".join(
-            f"{r[s]['wall_seconds']:.1f} s, {r[s]['peak_rss_bytes'] / mib:,.0f}" for s in STEPS) + " |")
+            f"{r[s]['wall_seconds']:.1f} s, {r[s]['cpu_seconds']:.1f} s, {r[s]['peak_rss_bytes'] / mib:,.0f}"
+            for s in STEPS) + " |")
     if len(res) > 1:
         q = report["ratios"]
         lines += ["", f"Largest over smallest size ({res[-1]['tokens']:,} / {res[0]['tokens']:,} tokens):", "",
