@@ -44,6 +44,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from actcache.common.errors import UserError  # noqa: E402
+from actcache.common.outputs import FEATURES_FILE, SUMMARY_FILE, is_features, is_run, is_store  # noqa: E402
 from actcache.common.progress import human_bytes, parse_count  # noqa: E402
 
 HOOK = "blocks.0.hook_resid_pre"
@@ -232,22 +233,23 @@ def run_size(n_tokens: int, a: argparse.Namespace, work: Path, data: Path, env: 
         elif name == "verify":
             rec["tokens_per_s"] = n_tokens / m["seconds"]  # the whole command, start-up included
         elif name == "train":
-            s = json.loads((run_dir / "summary.json").read_text())
+            s = json.loads((run_dir / SUMMARY_FILE).read_text())
             rec.update(train_tokens=a.train_tokens, train_seconds=s["train_seconds"], tokens_per_s=s["tokens_per_s"])
         elif name == "features":
-            s = json.loads((feat_dir / "features.json").read_text())
+            s = json.loads((feat_dir / FEATURES_FILE).read_text())
             rec.update(pass_seconds=s["seconds"], pass_tokens=s.get("n_tokens"), tokens_per_s=s["tokens_per_s"])
         out[name] = rec
     out["store_bytes"] = out["harvest"]["bytes_on_disk"]
     if not a.keep:
-        for p in (store, run_dir, feat_dir):
-            _remove_own(p, work)
+        for p, kind_check in ((store, is_store), (run_dir, is_run), (feat_dir, is_features)):
+            _remove_own(p, work, kind_check)
     return out
 
 
-def _remove_own(p: Path, work: Path) -> None:
-    """Delete what this benchmark wrote, and only that: a path inside its own marked work folder."""
-    if (work / MARKER).is_file() and p.resolve().parent == work.resolve() and p.exists():
+def _remove_own(p: Path, work: Path, kind_check) -> None:
+    """Delete what this benchmark wrote, and only that: an output of the expected kind directly inside
+    its own marked work folder."""
+    if (work / MARKER).is_file() and p.resolve().parent == work.resolve() and p.exists() and kind_check(str(p)):
         shutil.rmtree(p)
 
 
