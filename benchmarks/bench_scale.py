@@ -259,11 +259,29 @@ RATES = [("harvest", "tokens_per_s"), ("verify", "tokens_per_s"), ("loader", "to
          ("train", "tokens_per_s"), ("features", "tokens_per_s")]
 
 
+def step_tokens(r: dict[str, Any], step: str) -> int | None:
+    """The tokens a step processed: the whole store (harvest, verify), a fixed count (the others)."""
+    return {"harvest": r["harvest"]["tokens"], "verify": r["tokens"], "loader": r["loader"]["tokens"],
+            "train": r["train"].get("train_tokens"), "features": r["features"].get("pass_tokens")}.get(step)
+
+
+def cpu_rate(r: dict[str, Any], step: str) -> float | None:
+    """Tokens per CPU-second of the step's whole process (start-up included): on a shared machine,
+    wall-clock rates measure the neighbours as much as the code; CPU time much less so."""
+    n = step_tokens(r, step)
+    return n / r[step]["cpu_seconds"] if n and r[step].get("cpu_seconds") else None
+
+
 def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Each step's throughput and peak memory at the largest size over those at the smallest."""
+    """Each step's throughput (wall and per CPU-second) and peak memory at the largest size over
+    those at the smallest."""
     first, last = results[0], results[-1]
-    return {s: {"throughput": (last[s].get("tokens_per_s", 0) / first[s]["tokens_per_s"]
-                               if first[s].get("tokens_per_s") else None),
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    return {s: {"throughput": ratio(last[s].get("tokens_per_s"), first[s].get("tokens_per_s")),
+                "throughput_per_cpu_second": ratio(cpu_rate(last, s), cpu_rate(first, s)),
                 "peak_rss": last[s]["peak_rss_bytes"] / first[s]["peak_rss_bytes"]} for s in STEPS}
 
 
@@ -289,13 +307,23 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {r['tokens']:,} | " + " | ".join(
             f"{r[s]['wall_seconds']:.1f} s, {r[s]['cpu_seconds']:.1f} s, {r[s]['peak_rss_bytes'] / mib:,.0f}"
             for s in STEPS) + " |")
+    lines += ["", "Tokens per CPU-second of each process (start-up included):", "",
+              "| tokens | " + " | ".join(s for s in STEPS if s != "info") + " |",
+              "|---:|" + "---:|" * (len(STEPS) - 1)]
+    for r in res:
+        lines.append(f"| {r['tokens']:,} | " + " | ".join(
+            f"{cpu_rate(r, s):,.0f}" for s in STEPS if s != "info") + " |")
     if len(res) > 1:
         q = report["ratios"]
+
+        def f(x: float | None) -> str:
+            return "" if x is None else f"{x:.2f}"
+
         lines += ["", f"Largest over smallest size ({res[-1]['tokens']:,} / {res[0]['tokens']:,} tokens):", "",
-                  "| step | throughput | peak memory |", "|---|---:|---:|"]
+                  "| step | throughput (wall) | throughput per CPU-second | peak memory |", "|---|---:|---:|---:|"]
         for s in STEPS:
-            t = q[s]["throughput"]
-            lines.append(f"| {s} | {'' if t is None else f'{t:.2f}'} | {q[s]['peak_rss']:.2f} |")
+            lines.append(f"| {s} | {f(q[s]['throughput'])} | {f(q[s].get('throughput_per_cpu_second'))} | "
+                         f"{q[s]['peak_rss']:.2f} |")
     if report.get("skipped"):
         lines += ["", f"Not run: {report['skipped']}"]
     return "\n".join(lines) + "\n"
@@ -405,9 +433,21 @@ def step_parser() -> argparse.ArgumentParser:
     return p
 
 
+def render(path: Path) -> None:
+    """Write the table and plot of a results JSON again (after a change to the report's form)."""
+    report = json.loads(path.read_text())
+    report["ratios"] = ratios(report["results"])
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    path.with_suffix(".md").write_text(markdown(report))
+    plot(report, path.with_suffix(".png"))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] == ["render"]:
+            render(Path(argv[1]))
+            return
         if argv[:1] == ["step"]:
             a = step_parser().parse_args(argv[1:])
             print(json.dumps(STEP_FUNCS[a.name](a)))
