@@ -339,10 +339,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     x = [r["tokens"] for r in res]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for s, key in RATES:
-        ax1.plot(x, [r[s][key] for r in res], marker="o", label=s)
+        line, = ax1.plot(x, [cpu_rate(r, s) for r in res], marker="o", label=f"{s} (per CPU-second)")
+        ax1.plot(x, [r[s][key] for r in res], marker=".", linestyle=":", color=line.get_color())
     for s in STEPS:
         ax2.plot(x, [r[s]["peak_rss_bytes"] / 2**20 for r in res], marker="o", label=s)
-    for ax, title in ((ax1, "throughput (tokens/s)"), (ax2, "peak resident memory (MiB)")):
+    for ax, title in ((ax1, "tokens per CPU-second (dotted: per wall second)"), (ax2, "peak resident memory (MiB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("store size (tokens)")
