@@ -92,8 +92,9 @@ def rclone_s3(folder: str | os.PathLike, buckets: tuple[str, ...] = ("acts",)):
             proc.wait()
 
 
-def _counting_moto_server(requests: list[tuple[str, str, str]]) -> Any:
-    """moto's threaded server whose WSGI app first notes every request (method, path, query string)."""
+def _counting_moto_server(requests: list[tuple[str, str, str]], latency: float = 0.0) -> Any:
+    """moto's threaded server whose WSGI app first notes every request (method, path, query string)
+    and waits `latency` seconds before answering it (a network's round trip; requests overlap)."""
     from moto.moto_server.threaded_moto_server import ThreadedMotoServer
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from werkzeug.serving import make_server
@@ -105,6 +106,8 @@ def _counting_moto_server(requests: list[tuple[str, str, str]]) -> Any:
             def counted(environ: dict, start_response: Any) -> Any:
                 requests.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
                                  environ.get("QUERY_STRING", "")))
+                if latency:
+                    time.sleep(latency)
                 return app(environ, start_response)
 
             self._server = make_server(self._ip_address, self._port, counted, True,
@@ -116,13 +119,15 @@ def _counting_moto_server(requests: list[tuple[str, str, str]]) -> Any:
 
 
 @contextlib.contextmanager
-def moto_s3(buckets: tuple[str, ...] = ("acts",), requests: list[tuple[str, str, str]] | None = None):
+def moto_s3(buckets: tuple[str, ...] = ("acts",), requests: list[tuple[str, str, str]] | None = None,
+            latency: float = 0.0):
     """moto's threaded server on 127.0.0.1 (in this process, objects in memory). `requests`: a list
-    the server appends every request it receives to, as (method, path, query string)."""
+    the server appends every request it receives to, as (method, path, query string); `latency`:
+    seconds each request waits before it is answered."""
     from moto.server import ThreadedMotoServer
 
-    server = (_counting_moto_server(requests) if requests is not None
-              else ThreadedMotoServer(ip_address="127.0.0.1", port=0))
+    server = (_counting_moto_server([] if requests is None else requests, latency)
+              if requests is not None or latency else ThreadedMotoServer(ip_address="127.0.0.1", port=0))
     server.start()
     try:
         host, port = server.get_host_and_port()

@@ -308,16 +308,17 @@ class ActivationStore:
                      stats: dict[str, ChunkStats]) -> None:
         a, b = self.chunk_sequence_range(j)
         r0, r1 = self.chunk_row_range(j)
-        self.tokens[a:b] = tokens
+        writes: list[tuple[zarr.Array, Any, Any]] = [(self.tokens, slice(a, b), tokens)]
         for name, x in acts.items():
-            self.activations(name)[r0:r1] = x
+            writes.append((self.activations(name), slice(r0, r1), x))
             for f in PARTIAL_FIELDS:
-                self.partial_stats(name, f)[j] = getattr(stats[name], f)
+                writes.append((self.partial_stats(name, f), j, getattr(stats[name], f)))
                 self._written.setdefault(f"stats/{name}/chunks/{f}", {})[j] = getattr(stats[name], f)
         if "digests" in self.expected_arrays():
-            digest = chunk_digest(tokens, acts, self.manifest.hook_names)
-            self.array("digests")[j] = np.frombuffer(digest, dtype=np.uint8)
-            self._written.setdefault("digests", {})[j] = np.frombuffer(digest, dtype=np.uint8)
+            digest = np.frombuffer(chunk_digest(tokens, acts, self.manifest.hook_names), dtype=np.uint8)
+            writes.append((self.array("digests"), j, digest))
+            self._written.setdefault("digests", {})[j] = digest
+        _write_all(writes)
 
     def commit(self, n_chunks_committed: int, complete: bool = False, **fields: Any) -> None:
         """Advance the counter: the last write of a chunk. Written as one object (atomic). `fields`:
@@ -660,6 +661,21 @@ def _copy_objects(memory: MemoryStore, store: Any, keys: list[str], first: list[
         await asyncio.gather(*(put(k) for k in keys))
 
     sync(run())
+
+
+def _write_all(writes: "list[tuple[zarr.Array, Any, Any]]") -> None:
+    """arr[selection] = value for each, all at once: on S3 the requests overlap instead of queueing
+    one behind the other, and compressions of several arrays run side by side."""
+    import asyncio
+
+    async def run() -> list:
+        # every write finishes (or fails) before this returns: a retry never races a write still in flight
+        return await asyncio.gather(*(arr._async_array.setitem(sel, val) for arr, sel, val in writes),
+                                    return_exceptions=True)
+
+    for r in sync(run()):
+        if isinstance(r, BaseException):
+            raise r
 
 
 def _rebind(node: "zarr.Array | zarr.Group", store: Any, prefix: str = "") -> Any:
