@@ -44,6 +44,7 @@ from typing import Any, Sequence
 import torch
 
 from ..common.errors import UserError, first_line
+from ..common.progress import stage
 from . import splice
 
 Prompt = str | Sequence[int]
@@ -329,8 +330,9 @@ def steer(sae_or_dir: Any, prompt: Prompt, feature: int, strength: float = 8.0, 
     tokens = tokenize(hm, prompt, _prepend_bos(sae), room=max_new_tokens)
     direction = sae.W_dec[feature].detach()
     fn = steering_hook(direction, strength, tokens.shape[1] if positions == "prompt" else None, rows=1)
-    steered, plain = generate(hm, tokens.repeat(2, 1), max_new_tokens, splices={hook: fn},
-                              temperature=temperature, seed=seed)
+    with stage(f"generating {max_new_tokens} tokens, steered and plain"):
+        steered, plain = generate(hm, tokens.repeat(2, 1), max_new_tokens, splices={hook: fn},
+                                  temperature=temperature, seed=seed)
     text = _decoder(hm)
     return Steering(model=hm.info.name, hook=hook, feature=feature, strength=float(strength), positions=positions,
                     prompt_tokens=tokens[0].tolist(), steered_tokens=steered, plain_tokens=plain,

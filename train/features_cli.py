@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from ..common.errors import UserError
-from ..common.progress import parse_count
+from ..common.progress import parse_count, quiet_option
 from .features import write_features
 
 __all__ = ["features_command", "write_features"]
@@ -32,6 +32,7 @@ __all__ = ["features_command", "write_features"]
               help="Load the model the store names for logit effects and token strings.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@quiet_option
 @click.pass_context
 def features_command(ctx: click.Context, run: str, out: str, store: str | None, saes: tuple[str, ...],
                      tokens: str | None, top: int, held_out: bool, overwrite: bool, logits: bool,
