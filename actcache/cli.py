@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "train": "actcache.train.cli:train_command",
     "bench-read": "actcache.train.bench_read:bench_read_command",
     "features": "actcache.train.features_cli:features_command",
+    "compare": "actcache.train.compare_cli:compare_command",
     "eval": "actcache.eval_cli:eval_command",
     "analyse": "actcache.harvest.analysis_cli:analyse_command",
     "steer": "actcache.harvest.analysis_cli:steer_command",

@@ -360,7 +360,9 @@ def scatter_frontier(ax: Any, points: list[tuple[str, str, float, float]]) -> No
         ax.legend(fontsize=7)
 
 
-def plot_frontier(summary: dict[str, Any], path: Path) -> None:
+def frontier_figure(summary: dict[str, Any]) -> Any:
+    """The matplotlib figure of frontier.png: L0 against FVU (training stream), one colour per
+    architecture."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -377,4 +379,8 @@ def plot_frontier(summary: dict[str, Any], path: Path) -> None:
     ax.set_ylabel(f"fraction of variance unexplained ({TRAINING_STREAM})")
     ax.set_title(f"{summary.get('hook') or ', '.join(summary.get('hooks', []))}: sparsity / reconstruction "
                  "frontier", fontsize=9)
-    save_figure(fig, path)
+    return fig
+
+
+def plot_frontier(summary: dict[str, Any], path: Path) -> None:
+    save_figure(frontier_figure(summary), path)
