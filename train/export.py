@@ -245,7 +245,6 @@ def _ce_triple(e: dict[str, Any]) -> str | None:
 # (header, value of a row, format): the columns of the one summary table. "(train)" columns are measured
 # on the training stream at export, "(held-out)" ones by `actcache eval` (row["eval"]); see metric_tokens
 COLUMNS = [
-    ("d_sae", lambda r: r.get("d_sae"), str),
     ("L0 (train)", lambda r: r.get("l0"), _f(".1f")),
     ("FVU (train)", lambda r: r.get("fvu"), _f(".4f")),
     ("explained var. (train)", lambda r: r.get("explained_variance"), _f(".4f")),
@@ -275,6 +274,7 @@ def summary_table(summary: dict[str, Any]) -> str:
     if by_hook:
         cols.append(("hook", lambda r: f"{r.get('hook')} → {r['hook_out']}" if r.get("hook_out") else r.get("hook")))
     cols.append(("architecture", architecture_label))
+    cols.append(("d_sae", lambda r: "" if r.get("d_sae") is None else str(r["d_sae"])))
     cols.append(("k", lambda r: "" if r.get("k") is None else f"{r['k']} (≠ L0)" if r["name"] in flagged
                  else str(r["k"])))
     for head, get, fmt in COLUMNS:
