@@ -9,7 +9,8 @@ import shutil
 import pytest
 
 from actcache.train import train_sweep
-from actcache.train.compare import compare
+from actcache.common.outputs import sae_digest
+from actcache.train.compare import compare, compare_table
 
 from conftest import make_sweep, single_thread
 from harvest_fixtures import run_cli
@@ -82,7 +83,7 @@ def test_held_out_numbers_group_apart_from_training_stream_ones(runs, tmp_path):
         (a / name / "eval.json").write_text(json.dumps({
             "name": name, "l0": l0, "fvu": fvu, "ce_loss_score": ce, "kl_div_score": 0.8, "dead_fraction": 0.1,
             "dense_fraction": 0.0, "store_fingerprint": fp, "held_out": {"start_sequence": 112, "stop_sequence": 128},
-            "sequences_scored": {"start_sequence": 112, "stop_sequence": 120}}))
+            "sequences_scored": {"start_sequence": 112, "stop_sequence": 120}, "sae_digest": sae_digest(a / name)}))
     (group,) = compare([a])
     assert [(r.l0, r.fvu, r.ce_loss_score, r.measured_on) for r in group.rows] == [
         (4.0, 0.31, 0.87, "held-out"), (9.5, 0.22, 0.91, "held-out")]
@@ -90,6 +91,13 @@ def test_held_out_numbers_group_apart_from_training_stream_ones(runs, tmp_path):
         compare([a, runs / "b"])
     groups = compare([a, runs / "b"], allow_mixed=True)
     assert [g.measured_on for g in groups] == ["held-out", "training stream"]
+    # an evaluation of other weights (the folder retrained since) is shown as stale, never used
+    ev = json.loads((a / "relu" / "eval.json").read_text())
+    (a / "relu" / "eval.json").write_text(json.dumps({**ev, "sae_digest": {"weights": "sha256:0", "cfg": "sha256:0"}}))
+    groups = compare([a], allow_mixed=True)
+    relu = next(r for g in groups for r in g.rows if r.name == "relu")
+    assert relu.stale_eval and relu.measured_on == "training stream" and relu.l0 == _summary(a)["saes"][1]["l0"]
+    assert "stale eval" in compare_table(groups)
 
 
 def test_flags_show_in_compare(runs):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from actcache.common import location
+from actcache.common import location, outputs
 from actcache.common.manifest import DatasetInfo, HookInfo, Manifest, ModelInfo, TokenizerInfo
 from actcache.common.store import ActivationStore, chunk_stats
 from benchmarks.s3_server import moto_s3
@@ -50,5 +50,5 @@ def test_store_round_trips_through_s3(s3_bucket):
     np.testing.assert_allclose(again.stats("blocks.0.hook_resid_pre")["mean"], allx.mean(0), rtol=1e-9, atol=1e-12)
     assert again.nbytes_stored("activations") > 0
 
-    location.remove(url)
+    outputs.remove_output(url, outputs.STORE)  # --overwrite's deletion, on S3
     assert not location.exists(url)

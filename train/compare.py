@@ -7,8 +7,9 @@ hold (summary.json, cfg.json, eval.json; no model, no store).
 
 Two numbers compare only when they were measured on the same tokens. Every SAE's row is put in a group
 keyed by the store's fingerprint and the tokens measured:
-  held-out        the SAE has an evaluation (`actcache eval`: eval.json, or the run summary's `eval`):
-                  its L0, FVU and CE loss score of the sequences it scored (sequences_scored);
+  held-out        the SAE has an evaluation of the weights now in its folder (`actcache eval`: eval.json,
+                  or the run summary's `eval`, with a matching digest): its L0, FVU and CE loss score of
+                  the sequences it scored (sequences_scored); a stale evaluation is marked, not used;
   training stream no evaluation: the L0 and FVU measured at export on the training stream of that
                   store (the run's held-out range named, since that is what it left out).
 More than one group is refused, unless allow_mixed, which shows each group apart (own table block,
@@ -22,14 +23,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..common import outputs
 from ..common.errors import UserError
-from ..common.sae import CFG_FILENAME
-from .config import SUMMARY_FILES
+from ..common.outputs import CFG_FILENAME, EVAL_FILE, SUMMARY_FILE
 from .flags import flags_of
 
-EVAL_FILE = "eval.json"
-SUMMARY_FILE = SUMMARY_FILES[0]
 HELD_OUT, TRAINING = "held-out", "training stream"
+STALE = "stale eval"  # an evaluation of weights no longer in the folder: shown, not used
 
 
 @dataclass
@@ -52,6 +52,7 @@ class Row:
     ce_loss_score: float | None = None
     kl_div_score: float | None = None
     flags: list[str] = field(default_factory=list)
+    stale_eval: bool = False  # the folder's eval.json measured other weights (outputs.is_current); not used
 
     def group_key(self) -> tuple[str, str, str]:
         return (self.store_fingerprint or "unknown store", self.measured_on, _range_text(self.sequences))
@@ -100,7 +101,7 @@ def _finite(v: Any) -> float | None:
 
 
 def _row(name: str, source: Path, info: dict[str, Any], ev: dict[str, Any] | None, fingerprint: str | None,
-         training_held_out: Any) -> Row:
+         training_held_out: Any, stale: bool = False) -> Row:
     """A Row from a summary row (or what an SAE folder says of itself) and its evaluation, if any."""
     if ev and ev.get("l0") is not None:
         measured, rng = HELD_OUT, _range(ev.get("sequences_scored") or ev.get("held_out"))
@@ -114,7 +115,7 @@ def _row(name: str, source: Path, info: dict[str, Any], ev: dict[str, Any] | Non
                l0=_finite(metrics.get("l0")), fvu=_finite(metrics.get("fvu")),
                ce_loss_score=_finite((ev or {}).get("ce_loss_score")) if measured == HELD_OUT else None,
                kl_div_score=_finite((ev or {}).get("kl_div_score")) if measured == HELD_OUT else None,
-               flags=flags_of(metrics, info.get("d_in")))
+               flags=flags_of(metrics, info.get("d_in")), stale_eval=stale)
 
 
 def _sae_info(folder: Path) -> dict[str, Any]:
@@ -127,9 +128,16 @@ def _sae_info(folder: Path) -> dict[str, Any]:
             "store_fingerprint": meta.get("store_fingerprint"), "held_out": meta.get("held_out")}
 
 
-def _eval_of(folder: Path) -> dict[str, Any] | None:
-    p = folder / EVAL_FILE
-    return _read_json(p) if p.is_file() else None
+def _eval_of(folder: Path, summary_eval: Any = None) -> tuple[dict[str, Any] | None, bool]:
+    """(the evaluation of the weights now in an SAE folder, or None; whether one was found stale): its
+    eval.json, else the copy in its run's summary, each only when its digest matches the weights."""
+    stale = False
+    for ev in ((_read_json(folder / EVAL_FILE) if (folder / EVAL_FILE).is_file() else None), summary_eval):
+        if isinstance(ev, dict):
+            if outputs.is_current(ev, folder):
+                return ev, False
+            stale = True
+    return None, stale
 
 
 def rows_of(path: str | Path) -> list[Row]:
@@ -144,17 +152,18 @@ def rows_of(path: str | Path) -> list[Row]:
         summary = _read_json(parent) if parent.is_file() else {}
         row = next((r for r in summary.get("saes", []) if isinstance(r, dict) and r.get("name") == p.name), {})
         info = {**info, **{k: v for k, v in row.items() if v is not None}}
-        ev = _eval_of(p) or row.get("eval")
+        ev, stale = _eval_of(p, row.get("eval"))
         fp = info.get("store_fingerprint") or summary.get("store_fingerprint")
-        return [_row(p.name, p, info, ev, fp, summary.get("held_out", info.get("held_out")))]
+        return [_row(p.name, p, info, ev, fp, summary.get("held_out", info.get("held_out")), stale)]
     if not (p / SUMMARY_FILE).is_file():
         raise UserError(f"{p} is neither a run folder (no {SUMMARY_FILE}) nor an SAE folder (no {CFG_FILENAME})")
     summary = _read_json(p / SUMMARY_FILE)
     out = []
     for r in summary.get("saes", []):
         folder = p / str(r.get("name"))
-        ev = (_eval_of(folder) if folder.is_dir() else None) or r.get("eval")
-        out.append(_row(str(r.get("name")), p, r, ev, summary.get("store_fingerprint"), summary.get("held_out")))
+        ev, stale = _eval_of(folder, r.get("eval")) if folder.is_dir() else (None, r.get("eval") is not None)
+        out.append(_row(str(r.get("name")), p, r, ev, summary.get("store_fingerprint"), summary.get("held_out"),
+                        stale))
     if not out:
         raise UserError(f"{p}/{SUMMARY_FILE} lists no SAE")
     return out
@@ -209,11 +218,15 @@ def compare_table(groups: Sequence[Group]) -> str:
             cells = [r.name, r.source, architecture_label(asdict(r)), "" if r.k is None else str(r.k),
                      "" if r.d_sae is None else str(r.d_sae), _fmt(r.l0, ".1f"), _fmt(r.fvu, ".4f")]
             cells += [_fmt(r.ce_loss_score, ".4f"), _fmt(r.kl_div_score, ".4f")] if held else []
-            cells += [short(r.flags)]
+            cells += [", ".join(x for x in (short(r.flags), STALE if r.stale_eval else "") if x)]
             lines.append("| " + " | ".join(cells) + " |")
         flagged = [f"{r.name} ({r.source}): {', '.join(r.flags)}" for r in g.rows if r.flags]
         if flagged:
             lines += ["", "flags (docs/flags.md): " + "; ".join(flagged)]
+        stale = [f"{r.name} ({r.source})" for r in g.rows if r.stale_eval]
+        if stale:
+            lines += ["", f"{STALE}: {', '.join(stale)} have an evaluation of other weights than those now in "
+                          "the folder; their training-stream numbers are shown (rerun `actcache eval`)."]
         out.append("\n".join(lines))
     return "\n\n".join(out)
 

@@ -45,8 +45,6 @@ def features_command(ctx: click.Context, run: str, out: str, store: str | None, 
     SAEs trained on and the held-out ones, special tokens left out) unless --held-out-only."""
     if held_out_only and whole_store:
         raise UserError("--held-out-only and --all contradict each other; give one")
-    if Path(out).exists() and not overwrite:
-        raise UserError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
     try:
         n_tokens = parse_count(tokens) if tokens is not None else None
     except ValueError:
