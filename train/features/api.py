@@ -380,7 +380,8 @@ def write_features(run: str | Path, out: str | Path, store: str | None = None, s
                    tokens: int | None = None, top: int = 20, held_out_only: bool = False, overwrite: bool = False,
                    unembedding: torch.Tensor | None = None, tokenizer: Any = None,
                    model_loader: ModelLoader | None = None, device: str | None = None, progress: bool = True,
-                   site: bool = True, options: FeatureOptions | None = None) -> dict[str, Any]:
+                   site: bool = True, options: FeatureOptions | None = None,
+                   held_out: bool | None = None) -> dict[str, Any]:
     """Top contexts, densities, histograms (and logit effects, when the unembedding is known) of every
     SAE of `run`, written under `out`; returns the content of out/features.json. Nothing is left in
     `out` if it fails.
@@ -388,7 +389,8 @@ def write_features(run: str | Path, out: str | Path, store: str | None = None, s
     The tokens read: every committed sequence of the store (what the SAEs trained on and the held-out
     part), special tokens left out as training leaves them out; tokens: at most this many, sampled
     evenly across the store (choose_sequences); held_out_only: only the store's held-out sequences.
-    features.json records the ranges read and how many of their tokens were held out.
+    features.json records the ranges read and how many of their tokens were held out. held_out: the
+    older name of held_out_only (True: held-out only, False: the whole store), kept for callers of it.
 
     unembedding: the model's W_U [d_model, d_vocab] (logit effects are W_dec @ W_U), or None;
     tokenizer: anything with decode([id]) -> str, for the token strings of the browser, or None;
@@ -396,6 +398,8 @@ def write_features(run: str | Path, out: str | Path, store: str | None = None, s
     once the inputs are checked, when neither of the two is given (the command line passes one that
     loads the model the store's manifest names, or the SAE's metadata.model_spec)."""
     out = Path(out)
+    if held_out is not None:
+        held_out_only = bool(held_out)
     if top < 1:
         raise UserError(f"--top must be at least 1, got {top}")
     opts = options or FeatureOptions()
