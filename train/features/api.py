@@ -31,7 +31,7 @@ from ..flags import DENSE_RATE, flags_of
 from .contexts import LatentAccumulator, LatentStats, logit_effects
 
 FORMAT = outputs.FEATURES_FORMAT
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "sequences" is a list of ranges; n_sequences, held_out_range, held_out_sequences, training_sequences; per-SAE dense_fraction and flags
 # hooks whose space is the residual stream, where W_dec @ W_U reads as direct logit effects
 ModelLoader = Callable[[str, "str | None"], "tuple[torch.Tensor | None, Any]"]
 RESIDUAL_HOOKS = re.compile(r"(^|\.)(hook_resid_pre|hook_resid_mid|hook_resid_post|hook_mlp_out|hook_attn_out)$")
