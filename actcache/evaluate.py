@@ -66,7 +66,7 @@ def find_targets(paths: Sequence[str | os.PathLike], sae_dirs: Sequence[str | os
         subs = outputs.sae_folders(p)
         if not subs:
             raise UserError(f"{p} holds no SAE: no folder with cfg.json and sae_weights.safetensors in it")
-        found += [(q, p) for q in _sweep_order(p, subs)]
+        found += [(q, p) for q in subs]
     for raw in sae_dirs:
         p = Path(raw)
         if not outputs.is_sae_folder(p):
@@ -81,13 +81,6 @@ def find_targets(paths: Sequence[str | os.PathLike], sae_dirs: Sequence[str | os
         digest = outputs.sae_digest(folder)
         targets.append(Target(name, folder, SAE.load_from_disk(folder, device=device), run, digest))
     return targets
-
-
-def _sweep_order(run: Path, subs: list[Path]) -> list[Path]:
-    """A run's SAE folders in the order of its summary (the sweep's order), others after, by name."""
-    rows = (_read_json(run / SUMMARY_FILE) or {}).get("saes") or []
-    rank = {r.get("name"): i for i, r in enumerate(rows) if isinstance(r, dict)}
-    return sorted(subs, key=lambda q: (rank.get(q.name, len(rank)), q.name))
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -436,11 +429,18 @@ def write_run_summary(run: Path, records: Sequence[dict[str, Any]]) -> None:
 
 
 def records_table(records: Sequence[dict[str, Any]]) -> str:
-    """The table of evaluation records (held-out columns; the training-stream ones where a record's
-    run summary has them), in the order given."""
+    """The table of evaluation records, in the order given: the held-out columns, beside the
+    training-stream ones of each record's run summary (the same table as the run's summary.md)."""
     from .train.export import summary_table
 
-    return summary_table({"saes": [{"name": r["name"], "architecture": r["architecture"],
+    def training(r: dict[str, Any]) -> dict[str, Any]:
+        if not r.get("run"):
+            return {}
+        rows = (_read_json(Path(r["run"]) / SUMMARY_FILE) or {}).get("saes") or []
+        row = next((x for x in rows if isinstance(x, dict) and x.get("name") == Path(r["path"]).name), {})
+        return {k: v for k, v in row.items() if k not in ("eval", "flags")}
+
+    return summary_table({"saes": [{**training(r), "name": r["name"], "architecture": r["architecture"],
                                     "exported_as": r.get("exported_as"), "d_in": r.get("d_in"), "d_sae": r["d_sae"],
                                     "k": r["k"], "hook": r.get("hook"),
                                     **({"hook_out": r["hook_out"]} if r.get("hook_out") else {}),

@@ -150,6 +150,9 @@ class TokenBar(tqdm):
         """As tqdm's, but in line mode the text shows with the next line rather than a line of its own."""
         super().set_postfix_str(s, refresh=refresh and not self._lines)
 
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None:
+        super().set_postfix(ordered_dict, refresh=refresh and not self._lines, **kwargs)
+
     def close(self) -> None:
         if getattr(self, "_ticker", None) is not None:
             self._ticker.stop()

@@ -180,10 +180,10 @@ def trained(tmp_path_factory):
 def test_trained_run_matches_brute_force_and_writes_documented_files(trained):
     out = trained / "features"
     summary = write_features(trained / "run", out, tokens=1000, top=6, progress=False)
-    # 63 sequences sampled evenly over the whole store (16 chunks of 16): 4 at the start of each chunk
+    # 63 sequences sampled evenly over the whole store (16 chunks of 16): 3 or 4 at the start of each chunk
     ranges = [tuple(r) for r in summary["sequences"]]
     assert summary["range"] == "sampled" and summary["n_sequences"] == 63 == sum(b - a for a, b in ranges)
-    assert ranges[0] == (0, 4) and ranges[-1] == (240, 243) and len(ranges) == 16
+    assert [a for a, _ in ranges] == [16 * j for j in range(16)] and {b - a for a, b in ranges} == {3, 4}
     assert summary["held_out_sequences"] + summary["training_sequences"] == 63
     assert (out / "index.html").is_file() and (out / "features.json").is_file()
     store = ActivationStore.open(trained / "s.zarr")
@@ -267,6 +267,9 @@ def test_whole_store_is_the_default_and_a_bound_samples_evenly(trained):
     assert sel.held_out_sequences() == 4  # chunks 14 and 15 are the held-out part
     sel = choose_sequences(store, False, 3 * 16)  # fewer sequences than chunks: spread from first to last
     assert sel.ranges == [(0, 1), (128, 129), (240, 241)]
+    sel = choose_sequences(store, False, 40 * 16)  # 40 over 16 chunks: 2 or 3 each, the last chunk included
+    assert sel.n_sequences == 40 and len(sel.ranges) == 16 and sel.ranges[-1][0] == 240
+    assert sel.held_out_sequences() == sum(b - a for a, b in sel.ranges[-2:])
 
 
 def _cli(*args, cwd=ROOT):

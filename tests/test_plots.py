@@ -36,7 +36,8 @@ def _no_overlap(boxes):
 
 
 def test_narrow_axes_have_few_labels_that_do_not_overlap():
-    for l0s, fvus in (([30, 41, 58], [0.2, 0.25, 0.31]), ([2, 40, 700], [0.01, 0.1, 0.6])):
+    for l0s, fvus in (([30, 41, 58], [0.2, 0.25, 0.31]), ([2, 40, 700], [0.01, 0.1, 0.6]),
+                      ([8, 16, 53], [0.15, 0.3, 0.5])):
         fig = frontier_figure(_summary(l0s, fvus))
         ax = fig.axes[0]
         for axis in (ax.xaxis, ax.yaxis):

@@ -311,22 +311,27 @@ def summary_table(summary: dict[str, Any]) -> str:
 
 
 def style_log_axes(ax: Any) -> None:
-    """Readable log axes: labels only at powers of ten when an axis spans one or more decades (no
-    crowded minor labels), plain numbers on a narrow axis, no offset text."""
+    """Readable log axes: labels only at powers of ten when two or more are in view (no crowded minor
+    labels), else a few plain numbers."""
     from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter
 
     for axis, get_lim in ((ax.xaxis, ax.get_xlim), (ax.yaxis, ax.get_ylim)):
         if axis.get_scale() != "log":
             continue
         lo, hi = get_lim()
-        if hi / max(lo, 1e-30) >= 10:
+        decades = math.floor(math.log10(hi)) - math.ceil(math.log10(max(lo, 1e-30))) + 1 if hi > 0 else 0
+        if decades >= 2:  # two or more powers of ten in view: label those only
             axis.set_major_locator(LogLocator(base=10))
             axis.set_major_formatter(LogFormatterSciNotation(base=10))
             axis.set_minor_formatter(NullFormatter())
-        else:  # within a decade: a few plain labels, not one per minor tick
-            from matplotlib.ticker import MaxNLocator, ScalarFormatter
+        else:  # fewer: a few plain numbers at 1-2-5 steps (finer if needed to show two), none per minor tick
+            from matplotlib.ticker import ScalarFormatter
 
-            axis.set_major_locator(MaxNLocator(nbins=4))
+            for subs in ((1.0, 2.0, 5.0), (1.0, 2.0, 3.0, 5.0), tuple(float(i) for i in range(1, 10))):
+                loc = LogLocator(base=10, subs=subs)
+                if sum(lo <= t <= hi for t in loc.tick_values(lo, hi)) >= 2:
+                    break
+            axis.set_major_locator(loc)
             fmt = ScalarFormatter()
             fmt.set_scientific(False)
             axis.set_major_formatter(fmt)

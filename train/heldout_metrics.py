@@ -127,6 +127,7 @@ def heldout_metrics(saes: Mapping[str, Any], store: Any, hook: str, seq_range: t
             a.l0 += float(active.sum())
             a.fired += active.sum(0).double().cpu()
         bar.update(len(tok))
+    bar.update(max(0, bar.total - bar.n))  # the special-token positions left out count as read
     bar.close()
     if n == 0:
         raise UserError(f"no tokens to evaluate in sequences {seq_range[0]}:{seq_range[1]} of {store.url}"

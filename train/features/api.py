@@ -118,22 +118,21 @@ class Selection:
 
 def sample_evenly(store: ActivationStore, a: int, b: int, n: int) -> list[tuple[int, int]]:
     """About n sequences of [a, b) spread evenly over it, read a chunk at a time: runs of consecutive
-    sequences at the start of chunks picked at even spacing (every chunk when n covers them all)."""
+    sequences at the start of chunks picked at even spacing from the first chunk to the last (every
+    chunk when n covers them all), n shared out evenly among them."""
     if n >= b - a:
         return [(a, b)]
     cs = store.manifest.chunk_sequences
     chunks = list(range(a // cs, -(-b // cs)))
     picked = sorted(set(np.linspace(0, len(chunks) - 1, min(len(chunks), n)).round().astype(int).tolist()))
-    per = -(-n // len(picked))
-    out, left = [], n
-    for i in picked:
+    quota = np.diff(np.linspace(0, n, len(picked) + 1).round().astype(int)).tolist()
+    out, carry = [], 0
+    for i, q in zip(picked, quota):
         lo = max(a, chunks[i] * cs)
-        hi = min(b, (chunks[i] + 1) * cs, lo + min(per, left))
+        hi = min(b, (chunks[i] + 1) * cs, lo + q + carry)
+        carry += q - (hi - lo)  # a chunk cut short by the range's ends passes the rest on
         if hi > lo:
             out.append((lo, hi))
-            left -= hi - lo
-        if left <= 0:
-            break
     return out
 
 
