@@ -26,9 +26,9 @@ from typing import Any, Sequence
 from ..common import outputs
 from ..common.errors import UserError
 from ..common.outputs import CFG_FILENAME, EVAL_FILE, SUMMARY_FILE
+from .export import HELD_OUT, TRAINING_STREAM as TRAINING
 from .flags import flags_of
 
-HELD_OUT, TRAINING = "held-out", "training stream"
 STALE = "stale eval"  # an evaluation of weights no longer in the folder: shown, not used
 
 
