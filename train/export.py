@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..common import __version__
+from ..common import __version__, finite
 from ..common.progress import log, token_bar
 from ..common.store import ActivationStore
 
@@ -204,7 +204,11 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
         if r.get("flags"):
             log.warning(f"warning: SAE {r['name']!r} looks degenerate ({'; '.join(r['flags'])}); see docs/flags.md")
     json_name, table_name, plot_name = SUMMARY_FILES
-    (out / json_name).write_text(json.dumps(summary, indent=2) + "\n")
+    text, bad = finite.dumps(summary, indent=2)
+    if bad:  # JSON has no NaN: null, and named (e.g. the FVU of an output hook without variance)
+        log.warning(f"warning: non-finite values in the summary, written as null: {finite.describe(bad)}")
+        text, _ = finite.dumps({**summary, "non_finite": bad}, indent=2)
+    (out / json_name).write_text(text + "\n")
     (out / table_name).write_text(summary_table(summary) + "\n")
     plot_frontier(summary, out / plot_name)
 
@@ -376,10 +380,13 @@ def frontier_figure(summary: dict[str, Any]) -> Any:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    rows = summary["saes"]
+    def ok(v: Any) -> bool:
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
+    rows = [r for r in summary["saes"] if ok(r.get("l0")) and ok(r.get("fvu"))]  # a non-finite one is not drawn
     scatter_frontier(ax, [(architecture_label(r), r["name"], max(r["l0"], 1e-3), r["fvu"]) for r in rows])
     ax.set_xscale("log")
-    if all(r["fvu"] > 0 and math.isfinite(r["fvu"]) for r in rows):
+    if rows and all(r["fvu"] > 0 for r in rows):
         ax.set_yscale("log")
     style_log_axes(ax)
     ax.set_xlabel(f"L0 (active latents per token, {TRAINING_STREAM})")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from ..common import location
+from ..common.commands import storage_option
 from ..common.errors import UserError
 from ..common.progress import parse_count, quiet_option
 from .features import write_features
@@ -36,10 +38,11 @@ __all__ = ["features_command", "write_features"]
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @quiet_option
+@storage_option
 @click.pass_context
 def features_command(ctx: click.Context, run: str, out: str, store: str | None, saes: tuple[str, ...],
                      tokens: str | None, top: int, held_out_only: bool, whole_store: bool, overwrite: bool, logits: bool,
-                     device: str | None, no_progress: bool) -> None:
+                     device: str | None, no_progress: bool, storage_options: tuple[str, ...]) -> None:
     """Top-activating contexts of every latent of a run's SAEs, from one pass over the store (no
     model), and a static feature browser: open OUT/index.html. Reads the whole store (the tokens the
     SAEs trained on and the held-out ones, special tokens left out) unless --held-out-only."""
@@ -47,13 +50,16 @@ def features_command(ctx: click.Context, run: str, out: str, store: str | None, 
         raise UserError("--held-out-only and --all contradict each other; give one")
     try:
         n_tokens = parse_count(tokens) if tokens is not None else None
-    except ValueError:
+    except (ValueError, OverflowError):
         raise UserError(f"--tokens {tokens!r} is not a count (e.g. 500k, 2M)") from None
+    if n_tokens is not None and n_tokens < 1:
+        raise UserError(f"--tokens {tokens}: give a positive number of tokens (e.g. 500k)")
     root = ctx.find_root().obj or {}
     loader = root.get("load_unembedding") if logits else None
-    summary = write_features(run, out, store=store, saes=list(saes) or None, tokens=n_tokens, top=top,
-                             held_out_only=held_out_only, overwrite=overwrite, model_loader=loader, device=device,
-                             progress=not no_progress)
+    with location.storage_options(list(storage_options)):
+        summary = write_features(run, out, store=store, saes=list(saes) or None, tokens=n_tokens, top=top,
+                                 held_out_only=held_out_only, overwrite=overwrite, model_loader=loader,
+                                 device=device, progress=not no_progress)
     click.echo(f"{summary['n_tokens']} tokens of {summary['n_sequences']} sequences ({summary['range']}: "
                f"{describe_ranges(summary['sequences'])}; {summary['training_sequences']} training, "
                f"{summary['held_out_sequences']} held-out) at {summary['tokens_per_s']:.0f} tokens/s")
@@ -61,3 +67,8 @@ def features_command(ctx: click.Context, run: str, out: str, store: str | None, 
         click.echo(f"  {s['name']}: d_sae {s['d_sae']}, L0 {s['l0']:.1f}, dead {s['dead_fraction']:.3f}"
                    f"{', logit effects' if s['logit_effects'] else ''}")
     click.echo(f"open {Path(out) / 'index.html'}")
+    if summary.get("non_finite"):
+        from ..common.finite import NonFiniteResult, describe
+
+        raise NonFiniteResult("non-finite values (NaN or infinity, written as null) in " + "; ".join(
+            f"{k} ({describe(v, 2)})" for k, v in summary["non_finite"].items()))

@@ -135,12 +135,13 @@ def heldout_metrics(saes: Mapping[str, Any], store: Any, hook: str, seq_range: t
     total_var = sum_sq - float(sum_x.pow(2).sum()) / n
     out: dict[str, dict[str, Any]] = {}
     for name, a in acc.items():
-        ev = 1.0 - a.sse / total_var if total_var > 0 else float("nan")
+        # None: undefined (no variance to explain, no output to compare); a NaN is a computation gone bad
+        ev = 1.0 - a.sse / total_var if total_var > 0 else None
         rate = a.fired / n
         out[name] = {
-            "explained_variance": ev, "fvu": 1.0 - ev, "mse": a.sse / n, "cossim": a.cos / n,
+            "explained_variance": ev, "fvu": None if ev is None else 1.0 - ev, "mse": a.sse / n, "cossim": a.cos / n,
             "l2_norm_in": a.norm_in / n, "l2_norm_out": a.norm_out / n, "l2_ratio": a.ratio / n,
-            "relative_reconstruction_bias": a.out_sq / a.dot if a.dot else float("nan"),
+            "relative_reconstruction_bias": a.out_sq / a.dot if a.dot else None,
             "l0": a.l0 / n, "dead_fraction": float((a.fired == 0).double().mean()),
             "dense_fraction": float((rate > DENSE_RATE).double().mean()),
             "feature_density_histogram": density_histogram(rate),
