@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from .common.options import command_options, configurable, from_click, option, storage_options_option
+from .common.progress import quiet_option
 
 
 @configurable
@@ -38,10 +39,12 @@ class EvalOptions:
 @click.command("eval")
 @click.argument("runs_or_saes", nargs=-1)
 @command_options(EvalOptions)
+@quiet_option
 def eval_command(runs_or_saes: tuple[str, ...], **given: Any) -> None:
     """Splice each SAE of RUNS_OR_SAES (run folders or SAE folders) into the model on held-out token
     windows of the store and report CE loss score, KL and activation metrics; writes eval.json in each
-    SAE folder and the columns in the run's summary."""
+    SAE folder and the columns in the run's summary. Transcoders replace their output hook with their
+    map of their input hook."""
     from .evaluate import evaluate, non_finite_error, records_table
 
     opts = asdict(EvalOptions(**from_click(EvalOptions, given)))

@@ -22,9 +22,9 @@ Generated from the option declarations (`common/options.py`) by `python -m actca
 one release and prints a one-line deprecation warning on stderr. A unit column says what a number
 counts wherever a number could mean two things (`batch_size` of a forward pass counts sequences; the
 sweep's `batch_tokens` counts tokens). A range of a store's sequences is written `START:STOP`
-everywhere (the sweep's `held_out`, `actcache eval --held-out`, `actcache features --held-out`); the
-harvest's `--held-out` is not a range but the size of the part it sets aside at the store's end (a
-percentage, or a token count). Unknown or misspelt options and keys are errors.
+everywhere (the sweep's `held_out`, `actcache eval --held-out`); the harvest's `--held-out` is not a
+range but the size of the part it sets aside at the store's end (a percentage, or a token count), and
+`actcache features --held-out-only` reads that part alone. Unknown or misspelt options and keys are errors.
 
 To add an option, add one field made with `option(default, help, unit=..., low=...)` to the command's
 dataclass (or an `Option` to an architecture's `keys`): the command line, the config-file key, the
@@ -38,6 +38,7 @@ def sections() -> list[tuple[str, str]]:
     from .harvest.config import HarvestConfig
     from .train.bench_read import BenchReadOptions
     from .train.cli import TrainOptions
+    from .train.compare_cli import CompareOptions
     from .train.config import readme_tables
     from .train.features import FeatureOptions
     from .train.features_cli import FeaturesCommandOptions
@@ -55,6 +56,7 @@ def sections() -> list[tuple[str, str]]:
         ("`actcache attribute SAE_DIR`", markdown_table(options_of(AttributeOptions).values())),
         ("`actcache hooks MODEL`", markdown_table(options_of(HooksOptions).values())),
         ("`actcache bench-read STORE`", markdown_table(options_of(BenchReadOptions).values())),
+        ("`actcache compare RUN_OR_SAE...`", markdown_table(options_of(CompareOptions).values())),
     ]
 
 

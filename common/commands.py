@@ -11,6 +11,7 @@ import click
 from . import location
 from .info import format_info, info
 from .options import command_options, configurable, storage_options_option
+from .progress import quiet_option
 from .verify import verify
 
 
@@ -40,10 +41,11 @@ def info_command(store: str, as_json: bool, storage_options: tuple[str, ...]) ->
 @click.command("verify")
 @click.argument("store")
 @storage_option
+@quiet_option
 def verify_command(store: str, storage_options: tuple[str, ...]) -> None:
     """Read every committed chunk, check checksums and the manifest; exit 1 on damage."""
     with location.storage_options(list(storage_options)):
-        report = verify(store, progress=sys.stderr.isatty())
+        report = verify(store, progress=True)  # whole lines where stderr is not a terminal
     click.echo(report.summary())
     if not report.ok:
         sys.exit(1)

@@ -74,6 +74,7 @@ class Option:
     cli: bool = True
     secret: bool = False
     metavar: str | None = None
+    hidden: bool = False  # on the command line but out of --help (an alias kept for scripts)
 
     # ------------------------------------------------------------------ checking a value
     def check(self, value: Any, where: str = "", label: str | None = None) -> Any:
@@ -414,6 +415,8 @@ def click_decorators(cls: type, only: Iterable[str] | None = None) -> list[Calla
         kw: dict[str, Any] = {"help": o.help + (f" [unit: {o.unit}]" if o.unit else "")}
         if o.metavar:
             kw["metavar"] = o.metavar
+        if o.hidden:
+            kw["hidden"] = True
         decls = [o.flag_decl]
         if o.required:
             kw["required"] = True

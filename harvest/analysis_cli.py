@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from ..common.options import command_options, configurable, from_click, option
+from ..common.progress import quiet_option
 
 
 def _model() -> Any:
@@ -104,6 +105,7 @@ def _emit(obj: dict, as_json: bool, text: str) -> None:
 @click.command("analyse")
 @click.argument("sae_dir")
 @command_options(AnalyseOptions)
+@quiet_option
 def analyse_command(sae_dir: str, **given: Any) -> None:
     """Encode PROMPT's activations at the SAE's hook: the top latents of every token and the
     reconstruction error (mse, fvu, cossim)."""
@@ -118,6 +120,7 @@ def analyse_command(sae_dir: str, **given: Any) -> None:
 @click.command("steer")
 @click.argument("sae_dir")
 @command_options(SteerOptions)
+@quiet_option
 def steer_command(sae_dir: str, **given: Any) -> None:
     """Generate after PROMPT with the latent's decoder direction times STRENGTH added at the SAE's hook;
     the plain continuation beside it."""
@@ -135,6 +138,7 @@ def steer_command(sae_dir: str, **given: Any) -> None:
 @click.command("attribute")
 @click.argument("sae_dir")
 @command_options(AttributeOptions)
+@quiet_option
 def attribute_command(sae_dir: str, **given: Any) -> None:
     """Each latent's direct contribution to the logit of TARGET after PROMPT (final normalisation's
     scale frozen), the top ones, and the remainder (b_dec, SAE error, later layers, biases)."""

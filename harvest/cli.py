@@ -8,6 +8,7 @@ import click
 
 from ..common.distributed import env_rank
 from ..common.options import command_options, from_click
+from ..common.progress import quiet_option
 
 from .api import harvest
 from .config import HarvestConfig
@@ -15,6 +16,7 @@ from .config import HarvestConfig
 
 @click.command("harvest")
 @command_options(HarvestConfig)
+@quiet_option
 def harvest_command(**given: Any) -> None:
     """Run a model once over a dataset; write the activations of its hooks to a compressed Zarr store."""
     result = harvest(HarvestConfig(**from_click(HarvestConfig, given)))

@@ -14,7 +14,9 @@ from actcache.harvest.plan import validate
 
 
 def options():
-    return {p.name: p for p in harvest_cli.harvest_command.params if isinstance(p, click.Option) and not p.hidden}
+    """The command's options, less --quiet (the process-wide log switch every command takes)."""
+    return {p.name: p for p in harvest_cli.harvest_command.params
+            if isinstance(p, click.Option) and not p.hidden and p.name != "quiet"}
 
 
 def test_every_field_has_an_option_and_every_option_a_field():

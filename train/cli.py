@@ -10,6 +10,7 @@ import click
 
 from ..common.distributed import env_rank
 from ..common.options import command_options, configurable, from_click, option, storage_options_option
+from ..common.progress import quiet_option
 
 from .export import summary_table
 from .sweep import train_sweep
@@ -39,6 +40,7 @@ class TrainOptions:
 @click.command("train")
 @click.argument("store")
 @command_options(TrainOptions)
+@quiet_option
 def train_command(store: str, **given: Any) -> None:
     """Train the SAEs of a sweep in lockstep on one store and export them in the SAELens format."""
     opts = TrainOptions(**from_click(TrainOptions, given))
