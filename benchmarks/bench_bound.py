@@ -15,7 +15,7 @@ the loader's readers included). The loader alone, delivering the same batches, i
 it is the part of the gap that data costs.
 
     python -m benchmarks.bench_bound                           # a synthetic d 128 store of the plan's tokens
-    python -m benchmarks.bench_bound --steps 16 --threads 1,2 --rounds 2
+    python -m benchmarks.bench_bound --steps 16 --threads 1,2 --rounds 1   # shorter, checkpoints as often
     python -m benchmarks.bench_bound --store acts.zarr --hook blocks.2.hook_resid_post
 
 Prints one JSON object (and writes it with --out)."""
@@ -69,8 +69,16 @@ def plan_for(steps: int, hook: str, configs: list | None = None, batch_size: int
     return plan
 
 
+def plan_toml(plan: Plan) -> str:
+    """The plan's sweep.toml, with checkpoints as often (in steps) as in the full 64-step sweep, where
+    the default (a tenth of the tokens) puts one every 6 steps; a shorter run keeps that spacing."""
+    full_steps = SWEEP4096.sweep_tokens // SWEEP4096.batch_size
+    every = max(1, full_steps // 10) * plan.batch_size
+    return f"checkpoint_every_tokens = {every}\n" + sweep_toml(plan)
+
+
 def resolved_config(plan: Plan, store: ActivationStore) -> SweepConfig:
-    return resolve(load_config(sweep_toml(plan)), store)
+    return resolve(load_config(plan_toml(plan)), store)
 
 
 def loader_for(cfg: SweepConfig, store: ActivationStore) -> ActivationLoader:
@@ -155,7 +163,7 @@ def sweep(plan: Plan, store_url: str, work: Path) -> dict[str, object]:
     loop: dict = {}
     with timing_train_loop(loop):
         t = clock()
-        summary = train_sweep(store_url, sweep_toml(plan), out, progress=False)
+        summary = train_sweep(store_url, plan_toml(plan), out, progress=False)
         call = since(t)
     shutil.rmtree(out, ignore_errors=True)
     return {"loop": loop, "call": call, "tokens": summary.get("tokens")}
@@ -181,7 +189,7 @@ def run(store_url: str, plan: Plan, threads: list[int], rounds: int = 2, work: P
     before = torch.get_num_threads()
     result: dict = {"store": store_url, "hook": plan.hook, "d_in": cfg.d_in, "batch_size": cfg.batch_size,
                     "steps": cfg.n_steps, "saes": [f"{s.name} (d_sae {s.d_sae})" for s in cfg.saes],
-                    "checkpoints": cfg.n_steps // cfg.checkpoint_every_steps, "by_threads": {}}
+                    "checkpoint_every_steps": cfg.checkpoint_every_steps, "by_threads": {}}
     try:
         for n in threads:
             torch.set_num_threads(n)
