@@ -97,7 +97,8 @@ def batches_in_memory(cfg: SweepConfig, store: ActivationStore) -> list[dict[str
         loader.close()
 
 
-def arithmetic(cfg: SweepConfig, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+def arithmetic(cfg: SweepConfig, batches: list[dict[str, torch.Tensor]], steps: int | None = None
+               ) -> dict[str, float]:
     """The SAE arithmetic of the sweep alone, timed over its steps: per step and SAE the loss (forward),
     the backward, the SAE's gradient projection, clipping, the Adam step and the decoder renormalisation,
     as Trainer._step_member does them; the SAEs start as the trainer's (same seed, same b_dec)."""
@@ -107,7 +108,7 @@ def arithmetic(cfg: SweepConfig, batches: list[dict[str, torch.Tensor]]) -> dict
         m.sae.init_b_dec(batches[0][output_hook(m.cfg)])
     not_dead = {m.cfg.name: torch.zeros(m.cfg.d_sae, dtype=torch.bool) for m in members}
     t = clock()
-    for step in range(cfg.n_steps):
+    for step in range(cfg.n_steps if steps is None else steps):
         batch = batches[step]
         for m in members:
             c = m.cfg
@@ -193,6 +194,7 @@ def run(store_url: str, plan: Plan, threads: list[int], rounds: int = 2, work: P
     try:
         for n in threads:
             torch.set_num_threads(n)
+            arithmetic(cfg, batches, steps=1)  # warm-up: the thread team is started outside the timing
             rows = []
             for r in range(rounds):
                 b = arithmetic(cfg, batches)
