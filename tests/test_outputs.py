@@ -132,14 +132,33 @@ def test_an_output_of_the_same_kind_is_replaced(kind, world, tmp_path, capfd):
     assert code == 0, err
     assert outputs.kind_of(out) is KINDS[kind]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder or lock left
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask  # as any folder the user makes (not private: 0700)
 
 
-def test_a_run_holding_a_users_file_is_not_deleted(world, tmp_path, capfd):
-    out = tmp_path / "run"
-    assert run_cli(command("run", world, out), capfd)[0] == 0
-    (out / "notes.txt").write_text("keep")
-    refused(command("run", world, out), capfd, "notes.txt", "nothing was deleted")
-    assert (out / "notes.txt").read_text() == "keep" and outputs.is_run(out) and outputs.sae_folders(out)
+def test_an_output_holding_a_users_files_is_not_replaced(kind, world, tmp_path, capfd):
+    """A user's file or folder beside our own entries, or a link to elsewhere among them, refuses
+    --overwrite of the whole output (a features output and a store lost them before)."""
+    out = tmp_path / "out"
+    assert run_cli(command(kind, world, out), capfd)[0] == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "data.txt").write_text("keep")
+    for extra in ("notes.txt", "mine", "link"):
+        before = tree(out)
+        if extra == "notes.txt":
+            (out / extra).write_text("keep")
+        elif extra == "mine":
+            (out / extra).mkdir()
+            (out / extra / "draft.txt").write_text("keep")
+        else:
+            (out / extra).symlink_to(elsewhere)
+        refused(command(kind, world, out), capfd, extra, "did not write", "nothing was deleted")
+        assert {k: v for k, v in tree(out).items() if not k.startswith(extra)} == before
+        assert outputs.kind_of(out) is KINDS[kind] and tree(elsewhere) == {"data.txt": b"keep"}
+        shutil.rmtree(out / extra) if extra == "mine" else (out / extra).unlink()
+    assert run_cli(command(kind, world, out), capfd)[0] == 0  # once they are moved away, it is replaced
 
 
 # ---------------------------------------------------------------------------------- real processes

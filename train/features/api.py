@@ -412,7 +412,7 @@ def _write_features(tmp: Path, folders: dict[str, Path], meta: dict[str, Any], s
                 logits = logit_effects(sae.W_dec.detach(), unembedding.to(dev), opts.n_logits)
         recs = latent_records(stats[name], st, opts, logits)
         folder = pages[name]
-        base = tmp / "saes" / folder
+        base = tmp / outputs.FEATURES_SAES / folder
         bad: list[str] = []
         for i in range(0, len(recs), opts.block):
             bad += _write_data(base / "blocks" / f"{i // opts.block:05d}", f"{folder}/{i // opts.block}",
@@ -435,7 +435,7 @@ def _write_features(tmp: Path, folders: dict[str, Path], meta: dict[str, Any], s
             non_finite[name] = bad
         s = stats[name]
         entries.append({
-            "name": name, "folder": f"saes/{folder}", "sae_path": str(folders[name]),
+            "name": name, "folder": f"{outputs.FEATURES_SAES}/{folder}", "sae_path": str(folders[name]),
             "sae_digest": digests[name], "hook": hooks[name], "architecture": sae.cfg.architecture,
             "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "n_blocks": -(-len(recs) // opts.block),
             "l0": float(s.count.sum()) / max(s.n_tokens, 1), "dead_fraction": float((density == 0).mean()),
