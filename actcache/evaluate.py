@@ -11,6 +11,7 @@ compare only when those agree."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -290,13 +291,13 @@ def evaluate(run_or_sae_folders: Sequence[str | os.PathLike] = (), *, sae_dirs: 
     Returns one record per SAE (see the README's evaluation section for the fields)."""
     from .common import location
 
-    with location.storage_options(storage_options):
+    with location.storage_options(storage_options), contextlib.ExitStack() as leases:
         return _evaluate(run_or_sae_folders, sae_dirs, store, model, tokens, batch_size, device,
-                         include_special_tokens, held_out, force, dtype, write)
+                         include_special_tokens, held_out, force, dtype, write, leases)
 
 
 def _evaluate(run_or_sae_folders, sae_dirs, store, model, tokens, batch_size, device, include_special_tokens,
-              held_out, force, dtype, write) -> list[dict[str, Any]]:
+              held_out, force, dtype, write, leases: contextlib.ExitStack) -> list[dict[str, Any]]:
     from .common.store import ActivationStore
     from .harvest.evaluate import downstream_metrics
     from .common.device import pick_device
@@ -312,6 +313,14 @@ def _evaluate(run_or_sae_folders, sae_dirs, store, model, tokens, batch_size, de
     if write:  # where eval.json and the run's summary go, checked before the work
         for folder in dict.fromkeys([t.folder for t in targets] + [t.run for t in targets if t.run is not None]):
             outputs.probe_writable(folder, EVAL_FILE if folder in {t.folder for t in targets} else "the run's summary")
+        # one writer at a time: a training that replaces these weights (or another eval) is refused while
+        # this one holds the run's lease, and one that replaced them before it was taken is caught here
+        for owner in dict.fromkeys(t.run or outputs.run_of(t.folder) or t.folder for t in targets):
+            leases.enter_context(outputs.lease(owner, "eval", takeover=True))
+        for t in targets:
+            if outputs.sae_digest(t.folder) != t.digest:
+                raise UserError(f"the weights in {t.folder} changed while eval started (another command replaced "
+                                "them); rerun eval")
     info = run_info(targets)
     store_url = store or info.get("store")
     if not store_url:

@@ -224,6 +224,35 @@ def test_a_symlink_does_not_get_around_the_lease(world, tmp_path):
     assert first.returncode == 0, err
 
 
+def test_eval_and_train_on_one_run_one_is_refused_at_once(world, tmp_path, capfd):
+    """An eval paused mid-work holds its run: a train --overwrite of that run is refused naming it (it used
+    to replace the weights under the eval, which then wrote its eval.json and CE plot of the deleted SAEs
+    beside the new ones, exit 0); a paused train refuses an eval the same way."""
+    run = tmp_path / "run"
+    assert run_cli(command("run", world, run), capfd)[0] == 0
+    ev = start(["eval", str(run), "--tokens", "64"], tmp_path)
+    try:
+        wait_for_lease(run, ev)
+        ev.send_signal(signal.SIGSTOP)
+        refused(command("run", world, run), capfd, f"being written by eval pid {ev.pid}")
+    finally:
+        ev.send_signal(signal.SIGCONT)
+    _, err = ev.communicate(timeout=300)
+    assert ev.returncode == 0, err
+    assert outputs.read_eval(run / "t") is not None  # it measured the weights that are there
+
+    tr = start(command("run", world, run), tmp_path)
+    try:
+        wait_for_lease(run, tr)
+        tr.send_signal(signal.SIGSTOP)
+        refused(["eval", str(run), "--tokens", "64"], capfd, f"being written by train pid {tr.pid}")
+    finally:
+        tr.send_signal(signal.SIGCONT)
+    _, err = tr.communicate(timeout=300)
+    assert tr.returncode == 0, err
+    assert not (run / "t" / "eval.json").exists() and not (run / outputs.CE_FRONTIER_PLOT).exists()
+
+
 # ---------------------------------------------------------------------------------- results and weights
 def test_results_record_the_weights_they_measured_and_go_stale_with_them(world, tmp_path, capfd):
     run = tmp_path / "run"
