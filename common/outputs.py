@@ -25,6 +25,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -379,6 +380,7 @@ def publish(out: str | Path, kind: Kind, replace: bool = False) -> Iterator[Path
     out = location.local_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(out)
         tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_MARK}{out.name}.", dir=out.parent))
         tmp.chmod(0o777 & ~_umask())  # mkdtemp's folder is private (0700); an output is a folder like any other
     except OSError as e:
@@ -413,6 +415,16 @@ def publish(out: str | Path, kind: Kind, replace: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_abandoned(out: Path) -> None:
+    """Delete the temporary folders of `out` that a killed writer left beside it (the caller holds the
+    lease of `out`, so no live writer owns one). Only publish()'s own temporary folders, never the
+    previous output set aside while it is being replaced (`.old-PID`)."""
+    pattern = re.compile(re.escape(f"{TEMP_MARK}{out.name}.") + r"[a-z0-9_]{8}")
+    for p in out.parent.iterdir():
+        if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _umask() -> int:

@@ -224,6 +224,33 @@ def test_a_symlink_does_not_get_around_the_lease(world, tmp_path):
     assert first.returncode == 0, err
 
 
+def test_features_killed_midway_leaves_the_old_output_and_the_next_run_cleans_up(world, tmp_path, capfd):
+    """SIGKILL during a features --overwrite: the previous output is untouched; the killed writer's
+    temporary folder (which nothing else removes) is deleted by the next writer of that output, and a
+    neighbour's temporary folder is not."""
+    out = tmp_path / "f"
+    assert run_cli(command("features", world, out), capfd)[0] == 0
+    before = tree(out)
+    neighbour = tmp_path / f"{outputs.TEMP_MARK}f.x.abcdefgh"  # what a writer of --out f.x would make
+    neighbour.mkdir()
+    p = start(command("features", world, out), tmp_path)
+    try:
+        wait_for_lease(out, p)
+        p.send_signal(signal.SIGSTOP)
+        deadline = time.time() + 60
+        while not [q for q in tmp_path.iterdir() if q.name.startswith(f"{outputs.TEMP_MARK}f.") and q != neighbour]:
+            p.send_signal(signal.SIGCONT)
+            time.sleep(0.01)
+            p.send_signal(signal.SIGSTOP)
+            assert time.time() < deadline and p.poll() is None
+    finally:
+        p.kill()
+        p.wait(timeout=60)
+    assert tree(out) == before
+    assert run_cli(command("features", world, out), capfd)[0] == 0
+    assert sorted(q.name for q in tmp_path.iterdir() if q.name.startswith(".")) == [neighbour.name]
+
+
 def test_eval_and_train_on_one_run_one_is_refused_at_once(world, tmp_path, capfd):
     """An eval paused mid-work holds its run: a train --overwrite of that run is refused naming it (it used
     to replace the weights under the eval, which then wrote its eval.json and CE plot of the deleted SAEs
