@@ -460,7 +460,7 @@ def _write_features(tmp: Path, folders: dict[str, Path], meta: dict[str, Any], s
     }
     summary, bad = finite.finite_json(summary)
     if bad:
-        summary["non_finite"]["features.json"] = bad
+        summary["non_finite"][outputs.FEATURES_FILE] = bad
     _write_data(tmp / "features", "features", summary)
     if site:
         from .browser import write_site
