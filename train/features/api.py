@@ -367,9 +367,11 @@ def write_features(run: str | Path, out: str | Path, store: str | None = None, s
     st = resolve_store(run, store, meta)
     page_folders(list(folders))
     outputs.check_destination(out, outputs.FEATURES, inputs=[run, st.url, *folders.values()], replace=overwrite)
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise UserError(f"{out} exists; pass --overwrite to replace it (only a features output is replaced), "
-                        "or choose another --out")
+    if not overwrite and (out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir())))):
+        if outputs.is_features(out) and not out.is_symlink():  # --overwrite would replace it, and only it
+            raise UserError(f"{out} exists; pass --overwrite to replace it (only a features output is replaced), "
+                            "or choose another --out")
+        raise UserError(f"{out} exists and holds no features output; choose another --out (nothing was touched)")
     with outputs.lease(out, "features", takeover=True), outputs.publish(out, outputs.FEATURES, replace=overwrite) as tmp:
         return _write_features(tmp, folders, meta, st, tokens, held_out, unembedding, tokenizer, model_loader,
                                device, progress, site, opts)
