@@ -57,9 +57,10 @@ STORE_ENTRIES = frozenset({"zarr.json", "tokens", "activations", "stats", "diges
 FEATURES_FILE = "features.json"
 FEATURES_FORMAT = "actcache-features"
 FEATURES_INDEX = "index.html"
+FEATURES_VOCAB = "vocab.json"
 FEATURES_ASSETS = "assets"
 FEATURES_SAES = "saes"
-FEATURES_ENTRIES = frozenset({FEATURES_FILE, "features.js", "vocab.json", "vocab.js", FEATURES_INDEX,
+FEATURES_ENTRIES = frozenset({FEATURES_FILE, "features.js", FEATURES_VOCAB, "vocab.js", FEATURES_INDEX,
                               FEATURES_ASSETS, FEATURES_SAES})
 
 
@@ -463,7 +464,8 @@ def probe_writable(folder: str | os.PathLike, what: str) -> None:
 
 __all__ = ["CFG_FILENAME", "WEIGHTS_FILENAME", "SPARSITY_FILENAME", "METRICS_FILE", "EVAL_FILE", "RUN_FILE",
            "CHECKPOINT", "SUMMARY_FILES", "SUMMARY_FILE", "SUMMARY_TABLE", "FRONTIER_PLOT", "CE_FRONTIER_PLOT",
-           "RUN_FILES", "STORE_ENTRIES", "FEATURES_FILE", "FEATURES_FORMAT", "FEATURES_ENTRIES", "features_page",
+           "RUN_FILES", "STORE_ENTRIES", "FEATURES_FILE", "FEATURES_FORMAT", "FEATURES_ENTRIES", "FEATURES_INDEX", "FEATURES_VOCAB",
+           "features_page",
            "foreign_entries", "Kind", "STORE", "RUN", "SAE_FOLDER", "FEATURES",
            "kind_of", "sae_folders", "run_of", "run_meta", "sae_digest", "is_current", "read_eval",
            "check_destination", "remove_output", "publish", "lease", "rank_dir", "probe_writable"]

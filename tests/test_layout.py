@@ -79,7 +79,7 @@ def test_only_the_output_home_spells_an_output_file_name():
 
     names = {outputs.CFG_FILENAME, outputs.WEIGHTS_FILENAME, outputs.SPARSITY_FILENAME, outputs.METRICS_FILE,
              outputs.EVAL_FILE, outputs.RUN_FILE, outputs.CHECKPOINT, outputs.CE_FRONTIER_PLOT, outputs.FEATURES_FILE,
-             *outputs.SUMMARY_FILES}
+             outputs.FEATURES_INDEX, outputs.FEATURES_VOCAB, *outputs.SUMMARY_FILES}
     root = Path(outputs.__file__).resolve().parents[1]
     found = []
     for pkg in ("common", "harvest", "train", "actcache"):

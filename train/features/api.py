@@ -447,7 +447,7 @@ def _write_features(tmp: Path, folders: dict[str, Path], meta: dict[str, Any], s
         })
     vocab = _token_strings(vocab_ids, tokenizer) if tokenizer is not None else None
     if vocab is not None:
-        _write_data(tmp / "vocab", "vocab", vocab)
+        _write_data((tmp / outputs.FEATURES_VOCAB).with_suffix(""), "vocab", vocab)
     n_tokens = next(iter(stats.values())).n_tokens
     summary = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "store": st.url,
@@ -456,7 +456,7 @@ def _write_features(tmp: Path, folders: dict[str, Path], meta: dict[str, Any], s
         "special_tokens_skipped": special_ids(st) if opts.skip_special_tokens else [],
         "top": opts.top, "window": [opts.window_before, opts.window_after], "histogram_bins": opts.n_bins,
         "quantile_groups": opts.n_groups, "per_group": opts.per_group, "block": opts.block,
-        "vocab": "vocab.json" if vocab is not None else None, "seconds": seconds,
+        "vocab": outputs.FEATURES_VOCAB if vocab is not None else None, "seconds": seconds,
         "tokens_per_s": n_tokens / seconds if seconds else None, "saes": entries,
         "non_finite": non_finite,
     }
