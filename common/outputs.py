@@ -42,6 +42,7 @@ WEIGHTS_FILENAME = "sae_weights.safetensors"
 SPARSITY_FILENAME = "sparsity.safetensors"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
+SAE_FILES = (CFG_FILENAME, WEIGHTS_FILENAME, SPARSITY_FILENAME, METRICS_FILE, EVAL_FILE)
 # a run folder
 RUN_FILE = "run.json"
 CHECKPOINT = "checkpoint.safetensors"
@@ -303,14 +304,34 @@ def owned_entries(out: str | Path, kind: Kind) -> tuple[list[Path], list[Path]]:
     for p in sorted(out.iterdir()):
         if p.name.endswith(LOCK_SUFFIX):
             continue
-        if kind is RUN:
+        if kind is RUN:  # its SAE folders and features output hold only what actcache writes there, too
             mine = (p.is_file() and p.name in RUN_FILES) or (p.is_dir() and not p.is_symlink() and (
-                p.name in sae_names or is_sae_folder(p) or is_features(p) or p.name.startswith(RANK_DIR_PREFIX)
-                or p.name.startswith(TEMP_MARK)))
+                ((p.name in sae_names or is_sae_folder(p)) and not _foreign_in_sae(p))
+                or (is_features(p) and not foreign_entries(p, FEATURES))
+                or p.name.startswith(RANK_DIR_PREFIX) or p.name.startswith(TEMP_MARK)))
         else:
             mine = _own_name(p.name, kind) and not p.is_symlink()
         (ours if mine else others).append(p)
     return ours, others
+
+
+def _foreign_in_sae(folder: Path) -> bool:
+    """Whether an SAE folder of a run holds anything besides the files actcache writes in it (a README
+    a user added before sharing it, say)."""
+    return any(not (q.is_file() and not q.is_symlink() and q.name.removesuffix(".tmp") in SAE_FILES)
+               for q in folder.iterdir())
+
+
+def _inside(q: Path, kind: Kind) -> list[str]:
+    """How to name an entry of a run that is not all ours: the files a user added to one of its SAE
+    folders or its features output (q/name), else the entry itself."""
+    if kind is RUN and q.is_dir() and not q.is_symlink():
+        if is_features(q):
+            return [f"{q.name}/{n}" for n in foreign_entries(q, FEATURES)]
+        if is_sae_folder(q):
+            return [f"{q.name}/{r.name}" for r in sorted(q.iterdir())
+                    if not (r.is_file() and not r.is_symlink() and r.name.removesuffix(".tmp") in SAE_FILES)]
+    return [q.name]
 
 
 def _own_name(name: str, kind: Kind) -> bool:
@@ -326,7 +347,7 @@ def foreign_entries(url: str | os.PathLike, kind: Kind) -> list[str]:
     """The names of the entries of an output of `kind` that the project did not write (local or S3)."""
     if not location.is_remote(url):
         p = location.local_path(url)
-        return [q.name for q in owned_entries(p, kind)[1]] if p.is_dir() else []
+        return [n for q in owned_entries(p, kind)[1] for n in _inside(q, kind)] if p.is_dir() else []
     with location.storage_errors(url, "listing"):
         fs, path = location.remote_fs(url)
         try:
@@ -462,7 +483,7 @@ def probe_writable(folder: str | os.PathLike, what: str) -> None:
     os.unlink(name)
 
 
-__all__ = ["CFG_FILENAME", "WEIGHTS_FILENAME", "SPARSITY_FILENAME", "METRICS_FILE", "EVAL_FILE", "RUN_FILE",
+__all__ = ["CFG_FILENAME", "WEIGHTS_FILENAME", "SPARSITY_FILENAME", "METRICS_FILE", "EVAL_FILE", "SAE_FILES", "RUN_FILE",
            "CHECKPOINT", "SUMMARY_FILES", "SUMMARY_FILE", "SUMMARY_TABLE", "FRONTIER_PLOT", "CE_FRONTIER_PLOT",
            "RUN_FILES", "STORE_ENTRIES", "FEATURES_FILE", "FEATURES_FORMAT", "FEATURES_ENTRIES", "FEATURES_INDEX", "FEATURES_VOCAB",
            "features_page",

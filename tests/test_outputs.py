@@ -137,6 +137,22 @@ def test_an_output_of_the_same_kind_is_replaced(kind, world, tmp_path, capfd):
     assert out.stat().st_mode & 0o777 == 0o777 & ~mask  # as any folder the user makes (not private: 0700)
 
 
+def test_a_users_file_in_a_runs_sae_folder_or_features_output_refuses_train_overwrite(world, tmp_path, capfd):
+    """A README added to an SAE folder before sharing it, or notes in the run's features output, were
+    deleted with the run by train --overwrite."""
+    run = tmp_path / "run"
+    assert run_cli(command("run", world, run), capfd)[0] == 0
+    assert run_cli(command("features", world, run / "features"), capfd)[0] == 0
+    for extra in (run / "t" / "README.md", run / "features" / "notes.txt"):
+        extra.write_text("keep")
+        before = tree(run)
+        refused(command("run", world, run), capfd, str(extra.relative_to(run)), "nothing was deleted")
+        assert tree(run) == before
+        extra.unlink()
+    assert run_cli(command("run", world, run), capfd)[0] == 0  # its own files only: replaced
+    assert not (run / "features").exists()
+
+
 def test_an_output_holding_a_users_files_is_not_replaced(kind, world, tmp_path, capfd):
     """A user's file or folder beside our own entries, or a link to elsewhere among them, refuses
     --overwrite of the whole output (a features output and a store lost them before)."""
