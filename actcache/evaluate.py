@@ -48,6 +48,18 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         raise UserError(f"{path} cannot be read as JSON ({e})") from None
 
 
+def result_owners(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The folders whose lease eval holds while it writes its results: the run of each SAE folder
+    (or the SAE folder itself when it has none), each run folder given; paths that do not exist are
+    left to find_targets to name."""
+    owners = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            owners.append((outputs.run_of(p) or p) if outputs.is_sae_folder(p) else p)
+    return list(dict.fromkeys(Path(os.path.realpath(p)) for p in owners))
+
+
 def find_targets(paths: Sequence[str | os.PathLike], sae_dirs: Sequence[str | os.PathLike] = (),
                  device: str = "cpu") -> list[Target]:
     """SAE folders from run folders (every subfolder that is an SAE) and single SAE folders."""
@@ -309,18 +321,14 @@ def _evaluate(run_or_sae_folders, sae_dirs, store, model, tokens, batch_size, de
     if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
         raise UserError(f"--tokens {tokens}: give a positive number of tokens to score")
     device = str(pick_device(device))
+    if write:  # one writer at a time: the runs it writes into are leased before their SAEs are read, so a
+        # training that replaces their weights (or another eval) is refused while this one scores them
+        for owner in result_owners([*run_or_sae_folders, *sae_dirs]):
+            leases.enter_context(outputs.lease(owner, "eval", takeover=True))
     targets = find_targets(run_or_sae_folders, sae_dirs, device="cpu")
     if write:  # where eval.json and the run's summary go, checked before the work
         for folder in dict.fromkeys([t.folder for t in targets] + [t.run for t in targets if t.run is not None]):
             outputs.probe_writable(folder, EVAL_FILE if folder in {t.folder for t in targets} else "the run's summary")
-        # one writer at a time: a training that replaces these weights (or another eval) is refused while
-        # this one holds the run's lease, and one that replaced them before it was taken is caught here
-        for owner in dict.fromkeys(t.run or outputs.run_of(t.folder) or t.folder for t in targets):
-            leases.enter_context(outputs.lease(owner, "eval", takeover=True))
-        for t in targets:
-            if outputs.sae_digest(t.folder) != t.digest:
-                raise UserError(f"the weights in {t.folder} changed while eval started (another command replaced "
-                                "them); rerun eval")
     info = run_info(targets)
     store_url = store or info.get("store")
     if not store_url:
