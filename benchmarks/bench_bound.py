@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from actcache.common.outputs import is_run  # noqa: E402
 from actcache.common.store import ActivationStore  # noqa: E402
 from actcache.train import train_sweep  # noqa: E402
 from actcache.train.config import SweepConfig, load_config, resolve  # noqa: E402
@@ -160,6 +161,8 @@ def timing_train_loop(record: dict):
 def sweep(plan: Plan, store_url: str, work: Path) -> dict[str, object]:
     """train_sweep on the plan's sweep.toml: its training loop and the whole call."""
     out = work / "sweep-out"
+    if out.exists() and not is_run(out):
+        raise SystemExit(f"{out} is not a training run; pass another --work folder")
     shutil.rmtree(out, ignore_errors=True)
     loop: dict = {}
     with timing_train_loop(loop):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -130,11 +130,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", help="also write the JSON here")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    store = a.store
+    store, tmp = a.store, None
     if store is None:
         from benchmarks.synthetic import make_store
 
-        store = str(Path(tempfile.mkdtemp(prefix="bench-features-width-")) / "s.zarr")
+        tmp = Path(tempfile.mkdtemp(prefix="bench-features-width-"))
+        store = str(tmp / "s.zarr")
         make_store(store, d=a.d, n_sequences=parse_count(a.store_tokens) // 128, context_size=128,
                    chunk_sequences=64, fast_random=True)
     st = ActivationStore.open(store)
@@ -153,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     mem["bound"] = memory_bound(d, d_sae, chunk_rows, FeatureOptions())
     mem["growth_over_bound"] = mem["pass_growth_bytes"] / mem["bound"]["total"]
     res["memory"] = mem
+    if tmp is not None:  # the synthetic store this run built in its own temporary folder
+        shutil.rmtree(tmp, ignore_errors=True)
     text = json.dumps(res, indent=1)
     if a.out:
         Path(a.out).write_text(text)

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from actcache.common.outputs import METRICS_FILE, WEIGHTS_FILENAME, is_store  # noqa: E402
 from actcache.common.progress import parse_count  # noqa: E402
 from benchmarks.bench_scale import HOOK, measure, model_spec, write_dataset  # noqa: E402
 
@@ -131,7 +132,8 @@ def bench_harvest(a: argparse.Namespace, work: Path, env: dict[str, str]) -> dic
            "same_fingerprint": same, "extra_cpu_seconds": extra,
            "extra_cpu_in_chunks": extra / per_chunk, "cpu_seconds_per_chunk": per_chunk,
            "bytes_on_disk": sum(f.stat().st_size for f in whole.rglob("*") if f.is_file())}
-    shutil.rmtree(cut, ignore_errors=True)
+    if is_store(cut):  # the killed and resumed copy: only ever a store this benchmark wrote
+        shutil.rmtree(cut, ignore_errors=True)
     return out
 
 
@@ -143,7 +145,7 @@ def _sweep_toml(a: argparse.Namespace) -> str:
 
 def weights_digest(run: Path) -> dict[str, str]:
     return {str(f.relative_to(run)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(run.rglob("sae_weights.safetensors"))}
+            for f in sorted(run.rglob(WEIGHTS_FILENAME))}
 
 
 def bench_train(a: argparse.Namespace, work: Path, env: dict[str, str]) -> dict[str, Any]:
@@ -162,7 +164,7 @@ def bench_train(a: argparse.Namespace, work: Path, env: dict[str, str]) -> dict[
     full = _check(measure(cmd(whole), env=env, cwd=ROOT), "the uninterrupted training run")
     n_steps = a.train_tokens // a.train_batch
     every = max(1, (a.train_tokens // 10) // a.train_batch)
-    metrics = cut / "topk-k32-x4" / "metrics.jsonl"
+    metrics = cut / "topk-k32-x4" / METRICS_FILE
 
     def lines() -> int:
         try:
