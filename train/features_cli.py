@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from ..common import location
+from ..common import location, outputs
 from ..common.errors import UserError
 from ..common.options import command_options, configurable, from_click, option, storage_options_option
 from ..common.progress import quiet_option
@@ -68,7 +68,7 @@ def features_command(ctx: click.Context, run: str, **given: Any) -> None:
     for s in summary["saes"]:
         click.echo(f"  {s['name']}: d_sae {s['d_sae']}, L0 {s['l0']:.1f}, dead {s['dead_fraction']:.3f}"
                    f"{', logit effects' if s['logit_effects'] else ''}")
-    click.echo(f"open {Path(o.out) / 'index.html'}")
+    click.echo(f"open {Path(o.out) / outputs.FEATURES_INDEX}")
     if summary.get("non_finite"):
         from ..common.finite import NonFiniteResult, describe
 

@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ...common import outputs
+
 CSS = r"""
 body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #1d1d1f; background: #fafafa; }
 header { background: #263238; color: #fff; padding: 10px 20px; }
@@ -307,16 +309,16 @@ def _page(title: str, scripts: list[str], call: str, nav: str) -> str:
 def write_site(out: str | Path, summary: dict[str, Any]) -> Path:
     """Write index.html, one page per SAE and the assets into `out` (which holds write_features's data)."""
     out = Path(out)
-    (out / "assets").mkdir(parents=True, exist_ok=True)
-    (out / "assets" / "browser.css").write_text(CSS.lstrip())
-    (out / "assets" / "browser.js").write_text(JS.lstrip())
+    (out / outputs.FEATURES_ASSETS).mkdir(parents=True, exist_ok=True)
+    (out / outputs.FEATURES_ASSETS / "browser.css").write_text(CSS.lstrip())
+    (out / outputs.FEATURES_ASSETS / "browser.js").write_text(JS.lstrip())
     base = ["features.js"] + (["vocab.js"] if summary.get("vocab") else [])
     model = html.escape(f"SAEs on {summary['model']}")
-    (out / "index.html").write_text(_page("actcache feature browser", ["features.js"], "index()", model))
+    (out / outputs.FEATURES_INDEX).write_text(_page("actcache feature browser", ["features.js"], "index()", model))
     for s in summary["saes"]:
         folder = s["folder"].split("/")[-1]
         call = "sae(" + json.dumps(s["name"]).replace("<", "\\u003c") + ")"
         page = _page(f"{s['name']}: {s['hook']}", base + [f"{s['folder']}/latents.js"], call,
                      '<a href="index.html">all SAEs</a>')
-        (out / f"sae-{folder}.html").write_text(page)
-    return out / "index.html"
+        (out / outputs.features_page(folder)).write_text(page)
+    return out / outputs.FEATURES_INDEX
