@@ -259,7 +259,6 @@ def run_saelens(py: str, plan: Plan, tokens_file: Path, store: str, eval_store: 
         cmd += ["--threads", str(threads)]
     log("SAELens side: " + " ".join(cmd[1:3]) + " ...")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    env.pop("PYTHONPATH", None)
     p = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=None)
     if p.returncode != 0 or not out_json.exists():
         return {"status": "failed", "error": f"saelens_side.py exited {p.returncode}"}

@@ -1,11 +1,11 @@
-"""Test set-up: offline, CPU only, and the repository root importable without installing."""
+"""Test set-up: offline, CPU only. The package is imported as installed (`pip install -e .`); run the
+suite from the repository root with `python -m pytest`, which also makes benchmarks/ importable."""
 
 import contextlib
 import json
 import math
 import os
 import re
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,9 +14,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
 
 import pytest  # noqa: E402
 

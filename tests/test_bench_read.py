@@ -61,7 +61,7 @@ def test_bench_read_slow_consumer_waits_less(local_store):
 
 
 def test_bench_read_command(local_store):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ)
     p = subprocess.run([sys.executable, "-m", "actcache", "bench-read", local_store, "--batch-size", "256",
                         "--threads", "2", "--window-chunks", "2", "--seconds", "0.2", "--json"],
                        capture_output=True, text=True, env=env, cwd=ROOT)

@@ -183,9 +183,7 @@ def test_the_readmes_plain_zarr_snippet_gives_exact_counts(tmp_path):
     script = "import sys, json\n" + script + (
         "\nprint(json.dumps({'n': n, 'tokens': list(tokens.shape), 'acts': list(acts.shape), 'train': list(train),"
         " 'held': list(held), 'foreign': sorted(k for k in sys.modules if k.split('.')[0] in ('actcache', 'torch'))}))\n")
-    e = env()
-    e.pop("PYTHONPATH")
-    p = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, env=e, cwd="/")
+    p = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, env=env(), cwd="/")
     assert p.returncode == 0, p.stderr
     d = json.loads(p.stdout)
     assert d["foreign"] == [] and d["n"] == 30 and d["tokens"] == [30, 32] and d["acts"] == [30 * 32, 64]

@@ -279,7 +279,7 @@ def test_surprising_values_are_warnings(small_store):
 
 def test_misspelt_key_and_warning_through_a_real_process(small_store, tmp_path):
     """`architecure` is named as an unknown key; a legal but surprising value warns and still trains."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cfg = tmp_path / "a.toml"
     write_sweep(_case("sae", "architecure", "topk"), cfg)
     p = subprocess.run([sys.executable, "-m", "actcache", "train", small_store, "--config", str(cfg),

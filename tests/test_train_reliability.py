@@ -51,7 +51,7 @@ def one_thread():
 
 
 def env(**extra) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
 
 
 def cli(*args, **kw) -> subprocess.Popen:
