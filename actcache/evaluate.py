@@ -287,7 +287,8 @@ def evaluate(run_or_sae_folders: Sequence[str | os.PathLike] = (), *, sae_dirs: 
     from .harvest.evaluate import downstream_metrics
     from .common.device import pick_device
     from .harvest.models import load_model
-    from .train.heldout_metrics import heldout_metrics, special_ids
+    from .common.manifest import special_token_ids
+    from .train.heldout_metrics import heldout_metrics
 
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: give a positive number of sequences")
@@ -313,7 +314,7 @@ def evaluate(run_or_sae_folders: Sequence[str | os.PathLike] = (), *, sae_dirs: 
         t.sae.to(device)
 
     saes = {t.name: t.sae for t in targets}
-    sp = [] if include_special_tokens else special_ids(st)
+    sp = [] if include_special_tokens else special_token_ids(st.manifest.tokenizer)
     batches = (torch.from_numpy(toks[i:i + batch_size].astype(np.int64)) for i in range(0, len(toks), batch_size))
     down = downstream_metrics(hm, batches, saes, special_ids=sp, include_special_tokens=include_special_tokens)
 

@@ -34,6 +34,16 @@ class TokenizerInfo:
     pad_token_id: int | None = None
 
 
+def special_token_ids(tokenizer: Any) -> list[int]:
+    """The ids of a tokenizer's BOS, EOS and pad tokens, sorted, without repeats: the positions training,
+    the metrics and the top contexts leave out by default. Takes a store manifest's TokenizerInfo or a
+    transformers tokenizer (anything with bos/eos/pad_token_id); None gives []."""
+    if tokenizer is None:
+        return []
+    ids = (getattr(tokenizer, a, None) for a in ("bos_token_id", "eos_token_id", "pad_token_id"))
+    return sorted({int(i) for i in ids if i is not None})
+
+
 @dataclass
 class DatasetInfo:
     path: str = ""

@@ -11,11 +11,8 @@ names (cfg.json metadata.model_spec, else model_name) unless given `model=` (a s
 HookedModel). A text is tokenized with BOS in front when the SAE's metadata says prepend_bos (the
 tokenizer does not add it by itself); a list of token ids is used as given.
 
-Reconstruction metrics (analyse) follow SAELens's run_evals, over the prompt's tokens, special tokens
-(BOS/EOS/pad) left out unless include_special_tokens:
-  mse    mean over tokens of ||x - x_hat||^2 (summed over dimensions)
-  fvu    sum ||x - x_hat||^2 / (sum ||x||^2 - n ||mean x||^2)
-  cossim mean over tokens of cos(x, x_hat)
+Reconstruction metrics (analyse: mse, fvu, cossim, l0) are common/metrics.py's (SAELens's run_evals),
+over the prompt's tokens, special tokens (BOS/EOS/pad) left out unless include_special_tokens.
 
 Attribution (attribute) is exact for the model's actual forward pass. The logit of the target token t
 at position p is unembed(norm(x_final)), where x_final is the residual stream entering the final
@@ -44,6 +41,8 @@ from typing import Any, Sequence
 import torch
 
 from ..common.errors import UserError, first_line
+from ..common.manifest import special_token_ids
+from ..common.metrics import Metrics, token_errors
 from . import splice
 
 Prompt = str | Sequence[int]
@@ -132,10 +131,7 @@ def token_strings(model: Any, ids: Sequence[int]) -> list[str]:
 
 
 def _special_ids(model: Any) -> list[int]:
-    tok = model.tokenizer
-    if tok is None:
-        return []
-    return sorted({int(i) for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None})
+    return special_token_ids(model.tokenizer)
 
 
 def _check_feature(sae: Any, feature: int) -> int:
@@ -201,7 +197,7 @@ class Analysis:
 def analyse(sae_or_dir: Any, prompt: Prompt, model: Any = None, top: int = 5, *, device: str | None = None,
             include_special_tokens: bool = False, tokenizer: str | None = None) -> Analysis:
     """Encode the prompt's activations at the SAE's hook: the top `top` latents of every token, and how
-    well the SAE reconstructs the activations (mse, fvu, cossim; definitions in the module docstring)."""
+    well the SAE reconstructs the activations (mse, fvu, cossim; definitions in common/metrics.py)."""
     sae, hm, hook = load_for(sae_or_dir, model, device, tokenizer)
     tokens = tokenize(hm, prompt, _prepend_bos(sae))
     _, got = _activation(hm, tokens, [hook])
@@ -209,8 +205,7 @@ def analyse(sae_or_dir: Any, prompt: Prompt, model: Any = None, top: int = 5, *,
     f = sae.encode(x)
     xh = sae.decode(f)
     xf, xhf = x.double(), xh.double()
-    sse_tok = (xf - xhf).pow(2).sum(-1)
-    cos_tok = torch.nn.functional.cosine_similarity(xf, xhf, dim=-1).nan_to_num(0.0)
+    sse_tok, cos_tok = token_errors(xf, xhf)
     ids = tokens[0].tolist()
     special = set(_special_ids(hm))
     keep = torch.tensor([include_special_tokens or i not in special for i in ids])
@@ -224,13 +219,11 @@ def analyse(sae_or_dir: Any, prompt: Prompt, model: Any = None, top: int = 5, *,
         active = [(int(j), float(v)) for j, v in zip(idx[p], vals[p]) if v != 0]
         rows.append(TokenLatents(p, int(i), strings[p], i in special, [j for j, _ in active], [v for _, v in active],
                                  int((f[p] != 0).sum()), float(sse_tok[p]), float(cos_tok[p])))
-    n = int(keep.sum())
-    xs = xf[keep]
-    total_var = float(xs.pow(2).sum()) - float(xs.sum(0).pow(2).sum()) / n
-    sse = float(sse_tok[keep].sum())
-    return Analysis(model=hm.info.name, hook=hook, tokens=rows, mse=sse / n,
-                    fvu=sse / total_var if total_var > 0 else float("nan"), cossim=float(cos_tok[keep].mean()),
-                    l0=float((f[keep] != 0).sum(-1).double().mean()), n_tokens_scored=n,
+    m = Metrics(int(sae.cfg.d_sae))
+    m.update(xf[keep], xhf[keep], f[keep])
+    r = m.result()
+    return Analysis(model=hm.info.name, hook=hook, tokens=rows, mse=r["mse"], fvu=r["fvu"], cossim=r["cossim"],
+                    l0=r["l0"], n_tokens_scored=m.n,
                     latents=f.detach().cpu(), activations=x.detach().cpu(), reconstruction=xh.detach().cpu())
 
 

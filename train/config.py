@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.errors import UserError
+from ..common.manifest import special_token_ids
 from ..common.progress import log
 from .architectures import ARCHITECTURES, COMMON_KEYS, Key, SAEConfig, all_sae_keys, get_architecture
 from .checkpoint import CHECKPOINT, RUN_FILE
@@ -356,7 +357,7 @@ def _usable_tokens(store, chunks: list[int], wanted: int, total: int) -> int:
     import numpy as np
 
     tok = store.manifest.tokenizer
-    special = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None]
+    special = special_token_ids(tok)
     if not special:
         return total
     share = float(np.isin(store.read_tokens(chunks[0]), special).mean())

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..common import __version__
+from ..common.metrics import Metrics
 from ..common.progress import log
 from ..common.store import ActivationStore
 
@@ -112,7 +113,8 @@ def _hooks_of(sae: SAE, cfg: SweepConfig) -> tuple[str, str]:
 @torch.no_grad()
 def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, device: torch.device) -> dict:
     """L0, FVU, MSE and feature density of exported SAEs on raw activations (a separately seeded
-    stream); FVU and MSE of what each reconstructs (a transcoder's output hook)."""
+    stream); FVU and MSE of what each reconstructs (a transcoder's output hook). Definitions:
+    common/metrics.py."""
     batch = min(cfg.batch_size, cfg.eval_tokens)
     n_batches = max(1, cfg.eval_tokens // batch)
     hooks = {name: _hooks_of(s, cfg) for name, s in saes.items()}
@@ -120,35 +122,24 @@ def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, dev
                               seed=cfg.seed + 1, window_chunks=cfg.window_chunks,
                               threads=cfg.loader_threads, device=device, normalize=False,
                               skip_special_tokens=cfg.skip_special_tokens, repeat=True, held_out=cfg.held_out)
-    acc = {name: {"err": 0.0, "l0": 0.0, "fired": torch.zeros(s.cfg.d_sae, dtype=torch.float64)}
-           for name, s in saes.items()}
-    total_var, n = {h: 0.0 for h in loader.hooks}, 0
+    acc = {name: Metrics(s.cfg.d_sae) for name, s in saes.items()}
     try:
         for _ in range(n_batches):
             xs = loader.next_batches()
-            for h, x in xs.items():
-                total_var[h] += float((x - x.mean(0)).pow(2).sum())
-            n += loader.batch_size
             for name, s in saes.items():
                 s.to(device)
                 hook, hook_out = hooks[name]
                 out, f = s.forward_with_activations(xs[hook])
-                a = acc[name]
-                a["err"] += float((out - xs[hook_out]).pow(2).sum())
-                active = f > 0
-                a["l0"] += float(active.sum())
-                a["fired"] += active.sum(0).double().cpu()
+                acc[name].update(xs[hook_out], out, f)
                 s.to("cpu")
     finally:
         loader.close()
     results = {}
     for name, a in acc.items():
-        var = total_var[hooks[name][1]]
-        fvu = a["err"] / var if var else float("nan")
-        density = a["fired"] / n
-        results[name] = {"l0": a["l0"] / n, "fvu": fvu, "explained_variance": 1 - fvu, "mse": a["err"] / n,
-                         "dead_fraction_eval": float((density == 0).double().mean()), "eval_tokens": n,
-                         "log10_density": torch.log10(density + 1e-10).float()}
+        m = a.result()
+        results[name] = {"l0": m["l0"], "fvu": m["fvu"], "explained_variance": m["explained_variance"],
+                         "mse": m["mse"], "dead_fraction_eval": m["dead_fraction"], "eval_tokens": a.n,
+                         "log10_density": m["log10_density"]}
     return results
 
 
