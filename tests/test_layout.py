@@ -83,7 +83,8 @@ def test_common_imports_neither_stage_and_the_stages_not_each_other(graph):
 
 
 def test_every_subpackage_is_installed():
-    """pyproject lists packages by hand (the folders map onto actcache.*): a new folder must be listed."""
+    """pyproject lists packages by hand (the folders map onto actcache.*): a new folder, of code or of
+    package data (the browser's assets), must be listed."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
@@ -92,7 +93,7 @@ def test_every_subpackage_is_installed():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {"actcache"}
     for stage in STAGES:
-        for init in (ROOT / stage).rglob("__init__.py"):
-            rel = init.parent.relative_to(ROOT).parts
-            found.add(".".join(("actcache",) + rel))
+        for folder in [ROOT / stage, *(ROOT / stage).rglob("*")]:
+            if folder.is_dir() and folder.name != "__pycache__" and any(folder.iterdir()):
+                found.add(".".join(("actcache",) + folder.relative_to(ROOT).parts))
     assert found == listed
