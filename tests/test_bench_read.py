@@ -83,29 +83,24 @@ def _backends() -> list[str]:
 
 
 @pytest.mark.parametrize("backend", _backends())
-def test_bench_read_over_s3(local_store, backend, monkeypatch):
+def test_bench_read_over_s3(local_store, backend, monkeypatch, s3):
     """The same store on an S3 server on loopback (moto): the loader gets exactly the local batches
     through either zarr backend, and bench-read reports the same compression ratio and sane rates."""
-    pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
-    from benchmarks.s3_server import moto_s3
-
     monkeypatch.setenv("ACTCACHE_S3_BACKEND", backend)
-    with moto_s3(("acts",)):
-        url = f"s3://acts/bench-read-{backend}/acts.zarr"
-        make_store(url, d=32, n_sequences=256, context_size=32, chunk_sequences=16)
-        store = location.open_store(url, read_only=True)
-        assert type(store).__name__ == ("ObjectStore" if backend == "obstore" else "FsspecStore")
-        remote = ActivationLoader(url, HOOK, 512, seed=3, window_chunks=4, threads=2)
-        here = ActivationLoader(local_store, HOOK, 512, seed=3, window_chunks=4, threads=2)
-        try:
-            for _ in range(10):  # more than one window, so prefetched windows are compared too
-                assert torch.equal(remote.next_batch(), here.next_batch())
-        finally:
-            remote.close()
-            here.close()
-        r = bench_read(url, batch_size=512, threads=4, window_chunks=4, seconds=0.3)
-        local = bench_read(local_store, batch_size=512, threads=4, window_chunks=4, seconds=0.05)
+    url = f"{s3.url}/acts.zarr"
+    make_store(url, d=32, n_sequences=256, context_size=32, chunk_sequences=16)
+    store = location.open_store(url, read_only=True)
+    assert type(store).__name__ == ("ObjectStore" if backend == "obstore" else "FsspecStore")
+    remote = ActivationLoader(url, HOOK, 512, seed=3, window_chunks=4, threads=2)
+    here = ActivationLoader(local_store, HOOK, 512, seed=3, window_chunks=4, threads=2)
+    try:
+        for _ in range(10):  # more than one window, so prefetched windows are compared too
+            assert torch.equal(remote.next_batch(), here.next_batch())
+    finally:
+        remote.close()
+        here.close()
+    r = bench_read(url, batch_size=512, threads=4, window_chunks=4, seconds=0.3)
+    local = bench_read(local_store, batch_size=512, threads=4, window_chunks=4, seconds=0.05)
     _check_consistent(r, 32, 512)
     assert r["backend"] == backend
     assert math.isclose(r["compression_ratio"], local["compression_ratio"], rel_tol=1e-9)
