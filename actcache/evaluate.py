@@ -282,7 +282,7 @@ def evaluate(run_or_sae_folders: Sequence[str | os.PathLike] = (), *, sae_dirs: 
     the model the store was harvested from). tokens: at most this many tokens scored.
     held_out: 'START:STOP' in sequences (default: the store's held-out part). force: accept a model
     other than the store's. write: also write eval.json per SAE and the run's summary columns.
-    Returns one record per SAE (see the README's evaluation section for the fields)."""
+    Returns one record per SAE (see docs/cli.md, "Evaluate", for the fields)."""
     from .common.store import ActivationStore
     from .harvest.evaluate import downstream_metrics
     from .common.device import pick_device

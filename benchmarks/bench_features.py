@@ -6,7 +6,7 @@
                still from memory: what the bookkeeping costs on top of the encoder;
   pass:        collect_top_contexts as `actcache features` runs it: read and decode each chunk from
                the store (the next one in the background) and encode and keep statistics.
-The pass's fraction of the encode rate is what the README quotes.
+The pass's fraction of the encode rate is what docs/performance.md quotes.
 
     python -m benchmarks.bench_features                       # a synthetic d=256 store, 2 SAEs of 4096 latents
     python -m benchmarks.bench_features --store acts.zarr --saes runs/s1 --tokens 1M

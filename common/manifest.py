@@ -1,5 +1,5 @@
 """The manifest: everything needed to interpret (and reproduce) a store, kept in the root group's
-attrs["actcache"]. Part of the public store format (see the README)."""
+attrs["actcache"]. Part of the public store format (docs/store-format.md)."""
 
 from __future__ import annotations
 

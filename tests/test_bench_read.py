@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from actcache.common import location
 from actcache.train.bench_read import bench_read, format_result
 from actcache.train.loader import ActivationLoader
 from benchmarks.synthetic import make_store
+from harvest_fixtures import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.hook_resid_pre"
@@ -60,20 +60,19 @@ def test_bench_read_slow_consumer_waits_less(local_store):
     assert slow["wait_fraction"] <= fast["wait_fraction"] + 0.05
 
 
-def test_bench_read_command(local_store):
-    env = dict(os.environ)
-    p = subprocess.run([sys.executable, "-m", "actcache", "bench-read", local_store, "--batch-size", "256",
-                        "--threads", "2", "--window-chunks", "2", "--seconds", "0.2", "--json"],
-                       capture_output=True, text=True, env=env, cwd=ROOT)
-    assert p.returncode == 0, p.stderr
-    _check_consistent(json.loads(p.stdout), 32, 256)
+def test_bench_read_command(local_store, capfd):
+    """Through the entry point in this process; the error the user sees through a real process (its exit
+    status and stderr as a shell sees them)."""
+    code, out, err = run_cli(["bench-read", local_store, "--batch-size", "256", "--threads", "2", "--window-chunks",
+                              "2", "--seconds", "0.2", "--json"], capfd)
+    assert code == 0, err
+    _check_consistent(json.loads(out), 32, 256)
     bad = subprocess.run([sys.executable, "-m", "actcache", "bench-read", local_store, "--hook", "nope"],
-                         capture_output=True, text=True, env=env, cwd=ROOT)
+                         capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert bad.stderr.startswith("actcache: error:") and "nope" in bad.stderr and HOOK in bad.stderr
-    missing = subprocess.run([sys.executable, "-m", "actcache", "bench-read", str(Path(local_store).parent / "none.zarr"),
-                              "--threads", "0"], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert missing.returncode != 0 and missing.stderr.startswith("actcache: error:")
+    code, _, err = run_cli(["bench-read", str(Path(local_store).parent / "none.zarr"), "--threads", "0"], capfd)
+    assert code != 0 and err.startswith("actcache: error:")
 
 
 def _backends() -> list[str]:

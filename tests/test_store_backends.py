@@ -134,11 +134,23 @@ class Stop(Exception):
     pass
 
 
-def test_an_interrupted_harvest_resumes_to_the_same_store(backend, token_file, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def uninterrupted(token_file, tmp_path_factory):
+    """codec -> (path, result) of an uninterrupted local harvest, made once per codec for the module."""
+    made = {}
+
+    def get(codec: str):
+        if codec not in made:
+            path = tmp_path_factory.mktemp("reference") / "acts.zarr"
+            made[codec] = (path, harvest(_harvest_config(str(path), token_file, codec), progress=False))
+        return made[codec]
+    return get
+
+
+def test_an_interrupted_harvest_resumes_to_the_same_store(backend, token_file, uninterrupted, monkeypatch):
     """Stopped before the third chunk's commit, with that uncommitted chunk then damaged: --resume
     rewrites it and the store equals an uninterrupted harvest (a local one, here), value for value."""
-    ref_path = tmp_path / "reference.zarr"
-    ref = harvest(_harvest_config(str(ref_path), token_file, backend.codec), progress=False)
+    ref_path, ref = uninterrupted(backend.codec)
     url = backend.url("resumed.zarr")
 
     commit = ActivationStore.commit

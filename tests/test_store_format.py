@@ -1,6 +1,6 @@
 """Store format 2 and the reader's checks: absent, truncated and corrupt chunks are one-line errors,
 open() compares the manifest with the arrays, the fingerprint identifies the data, held-out chunks,
-version 1 stays readable, xarray opens a store, and the README's plain-zarr snippet gives exact counts."""
+version 1 stays readable, xarray opens a store, and the plain-zarr snippet of docs/store-format.md gives exact counts."""
 
 import json
 import re
@@ -151,8 +151,8 @@ def test_xarray_opens_a_store(store_path):
 
 
 def _readme_snippet() -> str:
-    text = (ROOT / "README.md").read_text()
-    section = text.split("### Reading a store with plain zarr", 1)[1]
+    text = (ROOT / "docs" / "store-format.md").read_text()
+    section = text.split("## Reading a store with plain zarr", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 

@@ -1,6 +1,6 @@
 """The architecture registry and the sweep configuration: exported SAEs behave as they trained, a
 new architecture defined here trains and exports through the registry alone, every bad sweep
-value is one line from the real CLI before anything trains, and the README's key tables are the
+value is one line from the real CLI before anything trains, and the key tables of docs/sweep-config.md are the
 generated ones."""
 
 import json
@@ -159,10 +159,10 @@ def test_registry_refuses_a_form_it_cannot_run():
     assert "test_bad_export" not in ARCHITECTURES
 
 
-# ------------------------------------------------------------------ the README
+# ------------------------------------------------- the sweep-key tables of docs/sweep-config.md
 def test_readme_tables_are_the_generated_ones():
-    text = (ROOT / "README.md").read_text()
-    assert readme_with_tables(text) == text, "run: python -m actcache.train.architectures --readme README.md"
+    text = (ROOT / "docs" / "sweep-config.md").read_text()
+    assert readme_with_tables(text) == text, "run: python -m actcache.train.architectures --readme docs/sweep-config.md"
     for name in ARCHITECTURES:
         assert f"| `{name}` |" in text
 
