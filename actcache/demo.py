@@ -58,11 +58,7 @@ def run_demo(out_dir: str = "demo", tokens: int = 40_960, train_tokens: int | No
     if name_it:
         sweep["held_out"] = list(held)
     runs = out / "sweep"
-    if runs.exists():
-        import shutil
-
-        shutil.rmtree(runs)
-    summary = train_sweep(store_url, sweep, runs, progress=progress)
+    summary = train_sweep(store_url, sweep, runs, progress=progress, overwrite=True)
     records = None
     if held is None:
         log.warning("this build cannot leave tokens out of training, so the demo does not evaluate with the model")

@@ -21,13 +21,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .common import outputs
 from .common.errors import UserError
 from .common.progress import log
 
-EVAL_FILE = "eval.json"
-RUN_FILE = "run.json"
-SUMMARY_FILE = "summary.json"
-CE_FRONTIER_FILE = "frontier_ce.png"
+from .common.outputs import CE_FRONTIER_PLOT, EVAL_FILE, RUN_FILE, SUMMARY_FILE, SUMMARY_TABLE
 
 
 @dataclass
@@ -38,10 +36,7 @@ class Target:
     folder: Path
     sae: Any
     run: Path | None = None
-
-
-def _is_sae_folder(p: Path) -> bool:
-    return (p / "cfg.json").is_file() and (p / "sae_weights.safetensors").is_file()
+    digest: dict[str, str] | None = None  # of the weights and cfg.json loaded (outputs.sae_digest)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -63,17 +58,16 @@ def find_targets(paths: Sequence[str | os.PathLike], sae_dirs: Sequence[str | os
         p = Path(raw)
         if not p.exists():
             raise UserError(f"{p} does not exist: give a run folder (from `actcache train`) or an SAE folder")
-        if _is_sae_folder(p):
-            run = p.parent if (p.parent / RUN_FILE).is_file() or (p.parent / SUMMARY_FILE).is_file() else None
-            found.append((p, run))
+        if outputs.is_sae_folder(p):
+            found.append((p, outputs.run_of(p)))
             continue
-        subs = sorted(q for q in p.iterdir() if q.is_dir() and _is_sae_folder(q)) if p.is_dir() else []
+        subs = outputs.sae_folders(p)
         if not subs:
             raise UserError(f"{p} holds no SAE: no folder with cfg.json and sae_weights.safetensors in it")
         found += [(q, p) for q in subs]
     for raw in sae_dirs:
         p = Path(raw)
-        if not _is_sae_folder(p):
+        if not outputs.is_sae_folder(p):
             raise UserError(f"--sae {p} is not an SAE folder (it needs cfg.json and sae_weights.safetensors)")
         found.append((p, None))
     if not found:
@@ -82,12 +76,13 @@ def find_targets(paths: Sequence[str | os.PathLike], sae_dirs: Sequence[str | os
     for folder, run in dict.fromkeys(found):
         name = folder.name if folder.name not in names else f"{folder.parent.name}/{folder.name}"
         names.add(name)
+        digest = outputs.sae_digest(folder)
         sae = SAE.load_from_disk(folder, device=device)
         out_hook = sae.cfg.metadata.get("hook_name_out")
         if out_hook and out_hook != sae.cfg.metadata.get("hook_name"):
             skipped.append(name)  # a transcoder: its reconstruction replaces another hook than it reads
             continue
-        targets.append(Target(name, folder, sae, run))
+        targets.append(Target(name, folder, sae, run, digest))
     if skipped:
         log.warning(f"not evaluating {', '.join(skipped)}: transcoders are scored by their training summary "
                     "(output FVU, L0), not spliced into the model by `actcache eval`")
@@ -334,6 +329,7 @@ def evaluate(run_or_sae_folders: Sequence[str | os.PathLike] = (), *, sae_dirs: 
         meta = t.sae.cfg.metadata
         rec = {
             "name": t.name, "path": str(t.folder), "run": str(t.run) if t.run else None,
+            "sae_digest": t.digest,
             "hook": meta.get("hook_name"), "architecture": t.sae.cfg.architecture,
             "trained_architecture": meta.get("trained_architecture"), "d_in": t.sae.cfg.d_in, "d_sae": t.sae.cfg.d_sae,
             "k": t.sae.cfg.k, "model": hm.info.name, "store": str(store_url), "store_fingerprint": store_fingerprint(st),
@@ -359,7 +355,12 @@ def _write_text(path: Path, text: str) -> None:
 
 def write_outputs(records: Sequence[dict[str, Any]]) -> None:
     """eval.json in each SAE folder; in each run folder, the eval columns in summary.json and
-    summary.md and a second frontier plot (CE loss score against L0)."""
+    summary.md and a second frontier plot (CE loss score against L0). A record whose SAE's weights
+    changed while it was measured is not written (it would describe weights no longer there)."""
+    changed = [r["name"] for r in records if not outputs.is_current(r, r["path"])]
+    if changed:
+        raise UserError(f"the weights of {', '.join(changed)} changed while they were evaluated (a training run "
+                        "replaced them?); nothing was written: rerun `actcache eval`")
     for r in records:
         _write_text(Path(r["path"]) / EVAL_FILE, json.dumps(r, indent=2) + "\n")
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -391,10 +392,15 @@ def write_run_summary(run: Path, records: Sequence[dict[str, Any]]) -> None:
         if r is not None:
             row["eval"] = {k: r.get(k) for k in SUMMARY_EVAL_KEYS}
             row["eval"].update(store_fingerprint=r["store_fingerprint"], held_out=r["held_out"],
-                               sequences_scored=r["sequences_scored"], ce_tokens=r.get("ce_tokens"))
+                               sequences_scored=r["sequences_scored"], ce_tokens=r.get("ce_tokens"),
+                               sae_digest=r["sae_digest"])
+        elif "eval" in row and not outputs.is_current(row["eval"], run / str(row.get("name"))):
+            log.warning(f"dropping the evaluation of {row.get('name')} from {path}: it measured other weights than "
+                        "those now in its folder (rerun `actcache eval` on it)")
+            del row["eval"]
     _write_text(path, json.dumps(summary, indent=2) + "\n")
-    _write_text(run / "summary.md", eval_table(rows) + "\n")
-    plot_ce_frontier(rows, run / CE_FRONTIER_FILE, summary.get("hook"))
+    _write_text(run / SUMMARY_TABLE, eval_table(rows) + "\n")
+    plot_ce_frontier(rows, run / CE_FRONTIER_PLOT, summary.get("hook"))
 
 
 def _fmt(v: Any, spec: str) -> str:

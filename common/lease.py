@@ -7,7 +7,10 @@ inside the store, so plain zarr readers do not see it and `--overwrite` does not
 Local paths: an exclusive `flock` on that file, held for the life of the writing process. The kernel
 drops the lock when the holder exits or dies (SIGKILL included), so a lease left by a crashed
 process is recognised as stale simply because nobody holds the lock any more: the next `--resume`
-or `--overwrite` takes it at once. The file's text names the holder for the error message.
+or `--overwrite` takes it at once. The file's text names the holder for the error message; a
+holder that finishes deletes the file (still holding the lock; a process that opened the file just
+before sees that the path no longer names it once it gets the lock, and opens it anew). The lease
+is taken on the real path, so a symbolic link, `./x` and `x` name one lease.
 (flock is not reliable on every network file system; there, run one writer per store.)
 
 S3 has no locks and no atomic rename. The lease is an object holding a random writer id, the
@@ -94,6 +97,8 @@ class Lease:
     def acquire(cls, url: str | os.PathLike, what: str, takeover: bool = False, ttl: float = DEFAULT_TTL) -> "Lease":
         """Take the lease of `url` or raise LeaseHeld naming the holder. `takeover`: a lease that a crashed
         process left behind may be taken (the --resume and --overwrite cases); without it that is refused."""
+        if not location.is_remote(url):  # one lease per folder, however it is named (a symlink, ./x, x)
+            url = os.path.realpath(location.local_path(url))
         lease = cls(str(url), what)
         lease.ttl = float(ttl)
         if location.is_remote(lease.url):
@@ -124,8 +129,9 @@ class Lease:
         if self._fd is not None:
             import fcntl
 
-            try:  # empty the file but keep it: deleting a lock file races with a process about to lock it
-                os.ftruncate(self._fd, 0)
+            try:  # delete it while still holding it: a process that opened it meanwhile sees, once it gets
+                # the lock, that the path no longer names its file and starts again (_acquire_local)
+                os.unlink(location.local_path(lock_url(self.url)))
             except OSError:
                 pass
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -158,10 +164,21 @@ class Lease:
         path = location.local_path(lock_url(self.url))
         if not path.parent.is_dir():
             raise UserError(f"cannot write {self.url}: the folder {path.parent} does not exist")
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise UserError(f"cannot create the lock file {path} ({e.strerror}); check the folder's permissions") from None
+        for _ in range(100):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UserError(f"cannot create the lock file {path} ({e.strerror}); check the folder's "
+                                "permissions") from None
+            if self._lock_local(fd, path, takeover):
+                return
+        raise LeaseHeld(f"{self.url} is being taken and given up by other processes in a loop; rerun")
+
+    def _lock_local(self, fd: int, path: Any, takeover: bool) -> bool:
+        """Lock the open lock file `fd`; False (fd closed) when the path no longer names it (its holder
+        deleted it on release): the caller opens it again."""
+        import fcntl
+
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -173,6 +190,14 @@ class Lease:
             who = _describe(previous) if previous else "another process"
             raise LeaseHeld(f"{self.url} is being written by {who}; wait for it to finish or stop it, "
                             "then rerun") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            return False
         previous = _parse(os.pread(fd, 4096, 0))
         if previous and not takeover:  # text left behind, nobody holding the lock: its writer crashed
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -184,6 +209,7 @@ class Lease:
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
         self._fd = fd
+        return True
 
     # ------------------------------------------------------------------ S3: lease object
     def _read_remote(self) -> dict[str, Any] | None:

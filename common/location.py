@@ -109,24 +109,6 @@ def exists(url: str | os.PathLike) -> bool:
             return False
 
 
-def remove(url: str | os.PathLike) -> None:
-    """Delete everything at a location (used by --overwrite). The writer's lease lives beside the
-    location (common/lease.py), so it stays."""
-    if not is_remote(url):
-        import shutil
-
-        p = local_path(url)
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-        return
-    with storage_errors(url, "removing"):
-        fs, path = remote_fs(url)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-
-
 def disk_usage(url: str | os.PathLike, prefix: str = "") -> int:
     """Bytes stored under a location (optionally under a sub-prefix such as 'activations')."""
     if not is_remote(url):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import zarr
 
-from ..common import codecs, location
+from ..common import codecs, location, outputs
 from ..common.distributed import under_torchrun
 from ..common.errors import OverflowError16, UserError
 from ..common.lease import Lease
@@ -143,7 +143,7 @@ def _harvest_leased(cfg: HarvestConfig, progress: bool, model: HookedModel | Non
     if existing is None:
         with location.storage_errors(cfg.out, "creating"):
             if replace and location.exists(cfg.out):
-                location.remove(cfg.out)
+                outputs.remove_output(cfg.out, outputs.STORE)
             store = ActivationStore.create(cfg.out, manifest)
         store.before_commit = lease.check
     with location.storage_errors(cfg.out, "writing"):
@@ -261,11 +261,17 @@ def _validate(cfg: HarvestConfig) -> int:
             raise UserError(f"the {what} must be at least {lo} (got {v})")
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
+    outputs.check_destination(cfg.out, outputs.STORE, inputs=_local_inputs(cfg), replace=cfg.overwrite)
     if not location.is_remote(cfg.out):
         parent = location.local_path(cfg.out).parent
         if not parent.is_dir():
             raise UserError(f"cannot write {cfg.out}: the folder {parent} does not exist")
     return n_tokens
+
+
+def _local_inputs(cfg: HarvestConfig) -> list[str]:
+    """The local files a harvest reads (its dataset, a model folder): never its output's place."""
+    return [p for p in (cfg.dataset, cfg.model, cfg.tokenizer) if p and os.path.exists(str(p))]
 
 
 def _existing_store(cfg: HarvestConfig) -> tuple[ActivationStore | None, bool]:
@@ -274,6 +280,7 @@ def _existing_store(cfg: HarvestConfig) -> tuple[ActivationStore | None, bool]:
     if not location.exists(cfg.out):
         return None, False
     if cfg.overwrite:
+        outputs.check_destination(cfg.out, outputs.STORE, inputs=_local_inputs(cfg), replace=True)
         return None, True
     if not cfg.resume:
         raise UserError(f"{cfg.out} already exists: pass --resume to continue that harvest, "

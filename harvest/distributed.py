@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from ..common import location
+from ..common import location, outputs
 from ..common.distributed import Ranks, ranks_from_env
 from ..common.errors import UserError
 from ..common.lease import Lease
@@ -117,7 +117,7 @@ def _harvest(cfg: HarvestConfig, ranks: Ranks, progress: bool, model: HookedMode
             lease.check()
             with location.storage_errors(cfg.out, "creating"):
                 if (replace or existing is not None) and location.exists(cfg.out):
-                    location.remove(cfg.out)
+                    outputs.remove_output(cfg.out, outputs.STORE)
                 store = ActivationStore.create(cfg.out, manifest)
         else:
             store = ActivationStore.open(cfg.out, "r+")

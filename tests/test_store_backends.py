@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from actcache import HarvestConfig, harvest, info, verify
-from actcache.common import location
+from actcache.common import location, outputs
 from actcache.common.errors import StoreError
 from actcache.common.lease import Lease, LeaseHeld, LeaseLost
 from actcache.common.manifest import DatasetInfo, HookInfo, Manifest, ModelInfo, TokenizerInfo
@@ -115,7 +115,7 @@ def test_a_store_round_trips(backend):
         assert not x.flags.writeable and not x.flags.owndata  # a view of the mapped file, read-only
     assert verify(url).ok
 
-    location.remove(url)
+    outputs.remove_output(url, outputs.STORE)  # --overwrite's deletion, on every backend
     assert not location.exists(url)
 
 

@@ -21,16 +21,13 @@ from typing import Any, Callable
 
 import torch
 
-from ..common import location
+from ..common import location, outputs
 from ..common.errors import UserError, first_line
 from ..common.manifest import first_difference
+from ..common.outputs import CHECKPOINT, PICKLE_CHECKPOINT, RUN_FILE
 
-CHECKPOINT = "checkpoint.safetensors"
-PICKLE_CHECKPOINT = "checkpoint.pt"  # what older versions wrote; refused, never unpickled
-RUN_FILE = "run.json"
 FORMAT = "actcache-checkpoint"
 FORMAT_VERSION = 1
-LOCK_NAME_SUFFIX = ".actcache-lock"
 
 
 # ---------------------------------------------------------------------- writing files
@@ -170,14 +167,13 @@ def load_checkpoint(out: Path) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------- the output folder
-def check_output(out: Path, resume: bool, overwrite: bool) -> None:
+def check_output(out: Path, resume: bool, overwrite: bool, inputs: tuple = ()) -> None:
     """Refusals that need no lease (so a refused run creates nothing)."""
     out = Path(out)
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder")
-    if out.is_dir() and not (out / RUN_FILE).is_file() and _has_entries(out):
+    outputs.check_destination(out, outputs.RUN, inputs=inputs, replace=overwrite)
+    if out.is_dir() and not outputs.is_run(out) and _has_entries(out):
         raise UserError(f"{out} is not empty and holds no actcache run; choose an empty or new --out folder")
 
 
@@ -186,14 +182,15 @@ def prepare_output(out: Path, run: dict[str, Any], resume: bool, overwrite: bool
     run to continue.
 
     A folder that holds another run is refused unless resume is set and the run is the same one
-    (same config and store), or overwrite is set (the old run is deleted); a non-empty folder that
-    is not a run is always refused."""
+    (same config and store), or overwrite is set (the old run, and every result derived from it, is
+    deleted; a file the project did not write refuses that); a non-empty folder that is not a run is
+    always refused."""
     out = Path(out)
     check_output(out, resume, overwrite)
     run_file = out / RUN_FILE
     if run_file.is_file():
         if overwrite:
-            _empty_folder(out)
+            outputs.remove_output(out, outputs.RUN)
         else:
             try:
                 previous = json.loads(run_file.read_text())
@@ -204,6 +201,9 @@ def prepare_output(out: Path, run: dict[str, Any], resume: bool, overwrite: bool
                                 "--overwrite to start it again, or choose another --out")
             if previous != run:
                 where, was, now = first_difference(previous, run)
+                if where == "world_size":
+                    raise UserError(f"{out} was trained by {was or 1} ranks (world_size {was or 1}, now {now or 1}): "
+                                    f"rerun with {was or 1} ranks to resume it, or --overwrite it")
                 diff = f"{where or 'run'}: was {was!r}, now {now!r}"
                 raise UserError(f"{out} holds a different run ({diff}); resume it with its own config and store, "
                                 "--overwrite it, or choose another --out")
@@ -217,18 +217,6 @@ def prepare_output(out: Path, run: dict[str, Any], resume: bool, overwrite: bool
 
 
 def _has_entries(folder: Path) -> bool:
-    return any(not p.name.endswith(LOCK_NAME_SUFFIX) for p in folder.iterdir())
-
-
-def _empty_folder(folder: Path) -> None:
-    """Delete what a previous run left in `folder` (run.json last, so a kill midway leaves a run)."""
-    import shutil
-
-    entries = sorted(folder.iterdir(), key=lambda p: p.name == RUN_FILE)
-    for p in entries:
-        if p.name.endswith(LOCK_NAME_SUFFIX):
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
+    """Whether a folder holds anything besides a lease and the run.json that a run starting there
+    is writing (its lease, taken next, says who that is)."""
+    return any(not p.name.endswith(outputs.LOCK_SUFFIX) and p.name != RUN_FILE + ".tmp" for p in folder.iterdir())

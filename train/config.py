@@ -30,7 +30,7 @@ from ..common.errors import UserError
 from ..common.manifest import special_token_ids
 from ..common.progress import log
 from .architectures import ARCHITECTURES, COMMON_KEYS, Key, SAEConfig, all_sae_keys, get_architecture
-from .checkpoint import CHECKPOINT, RUN_FILE
+from ..common.outputs import RUN_FILES
 from .loader import training_chunks
 
 if sys.version_info >= (3, 11):
@@ -40,11 +40,9 @@ else:  # pragma: no cover
 
 __all__ = ["SAEConfig", "SweepConfig", "load_config", "parse_config", "resolve", "sweep_keys", "readme_tables"]
 
-SUMMARY_FILES = ("summary.json", "summary.md", "frontier.png")
 # an SAE's folder sits beside the run's own files: its name must not be one of them (compared
 # case-insensitively, as macOS and Windows file systems do), nor start like one
-RUN_FILES = (CHECKPOINT, CHECKPOINT + ".tmp", RUN_FILE, "metrics.jsonl") + SUMMARY_FILES
-_RUN_PREFIXES = ("checkpoint", "summary", "run.", "frontier.")
+_RUN_PREFIXES = ("checkpoint", "summary", "run.", "frontier", "rank-")
 TABLES = ("defaults", "sae", "grid")
 _SHORT = {"k": "k", "expansion": "x", "d_sae": "d", "l1_coefficient": "l1_", "l0_coefficient": "l0_", "lr": "lr",
           "hook": "", "hook_out": "to-"}

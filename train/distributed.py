@@ -16,10 +16,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ..common.outputs import rank_dir
+from .architectures import get_architecture
 from .config import SAEConfig, SweepConfig
 
-SPARSE_DECODERS = ("topk", "batchtopk", "matryoshka_batchtopk")  # decode only the k active latents (by prefix)
-ENCODERS = {"gated": 2}  # encoder matrices per architecture (1 when not listed)
 ADAM_COST = 12  # flops per parameter of one fused Adam step, next to 2 per multiply-add of a matmul
 
 
@@ -30,8 +30,9 @@ def step_cost(c: SAEConfig, batch_size: int) -> float:
     d_in, d_sae = int(c.d_in), int(c.d_sae)
     d_out = int(getattr(c, "d_out", None) or d_in)  # a transcoder's decoder writes another hook
     k = getattr(c, "k", None)
-    dec = min(int(k), d_sae) if c.architecture.startswith(SPARSE_DECODERS) and k else d_sae
-    matmul = 2 * 3 * batch_size * (ENCODERS.get(c.architecture, 1) * d_in * d_sae + dec * d_out)
+    arch = get_architecture(c.architecture)
+    dec = min(int(k), d_sae) if arch.sparse_decoder and k else d_sae
+    matmul = 2 * 3 * batch_size * (arch.encoder_matrices * d_in * d_sae + dec * d_out)
     return float(matmul + ADAM_COST * (d_in + d_out) * d_sae)
 
 
@@ -54,7 +55,7 @@ def share(cfg: SweepConfig, rank: int, world: int) -> SweepConfig:
 
 
 def checkpoint_dir(out: Path, rank: int, world: int) -> Path:
-    return Path(out) / f"rank-{rank}-of-{world}"
+    return rank_dir(out, rank, world)
 
 
 def merge_rows(cfg: SweepConfig, per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:

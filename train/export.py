@@ -21,8 +21,9 @@ from ..common.metrics import Metrics
 from ..common.progress import log
 from ..common.store import ActivationStore
 
+from ..common.outputs import SUMMARY_FILES, remove_derived
 from .architectures import TrainingSAE
-from .config import SUMMARY_FILES, SweepConfig
+from .config import SweepConfig
 from .loader import ActivationLoader, held_out_ranges
 from ..common.sae import SAE, SAELENS_FORMAT_VERSION, SPARSITY_FILENAME, Metadata, SAEConfig, write_safetensors
 
@@ -144,6 +145,7 @@ def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, dev
 
 
 def write_sae_folder(sae: SAE, folder: Path, log10_density: torch.Tensor) -> None:
+    remove_derived(folder)  # results measured on weights these replace
     sae.save_model(folder)
     write_safetensors({"sparsity": log10_density.contiguous()}, Path(folder) / SPARSITY_FILENAME)
 

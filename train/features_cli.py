@@ -38,8 +38,6 @@ def features_command(ctx: click.Context, run: str, out: str, store: str | None, 
                      device: str | None, no_progress: bool) -> None:
     """Top-activating contexts of every latent of a run's SAEs, from one pass over the store (no
     model), and a static feature browser: open OUT/index.html."""
-    if Path(out).exists() and not overwrite:
-        raise UserError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
     try:
         n_tokens = parse_count(tokens) if tokens is not None else None
     except ValueError:

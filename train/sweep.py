@@ -67,7 +67,7 @@ def _train_sweep(ranks: Ranks, store_url: str, config: str | Path | dict | Sweep
         if not store.manifest.complete and ranks.is_root:
             log.warning(f"the store {store_url} is not complete; training on its {store.n_committed} committed chunks")
         dev = pick_device(ranks.device(device))
-        check_output(out, resume, overwrite)
+        check_output(out, resume, overwrite, inputs=(str(store_url),))
         return cfg, store, dev
 
     cfg, store, dev = ranks.agree(setup)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..common.errors import UserError
+from ..common.outputs import METRICS_FILE
 from ..common.progress import log, token_bar
 from ..common.seeding import generator
 
@@ -110,7 +111,7 @@ class Trainer:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         for m in self.members:
             (self.out / m.cfg.name).mkdir(parents=True, exist_ok=True)
-            m.metrics_path = self.out / m.cfg.name / "metrics.jsonl"
+            m.metrics_path = self.out / m.cfg.name / METRICS_FILE
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

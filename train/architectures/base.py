@@ -292,6 +292,8 @@ class TrainingSAE(nn.Module):
     keys: tuple[Key, ...] = ()
     takes_k = False
     uses_auxk = False
+    encoder_matrices = 1  # d_in x d_sae matrices its encoder multiplies by (a step's cost, train/distributed.py)
+    sparse_decoder = False  # decodes only the k active latents of each token (likewise)
     saelens_architecture = "standard"
     inference_form: InferenceForm | None = None  # a new SAELens form this architecture exports as
     unit_norm_decoder = False

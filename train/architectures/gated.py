@@ -16,6 +16,7 @@ class GatedSAE(TrainingSAE):
     (with r_mag compensating) would dodge the L1 penalty."""
 
     architecture = "gated"
+    encoder_matrices = 2  # the gate and the magnitude paths
     help = "a gate path picks the latents, a magnitude path sizes them"
     keys = (Key("l1_coefficient", "float", 5.0, "weight of the L1 penalty on the gate path", low=0),
             SPARSITY_WARMUP_KEY)

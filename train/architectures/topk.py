@@ -26,6 +26,7 @@ class TopKSAE(TrainingSAE):
     left as they are."""
 
     architecture = "topk"
+    sparse_decoder = True
     help = "the k largest latents of each token"
     takes_k = True
     uses_auxk = True

@@ -12,8 +12,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,17 +21,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ...common import location
+from ...common import location, outputs
 from ...common.device import pick_device
 from ...common.errors import StoreError, UserError, first_line
 from ...common.manifest import special_token_ids
 from ...common.metrics import density_histogram
 from ...common.progress import log, token_bar
 from ...common.store import ActivationStore
-from ...common.sae import CFG_FILENAME, SAE
+from ...common.sae import SAE
 from .contexts import LatentAccumulator, LatentStats, logit_effects
 
-FORMAT = "actcache-features"
+FORMAT = outputs.FEATURES_FORMAT
 FORMAT_VERSION = 1
 # hooks whose space is the residual stream, where W_dec @ W_U reads as direct logit effects
 ModelLoader = Callable[[str, "str | None"], "tuple[torch.Tensor | None, Any]"]
@@ -63,12 +61,10 @@ def find_saes(run: str | Path, names: list[str] | tuple[str, ...] | None = None)
     run = Path(run)
     if not run.is_dir():
         raise UserError(f"run folder {run} does not exist")
-    if (run / CFG_FILENAME).is_file():
-        found = {run.name: run}
-    else:
-        found = {p.name: p for p in sorted(run.iterdir()) if p.is_dir() and (p / CFG_FILENAME).is_file()}
+    found = {p.name: p for p in outputs.sae_folders(run)}
     if not found:
-        raise UserError(f"{run} holds no SAE folder (a folder with {CFG_FILENAME}); pass a training run's --out folder")
+        raise UserError(f"{run} holds no SAE folder (a folder with {outputs.CFG_FILENAME} and "
+                        f"{outputs.WEIGHTS_FILENAME}); pass a training run's --out folder")
     if names:
         missing = [n for n in names if n not in found]
         if missing:
@@ -77,16 +73,7 @@ def find_saes(run: str | Path, names: list[str] | tuple[str, ...] | None = None)
     return found
 
 
-def _run_meta(run: Path) -> dict[str, Any]:
-    meta: dict[str, Any] = {}
-    for name in ("run.json", "summary.json"):
-        p = run / name
-        if p.is_file():
-            try:
-                meta = {**json.loads(p.read_text()), **meta}
-            except (OSError, ValueError):
-                continue
-    return meta
+_run_meta = outputs.run_meta
 
 
 def resolve_store(run: Path, store: str | None, meta: dict[str, Any]) -> ActivationStore:
@@ -352,8 +339,6 @@ def write_features(run: str | Path, out: str | Path, store: str | None = None, s
     once the inputs are checked, when neither of the two is given (the command line passes one that
     loads the model the store's manifest names, or the SAE's metadata.model_spec)."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
     if top < 1:
         raise UserError(f"--top must be at least 1, got {top}")
     opts = options or FeatureOptions()
@@ -362,6 +347,21 @@ def write_features(run: str | Path, out: str | Path, store: str | None = None, s
     folders = find_saes(run, saes)
     meta = _run_meta(run)
     st = resolve_store(run, store, meta)
+    outputs.check_destination(out, outputs.FEATURES, inputs=[run, st.url, *folders.values()], replace=overwrite)
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it (only a features output is replaced), "
+                        "or choose another --out")
+    with outputs.lease(out, "features", takeover=True), outputs.publish(out, outputs.FEATURES, replace=overwrite) as tmp:
+        return _write_features(tmp, folders, meta, st, tokens, held_out, unembedding, tokenizer, model_loader,
+                               device, progress, site, opts)
+
+
+def _write_features(tmp: Path, folders: dict[str, Path], meta: dict[str, Any], st: ActivationStore,
+                    tokens: int | None, held_out: bool, unembedding: torch.Tensor | None, tokenizer: Any,
+                    model_loader: ModelLoader | None, device: str | None, progress: bool, site: bool,
+                    opts: FeatureOptions) -> dict[str, Any]:
+    """write_features into the temporary folder `tmp`, which publish() then renames into place."""
+    digests = {n: outputs.sae_digest(p) for n, p in folders.items()}
     loaded = {n: SAE.load_from_disk(p) for n, p in folders.items()}
     hooks = {n: sae_hook(n, s, st) for n, s in loaded.items()}
     a, b, what = choose_sequences(st, held_out, tokens, meta)
@@ -379,73 +379,65 @@ def write_features(run: str | Path, out: str | Path, store: str | None = None, s
     seconds = time.perf_counter() - t0
 
     metrics = {r["name"]: r for r in meta.get("saes", []) if isinstance(r, dict) and "name" in r}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        vocab_ids: set[int] = set()
-        entries = []
-        for name, sae in loaded.items():
-            logits = None
-            if unembedding is not None:
-                if not RESIDUAL_HOOKS.search(hooks[name]) or unembedding.shape[0] != sae.cfg.d_in:
-                    log.info(f"no logit effects for {name}: {hooks[name]} is not a residual-stream hook of width "
-                             f"{unembedding.shape[0]}")
-                else:
-                    logits = logit_effects(sae.W_dec.detach(), unembedding.to(dev), opts.n_logits)
-            recs = latent_records(stats[name], st, opts, logits)
-            folder = _safe_name(name)
-            base = tmp / "saes" / folder
-            for i in range(0, len(recs), opts.block):
-                _write_data(base / "blocks" / f"{i // opts.block:05d}", f"{folder}/{i // opts.block}",
-                            {"sae": name, "start": i, "stop": min(i + opts.block, len(recs)),
-                             "latents": recs[i:i + opts.block]})
-            for r in recs:
-                for e in r["top"] + [x for q in r["quantiles"] for x in q["examples"]]:
-                    vocab_ids.update(e["tokens"])
-                if r["logits"]:
-                    vocab_ids.update(t for t, _ in r["logits"]["positive"] + r["logits"]["negative"])
-            density = np.array([r["density"] for r in recs])
-            index = {
-                "sae": name, "density": [r["density"] for r in recs], "max_act": [r["max_act"] for r in recs],
-                "mean_act": [r["mean_act"] for r in recs],
-                "top_token": [r["top_tokens"][0][0] if r["top_tokens"] else None for r in recs],
-                "token_latents": _token_index(recs),
-            }
-            _write_data(base / "latents", f"{folder}/latents", index)
-            s = stats[name]
-            entries.append({
-                "name": name, "folder": f"saes/{folder}", "hook": hooks[name], "architecture": sae.cfg.architecture,
-                "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "n_blocks": -(-len(recs) // opts.block),
-                "l0": float(s.count.sum()) / max(s.n_tokens, 1), "dead_fraction": float((density == 0).mean()),
-                "logit_effects": logits is not None, "density_histogram": _density_histogram(density),
-                "training_metrics": {k: v for k, v in metrics.get(name, {}).items()
-                                     if k in ("l0", "fvu", "explained_variance", "mse", "dead_fraction_eval", "k")},
-            })
-        vocab = _token_strings(vocab_ids, tokenizer) if tokenizer is not None else None
-        if vocab is not None:
-            _write_data(tmp / "vocab", "vocab", vocab)
-        n_tokens = next(iter(stats.values())).n_tokens
-        summary = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "store": st.url,
-            "store_fingerprint": st.manifest.fingerprint, "model": st.manifest.model.name,
-            "sequences": [a, b], "range": what, "n_tokens": n_tokens,
-            "special_tokens_skipped": special_ids(st) if opts.skip_special_tokens else [],
-            "top": opts.top, "window": [opts.window_before, opts.window_after], "histogram_bins": opts.n_bins,
-            "quantile_groups": opts.n_groups, "per_group": opts.per_group, "block": opts.block,
-            "vocab": "vocab.json" if vocab is not None else None, "seconds": seconds,
-            "tokens_per_s": n_tokens / seconds if seconds else None, "saes": entries,
+    vocab_ids: set[int] = set()
+    entries = []
+    for name, sae in loaded.items():
+        logits = None
+        if unembedding is not None:
+            if not RESIDUAL_HOOKS.search(hooks[name]) or unembedding.shape[0] != sae.cfg.d_in:
+                log.info(f"no logit effects for {name}: {hooks[name]} is not a residual-stream hook of width "
+                         f"{unembedding.shape[0]}")
+            else:
+                logits = logit_effects(sae.W_dec.detach(), unembedding.to(dev), opts.n_logits)
+        recs = latent_records(stats[name], st, opts, logits)
+        folder = _safe_name(name)
+        base = tmp / "saes" / folder
+        for i in range(0, len(recs), opts.block):
+            _write_data(base / "blocks" / f"{i // opts.block:05d}", f"{folder}/{i // opts.block}",
+                        {"sae": name, "start": i, "stop": min(i + opts.block, len(recs)),
+                         "latents": recs[i:i + opts.block]})
+        for r in recs:
+            for e in r["top"] + [x for q in r["quantiles"] for x in q["examples"]]:
+                vocab_ids.update(e["tokens"])
+            if r["logits"]:
+                vocab_ids.update(t for t, _ in r["logits"]["positive"] + r["logits"]["negative"])
+        density = np.array([r["density"] for r in recs])
+        index = {
+            "sae": name, "density": [r["density"] for r in recs], "max_act": [r["max_act"] for r in recs],
+            "mean_act": [r["mean_act"] for r in recs],
+            "top_token": [r["top_tokens"][0][0] if r["top_tokens"] else None for r in recs],
+            "token_latents": _token_index(recs),
         }
-        _write_data(tmp / "features", "features", summary)
-        if site:
-            from .browser import write_site
+        _write_data(base / "latents", f"{folder}/latents", index)
+        s = stats[name]
+        entries.append({
+            "name": name, "folder": f"saes/{folder}", "sae_path": str(folders[name]),
+            "sae_digest": digests[name], "hook": hooks[name], "architecture": sae.cfg.architecture,
+            "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "n_blocks": -(-len(recs) // opts.block),
+            "l0": float(s.count.sum()) / max(s.n_tokens, 1), "dead_fraction": float((density == 0).mean()),
+            "logit_effects": logits is not None, "density_histogram": _density_histogram(density),
+            "training_metrics": {k: v for k, v in metrics.get(name, {}).items()
+                                 if k in ("l0", "fvu", "explained_variance", "mse", "dead_fraction_eval", "k")},
+        })
+    vocab = _token_strings(vocab_ids, tokenizer) if tokenizer is not None else None
+    if vocab is not None:
+        _write_data(tmp / "vocab", "vocab", vocab)
+    n_tokens = next(iter(stats.values())).n_tokens
+    summary = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "store": st.url,
+        "store_fingerprint": st.manifest.fingerprint, "model": st.manifest.model.name,
+        "sequences": [a, b], "range": what, "n_tokens": n_tokens,
+        "special_tokens_skipped": special_ids(st) if opts.skip_special_tokens else [],
+        "top": opts.top, "window": [opts.window_before, opts.window_after], "histogram_bins": opts.n_bins,
+        "quantile_groups": opts.n_groups, "per_group": opts.per_group, "block": opts.block,
+        "vocab": "vocab.json" if vocab is not None else None, "seconds": seconds,
+        "tokens_per_s": n_tokens / seconds if seconds else None, "saes": entries,
+    }
+    _write_data(tmp / "features", "features", summary)
+    if site:
+        from .browser import write_site
 
-            write_site(tmp, summary)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_site(tmp, summary)
     return summary
 
 
@@ -459,8 +451,19 @@ def _token_index(recs: list[dict[str, Any]]) -> dict[str, list[int]]:
 
 
 def load_features(out: str | Path) -> dict[str, Any]:
-    """The features.json of an output folder."""
-    p = Path(out) / "features.json"
+    """The features.json of an output folder. Each SAE's entry gets "stale": true (and a warning) when
+    the weights in its folder are no longer the ones it measured (or the folder is gone)."""
+    p = Path(out) / outputs.FEATURES_FILE
     if not p.is_file():
         raise UserError(f"{out} holds no features.json; run `actcache features` first")
-    return json.loads(p.read_text())
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p} cannot be read ({first_line(e)}); rerun `actcache features` with --overwrite") from None
+    for entry in data.get("saes", []):
+        folder = entry.get("sae_path")
+        entry["stale"] = not (folder and outputs.is_current(entry, folder))
+        if entry["stale"]:
+            log.warning(f"the features of {entry.get('name')} in {out} measured other weights than those now in "
+                        f"{folder or 'its folder'}: rerun `actcache features` with --overwrite")
+    return data
