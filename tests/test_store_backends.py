@@ -5,6 +5,7 @@ keeps a second writer out."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,22 +42,35 @@ class Backend:
     def env(self) -> dict[str, str]:
         return {**env(), **(self.s3.env if self.s3 else {})}
 
-    def _key(self, url: str, array: str, j: int) -> str:
-        return f"{url.split('/', 3)[3]}/{array}/c/{j}/0"  # zarr v3's default chunk key: c/<row chunk>/<col chunk>
+    def _key(self, url: str, array: str, j: int) -> tuple[str, str]:
+        bucket, prefix = url[len("s3://"):].split("/", 1)
+        return bucket, f"{prefix}/{array}/c/{j}/0"  # zarr v3's default chunk key: c/<row chunk>/<col chunk>
+
+    def copy(self, src: str, dst: str) -> None:
+        """Copy a store object by object (file by file), as a user copying it would."""
+        if self.s3 is None:
+            shutil.copytree(src, dst)
+            return
+        c = self.s3.client
+        sb, sp = src[len("s3://"):].split("/", 1)
+        db, dp = dst[len("s3://"):].split("/", 1)
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=sb, Prefix=sp + "/"):
+            for o in page.get("Contents", []):
+                c.copy_object(CopySource={"Bucket": sb, "Key": o["Key"]}, Bucket=db, Key=dp + o["Key"][len(sp):])
 
     def damage(self, url: str, array: str, j: int, how: str) -> None:
         """Delete a stored chunk, cut it in half, flip one bit of it, or empty it."""
         if self.s3 is None:
             damage_chunk(Path(url) / array / "c" / str(j) / "0", how)
             return
-        c, key = self.s3.client, self._key(url, array, j)
-        raw = c.get_object(Bucket=self.s3.bucket, Key=key)["Body"].read()
+        c, (bucket, key) = self.s3.client, self._key(url, array, j)
+        raw = c.get_object(Bucket=bucket, Key=key)["Body"].read()
         if how == "deleted":
-            c.delete_object(Bucket=self.s3.bucket, Key=key)
+            c.delete_object(Bucket=bucket, Key=key)
             return
         new = {"truncated": raw[: len(raw) // 2], "flipped byte": raw[:20] + bytes([raw[20] ^ 0x10]) + raw[21:],
                "empty": b""}[how]
-        c.put_object(Bucket=self.s3.bucket, Key=key, Body=new)
+        c.put_object(Bucket=bucket, Key=key, Body=new)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -184,11 +198,26 @@ def test_an_interrupted_harvest_resumes_to_the_same_store(backend, token_file, u
 
 
 # ------------------------------------------------------------------------------------------- damage
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """A store written once per backend for the damage tests, each of which damages a copy of it."""
+    made = {}
+
+    def get(backend: Backend) -> str:
+        if backend.kind not in made:
+            root = backend.root if backend.s3 else str(tmp_path_factory.mktemp("pristine"))
+            made[backend.kind] = f"{root}/pristine-{backend.kind}.zarr"
+            _write(made[backend.kind], backend.codec)
+        return made[backend.kind]
+    return get
+
+
 @pytest.mark.parametrize("array", ["activations", "tokens"])
 @pytest.mark.parametrize("damage", ["deleted", "truncated", "flipped byte", "empty"])
-def test_a_damaged_committed_chunk_is_one_store_error_line(backend, damage, array):
+def test_a_damaged_committed_chunk_is_one_store_error_line(backend, pristine, damage, array):
     url = backend.url("damaged.zarr")
-    _write(url, backend.codec)
+    backend.copy(pristine(backend), url)
+    assert verify(url).ok
     name = f"activations/{HOOK}" if array == "activations" else "tokens"
     backend.damage(url, name, 0, damage)
     store = ActivationStore.open(url)  # open() reads no chunk data

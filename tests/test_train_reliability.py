@@ -346,7 +346,7 @@ def s3_store():
             mp.setenv(k, v)
         url = "s3://train-rel/s.zarr"
         make_store(url, d=8, n_features=16, n_sequences=128, context_size=16, chunk_sequences=16)  # 8 chunks
-        yield {"server": server, "url": url}
+        yield {"server": server, "url": url, "endpoint": server.endpoint}
 
 
 def test_s3_endpoint_dying_during_training_is_one_line_and_resume_completes(s3_store, tmp_path):
@@ -411,9 +411,10 @@ def test_s3_server_restarting_during_training_is_retried_and_the_run_is_bitwise_
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_s3_location_problems_at_the_start_are_one_line_before_any_work(s3, tmp_path):
+def test_s3_location_problems_at_the_start_are_one_line_before_any_work(s3_store, tmp_path):
     import urllib.request
 
+    s3 = s3_store
     cfg = write_sweep(config(), tmp_path / "sweep.toml")
     closed = f"http://127.0.0.1:{_closed_port()}"
     cases = {
