@@ -81,13 +81,25 @@ def _backends() -> list[str]:
     return ["fsspec"] + (["obstore"] if importlib.util.find_spec("obstore") else [])
 
 
+@pytest.fixture(scope="module")
+def s3_store(s3_server):
+    """The local store's twin (the same arguments) on the session's S3 server, written once for both
+    zarr backends (writes go through s3fs either way)."""
+    s3_server.client.create_bucket(Bucket="bench-read")
+    url = "s3://bench-read/acts.zarr"
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in s3_server.env.items():
+            mp.setenv(k, v)
+        make_store(url, d=32, n_sequences=256, context_size=32, chunk_sequences=16)
+    return url
+
+
 @pytest.mark.parametrize("backend", _backends())
-def test_bench_read_over_s3(local_store, backend, monkeypatch, s3):
+def test_bench_read_over_s3(local_store, s3_store, backend, monkeypatch, s3):
     """The same store on an S3 server on loopback (moto): the loader gets exactly the local batches
     through either zarr backend, and bench-read reports the same compression ratio and sane rates."""
     monkeypatch.setenv("ACTCACHE_S3_BACKEND", backend)
-    url = f"{s3.url}/acts.zarr"
-    make_store(url, d=32, n_sequences=256, context_size=32, chunk_sequences=16)
+    url = s3_store
     store = location.open_store(url, read_only=True)
     assert type(store).__name__ == ("ObjectStore" if backend == "obstore" else "FsspecStore")
     remote = ActivationLoader(url, HOOK, 512, seed=3, window_chunks=4, threads=2)
