@@ -19,11 +19,11 @@ def test_lock_lives_beside_what_it_guards(tmp_path):
 def test_s3_lease_of_a_silent_holder_on_another_host_expires_after_its_ttl(s3):
     url = f"{s3.url}/run2.zarr"
     ghost = Lease(url, "train")
-    ghost.holder.update(host="elsewhere", pid=1, ttl=1.0)
+    ghost.holder.update(host="elsewhere", pid=1, ttl=3.0)  # long enough that a busy machine asks within it
     ghost._write_remote()
     with pytest.raises(LeaseHeld, match="on elsewhere"):
         Lease.acquire(url, "train", takeover=True)
-    time.sleep(1.2)
+    time.sleep(3.2)
     Lease.acquire(url, "train", takeover=True).release()
 
 
