@@ -118,7 +118,8 @@ def main() -> None:
         import errno
 
         if e.errno == errno.ENOSPC:
-            click.echo("actcache: error: no space left on the device; free some space and rerun with --resume", err=True)
+            hint = "rerun with --resume" if _command() in RESUMABLE else "rerun the same command"
+            click.echo(f"actcache: error: no space left on the device; free some space and {hint}", err=True)
             sys.exit(3)
         raise
 
@@ -126,9 +127,12 @@ def main() -> None:
 RESUMABLE = ("harvest", "train")  # the commands that take --resume
 
 
+def _command() -> str | None:
+    return next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+
+
 def _interrupted() -> None:
-    command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
-    hint = "; rerun with --resume to continue" if command in RESUMABLE else ""
+    hint = "; rerun with --resume to continue" if _command() in RESUMABLE else ""
     click.echo(f"actcache: interrupted{hint}", err=True)
     sys.exit(130)
 

@@ -7,6 +7,8 @@ import json
 
 import click
 
+from .common.commands import storage_option
+
 
 @click.command("eval")
 @click.argument("runs_or_saes", nargs=-1)
@@ -23,28 +25,34 @@ import click
 @click.option("--include-special-tokens", is_flag=True, help="Replace and score BOS/EOS/pad positions too.")
 @click.option("--force", is_flag=True, help="Evaluate with a model other than the store's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
+@storage_option
 def eval_command(runs_or_saes, sae_dirs, store, model, tokens, batch_size, device, dtype, held_out,
-                 include_special_tokens, force, as_json) -> None:
+                 include_special_tokens, force, as_json, storage_options) -> None:
     """Splice each SAE of RUNS_OR_SAES (run folders or SAE folders) into the model on held-out token
     windows of the store and report CE loss score, KL and activation metrics; writes eval.json in each
     SAE folder and the columns in the run's summary."""
     from .common.progress import parse_count
-    from .evaluate import evaluate, records_table
+    from .evaluate import evaluate, non_finite_error, records_table
 
     from .common.errors import UserError
 
     try:
         n = parse_count(tokens) if tokens else None
-    except ValueError:
+    except (ValueError, OverflowError):
         raise UserError(f"--tokens {tokens!r} is not a count (e.g. 4096 or 16k)") from None
+    if n is not None and n < 1:
+        raise UserError(f"--tokens {tokens}: give a positive number of tokens to score (e.g. 16k)")
     records = evaluate(runs_or_saes, sae_dirs=sae_dirs, store=store, model=model, tokens=n, batch_size=batch_size,
                        device=device, dtype=dtype, held_out=held_out, include_special_tokens=include_special_tokens,
-                       force=force, write=True)
+                       force=force, write=True, storage_options=list(storage_options))
     if as_json:
-        click.echo(json.dumps(records, indent=2))
-        return
-    click.echo(records_table(records))
-    r = records[0]
-    s = r["sequences_scored"]
-    click.echo(f"\n{r['ce_tokens']} token positions of sequences {s['start_sequence']}:{s['stop_sequence']} of "
-               f"{r['store']} (fingerprint {r['store_fingerprint']}); eval.json in each SAE folder")
+        click.echo(json.dumps(records, indent=2, allow_nan=False))
+    else:
+        click.echo(records_table(records))
+        r = records[0]
+        s = r["sequences_scored"]
+        click.echo(f"\n{r['ce_tokens']} token positions of sequences {s['start_sequence']}:{s['stop_sequence']} of "
+                   f"{r['store']} (fingerprint {r['store_fingerprint']}); eval.json in each SAE folder")
+    bad = non_finite_error(records)
+    if bad is not None:
+        raise bad

@@ -12,7 +12,6 @@ compare only when those agree."""
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,32 +251,52 @@ def windows(store: Any, rng: tuple[int, int], tokens: int | None) -> tuple[np.nd
     a, b = rng
     if tokens is not None:
         b = min(b, a + max(1, -(-int(tokens) // ctx)))
-    toks = np.asarray(store.tokens[a:b])
+    toks = store.read_token_rows(a, b)  # each chunk checked present: never zeros for a missing one
     return toks, (a, b)
 
 
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
+def _clean(rec: dict[str, Any]) -> dict[str, Any]:
+    """The record with null for each non-finite metric, named in rec["non_finite"] (empty when all are)."""
+    from .common.finite import finite_json
+
+    clean, bad = finite_json(rec)
+    clean["non_finite"] = bad
+    return clean
+
+
+def non_finite_error(records: Sequence[dict[str, Any]]) -> "UserError | None":
+    """The error to exit with when a record holds non-finite metrics (written as null, flagged), else None."""
+    from .common.finite import NonFiniteResult, describe
+
+    bad = [f"{r['name']} ({describe(r['non_finite'])})" for r in records if r.get("non_finite")]
+    if not bad:
         return None
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    return v
+    return NonFiniteResult(f"non-finite metrics (NaN or infinity, recorded as null) for {'; '.join(bad)}: the "
+                           "SAE's output overflows or the activations hold non-finite values")
 
 
 def evaluate(run_or_sae_folders: Sequence[str | os.PathLike] = (), *, sae_dirs: Sequence[str | os.PathLike] = (),
              store: str | None = None, model: str | Any | None = None, tokens: int | None = None,
              batch_size: int = 8, device: str | None = None, include_special_tokens: bool = False,
              held_out: str | tuple[int, int] | None = None, force: bool = False, dtype: str = "float32",
-             write: bool = False) -> list[dict[str, Any]]:
+             write: bool = False, storage_options: "dict | list[str] | None" = None) -> list[dict[str, Any]]:
     """Evaluate every SAE of the run folders, SAE folders and sae_dirs on held-out windows of a store.
 
     store: the store URL (default: the run's). model: a model spec or a loaded HookedModel (default:
     the model the store was harvested from). tokens: at most this many tokens scored.
     held_out: 'START:STOP' in sequences (default: the store's held-out part). force: accept a model
     other than the store's. write: also write eval.json per SAE and the run's summary columns.
+    storage_options: fsspec options for an s3:// store (key=value strings or a dict; see --storage-option).
     Returns one record per SAE (see docs/cli.md, "Evaluate", for the fields)."""
+    from .common import location
+
+    with location.storage_options(storage_options):
+        return _evaluate(run_or_sae_folders, sae_dirs, store, model, tokens, batch_size, device,
+                         include_special_tokens, held_out, force, dtype, write)
+
+
+def _evaluate(run_or_sae_folders, sae_dirs, store, model, tokens, batch_size, device, include_special_tokens,
+              held_out, force, dtype, write) -> list[dict[str, Any]]:
     from .common.store import ActivationStore
     from .harvest.evaluate import downstream_metrics
     from .common.device import pick_device
@@ -287,8 +306,13 @@ def evaluate(run_or_sae_folders: Sequence[str | os.PathLike] = (), *, sae_dirs: 
 
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: give a positive number of sequences")
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+        raise UserError(f"--tokens {tokens}: give a positive number of tokens to score")
     device = str(pick_device(device))
     targets = find_targets(run_or_sae_folders, sae_dirs, device="cpu")
+    if write:  # where eval.json and the run's summary go, checked before the work
+        for folder in dict.fromkeys([t.folder for t in targets] + [t.run for t in targets if t.run is not None]):
+            outputs.probe_writable(folder, EVAL_FILE if folder in {t.folder for t in targets} else "the run's summary")
     info = run_info(targets)
     store_url = store or info.get("store")
     if not store_url:

@@ -57,7 +57,9 @@ def open_store(url: str | os.PathLike, read_only: bool = False, storage_options:
     try:
         if read_only and s.startswith("s3://") and s3_read_backend() == "obstore" and "profile" not in options:
             return _obstore_store(s, options)
-        return FsspecStore.from_url(s, storage_options=options, read_only=read_only)
+        store = FsspecStore.from_url(s, storage_options=options, read_only=read_only)
+        _bounded(store.fs)
+        return store
     except ImportError as e:
         raise UserError(f"cannot open {s}: {e}; install the S3 extra: pip install 'actcache[s3]'") from None
 
@@ -89,11 +91,12 @@ def _obstore_store(url: str, options: dict) -> Store:
     bucket, _, prefix = url[len("s3://"):].partition("/")
     names = {"endpoint_url": "endpoint", "key": "access_key_id", "secret": "secret_access_key",
              "token": "session_token", "region_name": "region", "anon": "skip_signature"}
-    config = {names.get(k, k): v for k, v in options.items()}
+    config = {names.get(k, k): v for k, v in options.items() if k != "config_kwargs"}
     endpoint = str(config.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL", ""))
-    client = {"allow_http": True} if endpoint.startswith("http://") else {}
+    bounds = obstore_options()
+    client = {**bounds["client_options"], **({"allow_http": True} if endpoint.startswith("http://") else {})}
     return ObjectStore(S3Store(bucket, prefix=prefix.strip("/") or None, client_options=client,
-                               retry_config=OBSTORE_RETRIES, **config), read_only=True)
+                               retry_config=bounds["retry_config"], **config), read_only=True)
 
 
 def exists(url: str | os.PathLike) -> bool:
@@ -132,7 +135,7 @@ def remote_fs(url: str | os.PathLike):
     except ImportError as e:
         raise UserError(f"cannot open {url}: {e}; install the S3 extra: pip install 'actcache[s3]'") from None
     fs.invalidate_cache()
-    return fs, path
+    return _bounded(fs), path
 
 
 def check_reachable(url: str | os.PathLike) -> None:
@@ -221,9 +224,10 @@ def storage_error(e: BaseException, url: str | os.PathLike, doing: str = "access
     if isinstance(e, UserError):
         return e
     kind, os_err = _failure_kind(e)
+    rerun = ("rerun the same command with --resume" if _RESUMABLE[0]
+             else "rerun the same command (it starts over)")
     if kind == "disk full":
-        return StorageFailure(f"disk full while {doing} {url} ({os_err.strerror}): free some space and rerun the "
-                              "same command with --resume")
+        return StorageFailure(f"disk full while {doing} {url} ({os_err.strerror}): free some space and {rerun}")
     if kind == "no bucket":
         return StorageFailure(f"the bucket of {url} does not exist: create it, or fix the URL")
     if kind == "denied":
@@ -232,11 +236,12 @@ def storage_error(e: BaseException, url: str | os.PathLike, doing: str = "access
     if kind == "unreachable":
         return StorageFailure(
             f"cannot reach the storage server while {doing} {url}: check that it is up and the endpoint "
-            "(AWS_ENDPOINT_URL or --storage-option endpoint_url=...) is right, then rerun (add --resume "
-            "where the work had begun)", transient=True)
+            "(AWS_ENDPOINT_URL or --storage-option endpoint_url=...) is right, then "
+            + ("rerun (add --resume where the work had begun)" if _RESUMABLE[0] else "rerun the same command"),
+            transient=True)
     culprit = os_err or e
     return StorageFailure(f"{doing} {url} failed ({type(culprit).__name__}: {first_line(culprit)}); fix the cause "
-                          "and rerun the same command with --resume", transient=kind == "other")
+                          f"and {rerun}", transient=kind == "other")
 
 
 # ---------------------------------------------------------------------- retries across brief outages
@@ -248,16 +253,63 @@ RETRY_SECONDS = 60.0
 RETRY_ENV = "ACTCACHE_STORAGE_RETRY_SECONDS"
 RETRY_OPTION = "retry_seconds"
 FIRST_WAIT, MAX_WAIT = 0.5, 8.0
-# obstore retries a request up to 10 times over up to 3 minutes by default, a second policy that the
-# budget above would not bound; left with a few quick retries (about a second, like botocore's), the
-# long wait is ours. (botocore's own retries are left as they are: AWS_MAX_ATTEMPTS sets them.)
-OBSTORE_RETRIES = {"max_retries": 3}
+# The budget is a deadline only if no single attempt can run long past it: every S3 request times out
+# (REQUEST_TIMEOUT seconds without a byte from the server, --storage-option request_timeout=N; connecting
+# at most CONNECT_TIMEOUT), and the clients' own retry loops, each a second policy that the budget would
+# not bound (botocore: 5 attempts of up to 60 s each by default; s3fs: 5 more around those; obstore: 10
+# over 3 minutes), are cut to quick ones: the waiting is this module's. An operation then gives up at
+# most about one request timeout after its budget ran out.
+REQUEST_TIMEOUT = 10.0
+REQUEST_TIMEOUT_OPTION = "request_timeout"
+CONNECT_TIMEOUT = 5.0
+OBSTORE_QUICK_RETRIES_SECONDS = 2  # obstore retries a refused connection within this, never after
+S3FS_ATTEMPTS = 1  # s3fs's own loop around botocore's
+
+
+def request_timeout() -> float:
+    """Seconds an S3 request may wait for the server's next byte (--storage-option request_timeout=N)."""
+    raw = _OPTIONS.get(REQUEST_TIMEOUT_OPTION)
+    if raw is None or not str(raw).strip():
+        return REQUEST_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"--storage-option {REQUEST_TIMEOUT_OPTION}={raw!r}: give the seconds an S3 request may "
+                        "wait for the server (a number > 0)")
+    return value
+
+
+def _s3fs_timeouts(options: dict[str, Any]) -> dict[str, Any]:
+    """s3fs options with the request timeouts and a single botocore attempt (the caller's config_kwargs win)."""
+    t = request_timeout()
+    config = {"connect_timeout": min(CONNECT_TIMEOUT, t), "read_timeout": t, "retries": {"total_max_attempts": 1}}
+    return {**options, "config_kwargs": {**config, **(options.get("config_kwargs") or {})}}
+
+
+def obstore_options() -> dict[str, Any]:
+    """obstore's client options and retry config: the same request timeouts, quick retries only."""
+    from datetime import timedelta
+
+    t = request_timeout()
+    return {"client_options": {"connect_timeout": timedelta(seconds=min(CONNECT_TIMEOUT, t)),
+                               "read_timeout": timedelta(seconds=t)},
+            "retry_config": {"max_retries": 3, "retry_timeout": timedelta(seconds=OBSTORE_QUICK_RETRIES_SECONDS)}}
+
+
+def _bounded(fs: Any) -> Any:
+    """An fsspec filesystem with s3fs's own retry loop cut to S3FS_ATTEMPTS (see REQUEST_TIMEOUT)."""
+    if hasattr(fs, "retries") and type(fs).__module__.startswith("s3fs"):
+        fs.retries = S3FS_ATTEMPTS
+    return fs
 
 # the help of --storage-option, on every command that opens a store
 STORAGE_OPTION_HELP = (
     "key=value passed to the store's filesystem (repeatable), e.g. endpoint_url=http://host:9000, profile=NAME, "
-    f"key=..., secret=...; and {RETRY_OPTION}=N, how long to retry a failing storage operation (default "
-    f"{RETRY_SECONDS:g} s); beside the standard AWS chain; never written anywhere.")
+    f"key=..., secret=...; {RETRY_OPTION}=N, how long to retry a failing storage operation (default "
+    f"{RETRY_SECONDS:g} s); {REQUEST_TIMEOUT_OPTION}=N, how long one S3 request may wait for the server (default "
+    f"{REQUEST_TIMEOUT:g} s); beside the standard AWS chain; never written anywhere.")
 
 
 def retry_seconds() -> float:
@@ -316,6 +368,9 @@ def retrying(operation: Callable[[], T], url: str | os.PathLike, doing: str) -> 
 
 
 _OPTIONS: dict[str, Any] = {}  # the fsspec options in force (storage_options); held in memory only
+# whether the command in force can continue where it stopped (harvest and train take --resume): the
+# fix an error line names depends on it
+_RESUMABLE = [False]
 
 
 def _fs_options(url: str) -> dict:
@@ -323,12 +378,13 @@ def _fs_options(url: str) -> dict:
     if url.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
         out["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
     out.update(_OPTIONS)
-    return _fsspec_only(out)
+    out = _fsspec_only(out)
+    return _s3fs_timeouts(out) if url.startswith(("s3://", "s3a://")) else out
 
 
 def _fsspec_only(options: dict[str, Any]) -> dict[str, Any]:
-    """The options meant for the filesystem: without ours (retry_seconds)."""
-    return {k: v for k, v in options.items() if k != RETRY_OPTION}
+    """The options meant for the filesystem: without ours (retry_seconds, request_timeout)."""
+    return {k: v for k, v in options.items() if k not in (RETRY_OPTION, REQUEST_TIMEOUT_OPTION)}
 
 
 def parse_storage_options(items: "list[str] | tuple[str, ...] | dict[str, Any] | None") -> dict[str, Any]:
@@ -350,15 +406,20 @@ def parse_storage_options(items: "list[str] | tuple[str, ...] | dict[str, Any] |
 
 
 @contextlib.contextmanager
-def storage_options(options: "list[str] | tuple[str, ...] | dict[str, Any] | None") -> Iterator[None]:
+def storage_options(options: "list[str] | tuple[str, ...] | dict[str, Any] | None",
+                    resumable: bool = False) -> Iterator[None]:
     """Use these fsspec options (credentials, endpoint_url ...) for every remote location opened
     inside the block, beside the standard AWS chain. They are kept in memory only: no manifest,
-    run.json, summary or log line ever holds them."""
+    run.json, summary or log line ever holds them. resumable: the command inside the block takes
+    --resume (harvest, train), so its error lines may tell the user to rerun with it."""
     global _OPTIONS
-    previous = _OPTIONS
+    previous, was_resumable = _OPTIONS, _RESUMABLE[0]
     _OPTIONS = {**previous, **parse_storage_options(options)}
+    _RESUMABLE[0] = resumable
     try:
-        retry_seconds()  # a bad retry budget is refused before any work
+        retry_seconds()  # a bad budget or timeout is refused before any work
+        request_timeout()
         yield
     finally:
         _OPTIONS = previous
+        _RESUMABLE[0] = was_resumable

@@ -88,16 +88,19 @@ class Metrics:
         return self.sum_sq - float(self.sum_x.pow(2).sum()) / self.n
 
     def result(self) -> dict[str, Any]:
-        """The metrics (names above; log10_density a float32 tensor) over every token seen."""
+        """The metrics (names above; log10_density a float32 tensor) over every token seen; a ratio whose
+        denominator is zero is None."""
         n = self.n
         if n == 0:
             raise ValueError("no tokens were given to the metrics")
         var = self.total_variance
-        fvu = self.sse / var if var > 0 else float("nan")
+        # None: undefined (no variance to explain, no output to compare); a NaN is a computation gone bad
+        fvu = self.sse / var if var > 0 else None
         out: dict[str, Any] = {
-            "explained_variance": 1.0 - fvu, "fvu": fvu, "mse": self.sse / n, "cossim": self.cos / n,
-            "l2_norm_in": self.norm_in / n, "l2_norm_out": self.norm_out / n, "l2_ratio": self.ratio / n,
-            "relative_reconstruction_bias": self.out_sq / self.dot if self.dot else float("nan"),
+            "explained_variance": None if fvu is None else 1.0 - fvu, "fvu": fvu, "mse": self.sse / n,
+            "cossim": self.cos / n, "l2_norm_in": self.norm_in / n, "l2_norm_out": self.norm_out / n,
+            "l2_ratio": self.ratio / n,
+            "relative_reconstruction_bias": self.out_sq / self.dot if self.dot else None,
         }
         if self.fired is not None:
             rate = self.fired / n

@@ -385,8 +385,22 @@ def lease(out: str | os.PathLike, what: str, takeover: bool = False):
     return Lease.acquire(out, what, takeover=takeover)
 
 
+def probe_writable(folder: str | os.PathLike, what: str) -> None:
+    """That a command can write `what` in an existing folder (eval.json in an SAE folder, a run's
+    summary), asked before the work by creating and removing a probe file: one line at the start, not
+    an error after minutes of work."""
+    folder = Path(folder)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f"{TEMP_MARK}probe-", dir=folder)
+    except OSError as e:
+        raise UserError(f"cannot write {what} in {folder} ({e.strerror or e}); make the folder writable or "
+                        "copy it somewhere that is") from None
+    os.close(fd)
+    os.unlink(name)
+
+
 __all__ = ["CFG_FILENAME", "WEIGHTS_FILENAME", "SPARSITY_FILENAME", "METRICS_FILE", "EVAL_FILE", "RUN_FILE",
            "CHECKPOINT", "SUMMARY_FILES", "SUMMARY_FILE", "SUMMARY_TABLE", "FRONTIER_PLOT", "CE_FRONTIER_PLOT",
            "RUN_FILES", "FEATURES_FILE", "FEATURES_FORMAT", "Kind", "STORE", "RUN", "SAE_FOLDER", "FEATURES",
            "kind_of", "sae_folders", "run_of", "run_meta", "sae_digest", "is_current", "read_eval",
-           "check_destination", "remove_output", "publish", "lease", "rank_dir"]
+           "check_destination", "remove_output", "publish", "lease", "rank_dir", "probe_writable"]

@@ -2,8 +2,15 @@
 
 The API mirrors what SAELens users know: encode, decode, forward, forward_with_activations,
 W_enc [d_in, d_sae], W_dec [d_sae, d_out], b_enc, b_dec, cfg, save_model, load_from_disk. SAELens
-forms: standard, topk, jumprelu (also how batchtopk and matryoshka_batchtopk SAEs are exported) and
-gated; an architecture may register more (`register_inference_form`), as the transcoders do.
+forms: standard, topk, jumprelu (also how batchtopk and matryoshka_batchtopk SAEs are exported),
+gated, and the transcoders (transcoder, skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder
+and our topk_transcoder). Every form an exported folder can name is declared here, so a fresh process
+loads any of them without the training side; an architecture of another package brings its form
+through the entry point group `actcache.inference_forms` (name = the form, value = "module:FORM").
+
+Loading checks the folder before anything runs (`load_from_disk`): cfg.json's keys present and typed,
+every tensor of the form there, of the shape cfg.json implies (d_in, d_sae, d_out), the file complete
+and every weight finite; anything else is one UserError line naming the folder, the file and the tensor.
 
 A transcoder reads one hook and reconstructs another (cfg.d_out, cfg.metadata.hook_name_out; its
 encoder reads x itself, apply_b_dec_to_input = false); a form whose weights include W_skip adds the
@@ -20,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -38,6 +45,16 @@ class InferenceForm:
     weight_keys: tuple[str, ...]
     encode: Callable[["SAE", torch.Tensor], torch.Tensor]
     description: str = ""
+    needs_k: bool = False  # cfg.json must give k (the TopK forms)
+
+
+# the shape of each weight, in cfg.json's sizes (d_out: a transcoder's output width, else d_in); a form
+# of another package whose weights are not named here is checked for presence and finiteness only
+WEIGHT_SHAPES: dict[str, tuple[str, ...]] = {
+    "W_enc": ("d_in", "d_sae"), "b_enc": ("d_sae",), "W_dec": ("d_sae", "d_out"), "b_dec": ("d_out",),
+    "threshold": ("d_sae",), "b_gate": ("d_sae",), "b_mag": ("d_sae",), "r_mag": ("d_sae",),
+    "W_skip": ("d_out", "d_in"),
+}
 
 
 def _pre(sae: "SAE", x: torch.Tensor) -> torch.Tensor:
@@ -70,9 +87,10 @@ def _encode_gated(sae, x):
     return active * torch.relu(pre * sae.r_mag.exp() + sae.b_mag)
 
 
-# the SAELens v6 forms this package reads and writes; architectures may add forms
-# (train/architectures/base.py: a class's `inference_form`)
+# the SAELens v6 forms this package reads and writes (train/architectures/base.py: a class's
+# `inference_form` names one of them, or brings a form of its own)
 INFERENCE_FORMS: dict[str, InferenceForm] = {}
+ENTRY_POINT_GROUP = "actcache.inference_forms"
 # the encoders of the forms below, for architectures that register forms of their own
 encode_relu, encode_jumprelu, encode_topk = _encode_standard, _encode_jumprelu, _encode_topk
 # weight names by form (a live view of INFERENCE_FORMS)
@@ -87,11 +105,46 @@ def register_inference_form(form: InferenceForm) -> None:
     WEIGHT_KEYS[form.name] = form.weight_keys
 
 
-for _form in (InferenceForm("standard", ("W_enc", "b_enc", "W_dec", "b_dec"), _encode_standard),
-              InferenceForm("topk", ("W_enc", "b_enc", "W_dec", "b_dec"), _encode_topk),
-              InferenceForm("jumprelu", ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"), _encode_jumprelu),
-              InferenceForm("gated", ("W_enc", "b_gate", "b_mag", "r_mag", "W_dec", "b_dec"), _encode_gated)):
+_BASIC = ("W_enc", "b_enc", "W_dec", "b_dec")
+for _form in (
+        InferenceForm("standard", _BASIC, _encode_standard),
+        InferenceForm("topk", _BASIC, _encode_topk, needs_k=True),
+        InferenceForm("jumprelu", _BASIC + ("threshold",), _encode_jumprelu),
+        InferenceForm("gated", ("W_enc", "b_gate", "b_mag", "r_mag", "W_dec", "b_dec"), _encode_gated),
+        # the transcoders (train/architectures/transcoder.py, jumprelu_transcoder.py, topk_transcoder.py)
+        InferenceForm("transcoder", _BASIC, _encode_standard, "SAELens Transcoder"),
+        InferenceForm("skip_transcoder", _BASIC + ("W_skip",), _encode_standard, "SAELens SkipTranscoder"),
+        InferenceForm("jumprelu_transcoder", _BASIC + ("threshold",), _encode_jumprelu,
+                      "SAELens JumpReLUTranscoder"),
+        InferenceForm("jumprelu_skip_transcoder", _BASIC + ("threshold", "W_skip"), _encode_jumprelu,
+                      "SAELens JumpReLUSkipTranscoder"),
+        # SAELens 6.54 has no TopK transcoder class; one as wide as its input is exported as SAELens's topk
+        InferenceForm("topk_transcoder", _BASIC, _encode_topk,
+                      "a TopK transcoder whose output is not as wide as its input (no SAELens class)", needs_k=True),
+):
     register_inference_form(_form)
+
+
+def inference_form(name: str) -> InferenceForm | None:
+    """The form an exported folder's cfg.json names: declared here, registered in this process, or
+    brought by another installed package through the entry point group ENTRY_POINT_GROUP."""
+    form = INFERENCE_FORMS.get(name)
+    if form is not None:
+        return form
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            try:
+                loaded = ep.load()
+            except Exception as e:  # noqa: BLE001  (another package's import failing)
+                raise UserError(f"the SAE form {name!r} comes from {ep.value}, which cannot be imported "
+                                f"({first_line(e)})") from None
+            if not isinstance(loaded, InferenceForm) or loaded.name != name:
+                raise UserError(f"the entry point {ep.value} of {ENTRY_POINT_GROUP} is not the InferenceForm {name!r}")
+            register_inference_form(loaded)
+            return loaded
+    return None
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -129,31 +182,76 @@ class SAEConfig:
         return {k: v for k, v in d.items() if v is not None}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        kw = {k: v for k, v in d.items() if k in known}
+    def from_dict(cls, d: dict[str, Any], where: str = "cfg.json") -> "SAEConfig":
+        """The config of a cfg.json dict, every key this package reads checked for presence and type
+        (a UserError line starting with `where` otherwise); keys it does not read are left aside."""
+        if not isinstance(d, dict):
+            raise UserError(f"{where} holds {type(d).__name__}, not an object of SAE settings")
+        for key in CFG_REQUIRED:
+            if key not in d:
+                raise UserError(f"{where} lacks the key {key!r} (it needs {', '.join(CFG_REQUIRED)})")
+        kw: dict[str, Any] = {}
+        for key, (kinds, text) in CFG_TYPES.items():
+            if key not in d or (d[key] is None and key not in CFG_REQUIRED):
+                continue
+            v = d[key]
+            if not _is_kind(v, kinds):
+                raise UserError(f"{where}: {key} must be {text}, not {v!r}")
+            kw[key] = v
+        for key in ("d_in", "d_sae", "d_out", "k"):
+            if kw.get(key) is not None and kw[key] < 1:
+                raise UserError(f"{where}: {key} must be at least 1, not {kw[key]}")
+        if "dtype" in kw:
+            kw["dtype"] = _dtype_name(kw["dtype"], f"{where}: dtype")
         kw["metadata"] = Metadata(d.get("metadata") or {})
         return cls(**kw)
+
+
+# cfg.json: the keys a folder must have, and the type of each key this package reads
+CFG_REQUIRED = ("architecture", "d_in", "d_sae")
+CFG_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "architecture": ((str,), "a string"), "d_in": ((int,), "a whole number"), "d_sae": ((int,), "a whole number"),
+    "dtype": ((str,), "a string such as \"float32\""), "device": ((str,), "a string"),
+    "apply_b_dec_to_input": ((bool,), "true or false"), "normalize_activations": ((str,), "a string"),
+    "reshape_activations": ((str,), "a string"), "k": ((int,), "a whole number"),
+    "rescale_acts_by_decoder_norm": ((bool,), "true or false"), "d_out": ((int,), "a whole number"),
+    "metadata": ((dict,), "an object"),
+}
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _is_kind(v: Any, kinds: tuple[type, ...]) -> bool:
+    if isinstance(v, bool) and bool not in kinds:
+        return False
+    return isinstance(v, kinds)
+
+
+def _dtype_name(name: str, where: str) -> str:
+    short = name[len("torch."):] if name.startswith("torch.") else name
+    if short not in FLOAT_DTYPES:
+        raise UserError(f"{where} {name!r} is not one of {', '.join(FLOAT_DTYPES)}")
+    return short
 
 
 class SAE(nn.Module):
     """An exported sparse autoencoder: f = encode(x), x_hat = decode(f), all on raw activations."""
 
-    def __init__(self, cfg: SAEConfig, weights: dict[str, torch.Tensor]):
+    def __init__(self, cfg: SAEConfig, weights: dict[str, torch.Tensor], where: str = "the SAE"):
         super().__init__()
-        if cfg.architecture not in INFERENCE_FORMS:
-            raise UserError(f"architecture {cfg.architecture!r} cannot be loaded; known: {', '.join(INFERENCE_FORMS)}")
+        form = inference_form(cfg.architecture)
+        if form is None:
+            raise UserError(f"{where}: architecture {cfg.architecture!r} cannot be loaded; known: "
+                            f"{', '.join(INFERENCE_FORMS)}")
         if cfg.normalize_activations != "none" or cfg.reshape_activations != "none":
-            raise UserError("only SAEs with normalize_activations and reshape_activations = 'none' are supported")
-        missing = set(WEIGHT_KEYS[cfg.architecture]) - set(weights)
-        if missing:
-            raise UserError(f"the SAE weights lack {', '.join(sorted(missing))} for architecture {cfg.architecture!r}")
+            raise UserError(f"{where}: only SAEs with normalize_activations and reshape_activations = 'none' are "
+                            "supported")
+        check_weights(cfg, weights, where, form)
         self.cfg = cfg
-        dtype = getattr(torch, cfg.dtype)
-        for key in WEIGHT_KEYS[cfg.architecture]:
+        dtype = getattr(torch, _dtype_name(cfg.dtype, f"{where}: dtype"))
+        for key in form.weight_keys:
             self.register_parameter(key, nn.Parameter(weights[key].to(dtype=dtype, device=cfg.device),
                                                       requires_grad=False))
-        self.form = INFERENCE_FORMS[cfg.architecture]
+        self.form = form
         if "b_enc" not in self.form.weight_keys:
             self.b_enc = None
 
@@ -191,13 +289,76 @@ class SAE(nn.Module):
 
     @classmethod
     def load_from_disk(cls, path: str | Path, device: str = "cpu", dtype: str | None = None) -> "SAE":
-        """Load a folder written by save_model (or by SAELens, for the architectures above)."""
+        """Load a folder written by save_model (or by SAELens, for the architectures above), checked
+        first: cfg.json's keys and types, every tensor's presence, shape and finiteness, the file whole.
+        Anything wrong is one UserError line naming the folder, the file and the tensor."""
         path = Path(path)
-        if not (path / CFG_FILENAME).is_file() or not (path / WEIGHTS_FILENAME).is_file():
+        cfg_path, w_path = path / CFG_FILENAME, path / WEIGHTS_FILENAME
+        if not path.is_dir():
+            raise UserError(f"{path} is not an SAE folder (no such folder)")
+        if not cfg_path.is_file() or not w_path.is_file():
             raise UserError(f"{path} is not an SAE folder (it needs {CFG_FILENAME} and {WEIGHTS_FILENAME})")
-        cfg = SAEConfig.from_dict(json.loads((path / CFG_FILENAME).read_text()))
+        try:
+            raw = json.loads(cfg_path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise UserError(f"{cfg_path} cannot be read as JSON ({first_line(e, 120)})") from None
+        cfg = SAEConfig.from_dict(raw, str(cfg_path))
         cfg.device = device
         if dtype is not None:
-            cfg.dtype = dtype
-        return cls(cfg, load_file(str(path / WEIGHTS_FILENAME)))
+            cfg.dtype = _dtype_name(dtype, "dtype")
+        form = inference_form(cfg.architecture)
+        if form is None:
+            raise UserError(f"{cfg_path}: architecture {cfg.architecture!r} cannot be loaded; known: "
+                            f"{', '.join(INFERENCE_FORMS)}")
+        return cls(cfg, read_weights(w_path), where=str(w_path))
 
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a truncated or damaged file is one UserError line."""
+    try:
+        return load_file(str(path))
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({first_line(e, 120)})") from None
+    except Exception as e:  # noqa: BLE001  (safetensors' SafetensorError: a truncated or damaged file)
+        raise UserError(f"{path} is damaged or truncated ({first_line(e, 120)}); export or copy the SAE "
+                        "again") from None
+
+
+def expected_shapes(cfg: SAEConfig, form: InferenceForm) -> dict[str, tuple[int, ...]]:
+    """The shape cfg implies for each weight of the form that WEIGHT_SHAPES knows."""
+    sizes = {"d_in": cfg.d_in, "d_sae": cfg.d_sae, "d_out": cfg.d_out if cfg.d_out is not None else cfg.d_in}
+    return {k: tuple(int(sizes[n]) for n in WEIGHT_SHAPES[k]) for k in form.weight_keys if k in WEIGHT_SHAPES}
+
+
+def check_weights(cfg: SAEConfig, weights: dict[str, torch.Tensor], where: str,
+                  form: InferenceForm | None = None, finite: bool = True) -> None:
+    """Every tensor the form needs is there, floating point, of the shape cfg implies, and (finite)
+    holds no NaN or infinity; otherwise one UserError line naming `where` and the tensor."""
+    form = form or inference_form(cfg.architecture)
+    if form is None:
+        raise UserError(f"{where}: architecture {cfg.architecture!r} cannot be loaded")
+    missing = [k for k in form.weight_keys if k not in weights]
+    if missing:
+        raise UserError(f"{where} lacks the tensor{'s' if len(missing) > 1 else ''} {', '.join(missing)} that "
+                        f"architecture {cfg.architecture!r} needs")
+    if form.needs_k:
+        if cfg.k is None:
+            raise UserError(f"{where}: architecture {cfg.architecture!r} needs k in cfg.json")
+        if cfg.k > cfg.d_sae:
+            raise UserError(f"{where}: k = {cfg.k} is more than d_sae = {cfg.d_sae} (cfg.json)")
+    shapes = expected_shapes(cfg, form)
+    for key in form.weight_keys:
+        t = weights[key]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise UserError(f"{where}: tensor {key} is {getattr(t, 'dtype', type(t).__name__)}, not floating point")
+        want = shapes.get(key)
+        if want is not None and tuple(t.shape) != want:
+            sizes = ", ".join(f"{n} {v}" for n, v in zip(WEIGHT_SHAPES[key], want))
+            raise UserError(f"{where}: tensor {key} has shape {list(t.shape)} but cfg.json ({sizes}) implies "
+                            f"{list(want)}; the folder's files do not belong together")
+        if finite:
+            ok = torch.isfinite(t)
+            if not bool(ok.all()):
+                bad = int((~ok).sum())
+                raise UserError(f"{where}: tensor {key} holds {bad} non-finite value{'s' if bad > 1 else ''} "
+                                "(NaN or infinity); the SAE diverged or the file was damaged: retrain or re-export it")

@@ -143,7 +143,9 @@ class ActivationStore:
     def open(cls, url: str | os.PathLike, mode: str = "r", check: bool = True) -> "ActivationStore":
         """Open an existing store ('r' to read, 'r+' to resume writing). Checks the format version and
         (check=True) the manifest against the arrays' metadata: names, shapes, chunk grids, dtypes and
-        that the last committed chunk of every array exists. Reads no chunk data."""
+        that the last committed chunk of every array exists. Reads no chunk data. Not retried: a server
+        that is down when a command starts is reported at once (each request times out, see
+        location.REQUEST_TIMEOUT)."""
         with location.storage_errors(url, "opening"):
             if not location.exists(url):
                 raise StoreError(f"no store at {url}: check the path (harvest one with `actcache harvest --out {url}`)")
@@ -352,12 +354,44 @@ class ActivationStore:
             if key in g:
                 del g[key]
             dims = ("d",) if arr.ndim == 1 else ()
-            g.create_array(key, shape=arr.shape, dtype="float64", fill_value=0.0, dimension_names=dims)[...] = arr
+            # every chunk written, zeros too (config): an absent one then always means damage
+            g.create_array(key, shape=arr.shape, dtype="float64", fill_value=0.0, dimension_names=dims,
+                           config=_array_config())[...] = arr
 
     def stored_digests(self, upto: int | None = None) -> np.ndarray:
-        """The per-chunk digests written with the chunks, uint8 [n, 16] (version 2)."""
+        """The per-chunk digests written with the chunks, uint8 [n, 16] (version 2); a digest that is
+        absent (zarr would give zeros) is a StoreError naming it."""
         n = self.n_chunks if upto is None else upto
+        self.require_chunks("digests", range(n))
         return self.read_array_chunk("digests", lambda: self.array("digests")[:n], f"0..{n - 1}")
+
+    def require_chunks(self, path: str, chunks: "range | list[int] | np.ndarray") -> None:
+        """StoreError naming the first of these chunks (along the first axis) of the array at `path` that
+        is absent from the store: zarr reads an absent chunk as its fill value (zeros), which no reader
+        may take for data. One listing of the array's chunk keys."""
+        wanted = [int(j) for j in chunks]
+        if not wanted:
+            return
+        arr = self.array(path)
+        present = location.retrying(lambda: chunk_keys(arr), self.url, f"listing the chunks of {path} in")
+        for j in wanted:
+            if chunk_key(arr, j) not in present:
+                raise StoreError(f"chunk {j} of {path} in {self.url} is committed but missing: the store is "
+                                 f"damaged; run `actcache verify {self.url}`")
+
+    def partial_rows(self, hook: str, field: str, chunks: "list[int] | range | None" = None) -> np.ndarray:
+        """The per-chunk partial statistic `field` of a hook for these chunks (default: the committed
+        ones), one row per chunk, each checked to be in the store first."""
+        self.activations(hook)
+        chunks = range(self.n_committed) if chunks is None else chunks
+        path = f"stats/{hook}/chunks/{field}"
+        self.require_chunks(path, chunks)
+        arr = self.partial_stats(hook, field)
+        if isinstance(chunks, range) and chunks.step == 1:
+            return self.read_array_chunk(path, lambda: arr[chunks.start:chunks.stop], f"{chunks.start}..")
+        idx = np.asarray(list(chunks), dtype=np.int64)
+        sel = (idx,) + ((slice(None),) if arr.ndim > 1 else ())
+        return self.read_array_chunk(path, lambda: arr.get_orthogonal_selection(sel), "of the training range")
 
     def compute_fingerprint(self, digests: np.ndarray | None = None) -> str:
         """The fingerprint from the manifest's identity fields and the per-chunk digests (the stored ones
@@ -369,29 +403,38 @@ class ActivationStore:
     def stats(self, hook: str, upto: int | None = None) -> dict[str, Any]:
         """Summary statistics of a hook over the committed chunks (or the first `upto`)."""
         n = self.n_committed if upto is None else upto
-        self.activations(hook)
-        count = float(self.partial_stats(hook, "count")[:n].sum()) if n else 0.0
+        rows = {f: self.partial_rows(hook, f, range(n)) for f in PARTIAL_FIELDS} if n else {}
+        count = float(rows["count"].sum()) if n else 0.0
         d = self.manifest.hook(hook).d
         if count == 0:
             z = np.zeros(d)
             return {"count": 0.0, "mean": z, "var": z, "mean_norm": 0.0, "max_abs": 0.0, "n_nonfinite": 0.0}
-        total = self.partial_stats(hook, "sum")[:n].sum(axis=0)
-        totsq = self.partial_stats(hook, "sumsq")[:n].sum(axis=0)
-        mean = total / count
-        var = np.maximum(totsq / count - mean**2, 0.0)
+        mean = rows["sum"].sum(axis=0) / count
+        var = np.maximum(rows["sumsq"].sum(axis=0) / count - mean**2, 0.0)
         return {
             "count": count,
             "mean": mean,
             "var": var,
-            "mean_norm": float(self.partial_stats(hook, "norm_sum")[:n].sum() / count),
-            "max_abs": float(self.partial_stats(hook, "max_abs")[:n].max()),
-            "n_nonfinite": float(self.partial_stats(hook, "n_nonfinite")[:n].sum()),
+            "mean_norm": float(rows["norm_sum"].sum() / count),
+            "max_abs": float(rows["max_abs"].max()),
+            "n_nonfinite": float(rows["n_nonfinite"].sum()),
         }
 
     def read_tokens(self, j: int) -> np.ndarray:
         """The int32 tokens of committed chunk j, [sequences, context_size]."""
         a, b = self._committed_range(j, self.chunk_sequence_range)
         return self._read_first_axis_chunk("tokens", lambda: self.tokens, j, a, b)
+
+    def read_token_rows(self, a: int, b: int) -> np.ndarray:
+        """The int32 tokens of sequences [a, b) (committed), chunk by chunk, each chunk checked present."""
+        cs = self.manifest.chunk_sequences
+        parts = []
+        for j in range(a // cs, -(-b // cs)):
+            s0, s1 = self.chunk_sequence_range(j)
+            parts.append(self.read_tokens(j)[max(a, s0) - s0:min(b, s1) - s0])
+        if not parts:
+            return np.zeros((0, self.manifest.context_size), dtype=np.int32)
+        return np.concatenate(parts)
 
     def read_chunk(self, hook: str, j: int) -> np.ndarray:
         """The float16 activations of committed chunk j of a hook, [rows, d].
@@ -477,12 +520,28 @@ class _MissingChunk(Exception):
     pass
 
 
+def chunk_key(arr: zarr.Array, j: int) -> str:
+    """The store key of chunk j along the first axis of an array (the one chunk of a 0-d array)."""
+    key = arr.metadata.encode_chunk_key((j,) + (0,) * (arr.ndim - 1) if arr.ndim else ())
+    prefix = arr.store_path.path
+    return f"{prefix}/{key}" if prefix else key
+
+
 def chunk_present(arr: zarr.Array, j: int) -> bool:
     """Whether chunk j (along the first axis) of an array exists in the store: zarr returns the fill
     value for an absent chunk, so every reader asks first."""
-    key = arr.metadata.encode_chunk_key((j,) + (0,) * (arr.ndim - 1))
+    return bool(sync(arr.store_path.store.exists(chunk_key(arr, j))))
+
+
+def chunk_keys(arr: zarr.Array) -> set[str]:
+    """The keys of every chunk of an array that is in the store (one listing of its folder)."""
     prefix = arr.store_path.path
-    return bool(sync(arr.store_path.store.exists(f"{prefix}/{key}" if prefix else key)))
+    store = arr.store_path.store
+
+    async def collect() -> set[str]:
+        return {k async for k in store.list_prefix(f"{prefix}/" if prefix else "") if not k.endswith("zarr.json")}
+
+    return sync(collect())
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import numpy as np
 
 from .errors import first_line
 from .progress import token_bar
-from .store import PARTIAL_FIELDS, ActivationStore, chunk_digest, chunk_present, chunk_stats
+from .store import PARTIAL_FIELDS, ActivationStore, chunk_digest, chunk_key, chunk_keys, chunk_present, chunk_stats
 
 
 @dataclass
@@ -46,17 +46,20 @@ def verify(url: str | os.PathLike, progress: bool = False) -> VerifyReport:
     if rep.problems:
         return rep
     v2 = m.format_version >= 2
-    stored = None
+    stored, have_digest = None, set()
     if v2:
         try:
-            stored = store.stored_digests(store.n_committed)
+            present = chunk_keys(store.array("digests"))
+            have_digest = {j for j in range(store.n_committed) if chunk_key(store.array("digests"), j) in present}
+            rep.problems += [f"digests chunk {j}: missing" for j in range(store.n_committed) if j not in have_digest]
+            stored = store.read_array_chunk("digests", lambda: store.array("digests")[:store.n_committed], "all")
         except Exception as e:  # noqa: BLE001
             rep.problems.append(f"digests: unreadable ({first_line(e, 160)})")
     digests = np.zeros((store.n_committed, 16), dtype=np.uint8)
     all_read = True
     with token_bar(store.n_committed_tokens, "verify", disable=not progress) as bar:
         for j in range(store.n_committed):
-            d = _check_chunk(store, j, rep, None if stored is None else bytes(stored[j]))
+            d = _check_chunk(store, j, rep, None if stored is None or j not in have_digest else bytes(stored[j]))
             if d is None:
                 all_read = False
             else:
@@ -68,7 +71,39 @@ def verify(url: str | os.PathLike, progress: bool = False) -> VerifyReport:
         rep.fingerprint = store.compute_fingerprint(digests)
         if rep.fingerprint != m.fingerprint:
             rep.problems.append(f"fingerprint: the data gives {rep.fingerprint} but the manifest says {m.fingerprint}")
+    if m.complete:
+        for h in m.hook_names:
+            _check_summary(store, h, rep)
     return rep
+
+
+def _check_summary(store: ActivationStore, hook: str, rep: VerifyReport) -> None:
+    """The summary statistics a complete store holds for readers without this package (stats/<hook>/mean
+    ...) must be there and be those of the per-chunk partial sums. One that is absent reads as zeros (its
+    fill value): a problem unless zero is what it is (stores of earlier releases did not write those)."""
+    try:
+        want = store.stats(hook)
+    except Exception as e:  # noqa: BLE001  (a partial statistic missing: reported chunk by chunk already)
+        if not any(f"stats/{hook}" in p for p in rep.problems):
+            rep.problems.append(f"stats/{hook}: unreadable ({first_line(e, 160)})")
+        return
+    group = store.group["stats"][hook]
+    for key, value in want.items():
+        path = f"stats/{hook}/{key}"
+        if key not in group:
+            rep.problems.append(f"{path}: missing")
+            continue
+        arr = group[key]
+        expected = np.asarray(value, dtype=np.float64)
+        try:
+            absent = chunk_key(arr, 0) not in chunk_keys(arr)
+            got = np.asarray(arr[...], dtype=np.float64)
+        except Exception as e:  # noqa: BLE001
+            rep.problems.append(f"{path}: unreadable ({first_line(e, 120)})")
+            continue
+        if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-9, atol=0.0, equal_nan=True):
+            what = "missing (it would read as zeros)" if absent else "does not match the per-chunk statistics"
+            rep.problems.append(f"{path}: {what}")
 
 
 def _check_chunk(store: ActivationStore, j: int, rep: VerifyReport, stored: bytes | None) -> bytes | None:
@@ -109,8 +144,12 @@ def _check_stats(store: ActivationStore, hook: str, j: int, data: np.ndarray, re
     """The stored partial statistics of chunk j must be those of the stored activations."""
     s = chunk_stats(data)
     for f in PARTIAL_FIELDS:
+        arr = store.partial_stats(hook, f)
+        if not chunk_present(arr, j):
+            rep.problems.append(f"stats/{hook}/chunks/{f} chunk {j}: missing")
+            return
         try:
-            stored = store.partial_stats(hook, f)[j]
+            stored = arr[j]
         except Exception as e:  # noqa: BLE001
             rep.problems.append(f"stats/{hook}/chunks/{f} chunk {j}: unreadable ({first_line(e, 120)})")
             return

@@ -33,6 +33,7 @@ stream's basis (per-head hooks, MLP hidden units) have no direct path and are re
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -168,7 +169,7 @@ class Analysis:
     hook: str
     tokens: list[TokenLatents]
     mse: float
-    fvu: float
+    fvu: float | None  # None: undefined (the scored tokens' activations have no variance, e.g. one token)
     cossim: float
     l0: float
     n_tokens_scored: int
@@ -177,11 +178,16 @@ class Analysis:
     reconstruction: torch.Tensor = field(repr=False)  # [pos, d_in]
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: a non-finite metric is null and named in "non_finite"."""
+        from ..common.finite import finite_json
+
         d = {k: v for k, v in asdict(self).items() if k not in ("latents", "activations", "reconstruction")}
+        d, d["non_finite"] = finite_json(d)
         return d
 
     def table(self) -> str:
-        lines = [f"{self.model} {self.hook}: mse {self.mse:.4g}  fvu {self.fvu:.4g}  cossim {self.cossim:.4f}  "
+        fvu = "n/a" if self.fvu is None else f"{self.fvu:.4g}"
+        lines = [f"{self.model} {self.hook}: mse {self.mse:.4g}  fvu {fvu}  cossim {self.cossim:.4f}  "
                  f"l0 {self.l0:.1f}  ({self.n_tokens_scored} tokens scored)"]
         w = max((len(repr(t.token)) for t in self.tokens), default=5)
         for t in self.tokens:
@@ -313,6 +319,10 @@ def steer(sae_or_dir: Any, prompt: Prompt, feature: int, strength: float = 8.0, 
     continuations run as one batch of two sequences, the direction added to the first only."""
     if positions not in ("all", "prompt"):
         raise UserError(f"positions {positions!r}: choose all or prompt")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise UserError(f"--strength {strength!r}: give a finite number (a multiple of the decoder row)")
+    if not math.isfinite(temperature):
+        raise UserError(f"--temperature {temperature!r}: give a finite number, 0 for greedy")
     if temperature < 0:
         raise UserError("temperature must be 0 (greedy) or more")
     if max_new_tokens < 1:

@@ -13,7 +13,18 @@ _json = click.option("--json", "as_json", is_flag=True, help="Print the result a
 
 
 def _emit(obj: dict, as_json: bool, text: str) -> None:
-    click.echo(json.dumps(obj, indent=2) if as_json else text)
+    """Print the result (JSON: null for a non-finite number); then, if any number came out NaN or
+    infinite, exit non-zero naming them (common/finite.py)."""
+    from ..common.finite import NonFiniteResult, describe, finite_json
+
+    clean, bad = finite_json(obj)
+    bad = sorted(set(bad) | set(clean.pop("non_finite", None) or []))
+    if as_json:
+        click.echo(json.dumps({**clean, "non_finite": bad}, indent=2, allow_nan=False))
+    else:
+        click.echo(text)
+    if bad:
+        raise NonFiniteResult(f"non-finite results (NaN or infinity; null in --json): {describe(bad)}")
 
 
 @click.command("analyse")

@@ -78,7 +78,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True, model: HookedModel | None
     `model`: the result of load_model(cfg.model, ...) when the caller has it loaded already.
     cfg.storage_options (key=value strings, or a dict): fsspec options for an s3:// store
     (endpoint_url, key, secret, profile ...), beside the standard AWS chain; never written anywhere."""
-    with location.storage_options(cfg.storage_options):
+    with location.storage_options(cfg.storage_options, resumable=True):
         return _harvest(cfg, progress, model)
 
 

@@ -134,5 +134,6 @@ def downstream_metrics(model: Any, batches: Iterable[torch.Tensor], saes: Mappin
     return out
 
 
-def _ratio(a: float, b: float) -> float:
-    return a / b if b != 0 else float("nan")
+def _ratio(a: float, b: float) -> float | None:
+    """a / b; None (undefined, not a failure) when b is 0."""
+    return a / b if b != 0 else None

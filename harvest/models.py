@@ -145,6 +145,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         else:
             if _looks_like_path(spec) and not Path(spec).expanduser().exists():
                 raise UserError(f"model path {spec} does not exist")
+            check_no_pickle(spec)
             tl = _boot_pretrained(spec, tok, device, torch_dtype)
             tok = tok or getattr(tl, "tokenizer", None)
         arch = (getattr(tl.cfg, "architecture", None) or getattr(tl.cfg, "original_architecture", None))
@@ -153,6 +154,26 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     info = ModelInfo(name=spec, revision=model_revision(spec, tl), d_model=int(c.d_model), n_layers=int(c.n_layers),
                      n_ctx=int(c.n_ctx), dtype=dtype, architecture=str(arch) if arch else None)
     return HookedModel(tl, info, tok, device, tokenizer or (spec if tok is not None else None))
+
+
+# weight files that are Python pickles (torch.save): loading one can run code from the file
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def check_no_pickle(spec: str) -> None:
+    """A local model folder must hold its weights as safetensors: one whose weights are only pickles
+    (pytorch_model.bin ...) is refused in one line, before transformers tries to unpickle them."""
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():
+        return
+    files = [f for f in folder.iterdir() if f.is_file()]
+    if any(f.name.endswith(".safetensors") for f in files):
+        return
+    pickles = sorted(f.name for f in files if f.name.endswith(PICKLE_SUFFIXES) and "training_args" not in f.name)
+    if pickles:
+        raise UserError(f"the model folder {folder} holds its weights as a pickle ({pickles[0]}), which actcache "
+                        "does not load (unpickling can run code from the file); save the model as safetensors "
+                        "(save_pretrained(..., safe_serialization=True), where you trust the file) and pass that folder")
 
 
 def model_revision(spec: str, tl: Any = None) -> str | None:

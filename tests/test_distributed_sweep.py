@@ -91,7 +91,7 @@ def test_killed_rank_resumes_per_rank_and_world_size_must_match(single):
 
     alone = run([sys.executable, "-m", "actcache", *args, "--resume"])
     lines = our_errors(alone.stderr)
-    assert alone.returncode != 0 and len(lines) == 1 and "world_size" in lines[0], alone.stderr[-2000:]
+    assert alone.returncode != 0 and len(lines) == 1 and "rerun with 2 ranks" in lines[0], alone.stderr[-2000:]
 
     again = run(torchrun(2, args + ["--resume"]))
     assert again.returncode == 0, again.stderr[-3000:]

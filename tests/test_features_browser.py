@@ -128,3 +128,11 @@ def test_a_missing_data_file_is_reported(site, tmp_path):
     dom, console = chromium((broken / "sae-small.html").as_uri() + "#latent=3", tmp_path, "--dump-dom")
     assert "missing data file" in dom
     assert len(console) == 1 and "missing data file saes/small/blocks/00000.js" in console[0]
+
+
+def test_a_malformed_token_hash_is_searched_as_typed_without_an_uncaught_error(site, tmp_path):
+    """`#token=%E0%A4%A` is no valid escape: decodeURIComponent throws URIError; the page searches the text."""
+    out, _, _ = site
+    dom, console = chromium((out / "sae-small.html").as_uri() + "#token=%E0%A4%A", tmp_path, "--dump-dom")
+    assert console == [], console
+    assert 'id="token-results"' in dom

@@ -129,9 +129,11 @@ def test_the_budget_knob_option_over_environment_and_bad_values_refused_at_once(
     assert location.retry_seconds() == location.RETRY_SECONDS == 60
     monkeypatch.setenv(location.RETRY_ENV, "7.5")
     assert location.retry_seconds() == 7.5
-    with location.storage_options(["retry_seconds=2", "endpoint_url=http://h:9000"]):
+    with location.storage_options(["retry_seconds=2", "request_timeout=3", "endpoint_url=http://h:9000"]):
         assert location.retry_seconds() == 2
-        assert location._fs_options("s3://b/x") == {"endpoint_url": "http://h:9000"}  # not passed to s3fs
+        # ours are not passed to s3fs; the request timeouts are, with one botocore attempt
+        assert location._fs_options("s3://b/x") == {"endpoint_url": "http://h:9000", "config_kwargs": {
+            "connect_timeout": 3.0, "read_timeout": 3.0, "retries": {"total_max_attempts": 1}}}
     for bad in ("-1", "soon", "inf"):
         monkeypatch.setenv(location.RETRY_ENV, bad)
         with pytest.raises(UserError, match=f"{location.RETRY_ENV}=.*seconds") as e:
@@ -142,6 +144,10 @@ def test_the_budget_knob_option_over_environment_and_bad_values_refused_at_once(
     with pytest.raises(UserError, match="--storage-option retry_seconds='x'"):
         with location.storage_options(["retry_seconds=x"]):
             pass
+    for bad in ("0", "-2", "nan", "x"):
+        with pytest.raises(UserError, match=f"--storage-option request_timeout='{bad}'"):
+            with location.storage_options([f"request_timeout={bad}"]):
+                pass
 
 
 def tiny_manifest():

@@ -18,6 +18,7 @@ import time
 import click
 
 from ..common import location
+from ..common.commands import storage_option
 from ..common.errors import UserError
 from ..common.store import ActivationStore
 from .loader import ActivationLoader
@@ -103,12 +104,14 @@ def format_result(r: dict) -> str:
 @click.option("--step-ms", default=0.0, show_default=True, type=float,
               help="Time a consumer spends per batch (a training step); 0: as fast as the loader goes.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@storage_option
 def bench_read_command(store: str, hook: str | None, batch_size: int, threads: int, window_chunks: int,
-                       seconds: float, step_ms: float, as_json: bool) -> None:
+                       seconds: float, step_ms: float, as_json: bool, storage_options: tuple[str, ...]) -> None:
     """GB/s and tokens/s the training loader gets from STORE (a folder or s3://...) here, and the
     fraction of the time a training step would wait for data. Reads only; nothing is written."""
     try:
-        r = bench_read(store, hook, batch_size, threads, window_chunks, seconds, step_ms)
+        with location.storage_options(list(storage_options)):
+            r = bench_read(store, hook, batch_size, threads, window_chunks, seconds, step_ms)
     except UserError:
         raise
     except Exception as e:  # the storage underneath failed (S3 unreachable, denied...): one line

@@ -199,6 +199,13 @@ def prepare_output(out: Path, run: dict[str, Any], resume: bool, overwrite: bool
             if not resume:
                 raise UserError(f"{out} already holds a training run; pass --resume to continue it, "
                                 "--overwrite to start it again, or choose another --out")
+            was_world, now_world = previous.get("world_size", 1), run.get("world_size", 1)
+            if was_world != now_world and {**previous, "world_size": 1} == {**run, "world_size": 1}:
+                how = (f"torchrun --nproc-per-node {was_world} (or as many ranks over several nodes)" if was_world > 1
+                       else "one process, without torchrun")
+                raise UserError(f"{out} was trained on {was_world} rank{'s' if was_world > 1 else ''} and this run has "
+                                f"{now_world}: each rank's checkpoint holds its own share of the SAEs; rerun with "
+                                f"{was_world} rank{'s' if was_world > 1 else ''} ({how}) to resume it")
             if previous != run:
                 where, was, now = first_difference(previous, run)
                 if where == "world_size":

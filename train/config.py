@@ -293,6 +293,10 @@ def _make_sae(entry: dict[str, Any], explicit: set[str], defaults: dict[str, Any
             values[k] = spec.check(values[k], f"SAE {name!r}")
         elif spec.required:
             raise UserError(f"SAE {name!r}: architecture {arch_name!r} needs {k} ({spec.help})")
+    if arch.transcoder and values.get("hook_out") == values["hook"]:
+        raise UserError(f"SAE {name!r}: hook_out is {values['hook']!r}, the hook it reads; a transcoder reconstructs "
+                        "another hook of the same pass (e.g. hook = blocks.8.ln2.hook_normalized, hook_out = "
+                        "blocks.8.hook_mlp_out); to reconstruct the hook itself, use an SAE architecture")
     return SAEConfig(**values)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..common import __version__
+from ..common import __version__, finite
 from ..common.metrics import Metrics
 from ..common.progress import log
 from ..common.store import ActivationStore
@@ -138,7 +138,9 @@ def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, dev
     results = {}
     for name, a in acc.items():
         m = a.result()
-        results[name] = {"l0": m["l0"], "fvu": m["fvu"], "explained_variance": m["explained_variance"],
+        nan = float("nan")  # undefined (no variance in the target): NaN here, null and named in summary.json
+        results[name] = {"l0": m["l0"], "fvu": nan if m["fvu"] is None else m["fvu"],
+                         "explained_variance": nan if m["explained_variance"] is None else m["explained_variance"],
                          "mse": m["mse"], "dead_fraction_eval": m["dead_fraction"], "eval_tokens": a.n,
                          "log10_density": m["log10_density"]}
     return results
@@ -156,7 +158,11 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
     for line in k_mismatches(summary):
         log.warning(f"warning: {line}")
     json_name, table_name, plot_name = SUMMARY_FILES
-    (out / json_name).write_text(json.dumps(summary, indent=2) + "\n")
+    text, bad = finite.dumps(summary, indent=2)
+    if bad:  # JSON has no NaN: null, and named (e.g. the FVU of an output hook without variance)
+        log.warning(f"warning: non-finite values in the summary, written as null: {finite.describe(bad)}")
+        text, _ = finite.dumps({**summary, "non_finite": bad}, indent=2)
+    (out / json_name).write_text(text + "\n")
     (out / table_name).write_text(summary_table(summary) + "\n")
     plot_frontier(summary, out / plot_name)
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from ..common import location
+from ..common.commands import storage_option
 from ..common.errors import UserError
 from ..common.progress import parse_count
 from .features import write_features
@@ -32,24 +34,33 @@ __all__ = ["features_command", "write_features"]
               help="Load the model the store names for logit effects and token strings.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@storage_option
 @click.pass_context
 def features_command(ctx: click.Context, run: str, out: str, store: str | None, saes: tuple[str, ...],
                      tokens: str | None, top: int, held_out: bool, overwrite: bool, logits: bool,
-                     device: str | None, no_progress: bool) -> None:
+                     device: str | None, no_progress: bool, storage_options: tuple[str, ...]) -> None:
     """Top-activating contexts of every latent of a run's SAEs, from one pass over the store (no
     model), and a static feature browser: open OUT/index.html."""
     try:
         n_tokens = parse_count(tokens) if tokens is not None else None
-    except ValueError:
+    except (ValueError, OverflowError):
         raise UserError(f"--tokens {tokens!r} is not a count (e.g. 500k, 2M)") from None
+    if n_tokens is not None and n_tokens < 1:
+        raise UserError(f"--tokens {tokens}: give a positive number of tokens (e.g. 500k)")
     root = ctx.find_root().obj or {}
     loader = root.get("load_unembedding") if logits else None
-    summary = write_features(run, out, store=store, saes=list(saes) or None, tokens=n_tokens, top=top,
-                             held_out=held_out, overwrite=overwrite, model_loader=loader, device=device,
-                             progress=not no_progress)
+    with location.storage_options(list(storage_options)):
+        summary = write_features(run, out, store=store, saes=list(saes) or None, tokens=n_tokens, top=top,
+                                 held_out=held_out, overwrite=overwrite, model_loader=loader, device=device,
+                                 progress=not no_progress)
     click.echo(f"{summary['n_tokens']} tokens ({summary['range']} sequences {summary['sequences'][0]}"
                f"-{summary['sequences'][1]}) at {summary['tokens_per_s']:.0f} tokens/s")
     for s in summary["saes"]:
         click.echo(f"  {s['name']}: d_sae {s['d_sae']}, L0 {s['l0']:.1f}, dead {s['dead_fraction']:.3f}"
                    f"{', logit effects' if s['logit_effects'] else ''}")
     click.echo(f"open {Path(out) / 'index.html'}")
+    if summary.get("non_finite"):
+        from ..common.finite import NonFiniteResult, describe
+
+        raise NonFiniteResult("non-finite values (NaN or infinity, written as null) in " + "; ".join(
+            f"{k} ({describe(v, 2)})" for k, v in summary["non_finite"].items()))

@@ -53,12 +53,10 @@ def normalisation_scale(store: ActivationStore, hook: str, chunks: list[int] | N
         s = store.stats(hook)
         count, mean_sq = s["count"], float(np.sum(s["var"] + s["mean"] ** 2))
     else:  # from the per-chunk partial sums of exactly these chunks: sum over dims of E[x_d^2]
-        store.activations(hook)
-        part = store.group["stats"][hook]["chunks"]
-        idx = np.asarray(sorted(chunks), dtype=np.int64)
-        count = float(part["count"].get_orthogonal_selection((idx,)).sum()) if len(idx) else 0.0
+        idx = sorted(chunks)
+        count = float(store.partial_rows(hook, "count", idx).sum()) if idx else 0.0
         if count:
-            sumsq = part["sumsq"].get_orthogonal_selection((idx, slice(None)))
+            sumsq = store.partial_rows(hook, "sumsq", idx)
             mean_sq = float(np.sum(sumsq.sum(axis=0) / count))
     if not count:
         raise UserError(f"the store {store.url} has no statistics for {hook!r}; finish the harvest first")

@@ -51,7 +51,7 @@ def train_sweep(store_url: str, config: str | Path | dict | SweepConfig, out: st
 
     Under torchrun the SAEs are shared out over the ranks (train/distributed.py): each rank trains
     and exports its share, rank 0 holds the lease and writes run.json and the one summary."""
-    with location.storage_options(storage_options), ranks_from_env() as ranks:
+    with location.storage_options(storage_options, resumable=True), ranks_from_env() as ranks:
         return _train_sweep(ranks, store_url, config, out, resume, device, allow_repeat, progress, overwrite)
 
 

@@ -20,8 +20,9 @@ attributes state everything the rest of the package needs to know about it:
 - `calibrate(batches)`: an optional pass over fresh batches after training (e.g. the inference
   threshold of BatchTopK);
 - `saelens_architecture` and `export_state(scale[, scale_out])`: how it is saved for SAELens; the form must be one
-  train/sae.py runs (standard, topk, jumprelu, gated), or the class brings its own `inference_form`
-  (weight names and encoder), which registration adds.
+  common/sae.py declares (so that a fresh process loads the folder without this package), or the class
+  brings its own `inference_form` (weight names and encoder), which registration adds; a form of another
+  package is then found in a fresh process through the entry point group actcache.inference_forms.
 
 Config parsing and validation (train/config.py), the README's key table, the trainer and the export
 all read these attributes; nothing else lists architectures."""
@@ -220,7 +221,7 @@ def register(cls: type["TrainingSAE"]) -> type["TrainingSAE"]:
     if cls.inference_form is not None:
         register_inference_form(cls.inference_form)
     if cls.saelens_architecture not in INFERENCE_FORMS:
-        raise ValueError(f"architecture {name!r} exports as {cls.saelens_architecture!r}, which train/sae.py cannot "
+        raise ValueError(f"architecture {name!r} exports as {cls.saelens_architecture!r}, which common/sae.py cannot "
                          "run; give the class an inference_form")
     ARCHITECTURES[name] = cls
     return cls

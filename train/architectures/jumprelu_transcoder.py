@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ...common.sae import InferenceForm, encode_jumprelu
+from ...common.sae import INFERENCE_FORMS
 from .base import register
 from .jumprelu import JumpReLUSAE
 
@@ -16,8 +16,7 @@ class JumpReLUTranscoder(JumpReLUSAE):
     help = "reads `hook`, reconstructs `hook_out`; learned thresholds, L0 penalty"
     transcoder = True
     saelens_architecture = "jumprelu_transcoder"
-    inference_form = InferenceForm("jumprelu_transcoder", ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
-                                   encode_jumprelu, "SAELens JumpReLUTranscoder")
+    inference_form = INFERENCE_FORMS["jumprelu_transcoder"]
 
 
 @register
@@ -29,6 +28,4 @@ class JumpReLUSkipTranscoder(JumpReLUTranscoder):
     help = "a JumpReLU transcoder plus a learned linear skip from `hook` to `hook_out`"
     skip = True
     saelens_architecture = "jumprelu_skip_transcoder"
-    inference_form = InferenceForm("jumprelu_skip_transcoder",
-                                   ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "W_skip"), encode_jumprelu,
-                                   "SAELens JumpReLUSkipTranscoder")
+    inference_form = INFERENCE_FORMS["jumprelu_skip_transcoder"]

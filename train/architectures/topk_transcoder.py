@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from ...common.sae import InferenceForm, encode_topk
+from ...common.sae import INFERENCE_FORMS
 from .base import register
 from .topk import TopKSAE
 
 # SAELens 6.54 has no TopK transcoder class. Its TopK SAE with apply_b_dec_to_input = false computes
 # exactly a TopK transcoder's map when the output is as wide as the input (W_dec must be [d_sae, d_in]
-# there), so that is the form exported then; otherwise the form is this package's own.
-OWN_FORM = InferenceForm("topk_transcoder", ("W_enc", "b_enc", "W_dec", "b_dec"), encode_topk,
-                         "a TopK transcoder whose output is not as wide as its input (no SAELens class)")
+# there), so that is the form exported then; otherwise the form is this package's own (common/sae.py).
+OWN_FORM = INFERENCE_FORMS["topk_transcoder"]
 
 
 @register

@@ -3,7 +3,7 @@ penalty, reading one hook and reconstructing another of the same forward pass.""
 
 from __future__ import annotations
 
-from ...common.sae import InferenceForm, encode_relu
+from ...common.sae import INFERENCE_FORMS
 from .base import register
 from .standard import StandardSAE
 
@@ -18,8 +18,7 @@ class Transcoder(StandardSAE):
     help = "reads `hook`, reconstructs `hook_out`; ReLU latents, L1 penalty"
     transcoder = True
     saelens_architecture = "transcoder"
-    inference_form = InferenceForm("transcoder", ("W_enc", "b_enc", "W_dec", "b_dec"), encode_relu,
-                                   "SAELens Transcoder")
+    inference_form = INFERENCE_FORMS["transcoder"]
 
 
 @register
@@ -31,5 +30,4 @@ class SkipTranscoder(Transcoder):
     help = "a transcoder plus a learned linear skip from `hook` to `hook_out`"
     skip = True
     saelens_architecture = "skip_transcoder"
-    inference_form = InferenceForm("skip_transcoder", ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip"), encode_relu,
-                                   "SAELens SkipTranscoder")
+    inference_form = INFERENCE_FORMS["skip_transcoder"]

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ...common import location, outputs
+from ...common import finite, location, outputs
 from ...common.device import pick_device
 from ...common.errors import StoreError, UserError, first_line
 from ...common.manifest import special_token_ids
@@ -300,12 +300,14 @@ def _density_histogram(density: np.ndarray) -> dict[str, Any]:
     return {"log10_edges": h["log10_edges"], "counts": h["counts"], "dead": h["never"]}
 
 
-def _write_data(path: Path, key: str, obj: Any) -> None:
-    """Write path.json, and path.js for the browser (file:// pages cannot fetch JSON; a script can)."""
-    text = json.dumps(obj, separators=(",", ":"))
+def _write_data(path: Path, key: str, obj: Any) -> list[str]:
+    """Write path.json, and path.js for the browser (file:// pages cannot fetch JSON; a script can).
+    A non-finite number is written as null (JSON has no NaN); returns the key paths of those."""
+    text, bad = finite.dumps(obj, separators=(",", ":"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(text)
     path.with_suffix(".js").write_text(f"actcacheData({json.dumps(key)},{text});\n")
+    return bad
 
 
 def _token_strings(ids: set[int], tokenizer: Any) -> dict[str, str]:
@@ -322,6 +324,22 @@ def _token_strings(ids: set[int], tokenizer: Any) -> dict[str, str]:
 
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "sae"
+
+
+def page_folders(names: list[str]) -> dict[str, str]:
+    """The browser folder of each SAE name (its characters outside [A-Za-z0-9._-] replaced); two names
+    that would share a folder (`a b` and `a_b`, or names differing in case only) are refused."""
+    folders: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for name in names:
+        folder = _safe_name(name)
+        other = seen.get(folder.lower())
+        if other is not None:
+            raise UserError(f"the SAEs {other!r} and {name!r} would share the browser folder saes/{folder}; "
+                            "rename one of the SAE folders, or pick one with --sae")
+        seen[folder.lower()] = name
+        folders[name] = folder
+    return folders
 
 
 def write_features(run: str | Path, out: str | Path, store: str | None = None, saes: list[str] | None = None,
@@ -347,6 +365,7 @@ def write_features(run: str | Path, out: str | Path, store: str | None = None, s
     folders = find_saes(run, saes)
     meta = _run_meta(run)
     st = resolve_store(run, store, meta)
+    page_folders(list(folders))
     outputs.check_destination(out, outputs.FEATURES, inputs=[run, st.url, *folders.values()], replace=overwrite)
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise UserError(f"{out} exists; pass --overwrite to replace it (only a features output is replaced), "
@@ -379,6 +398,8 @@ def _write_features(tmp: Path, folders: dict[str, Path], meta: dict[str, Any], s
     seconds = time.perf_counter() - t0
 
     metrics = {r["name"]: r for r in meta.get("saes", []) if isinstance(r, dict) and "name" in r}
+    pages = page_folders(list(loaded))
+    non_finite: dict[str, list[str]] = {}
     vocab_ids: set[int] = set()
     entries = []
     for name, sae in loaded.items():
@@ -390,12 +411,13 @@ def _write_features(tmp: Path, folders: dict[str, Path], meta: dict[str, Any], s
             else:
                 logits = logit_effects(sae.W_dec.detach(), unembedding.to(dev), opts.n_logits)
         recs = latent_records(stats[name], st, opts, logits)
-        folder = _safe_name(name)
+        folder = pages[name]
         base = tmp / "saes" / folder
+        bad: list[str] = []
         for i in range(0, len(recs), opts.block):
-            _write_data(base / "blocks" / f"{i // opts.block:05d}", f"{folder}/{i // opts.block}",
-                        {"sae": name, "start": i, "stop": min(i + opts.block, len(recs)),
-                         "latents": recs[i:i + opts.block]})
+            bad += _write_data(base / "blocks" / f"{i // opts.block:05d}", f"{folder}/{i // opts.block}",
+                               {"sae": name, "start": i, "stop": min(i + opts.block, len(recs)),
+                                "latents": recs[i:i + opts.block]})
         for r in recs:
             for e in r["top"] + [x for q in r["quantiles"] for x in q["examples"]]:
                 vocab_ids.update(e["tokens"])
@@ -408,7 +430,9 @@ def _write_features(tmp: Path, folders: dict[str, Path], meta: dict[str, Any], s
             "top_token": [r["top_tokens"][0][0] if r["top_tokens"] else None for r in recs],
             "token_latents": _token_index(recs),
         }
-        _write_data(base / "latents", f"{folder}/latents", index)
+        bad += _write_data(base / "latents", f"{folder}/latents", index)
+        if bad:
+            non_finite[name] = bad
         s = stats[name]
         entries.append({
             "name": name, "folder": f"saes/{folder}", "sae_path": str(folders[name]),
@@ -432,7 +456,11 @@ def _write_features(tmp: Path, folders: dict[str, Path], meta: dict[str, Any], s
         "quantile_groups": opts.n_groups, "per_group": opts.per_group, "block": opts.block,
         "vocab": "vocab.json" if vocab is not None else None, "seconds": seconds,
         "tokens_per_s": n_tokens / seconds if seconds else None, "saes": entries,
+        "non_finite": non_finite,
     }
+    summary, bad = finite.finite_json(summary)
+    if bad:
+        summary["non_finite"]["features.json"] = bad
     _write_data(tmp / "features", "features", summary)
     if site:
         from .browser import write_site

@@ -124,7 +124,8 @@ var Browser = (function () {
     route();
   }
   function route() {
-    var h = decodeURIComponent(location.hash.slice(1));
+    var h = location.hash.slice(1);
+    try { h = decodeURIComponent(h); } catch (e) { /* a malformed escape (e.g. #token=%E0%A4%A): use the text as typed */ }
     var view = document.getElementById("view");
     view.innerHTML = "";
     if (h.indexOf("latent=") === 0) card(parseInt(h.slice(7), 10), view);
