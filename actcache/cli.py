@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "steer": "actcache.harvest.analysis_cli:steer_command",
     "attribute": "actcache.harvest.analysis_cli:attribute_command",
     "hooks": "actcache.harvest.analysis_cli:hooks_command",
+    "explore": "actcache.harvest.explore.cli:explore_command",
 }
 
 

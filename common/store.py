@@ -32,7 +32,10 @@ from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 from zarr.core.sync import sync
 from zarr.errors import BaseZarrError
-from zarr.storage import LocalStore
+from zarr.core.array import AsyncArray
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.group import AsyncGroup
+from zarr.storage import LocalStore, MemoryStore, StorePath, WrapperStore
 
 from . import codecs, location
 from .errors import StoreError, UserError, first_line
@@ -90,6 +93,8 @@ class ActivationStore:
         self.mmap_reads = True
         self._mapped: dict[str, MappedChunks | None] = {}
         self._arrays: dict[str, zarr.Array] = {}
+        # what this handle wrote of each chunk's partial statistics and digest (finalize needs no reads)
+        self._written: dict[str, dict[int, Any]] = {}
 
     # ---------------------------------------------------------------- create / open
     @classmethod
@@ -100,8 +105,10 @@ class ActivationStore:
 
     @classmethod
     def _create(cls, url: str | os.PathLike, manifest: Manifest) -> "ActivationStore":
-        store = location.open_store(url)
-        root = zarr.open_group(store=store, mode="w", zarr_format=3)
+        # zarr builds the hierarchy in memory (it asks a store about every name it creates: hundreds of
+        # requests on S3), then each object is written once: the bytes are zarr's own
+        memory = MemoryStore()
+        root = zarr.open_group(store=memory, mode="w", zarr_format=3)
         m = manifest
         comp = codecs.compressors(m.codec)
         cs = m.chunk_sequences
@@ -132,12 +139,25 @@ class ActivationStore:
                 part.create_array(f, shape=shape, chunks=chunks, dtype="float64", fill_value=0.0,
                                   compressors=[codecs.Crc32cCodec()], config=_array_config(),
                                   dimension_names=dims)
+        store = location.open_store(url)
+        # what zarr's mode="w" does: replace whatever is there; then the group without its manifest
+        # first (an interrupted creation is recognised by that), its arrays, and the manifest last
+        sync(StorePath(store).delete_dir())
+        _copy_objects(memory, store, [k for k in _memory_keys(memory) if k != "zarr.json"], first=["zarr.json"])
         m.n_chunks_committed = 0
         m.complete = False
         m.fingerprint = None
         m.format_version = FORMAT_VERSION
         root.attrs[ATTR] = m.to_dict()
-        return cls(str(url), root, m)
+        _copy_objects(memory, store, ["zarr.json"])
+        out = cls(str(url), _rebind(root, store), m)
+        for path in out.expected_arrays():  # their metadata is known: opening them would cost requests
+            out._arrays[path] = _rebind(root[path], store).with_config(_array_config())
+        for h in m.hooks:
+            for f in PARTIAL_FIELDS:
+                path = f"stats/{h.name}/chunks/{f}"
+                out._arrays[path] = _rebind(root[path], store).with_config(_array_config())
+        return out
 
     @classmethod
     def open(cls, url: str | os.PathLike, mode: str = "r", check: bool = True) -> "ActivationStore":
@@ -290,14 +310,17 @@ class ActivationStore:
                      stats: dict[str, ChunkStats]) -> None:
         a, b = self.chunk_sequence_range(j)
         r0, r1 = self.chunk_row_range(j)
-        self.tokens[a:b] = tokens
+        writes: list[tuple[zarr.Array, Any, Any]] = [(self.tokens, slice(a, b), tokens)]
         for name, x in acts.items():
-            self.activations(name)[r0:r1] = x
+            writes.append((self.activations(name), slice(r0, r1), x))
             for f in PARTIAL_FIELDS:
-                self.partial_stats(name, f)[j] = getattr(stats[name], f)
+                writes.append((self.partial_stats(name, f), j, getattr(stats[name], f)))
+                self._written.setdefault(f"stats/{name}/chunks/{f}", {})[j] = getattr(stats[name], f)
         if "digests" in self.expected_arrays():
-            digest = chunk_digest(tokens, acts, self.manifest.hook_names)
-            self.array("digests")[j] = np.frombuffer(digest, dtype=np.uint8)
+            digest = np.frombuffer(chunk_digest(tokens, acts, self.manifest.hook_names), dtype=np.uint8)
+            writes.append((self.array("digests"), j, digest))
+            self._written.setdefault("digests", {})[j] = digest
+        _write_all(writes)
 
     def commit(self, n_chunks_committed: int, complete: bool = False, **fields: Any) -> None:
         """Advance the counter: the last write of a chunk. Written as one object (atomic). `fields`:
@@ -343,20 +366,33 @@ class ActivationStore:
         storage outage)."""
         for h in self.manifest.hooks:
             location.retrying(lambda: self._write_summary(h.name), self.url, f"writing the statistics of {h.name} in")
-        fp = self.compute_fingerprint() if "digests" in self.expected_arrays() else None
+        fp = self.compute_fingerprint(self._written_rows("digests", self.n_chunks)) \
+            if "digests" in self.expected_arrays() else None
         self.commit(self.n_chunks, complete=True, fingerprint=fp)
 
     def _write_summary(self, hook: str) -> None:
         s = self.stats(hook)
-        g = self.group["stats"][hook]
+        # built by zarr in memory, then one PUT per object (no existence checks against the store);
+        # an object written before is replaced
+        memory = MemoryStore()
+        g = zarr.open_group(store=memory, mode="w", zarr_format=3)
         for key, val in s.items():
             arr = np.asarray(val, dtype="float64")
-            if key in g:
-                del g[key]
             dims = ("d",) if arr.ndim == 1 else ()
             # every chunk written, zeros too (config): an absent one then always means damage
             g.create_array(key, shape=arr.shape, dtype="float64", fill_value=0.0, dimension_names=dims,
                            config=_array_config())[...] = arr
+        root = self.group.store_path.path
+        prefix = f"{root}/stats/{hook}" if root else f"stats/{hook}"
+        _copy_objects(memory, self.group.store_path.store, [k for k in _memory_keys(memory) if k != "zarr.json"],
+                      prefix=prefix)
+
+    def _written_rows(self, path: str, n: int) -> np.ndarray | None:
+        """Rows 0..n-1 of a per-chunk array as this handle wrote them, or None when it did not write them all."""
+        rows = self._written.get(path, {})
+        if n == 0 or any(j not in rows for j in range(n)):
+            return None
+        return np.stack([np.asarray(rows[j]) for j in range(n)])
 
     def stored_digests(self, upto: int | None = None) -> np.ndarray:
         """The per-chunk digests written with the chunks, uint8 [n, 16] (version 2); a digest that is
@@ -403,7 +439,11 @@ class ActivationStore:
     def stats(self, hook: str, upto: int | None = None) -> dict[str, Any]:
         """Summary statistics of a hook over the committed chunks (or the first `upto`)."""
         n = self.n_committed if upto is None else upto
-        rows = {f: self.partial_rows(hook, f, range(n)) for f in PARTIAL_FIELDS} if n else {}
+        rows: dict[str, np.ndarray] = {}
+        if n:
+            # the rows this handle wrote (a harvest finalizing) need no reading back
+            rows = {f: self._written_rows(f"stats/{hook}/chunks/{f}", n) for f in PARTIAL_FIELDS}
+            rows = {f: self.partial_rows(hook, f, range(n)) if r is None else r for f, r in rows.items()}
         count = float(rows["count"].sum()) if n else 0.0
         d = self.manifest.hook(hook).d
         if count == 0:
@@ -610,9 +650,22 @@ class MappedChunks:
 
 
 def _read_present(arr: zarr.Array, j: int, a: int, b: int) -> np.ndarray:
-    if not chunk_present(arr, j):
-        raise _MissingChunk()
-    return arr[a:b]
+    """Rows [a, b) = chunk j, read with one request: an absent chunk raises _MissingChunk (zarr alone
+    would give its fill value)."""
+    a_arr = arr._async_array
+    strict = zarr.Array(AsyncArray(a_arr.metadata, StorePath(_StrictChunks(arr.store_path.store), arr.store_path.path),
+                                   a_arr.config))
+    return strict[a:b]
+
+
+class _StrictChunks(WrapperStore):
+    """A store whose get() of an absent object raises _MissingChunk instead of returning None."""
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        buf = await self._store.get(key, prototype, byte_range)
+        if buf is None:
+            raise _MissingChunk()
+        return buf
 
 
 def chunk_stats(x: "np.ndarray | Any") -> ChunkStats:
@@ -639,3 +692,58 @@ def chunk_stats(x: "np.ndarray | Any") -> ChunkStats:
         max_abs=float(max(a.max(), -a.min())) if a.size else 0.0,
         n_nonfinite=n_nonfinite,
     )
+
+
+# ------------------------------------------------------------------------------------------ requests
+# On S3 every object is a request: the store's metadata is built with zarr in memory and written one
+# object at a time, arrays created here keep their metadata instead of reading it back, and a chunk is
+# read with one GET that tells an absent chunk from a present one.
+def _memory_keys(memory: MemoryStore) -> list[str]:
+    async def collect() -> list[str]:
+        return sorted([k async for k in memory.list()])
+
+    return sync(collect())
+
+
+def _copy_objects(memory: MemoryStore, store: Any, keys: list[str], first: list[str] | None = None,
+                  prefix: str = "") -> None:
+    """Write these objects of an in-memory zarr hierarchy to `store` under `prefix` (`first` before
+    the others, which go concurrently)."""
+    import asyncio
+
+    proto = default_buffer_prototype()
+
+    async def put(k: str) -> None:
+        buf = await memory.get(k, prototype=proto)
+        await store.set(f"{prefix}/{k}" if prefix else k, buf)
+
+    async def run() -> None:
+        for k in first or []:
+            await put(k)
+        await asyncio.gather(*(put(k) for k in keys))
+
+    sync(run())
+
+
+def _write_all(writes: "list[tuple[zarr.Array, Any, Any]]") -> None:
+    """arr[selection] = value for each, all at once: on S3 the requests overlap instead of queueing
+    one behind the other, and compressions of several arrays run side by side."""
+    import asyncio
+
+    async def run() -> list:
+        # every write finishes (or fails) before this returns: a retry never races a write still in flight
+        return await asyncio.gather(*(arr._async_array.setitem(sel, val) for arr, sel, val in writes),
+                                    return_exceptions=True)
+
+    for r in sync(run()):
+        if isinstance(r, BaseException):
+            raise r
+
+
+def _rebind(node: "zarr.Array | zarr.Group", store: Any, prefix: str = "") -> Any:
+    """The same array or group (metadata as built) on another store: no request to open it."""
+    path = f"{prefix}/{node.path}" if prefix and node.path else (prefix or node.path)
+    if isinstance(node, zarr.Array):
+        a = node._async_array
+        return zarr.Array(AsyncArray(a.metadata, StorePath(store, path), a.config))
+    return zarr.Group(AsyncGroup(node.metadata, StorePath(store, path)))

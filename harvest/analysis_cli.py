@@ -1,4 +1,5 @@
-"""`actcache analyse | steer | attribute | hooks`: thin layers over harvest/analysis.py."""
+"""`actcache analyse | steer | attribute | hooks`: thin layers over harvest/session.py (a Session over one SAE)
+and harvest/analysis.py (list_hooks)."""
 
 from __future__ import annotations
 
@@ -39,10 +40,10 @@ def _emit(obj: dict, as_json: bool, text: str) -> None:
 def analyse_command(sae_dir, prompt, top, include_special_tokens, model, device, tokenizer, as_json) -> None:
     """Encode PROMPT's activations at the SAE's hook: the top latents of every token and the
     reconstruction error (mse, fvu, cossim)."""
-    from .analysis import analyse
+    from .session import Session
 
-    a = analyse(sae_dir, prompt, model=model, top=top, device=device,
-                include_special_tokens=include_special_tokens, tokenizer=tokenizer)
+    a = Session(sae_dir, model=model, device=device, tokenizer=tokenizer).analyse(
+        prompt, top, include_special_tokens=include_special_tokens)
     _emit(a.to_dict(), as_json, a.table())
 
 
@@ -65,10 +66,12 @@ def steer_command(sae_dir, feature, strength, prompt, max_new_tokens, positions,
                   tokenizer, as_json) -> None:
     """Generate after PROMPT with the latent's decoder direction times STRENGTH added at the SAE's hook;
     the plain continuation beside it."""
-    from .analysis import steer
+    from .session import Session, check_strength, check_temperature
 
-    s = steer(sae_dir, prompt, feature, strength, model=model, max_new_tokens=max_new_tokens, positions=positions,
-              temperature=temperature, seed=seed, device=device, tokenizer=tokenizer)
+    check_strength(strength, "--strength")  # before the model loads
+    check_temperature(temperature, "--temperature")
+    s = Session(sae_dir, model=model, device=device, tokenizer=tokenizer).steer(
+        prompt, feature, strength, max_new_tokens, positions=positions, temperature=temperature, seed=seed)
     _emit(s.to_dict(), as_json, f"prompt: {prompt!r}\n" + s.side_by_side())
 
 
@@ -85,10 +88,10 @@ def steer_command(sae_dir, feature, strength, prompt, max_new_tokens, positions,
 def attribute_command(sae_dir, prompt, target, position, top, model, device, tokenizer, as_json) -> None:
     """Each latent's direct contribution to the logit of TARGET after PROMPT (final normalisation's
     scale frozen), the top ones, and the remainder (b_dec, SAE error, later layers, biases)."""
-    from .analysis import attribute
+    from .session import Session
 
-    r = attribute(sae_dir, prompt, target, model=model, position=position, top=top, device=device,
-                  tokenizer=tokenizer)
+    r = Session(sae_dir, model=model, device=device, tokenizer=tokenizer).attribute(
+        prompt, target, position=position, top=top)
     _emit(r.to_dict(), as_json, r.table())
 
 

@@ -31,6 +31,7 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _BEFORE_BLOCKS = ("hook_embed", "hook_pos_embed", "hook_tokens", "embed.", "pos_embed.")
 
 
+@functools.cache
 def tl_major_version() -> int:
     from importlib.metadata import version
 
@@ -526,10 +527,26 @@ class HookedModel:
     def run(self, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
         """The activations of the hooks, each [B, T, d], stopping after the last layer they need."""
         got: dict[str, torch.Tensor] = {}
+        stop = _bridge_stop(self.tl)
 
         def capture(x: torch.Tensor, hook: Any, name: str) -> None:
             got[name] = x.reshape(x.shape[0], x.shape[1], -1)  # hook_z and friends: [B,T,H,dh] -> [B,T,H*dh]
+            if stop is not None and len(got) == len(hooks):
+                # TransformerBridge checks stop_at_layer only on entering a block, so a stop after the
+                # last block (a hook on it) would run ln_final and the unembedding: stop here instead,
+                # once every hook has fired (the bridge's forward catches its own exception)
+                raise stop(x)
 
         fwd = [(h, functools.partial(capture, name=h)) for h in hooks]
         self.tl.run_with_hooks(tokens.to(self.device), fwd_hooks=fwd, stop_at_layer=self.stop_layer(hooks))
         return got
+
+
+def _bridge_stop(tl: Any) -> Any:
+    """TransformerBridge's stop exception when `tl` is a bridge (TransformerLens 4), else None
+    (HookedTransformer honours stop_at_layer == n_layers and would not catch the exception)."""
+    if tl_major_version() < 4 or not isinstance(tl, _bridge_class()):
+        return None
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    return StopAtLayerException

@@ -144,6 +144,26 @@ def forward(model: Any, tokens: torch.Tensor, splices: Mapping[str, Replacement]
 
 
 @torch.inference_mode()
+def forward_step(model: Any, tokens: torch.Tensor, splices: Mapping[str, Replacement] | None = None,
+                 past: Any = None) -> tuple[torch.Tensor, Any]:
+    """One step of incremental decoding: logits [batch, new, vocab] of `tokens` (the new positions only,
+    when `past` holds the keys and values of the ones before), with the splices applied to the new
+    positions, and the key/value cache after the step. The cache is the Hugging Face one that a
+    TransformerLens 4 bridge hands back; where the model gives none (TransformerLens 3, the bridge's
+    native random models) the returned cache is None and the caller runs whole sequences instead."""
+    tl = getattr(model, "tl", model)
+    if not _is_bridge(tl):
+        if past is not None:
+            raise ValueError("this model has no key/value cache: pass the whole sequence with past=None")
+        return forward(model, tokens, splices)[0], None
+    device = next(tl.parameters()).device
+    fwd = [(h, _as_hook_fn(fn, None, None, h)) for h, fn in (splices or {}).items()]
+    kw = {"past_key_values": past} if past is not None else {}
+    logits, cache = tl.run_with_hooks(tokens.to(device), fwd_hooks=fwd, return_type="logits_and_cache", **kw)
+    return logits, cache
+
+
+@torch.inference_mode()
 def clean_pass(model: Any, tokens: torch.Tensor, hooks: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One unmodified pass: logits, plus the activation at each hook in `hooks` and the residual entering
     every layer a spliced pass at those hooks can start from (keys: hook names, see resid_hook)."""

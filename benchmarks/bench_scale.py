@@ -1,0 +1,465 @@
+"""Scale benchmark: does throughput stay flat and memory bounded as the store grows?
+
+A randomly initialised TransformerLens model at gpt2-small's width (d_model 768) made as cheap as
+possible (one thin block, the hook on its input: the harvest stops there), so that the data path and
+not the forward pass grows with the store; context 128; pre-tokenised random documents. For each
+store size (default 1M, 4M and 16M tokens, on local disk) every step runs in its own process,
+measured from outside (wall time, and the peak resident memory the kernel reports for that process
+through wait4):
+
+  harvest   the harvest (the forward's share of its loop time is measured inside it)
+  verify    `actcache verify`: reads and checks every chunk
+  info      `actcache info --json`
+  loader    the training loader alone, in steady state, over a fixed number of tokens sampled from
+            the whole store, beside the raw in-order read+decode of as many tokens
+  train     `actcache train`: one TopK SAE (k 32, expansion 4, batch 4096) on a fixed number of tokens
+            sampled from the whole store
+  features  `actcache features` over a fixed number of tokens
+
+Each store is deleted once measured (its size is recorded), so the disk needs room for the largest
+one; the free space is checked before any work.
+
+    make bench-scale                                    # 1M, 4M, 16M: results/scale-<date>.{json,md,png}
+    python -m benchmarks.bench_scale --sizes 1M,4M      # fewer sizes
+    python -m benchmarks.bench_scale --sizes 8k --d-model 64 --train-tokens 8k --features-tokens 4k ...
+
+Every size, count and width is a parameter (tests run the whole benchmark at toy sizes)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from actcache.common.errors import UserError  # noqa: E402
+from actcache.common.outputs import FEATURES_FILE, SUMMARY_FILE, is_features, is_run, is_store  # noqa: E402
+from actcache.common.progress import human_bytes, parse_count  # noqa: E402
+
+HOOK = "blocks.0.hook_resid_pre"
+RESULTS = ROOT / "benchmarks" / "results"
+STEPS = ("harvest", "verify", "info", "loader", "train", "features")
+MARKER = "actcache-bench-scale"  # names the work folder this benchmark made (and alone deletes)
+
+
+def model_spec(d_model: int, ctx: int, vocab: int) -> str:
+    """One thin block (its MLP as wide as the model, few heads); the hook on its input means the
+    harvest runs only the embeddings."""
+    return (f"random:n_layers=1,d_model={d_model},n_heads=4,d_head={d_model // 4},d_mlp={d_model},"
+            f"d_vocab={vocab},n_ctx={ctx},seed=0")
+
+
+# ------------------------------------------------------------------------------------------ measuring
+# Starts the command from a small process and reports that child's rusage. The kernel counts the
+# memory of a process from its fork, before it execs: a child forked straight from a big parent would
+# show at least the parent's resident size.
+_LAUNCHER = """import os, subprocess, sys
+p = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(p.pid, 0)
+code = os.waitstatus_to_exitcode(status)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{usage.ru_maxrss} {code} {usage.ru_utime + usage.ru_stime}")
+sys.exit(code if code >= 0 else 1)
+"""
+
+
+def measure(cmd: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None) -> dict[str, Any]:
+    """Run cmd to completion in its own process: wall seconds, CPU seconds (user + system) and peak
+    resident memory (bytes), both from wait4's rusage of that one process; its exit code and stdout."""
+    with tempfile.TemporaryDirectory(prefix="bench-scale-measure-") as tmp:
+        usage_file = Path(tmp) / "rusage"
+        with open(Path(tmp) / "out", "w+") as out, open(Path(tmp) / "err", "w+") as err:
+            t = time.perf_counter()
+            p = subprocess.run([sys.executable, "-I", "-S", "-c", _LAUNCHER, str(usage_file), *cmd],
+                               stdout=out, stderr=err, env=env, cwd=cwd)
+            wall = time.perf_counter() - t
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read(), err.read()[-4000:]
+        if not usage_file.is_file():
+            raise RuntimeError(f"could not start {cmd[0]}: {stderr.strip()}")
+        maxrss_kib, code, cpu = usage_file.read_text().split()
+    return {"cmd": cmd, "seconds": wall, "cpu_seconds": float(cpu), "peak_rss_bytes": int(maxrss_kib) * 1024,
+            "rc": int(code),
+            "stdout": stdout, "stderr": stderr}
+
+
+def free_space_check(folder: Path, sizes: list[int], d_model: int, ctx: int) -> dict[str, int]:
+    """One line before any work when the largest store (at most raw float16 size plus its tokens),
+    its dataset file and a margin do not fit in folder's free space."""
+    largest = max(sizes)
+    store = largest * (d_model * 2 + 4)
+    data = largest * 6  # the pre-tokenised jsonl: up to 5 digits and a separator per token
+    need = int((store + data) * 1.1) + (256 << 20)
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise UserError(f"the {human_bytes(largest * d_model * 2)} store of {largest:,} tokens needs "
+                        f"{human_bytes(need)} free in {folder}, which has {human_bytes(free)}; "
+                        "pass smaller --sizes or another --work folder")
+    return {"need_bytes": need, "free_bytes": free}
+
+
+def write_dataset(path: Path, n_tokens: int, vocab: int, seed: int = 0) -> Path:
+    """Pre-tokenised random documents (an input_ids column) holding at least n_tokens."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    done = 0
+    with open(path, "w") as f:
+        while done < n_tokens:
+            n = int(rng.integers(64, 2048))
+            ids = rng.integers(0, vocab, n)
+            f.write('{"input_ids": [' + ",".join(map(str, ids.tolist())) + "]}\n")
+            done += n
+    return path
+
+
+# ------------------------------------------------------------------------------------------ steps
+# (each runs in a child: python -m benchmarks.bench_scale step NAME ...; prints one JSON object)
+def step_harvest(a: argparse.Namespace) -> dict[str, Any]:
+    from actcache import HarvestConfig, harvest
+    from actcache.harvest.models import load_model
+
+    model = load_model(a.model, device="cpu")
+    forward = {"seconds": 0.0, "calls": 0}
+    run = model.run
+
+    def timed_run(*args: Any, **kw: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return run(*args, **kw)
+        finally:
+            forward["seconds"] += time.perf_counter() - t
+            forward["calls"] += 1
+
+    model.run = timed_run  # type: ignore[method-assign]
+    cfg = HarvestConfig(out=a.store, hooks=[HOOK], model=a.model, dataset=a.data, context_size=a.ctx,
+                        tokens=a.tokens, batch_size=a.batch, device="cpu", streaming=True, held_out=a.held_out)
+    r = harvest(cfg, progress=False, model=model)
+    return {"tokens": r.n_tokens, "loop_seconds": r.loop_seconds, "tokens_per_s": r.tokens_per_s,
+            "seconds_with_model_loading": r.seconds, "forward_seconds": forward["seconds"],
+            "forward_calls": forward["calls"], "forward_share": forward["seconds"] / r.loop_seconds,
+            "bytes_on_disk": r.bytes_on_disk, "activation_bytes": r.activation_bytes,
+            "bytes_per_token": r.bytes_on_disk / r.n_tokens, "compression_ratio": r.compression_ratio,
+            "codec": r.codec}
+
+
+def step_loader(a: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    from actcache.common.store import ActivationStore
+    from actcache.train.loader import ActivationLoader
+
+    store = ActivationStore.open(a.store)
+    loader = ActivationLoader(store, HOOK, a.batch, seed=0, window_chunks=a.window_chunks, threads=a.threads,
+                              device="cpu", repeat=True)
+    n_batches = max(1, a.tokens // a.batch)
+    loader.next_batch()  # the first window's load is start-up latency, not throughput
+    t = time.perf_counter()
+    for _ in range(n_batches):
+        loader.next_batch()
+    dt = time.perf_counter() - t
+    chunks = loader.chunk_order(0)
+    loader.close()
+    # the raw in-order read+decode of as many tokens, from chunks spread over the whole store
+    per_chunk = store.manifest.chunk_sequences * store.manifest.context_size
+    n_raw = max(1, min(len(chunks), -(-n_batches * a.batch // per_chunk)))
+    pick = sorted(np.random.default_rng(1).choice(chunks, n_raw, replace=False).tolist())
+    t = time.perf_counter()
+    rows = sum(store.read_chunk(HOOK, j).shape[0] for j in pick)
+    raw_s = time.perf_counter() - t
+    rate = n_batches * a.batch / dt
+    return {"tokens": n_batches * a.batch, "loop_seconds": dt, "tokens_per_s": rate, "batch_size": a.batch,
+            "window_chunks": a.window_chunks, "threads": a.threads, "wait_seconds": loader.wait_seconds,
+            "raw_tokens": rows, "raw_tokens_per_s": rows / raw_s, "ratio_to_raw": rate / (rows / raw_s),
+            "chunk_bytes_float16": per_chunk * store.manifest.hook(HOOK).d * 2}
+
+
+STEP_FUNCS = {"harvest": step_harvest, "loader": step_loader}
+
+
+# ------------------------------------------------------------------------------------------ one size
+def _sweep_toml(tokens: int, batch: int) -> str:
+    return "\n".join([
+        f'hook = "{HOOK}"', f"tokens = {tokens}", f"batch_size = {batch}", "seed = 0",
+        f"eval_tokens = {batch}", f"checkpoint_every_tokens = {tokens * 10}", f"log_every_steps = {10**6}", "",
+        "[[sae]]", 'name = "topk-k32-x4"', 'architecture = "topk"', "k = 32", "expansion = 4", ""])
+
+
+def run_size(n_tokens: int, a: argparse.Namespace, work: Path, data: Path, env: dict[str, str]) -> dict[str, Any]:
+    py = [sys.executable]
+    store = work / f"store-{n_tokens}.zarr"
+    run_dir, feat_dir = work / f"run-{n_tokens}", work / f"features-{n_tokens}"
+    spec = model_spec(a.d_model, a.ctx, a.vocab)
+    (work / "sweep.toml").write_text(_sweep_toml(a.train_tokens, a.train_batch))
+    cmds = {
+        "harvest": py + ["-m", "benchmarks.bench_scale", "step", "harvest", "--store", str(store), "--data", str(data),
+                         "--model", spec, "--ctx", str(a.ctx), "--tokens", str(n_tokens),
+                         "--batch", str(a.harvest_batch), "--held-out", a.held_out],
+        "verify": py + ["-m", "actcache", "verify", str(store)],
+        "info": py + ["-m", "actcache", "info", str(store), "--json"],
+        "loader": py + ["-m", "benchmarks.bench_scale", "step", "loader", "--store", str(store),
+                        "--tokens", str(a.loader_tokens), "--batch", str(a.train_batch),
+                        "--window-chunks", str(a.window_chunks), "--threads", str(a.threads)],
+        "train": py + ["-m", "actcache", "train", str(store), "--config", str(work / "sweep.toml"),
+                       "--out", str(run_dir), "--device", "cpu", "--no-progress"],
+        "features": py + ["-m", "actcache", "features", str(run_dir), "--out", str(feat_dir), "--all",
+                          "--tokens", str(a.features_tokens), "--no-logits", "--device", "cpu", "--no-progress"],
+    }
+    out: dict[str, Any] = {"tokens": n_tokens}
+    for name in STEPS:
+        print(f"[bench-scale] {n_tokens:,} tokens: {name}", file=sys.stderr, flush=True)
+        m = measure(cmds[name], env=env, cwd=ROOT)
+        if m["rc"] != 0:
+            raise RuntimeError(f"{name} at {n_tokens:,} tokens failed (exit {m['rc']}): {m['stderr'][-2000:]}")
+        rec = {"wall_seconds": m["seconds"], "cpu_seconds": m["cpu_seconds"], "peak_rss_bytes": m["peak_rss_bytes"]}
+        if name in STEP_FUNCS:
+            rec.update(json.loads(m["stdout"]))
+        elif name == "info":
+            d = json.loads(m["stdout"])
+            rec.update(n_tokens=d["n_tokens"], bytes_on_disk=d["bytes_on_disk"])
+        elif name == "verify":
+            rec["tokens_per_s"] = n_tokens / m["seconds"]  # the whole command, start-up included
+        elif name == "train":
+            s = json.loads((run_dir / SUMMARY_FILE).read_text())
+            rec.update(train_tokens=a.train_tokens, train_seconds=s["train_seconds"], tokens_per_s=s["tokens_per_s"])
+        elif name == "features":
+            s = json.loads((feat_dir / FEATURES_FILE).read_text())
+            rec.update(pass_seconds=s["seconds"], pass_tokens=s.get("n_tokens"), tokens_per_s=s["tokens_per_s"])
+        out[name] = rec
+    out["store_bytes"] = out["harvest"]["bytes_on_disk"]
+    if not a.keep:
+        for p, kind_check in ((store, is_store), (run_dir, is_run), (feat_dir, is_features)):
+            _remove_own(p, work, kind_check)
+    return out
+
+
+def _remove_own(p: Path, work: Path, kind_check) -> None:
+    """Delete what this benchmark wrote, and only that: an output of the expected kind directly inside
+    its own marked work folder."""
+    if (work / MARKER).is_file() and p.resolve().parent == work.resolve() and p.exists() and kind_check(str(p)):
+        shutil.rmtree(p)
+
+
+# ------------------------------------------------------------------------------------------ report
+# throughput and memory of each step, as reported: (label, key in the step record)
+RATES = [("harvest", "tokens_per_s"), ("verify", "tokens_per_s"), ("loader", "tokens_per_s"),
+         ("train", "tokens_per_s"), ("features", "tokens_per_s")]
+
+
+def step_tokens(r: dict[str, Any], step: str) -> int | None:
+    """The tokens a step processed: the whole store (harvest, verify), a fixed count (the others)."""
+    return {"harvest": r["harvest"]["tokens"], "verify": r["tokens"], "loader": r["loader"]["tokens"],
+            "train": r["train"].get("train_tokens"), "features": r["features"].get("pass_tokens")}.get(step)
+
+
+def cpu_rate(r: dict[str, Any], step: str) -> float | None:
+    """Tokens per CPU-second of the step's whole process (start-up included): on a shared machine,
+    wall-clock rates measure the neighbours as much as the code; CPU time much less so."""
+    n = step_tokens(r, step)
+    return n / r[step]["cpu_seconds"] if n and r[step].get("cpu_seconds") else None
+
+
+def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each step's throughput (wall and per CPU-second) and peak memory at the largest size over
+    those at the smallest."""
+    first, last = results[0], results[-1]
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    return {s: {"throughput": ratio(last[s].get("tokens_per_s"), first[s].get("tokens_per_s")),
+                "throughput_per_cpu_second": ratio(cpu_rate(last, s), cpu_rate(first, s)),
+                "peak_rss": last[s]["peak_rss_bytes"] / first[s]["peak_rss_bytes"]} for s in STEPS}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    res = report["results"]
+    c = report["config"]
+    mib = 1 << 20
+    lines = [f"# Scale benchmark, {report['date']}", "",
+             f"Machine: {report['machine']}. Model `{c['model']}`, hook `{HOOK}`, context {c['ctx']}, "
+             f"d_model {c['d_model']}. Command: `{report['command']}`.", "",
+             "| tokens | store | bytes/token | harvest tok/s | forward share | verify tok/s | loader tok/s "
+             "(raw in-order) | train tok/s | features tok/s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res:
+        lines.append(
+            f"| {r['tokens']:,} | {human_bytes(r['store_bytes'])} | {r['harvest']['bytes_per_token']:.0f} | "
+            f"{r['harvest']['tokens_per_s']:,.0f} | {r['harvest']['forward_share']:.2f} | "
+            f"{r['verify']['tokens_per_s']:,.0f} | {r['loader']['tokens_per_s']:,.0f} "
+            f"({r['loader']['raw_tokens_per_s']:,.0f}) | {r['train']['tokens_per_s']:,.0f} | "
+            f"{r['features']['tokens_per_s']:,.0f} |")
+    lines += ["", "Wall seconds, CPU seconds (user + system) and peak resident memory (MiB) of each process:", "",
+              "| tokens | " + " | ".join(STEPS) + " |", "|---:|" + "---:|" * len(STEPS)]
+    for r in res:
+        lines.append(f"| {r['tokens']:,} | " + " | ".join(
+            f"{r[s]['wall_seconds']:.1f} s, {r[s]['cpu_seconds']:.1f} s, {r[s]['peak_rss_bytes'] / mib:,.0f}"
+            for s in STEPS) + " |")
+    lines += ["", "Tokens per CPU-second of each process (start-up included):", "",
+              "| tokens | " + " | ".join(s for s in STEPS if s != "info") + " |",
+              "|---:|" + "---:|" * (len(STEPS) - 1)]
+    for r in res:
+        lines.append(f"| {r['tokens']:,} | " + " | ".join(
+            f"{cpu_rate(r, s):,.0f}" for s in STEPS if s != "info") + " |")
+    if len(res) > 1:
+        q = report["ratios"]
+
+        def f(x: float | None) -> str:
+            return "" if x is None else f"{x:.2f}"
+
+        lines += ["", f"Largest over smallest size ({res[-1]['tokens']:,} / {res[0]['tokens']:,} tokens):", "",
+                  "| step | throughput (wall) | throughput per CPU-second | peak memory |", "|---|---:|---:|---:|"]
+        for s in STEPS:
+            lines.append(f"| {s} | {f(q[s]['throughput'])} | {f(q[s].get('throughput_per_cpu_second'))} | "
+                         f"{q[s]['peak_rss']:.2f} |")
+    if report.get("skipped"):
+        lines += ["", f"Not run: {report['skipped']}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = report["results"]
+    x = [r["tokens"] for r in res]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for s, key in RATES:
+        line, = ax1.plot(x, [cpu_rate(r, s) for r in res], marker="o", label=f"{s} (per CPU-second)")
+        ax1.plot(x, [r[s][key] for r in res], marker=".", linestyle=":", color=line.get_color())
+    for s in STEPS:
+        ax2.plot(x, [r[s]["peak_rss_bytes"] / 2**20 for r in res], marker="o", label=s)
+    for ax, title in ((ax1, "tokens per CPU-second (dotted: per wall second)"), (ax2, "peak resident memory (MiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("store size (tokens)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"actcache at d_model {report['config']['d_model']}, {report['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ main
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    sizes = [parse_count(s) for s in a.sizes.split(",")]
+    sizes = sorted(sizes)
+    work_parent = Path(a.work or tempfile.gettempdir())
+    space = free_space_check(work_parent, sizes, a.d_model, a.ctx)
+    print(f"[bench-scale] largest store {sizes[-1]:,} tokens: needs about {human_bytes(space['need_bytes'])} free "
+          f"in {work_parent}, has {human_bytes(space['free_bytes'])}", file=sys.stderr, flush=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=work_parent))
+    (work / MARKER).write_text("made by benchmarks/bench_scale.py\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               CUDA_VISIBLE_DEVICES="", HF_DATASETS_CACHE=str(work / "hf-datasets"),
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.time()
+    try:
+        data = write_dataset(work / "tokens.jsonl", int(max(sizes) * 1.02) + 4 * a.ctx, a.vocab)
+        results = [run_size(n, a, work, data, env) for n in sizes]
+    finally:
+        if not a.keep and (work / MARKER).is_file():
+            shutil.rmtree(work)
+    import platform
+
+    report = {"date": _dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+              "command": "python -m benchmarks.bench_scale " + " ".join(a.argv),
+              "config": {"model": model_spec(a.d_model, a.ctx, a.vocab), "d_model": a.d_model, "ctx": a.ctx,
+                         "sizes": sizes, "train_tokens": a.train_tokens, "train_batch": a.train_batch,
+                         "features_tokens": a.features_tokens, "loader_tokens": a.loader_tokens,
+                         "window_chunks": a.window_chunks, "threads": a.threads, "harvest_batch": a.harvest_batch},
+              "free_space": space, "total_seconds": time.time() - t0, "results": results,
+              "skipped": a.skipped or None}
+    report["ratios"] = ratios(results)
+    out = Path(a.results)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"scale-{report['date']}{a.suffix}"
+    Path(f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    Path(f"{stem}.md").write_text(markdown(report))
+    plot(report, Path(f"{stem}.png"))
+    print(markdown(report))
+    return report
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="1M,4M,16M", help="store sizes in tokens, comma-separated")
+    p.add_argument("--d-model", type=int, default=768)
+    p.add_argument("--ctx", type=int, default=128)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--harvest-batch", type=int, default=32, help="sequences per forward pass")
+    p.add_argument("--held-out", default="5%")
+    p.add_argument("--train-tokens", type=parse_count, default=262_144)
+    p.add_argument("--train-batch", type=int, default=4096)
+    p.add_argument("--features-tokens", type=parse_count, default=262_144)
+    p.add_argument("--loader-tokens", type=parse_count, default=1_048_576)
+    p.add_argument("--window-chunks", type=int, default=8)
+    p.add_argument("--threads", type=int, default=4, help="loader reader threads")
+    p.add_argument("--work", help="folder for the stores (default: the system's temporary folder)")
+    p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--suffix", default="", help="appended to the result file names")
+    p.add_argument("--skipped", default="", help="a note on sizes left out, and why (goes into the report)")
+    p.add_argument("--keep", action="store_true", help="keep the stores and runs")
+    return p
+
+
+def step_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    p.add_argument("name", choices=sorted(STEP_FUNCS))
+    p.add_argument("--store", required=True)
+    p.add_argument("--data")
+    p.add_argument("--model")
+    p.add_argument("--ctx", type=int, default=128)
+    p.add_argument("--tokens", type=int, required=True)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--held-out", default="5%")
+    p.add_argument("--window-chunks", type=int, default=8)
+    p.add_argument("--threads", type=int, default=4)
+    return p
+
+
+def render(path: Path) -> None:
+    """Write the table and plot of a results JSON again (after a change to the report's form)."""
+    report = json.loads(path.read_text())
+    report["ratios"] = ratios(report["results"])
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    path.with_suffix(".md").write_text(markdown(report))
+    plot(report, path.with_suffix(".png"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["render"]:
+            render(Path(argv[1]))
+            return
+        if argv[:1] == ["step"]:
+            a = step_parser().parse_args(argv[1:])
+            print(json.dumps(STEP_FUNCS[a.name](a)))
+            return
+        a = parser().parse_args(argv)
+        a.argv = argv
+        run(a)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
