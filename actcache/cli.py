@@ -4,6 +4,7 @@ Subcommands are loaded lazily, so a command imports only the stage it runs."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
@@ -11,7 +12,7 @@ import sys
 import click
 
 from .common.errors import UserError
-from .common.progress import log, setup_logging
+from .common.progress import log, quiet_option, setup_logging
 
 # name -> "module:attribute"; each is imported only when its command runs
 SUBCOMMANDS = {
@@ -21,6 +22,7 @@ SUBCOMMANDS = {
     "train": "actcache.train.cli:train_command",
     "bench-read": "actcache.train.bench_read:bench_read_command",
     "features": "actcache.train.features_cli:features_command",
+    "compare": "actcache.train.compare_cli:compare_command",
     "eval": "actcache.eval_cli:eval_command",
     "analyse": "actcache.harvest.analysis_cli:analyse_command",
     "steer": "actcache.harvest.analysis_cli:steer_command",
@@ -44,6 +46,7 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup)
 @click.option("-v", "--verbose", is_flag=True, help="More log lines on stderr (and tracebacks on error).")
+@functools.partial(quiet_option, top=True)
 @click.version_option(package_name="actcache")
 @click.pass_context
 def cli(ctx: click.Context, verbose: bool) -> None:
@@ -74,16 +77,18 @@ def demo_command(out: str, tokens: str) -> None:
     """The offline default: harvest the bundled SmolLM2-135M over the Python standard library's
     sources, train a small sweep of SAEs on it, evaluate them with the model on held-out tokens, and
     print what was written and the results."""
+    import json
+    from pathlib import Path
+
     from .common.progress import parse_count
     from .demo import run_demo
-    from .evaluate import records_table
     from .train.export import summary_table
 
     r = run_demo(out, parse_count(tokens))
     click.echo(r["harvest"].summary())
     click.echo("")
-    if r["eval"]:
-        click.echo(records_table(r["eval"]))
+    if r["eval"]:  # the sweep's summary with the held-out columns merged in
+        click.echo(summary_table(json.loads((Path(out) / "sweep" / "summary.json").read_text())))
         s = r["eval"][0]["sequences_scored"]
         click.echo(f"\n(held-out sequences {s['start_sequence']}:{s['stop_sequence']} of the store, "
                    f"{r['eval'][0]['ce_tokens']} token positions scored)")

@@ -64,5 +64,5 @@ def run_demo(out_dir: str = "demo", tokens: int = 40_960, train_tokens: int | No
         log.warning("this build cannot leave tokens out of training, so the demo does not evaluate with the model")
     else:
         records = evaluate([str(runs)], store=store_url, tokens=eval_tokens,
-                           held_out=None if not name_it else held, write=True)
+                           held_out=None if not name_it else held, write=True, progress=progress)
     return {"harvest": result, "summary": summary, "eval": records}

@@ -7,6 +7,7 @@ import json
 
 import click
 
+from .common.progress import quiet_option
 from .common.commands import storage_option
 
 
@@ -25,12 +26,14 @@ from .common.commands import storage_option
 @click.option("--include-special-tokens", is_flag=True, help="Replace and score BOS/EOS/pad positions too.")
 @click.option("--force", is_flag=True, help="Evaluate with a model other than the store's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
+@quiet_option
 @storage_option
 def eval_command(runs_or_saes, sae_dirs, store, model, tokens, batch_size, device, dtype, held_out,
                  include_special_tokens, force, as_json, storage_options) -> None:
     """Splice each SAE of RUNS_OR_SAES (run folders or SAE folders) into the model on held-out token
     windows of the store and report CE loss score, KL and activation metrics; writes eval.json in each
-    SAE folder and the columns in the run's summary."""
+    SAE folder and the columns in the run's summary. Transcoders replace their output hook with their
+    map of their input hook."""
     from .common.progress import parse_count
     from .evaluate import evaluate, non_finite_error, records_table
 

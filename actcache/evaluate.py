@@ -49,8 +49,10 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def find_targets(paths: Sequence[str | os.PathLike], sae_dirs: Sequence[str | os.PathLike] = (),
                  device: str = "cpu") -> list[Target]:
-    """SAE folders from run folders (every subfolder that is an SAE) and single SAE folders."""
+    """SAE folders from run folders (every subfolder that is an SAE, in sweep order) and single SAE
+    folders; transcoders included."""
     from .common.sae import SAE
+    from .train import architectures  # noqa: F401  (registers the forms that architectures export, transcoders')
 
     found: list[tuple[Path, Path | None]] = []
     for raw in paths:
@@ -71,23 +73,12 @@ def find_targets(paths: Sequence[str | os.PathLike], sae_dirs: Sequence[str | os
         found.append((p, None))
     if not found:
         raise UserError("no SAE to evaluate: give a run folder, an SAE folder or --sae DIR")
-    targets, names, skipped = [], set(), []
+    targets, names = [], set()
     for folder, run in dict.fromkeys(found):
         name = folder.name if folder.name not in names else f"{folder.parent.name}/{folder.name}"
         names.add(name)
         digest = outputs.sae_digest(folder)
-        sae = SAE.load_from_disk(folder, device=device)
-        out_hook = sae.cfg.metadata.get("hook_name_out")
-        if out_hook and out_hook != sae.cfg.metadata.get("hook_name"):
-            skipped.append(name)  # a transcoder: its reconstruction replaces another hook than it reads
-            continue
-        targets.append(Target(name, folder, sae, run, digest))
-    if skipped:
-        log.warning(f"not evaluating {', '.join(skipped)}: transcoders are scored by their training summary "
-                    "(output FVU, L0), not spliced into the model by `actcache eval`")
-    if not targets:
-        raise UserError("no SAE to evaluate: the folders hold only transcoders, which `actcache eval` does not "
-                        "splice into the model; their output FVU and L0 are in the run's summary")
+        targets.append(Target(name, folder, SAE.load_from_disk(folder, device=device), run, digest))
     return targets
 
 
@@ -217,6 +208,14 @@ def check_overlap(targets: Sequence[Target], store: Any, rng: tuple[int, int]) -
                                 "evaluate on its held-out part or name a range it did not train on (--held-out)")
 
 
+def _summary_row(t: Target) -> dict[str, Any]:
+    """The row of the run's summary.json for this SAE, or {}."""
+    if t.run is None:
+        return {}
+    rows = (_read_json(t.run / SUMMARY_FILE) or {}).get("saes") or []
+    return next((r for r in rows if isinstance(r, dict) and r.get("name") == t.folder.name), {})
+
+
 def run_info(targets: Sequence[Target]) -> dict[str, Any]:
     """What the runs of the targets say about their store and model (first one that says)."""
     out: dict[str, Any] = {}
@@ -279,7 +278,8 @@ def evaluate(run_or_sae_folders: Sequence[str | os.PathLike] = (), *, sae_dirs: 
              store: str | None = None, model: str | Any | None = None, tokens: int | None = None,
              batch_size: int = 8, device: str | None = None, include_special_tokens: bool = False,
              held_out: str | tuple[int, int] | None = None, force: bool = False, dtype: str = "float32",
-             write: bool = False, storage_options: "dict | list[str] | None" = None) -> list[dict[str, Any]]:
+             write: bool = False, storage_options: "dict | list[str] | None" = None,
+             progress: bool = True) -> list[dict[str, Any]]:
     """Evaluate every SAE of the run folders, SAE folders and sae_dirs on held-out windows of a store.
 
     store: the store URL (default: the run's). model: a model spec or a loaded HookedModel (default:
@@ -287,22 +287,26 @@ def evaluate(run_or_sae_folders: Sequence[str | os.PathLike] = (), *, sae_dirs: 
     held_out: 'START:STOP' in sequences (default: the store's held-out part). force: accept a model
     other than the store's. write: also write eval.json per SAE and the run's summary columns.
     storage_options: fsspec options for an s3:// store (key=value strings or a dict; see --storage-option).
+    progress: bars on stderr (tokens/s, ETA, the SAE being run). Transcoders are spliced from their
+    input hook into their output hook (harvest/splice.TranscoderSplice).
     Returns one record per SAE (see docs/cli.md, "Evaluate", for the fields)."""
     from .common import location
 
     with location.storage_options(storage_options):
         return _evaluate(run_or_sae_folders, sae_dirs, store, model, tokens, batch_size, device,
-                         include_special_tokens, held_out, force, dtype, write)
+                         include_special_tokens, held_out, force, dtype, write, progress)
 
 
 def _evaluate(run_or_sae_folders, sae_dirs, store, model, tokens, batch_size, device, include_special_tokens,
-              held_out, force, dtype, write) -> list[dict[str, Any]]:
+              held_out, force, dtype, write, progress) -> list[dict[str, Any]]:
     from .common.store import ActivationStore
-    from .harvest.evaluate import downstream_metrics
+    from .harvest.evaluate import check_saes, downstream_metrics
     from .common.device import pick_device
     from .harvest.models import load_model
     from .common.manifest import special_token_ids
     from .train.heldout_metrics import heldout_metrics
+    from .train.export import HELD_OUT
+    from .train.flags import flags_of
 
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: give a positive number of sequences")
@@ -335,35 +339,52 @@ def _evaluate(run_or_sae_folders, sae_dirs, store, model, tokens, batch_size, de
     saes = {t.name: t.sae for t in targets}
     sp = [] if include_special_tokens else special_token_ids(st.manifest.tokenizer)
     batches = (torch.from_numpy(toks[i:i + batch_size].astype(np.int64)) for i in range(0, len(toks), batch_size))
-    down = downstream_metrics(hm, batches, saes, special_ids=sp, include_special_tokens=include_special_tokens)
+    check_saes(hm, saes)
+    if toks.size and int(toks.max()) >= hm.vocab_size:
+        raise UserError(f"the stored token id {int(toks.max())} is outside the vocabulary of {hm.info.name} "
+                        f"({hm.vocab_size} tokens): the store was tokenised for another model")
+    log.info(f"evaluating {len(saes)} SAEs on {toks.size:,} tokens (sequences {scored[0]}:{scored[1]}) of "
+             f"{store_url} with {hm.info.name}")
+    down = downstream_metrics(hm, batches, saes, special_ids=sp, include_special_tokens=include_special_tokens,
+                              progress=progress, total_tokens=int(toks.size))
 
-    by_hook: dict[str, dict[str, Any]] = {}
+    by_site: dict[tuple[str, str], dict[str, Any]] = {}
     for t in targets:
-        by_hook.setdefault(t.sae.cfg.metadata.get("hook_name"), {})[t.name] = t.sae
+        meta = t.sae.cfg.metadata
+        hook = meta.get("hook_name")
+        by_site.setdefault((hook, meta.get("hook_name_out") or hook), {})[t.name] = t.sae
     acts: dict[str, dict[str, Any]] = {}
-    for hook, group in by_hook.items():
-        if hook in st.manifest.hook_names:
-            acts.update(heldout_metrics(group, st, hook, scored, include_special_tokens=include_special_tokens,
-                                        device=device))
+    for (hook, hook_out), group in by_site.items():
+        if hook in st.manifest.hook_names and hook_out in st.manifest.hook_names:
+            acts.update(heldout_metrics(group, st, hook, scored, hook_out=hook_out, device=device,
+                                        include_special_tokens=include_special_tokens, progress=progress))
 
     records = []
     for t in targets:
         a = dict(acts.get(t.name, {}))
         a.pop("log10_density", None)
         meta = t.sae.cfg.metadata
+        row = _summary_row(t)
+        trained = meta.get("trained_architecture") or row.get("architecture") or t.sae.cfg.architecture
+        k = next((v for v in (meta.get("trained_k"), row.get("k"), t.sae.cfg.k) if v is not None), None)
         rec = {
             "name": t.name, "path": str(t.folder), "run": str(t.run) if t.run else None,
             "sae_digest": t.digest,
-            "hook": meta.get("hook_name"), "architecture": t.sae.cfg.architecture,
-            "trained_architecture": meta.get("trained_architecture"), "d_in": t.sae.cfg.d_in, "d_sae": t.sae.cfg.d_sae,
-            "k": t.sae.cfg.k, "model": hm.info.name, "store": str(store_url), "store_fingerprint": store_fingerprint(st),
+            "hook": meta.get("hook_name"), **({"hook_out": meta["hook_name_out"]} if meta.get("hook_name_out") and
+                                               meta["hook_name_out"] != meta.get("hook_name") else {}),
+            "architecture": trained, "exported_as": t.sae.cfg.architecture, "trained_architecture": trained,
+            "d_in": t.sae.cfg.d_in, "d_sae": t.sae.cfg.d_sae,
+            "k": k, "measured_on": HELD_OUT, "model": hm.info.name, "store": str(store_url),
+            "store_fingerprint": store_fingerprint(st),
             "held_out": {"start_sequence": rng[0], "stop_sequence": rng[1]},
             "sequences_scored": {"start_sequence": scored[0], "stop_sequence": scored[1]},
             "context_size": st.manifest.context_size, "include_special_tokens": include_special_tokens,
             "special_token_ids": sp, **down[t.name], **a,
         }
         if not a:
-            rec["activation_metrics_note"] = f"the store holds no activations of {rec['hook']}"
+            rec["activation_metrics_note"] = (f"the store holds no activations of "
+                                               f"{' and '.join(dict.fromkeys([rec['hook'], rec.get('hook_out') or rec['hook']]))}")
+        rec["flags"] = flags_of(rec)
         records.append(_clean(rec))
     if write:
         write_outputs(records)
@@ -397,12 +418,15 @@ def write_outputs(records: Sequence[dict[str, Any]]) -> None:
 
 SUMMARY_EVAL_KEYS = ("ce_loss_score", "kl_div_score", "ce_loss_with_sae", "ce_loss_without_sae",
                      "ce_loss_with_ablation", "kl_div_with_sae", "kl_div_with_ablation", "explained_variance",
-                     "fvu", "l0", "dead_fraction", "dense_fraction", "cossim", "l2_ratio")
+                     "fvu", "l0", "dead_fraction", "dense_fraction", "cossim", "l2_ratio", "flags")
 
 
 def write_run_summary(run: Path, records: Sequence[dict[str, Any]]) -> None:
-    """Add each SAE's evaluation to the run's summary.json (rows[i]["eval"]) and rewrite summary.md
-    with the evaluation columns; plot CE loss score against L0 in frontier_ce.png."""
+    """Add each SAE's evaluation to the run's summary.json (rows[i]["eval"], measured on held-out
+    tokens) beside the training-stream metrics it has, and rewrite summary.md as the one table of both
+    (train/export.summary_table, rows in sweep order); plot CE loss score against L0 in frontier_ce.png."""
+    from .train.export import add_flags, summary_table
+
     path = run / SUMMARY_FILE
     summary = _read_json(path) or {"saes": []}
     by_name = {Path(r["path"]).name: r for r in records}
@@ -410,79 +434,64 @@ def write_run_summary(run: Path, records: Sequence[dict[str, Any]]) -> None:
     known = {row.get("name") for row in rows}
     for name, r in by_name.items():
         if name not in known:
-            rows.append({"name": name, "architecture": r["architecture"], "d_sae": r["d_sae"], "k": r["k"]})
+            rows.append({"name": name, "architecture": r["architecture"], "exported_as": r.get("exported_as"),
+                         "d_in": r.get("d_in"), "d_sae": r["d_sae"], "k": r["k"], "hook": r.get("hook"),
+                         **({"hook_out": r["hook_out"]} if r.get("hook_out") else {})})
     for row in rows:
         r = by_name.get(row.get("name"))
         if r is not None:
             row["eval"] = {k: r.get(k) for k in SUMMARY_EVAL_KEYS}
-            row["eval"].update(store_fingerprint=r["store_fingerprint"], held_out=r["held_out"],
-                               sequences_scored=r["sequences_scored"], ce_tokens=r.get("ce_tokens"),
-                               sae_digest=r["sae_digest"])
+            row["eval"].update(measured_on=r.get("measured_on"), store_fingerprint=r["store_fingerprint"],
+                               held_out=r["held_out"], sequences_scored=r["sequences_scored"],
+                               ce_tokens=r.get("ce_tokens"), sae_digest=r["sae_digest"])
         elif "eval" in row and not outputs.is_current(row["eval"], run / str(row.get("name"))):
             log.warning(f"dropping the evaluation of {row.get('name')} from {path}: it measured other weights than "
                         "those now in its folder (rerun `actcache eval` on it)")
             del row["eval"]
+    add_flags(summary)
     _write_text(path, json.dumps(summary, indent=2) + "\n")
-    _write_text(run / SUMMARY_TABLE, eval_table(rows) + "\n")
+    _write_text(run / SUMMARY_TABLE, summary_table(summary) + "\n")
     plot_ce_frontier(rows, run / CE_FRONTIER_PLOT, summary.get("hook"))
 
 
-def _fmt(v: Any, spec: str) -> str:
-    return "" if v is None else format(v, spec)
-
-
-def eval_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A markdown table: each SAE's L0 and explained variance beside its CE loss score and KL."""
-    head = ("| SAE | architecture | d_sae | k | L0 | explained var. | CE loss score | KL div. (SAE) | KL score "
-            "| CE loss (clean / SAE / zero) | dead | dense |")
-    lines = [head, "|" + "---|" * 12]
-    for row in rows:
-        e = row.get("eval") or {}
-        l0 = e.get("l0", row.get("l0"))
-        ev = e.get("explained_variance", row.get("explained_variance"))
-        ce = (f"{_fmt(e.get('ce_loss_without_sae'), '.3f')} / {_fmt(e.get('ce_loss_with_sae'), '.3f')} / "
-              f"{_fmt(e.get('ce_loss_with_ablation'), '.3f')}") if e else ""
-        lines.append(f"| {row.get('name')} | {row.get('architecture', '')} | {row.get('d_sae', '')} "
-                     f"| {'' if row.get('k') is None else row.get('k')} | {_fmt(l0, '.1f')} | {_fmt(ev, '.4f')} "
-                     f"| {_fmt(e.get('ce_loss_score'), '.4f')} | {_fmt(e.get('kl_div_with_sae'), '.4f')} "
-                     f"| {_fmt(e.get('kl_div_score'), '.4f')} | {ce} | {_fmt(e.get('dead_fraction'), '.3f')} "
-                     f"| {_fmt(e.get('dense_fraction'), '.3f')} |")
-    return "\n".join(lines)
-
-
 def records_table(records: Sequence[dict[str, Any]]) -> str:
-    return eval_table([{"name": r["name"], "architecture": r["architecture"], "d_sae": r["d_sae"], "k": r["k"],
-                        "eval": r} for r in records])
+    """The table of evaluation records, in the order given: the held-out columns, beside the
+    training-stream ones of each record's run summary (the same table as the run's summary.md)."""
+    from .train.export import summary_table
+
+    def training(r: dict[str, Any]) -> dict[str, Any]:
+        if not r.get("run"):
+            return {}
+        rows = (_read_json(Path(r["run"]) / SUMMARY_FILE) or {}).get("saes") or []
+        row = next((x for x in rows if isinstance(x, dict) and x.get("name") == Path(r["path"]).name), {})
+        return {k: v for k, v in row.items() if k not in ("eval", "flags")}
+
+    return summary_table({"saes": [{**training(r), "name": r["name"], "architecture": r["architecture"],
+                                    "exported_as": r.get("exported_as"), "d_in": r.get("d_in"), "d_sae": r["d_sae"],
+                                    "k": r["k"], "hook": r.get("hook"),
+                                    **({"hook_out": r["hook_out"]} if r.get("hook_out") else {}),
+                                    "flags": r.get("flags"), "eval": r} for r in records]})
 
 
 def plot_ce_frontier(rows: Sequence[dict[str, Any]], path: Path, hook: str | None = None) -> None:
+    """CE loss score (held-out) against L0 (held-out), one point per evaluated SAE."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [(r, r["eval"]) for r in rows if r.get("eval") and r["eval"].get("ce_loss_score") is not None
+    from .train.export import architecture_label, save_figure, scatter_frontier, style_log_axes
+
+    pts = [(architecture_label(r), str(r.get("name")), max(r["eval"]["l0"], 1e-3), r["eval"]["ce_loss_score"])
+           for r in rows if r.get("eval") and r["eval"].get("ce_loss_score") is not None
            and r["eval"].get("l0") is not None]
     if not pts:
         return
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    by_arch: dict[str, list] = {}
-    for r, e in pts:
-        by_arch.setdefault(str(r.get("architecture")), []).append((r, e))
-    for arch, items in sorted(by_arch.items()):
-        xs = [max(e["l0"], 1e-3) for _, e in items]
-        ys = [e["ce_loss_score"] for _, e in items]
-        ax.scatter(xs, ys, label=arch)
-        for (r, _), x, y in zip(items, xs, ys):
-            ax.annotate(str(r.get("name")), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    scatter_frontier(ax, pts)
     ax.set_xscale("log")
+    style_log_axes(ax)
     ax.set_xlabel("L0 (active latents per token, held-out)")
-    ax.set_ylabel("CE loss score (1 = no loss increase)")
+    ax.set_ylabel("CE loss score (held-out; 1 = no loss increase)")
     ax.set_title(f"{hook or ''}: sparsity / downstream loss frontier", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name("tmp-" + path.name)
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)

@@ -9,6 +9,7 @@ import click
 
 from . import location
 from .info import format_info, info
+from .progress import quiet_option
 from .verify import verify
 
 # the option every command that opens a store takes (as `storage_options`, a tuple of key=value)
@@ -31,10 +32,11 @@ def info_command(store: str, as_json: bool, storage_options: tuple[str, ...]) ->
 @click.command("verify")
 @click.argument("store")
 @storage_option
+@quiet_option
 def verify_command(store: str, storage_options: tuple[str, ...]) -> None:
     """Read every committed chunk, check checksums and the manifest; exit 1 on damage."""
     with location.storage_options(list(storage_options)):
-        report = verify(store, progress=sys.stderr.isatty())
+        report = verify(store, progress=True)  # whole lines where stderr is not a terminal
     click.echo(report.summary())
     if not report.ok:
         sys.exit(1)

@@ -138,13 +138,18 @@ def kind_of(url: str | os.PathLike) -> Kind | None:
 # ------------------------------------------------------------------------------------ SAE folders of a run
 def sae_folders(path: str | Path) -> list[Path]:
     """The SAE folders at `path`: the folder itself when it is one, else its sub-folders that are
-    (a run's SAEs), in name order. Empty when there is none."""
+    (a run's SAEs), in the order of the run's summary (the sweep's order), others after in name
+    order. Empty when there is none."""
     p = Path(path)
     if is_sae_folder(p):
         return [p]
     if not p.is_dir():
         return []
-    return sorted(q for q in p.iterdir() if q.is_dir() and not q.name.startswith(".") and is_sae_folder(q))
+    subs = [q for q in p.iterdir() if q.is_dir() and not q.name.startswith(".") and is_sae_folder(q)]
+    summary = _read_json(p / SUMMARY_FILE)
+    rows = summary.get("saes") if isinstance(summary, dict) else None
+    rank = {r.get("name"): i for i, r in enumerate(rows or []) if isinstance(r, dict)}
+    return sorted(subs, key=lambda q: (rank.get(q.name, len(rank)), q.name))
 
 
 def run_of(sae_folder: str | Path) -> Path | None:

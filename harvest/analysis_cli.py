@@ -7,10 +7,13 @@ import json
 
 import click
 
+from ..common.progress import quiet_option
+
 _model = click.option("--model", default=None, help="Model spec (default: the one the SAE's cfg.json names).")
 _device = click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available).")
 _tokenizer = click.option("--tokenizer", default=None, help="Tokenizer spec, for a model without one (random:).")
 _json = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+_quiet = quiet_option
 
 
 def _emit(obj: dict, as_json: bool, text: str) -> None:
@@ -37,6 +40,7 @@ def _emit(obj: dict, as_json: bool, text: str) -> None:
 @_device
 @_tokenizer
 @_json
+@_quiet
 def analyse_command(sae_dir, prompt, top, include_special_tokens, model, device, tokenizer, as_json) -> None:
     """Encode PROMPT's activations at the SAE's hook: the top latents of every token and the
     reconstruction error (mse, fvu, cossim)."""
@@ -62,6 +66,7 @@ def analyse_command(sae_dir, prompt, top, include_special_tokens, model, device,
 @_device
 @_tokenizer
 @_json
+@_quiet
 def steer_command(sae_dir, feature, strength, prompt, max_new_tokens, positions, temperature, seed, model, device,
                   tokenizer, as_json) -> None:
     """Generate after PROMPT with the latent's decoder direction times STRENGTH added at the SAE's hook;
@@ -85,6 +90,7 @@ def steer_command(sae_dir, feature, strength, prompt, max_new_tokens, positions,
 @_device
 @_tokenizer
 @_json
+@_quiet
 def attribute_command(sae_dir, prompt, target, position, top, model, device, tokenizer, as_json) -> None:
     """Each latent's direct contribution to the logit of TARGET after PROMPT (final normalisation's
     scale frozen), the top ones, and the remainder (b_dec, SAE error, later layers, biases)."""

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import click
 
 from ..common.distributed import env_rank
-from ..common.progress import parse_count
+from ..common.progress import parse_count, quiet_option
 
 from .api import harvest
 from .config import HarvestConfig, cli_name, fields_with_options
@@ -52,7 +52,7 @@ def click_option(f: dataclasses.Field) -> Callable:
 def _command(fn: Callable) -> click.Command:
     for f in reversed(fields_with_options()):
         fn = click_option(f)(fn)
-    return click.command("harvest")(fn)
+    return click.command("harvest")(quiet_option(fn))
 
 
 @_command

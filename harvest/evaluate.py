@@ -17,7 +17,11 @@ from is kept, a KL term when its own position is. include_special_tokens replace
 Many SAEs, one model pass: each batch of token windows runs through the clean model once, which keeps
 the residual stream entering each SAE's layer; the zero ablation of a hook and every SAE at it then run
 only the layers from there on (see splice.py). SAEs are any objects with encode, decode and
-cfg.metadata.hook_name (this package's SAE class, or SAELens's)."""
+cfg.metadata.hook_name (this package's SAE class, or SAELens's).
+
+Transcoders (cfg.metadata.hook_name_out names another hook) are scored the same way: the activation
+at the output hook is replaced by the transcoder applied to the activation at the input hook, in the
+same pass (skip term included), and the zero ablation they are scored against is of the output hook."""
 
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..common.errors import UserError
+from ..common.progress import token_bar
 from . import splice
 
 CE_KEYS = ("ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation", "ce_loss_score")
@@ -57,70 +62,100 @@ def token_kl(logp_clean: torch.Tensor, logp_new: torch.Tensor) -> torch.Tensor:
 
 
 def check_saes(model: Any, saes: Mapping[str, Any]) -> dict[str, str]:
-    """name -> hook, after checking that the model has each hook and that its width is the SAE's d_in."""
+    """name -> hook it reads, after checking that the model has each hook an SAE reads (and a
+    transcoder's output hook) and that their widths are the SAE's d_in (and its output width)."""
     hooks = {name: splice.sae_hook(sae) for name, sae in saes.items()}
-    unique = sorted(set(hooks.values()))
+    outs = {name: splice.sae_hook_out(sae) for name, sae in saes.items()}
+    unique = sorted(set(hooks.values()) | set(outs.values()))
     for h in unique:
         try:
             model._check_names([h])
         except UserError as e:
-            who = ", ".join(n for n, hh in hooks.items() if hh == h)
+            who = ", ".join(n for n in saes if h in (hooks[n], outs[n]))
             raise UserError(f"SAE {who}: {e}") from None
     dims = model.hook_dims(unique)
     for name, sae in saes.items():
         d = dims[hooks[name]]
         if int(sae.cfg.d_in) != d:
             raise UserError(f"SAE {name} has d_in {sae.cfg.d_in} but {hooks[name]} of {model.info.name} has width {d}")
+        d_out = int(sae.W_dec.shape[-1])
+        if outs[name] != hooks[name] and d_out != dims[outs[name]]:
+            raise UserError(f"transcoder {name} writes width {d_out} but {outs[name]} of {model.info.name} has width "
+                            f"{dims[outs[name]]}")
     return hooks
+
+
+def _site(sae: Any) -> tuple[str, str]:
+    """(the hook an SAE reads, the hook its output replaces): equal for an SAE, two for a transcoder."""
+    return splice.sae_hook(sae), splice.sae_hook_out(sae)
+
+
+def _start_layer(site: tuple[str, str]) -> int | None:
+    layers = [splice.resume_layer(h) for h in site]
+    return None if any(L is None for L in layers) else min(layers)
 
 
 @torch.inference_mode()
 def downstream_metrics(model: Any, batches: Iterable[torch.Tensor], saes: Mapping[str, Any], *,
                        special_ids: Sequence[int] = (), include_special_tokens: bool = False,
-                       one_pass: bool = True) -> dict[str, dict[str, float]]:
+                       one_pass: bool = True, progress: bool = False,
+                       total_tokens: int | None = None) -> dict[str, dict[str, float]]:
     """CE loss and KL metrics (names above) of each SAE (name -> SAE) over batches of token windows
-    [batch, context] (int tensors). one_pass=False reruns the whole model for every ablation and SAE,
-    as SAELens does (the reference the shared pass is tested against)."""
-    hooks = check_saes(model, saes)
-    by_hook: dict[str, list[str]] = {}
-    for name, h in hooks.items():
-        by_hook.setdefault(h, []).append(name)
-    sums = {h: _HookSums(saes={n: _Sums() for n in names}) for h, names in by_hook.items()}
+    [batch, context] (int tensors). A transcoder replaces its output hook with its map of its input
+    hook (splice.TranscoderSplice), and its zero ablation is of the output hook. one_pass=False reruns
+    the whole model for every ablation and SAE, as SAELens does (the reference the shared pass is
+    tested against). progress: a bar of tokens on stderr (total_tokens, when known, gives an ETA)
+    naming the SAE being run."""
+    check_saes(model, saes)
+    by_site: dict[tuple[str, str], list[str]] = {}
+    for name, sae in saes.items():
+        by_site.setdefault(_site(sae), []).append(name)
+    sums = {site: _HookSums(saes={n: _Sums() for n in names}) for site, names in by_site.items()}
+    starts = {site: _start_layer(site) for site in by_site}
+    need = list(dict.fromkeys(splice.resid_hook(L) for L in starts.values() if L is not None)) if one_pass else []
     clean_ce, n_ce, n_kl, vocab = 0.0, 0, 0, model.vocab_size
-    for tokens in batches:
-        tokens = torch.as_tensor(tokens, dtype=torch.long)
-        if int(tokens.max()) >= vocab:
-            raise UserError(f"the stored token id {int(tokens.max())} is outside the vocabulary of {model.info.name} "
-                            f"({vocab} tokens): the store was tokenised for another model")
-        keep = None if include_special_tokens or not special_ids else splice.special_token_mask(tokens, special_ids)
-        mask = torch.ones_like(tokens, dtype=torch.bool) if keep is None else keep
-        mask_ce = mask[:, :-1]
-        logits, cache = splice.clean_pass(model, tokens, list(by_hook) if one_pass else [])
-        logp = F.log_softmax(logits.float(), dim=-1)
-        del logits
-        clean_ce += float(token_ce(logp, tokens)[mask_ce.to(logp.device)].double().sum())
-        n_ce += int(mask_ce.sum())
-        n_kl += int(mask.sum())
-        m_dev = mask.to(logp.device)
-        for h, names in by_hook.items():
-            layer = splice.resume_layer(h)
-            start = (layer, cache[splice.resid_hook(layer)]) if one_pass and layer is not None else None
-            runs: list[tuple[_Sums, splice.Replacement, torch.Tensor | None]] = [
-                (sums[h].ablation, splice.zero_ablation, None)]
-            runs += [(sums[h].saes[n], splice.SAESplice(saes[n]), keep) for n in names]
-            for acc, fn, k in runs:
-                new, _ = splice.forward(model, tokens, {h: fn}, keep=k, start=start)
-                logp_new = F.log_softmax(new.float(), dim=-1)
-                del new
-                acc.ce += float(token_ce(logp_new, tokens)[mask_ce.to(logp.device)].double().sum())
-                acc.kl += float(token_kl(logp, logp_new)[m_dev].double().sum())
-        del cache
+    order = [n for names in by_site.values() for n in names]
+    bar = token_bar(total_tokens, "eval (model)", disable=not progress)
+    try:
+        for tokens in batches:
+            tokens = torch.as_tensor(tokens, dtype=torch.long)
+            if int(tokens.max()) >= vocab:
+                raise UserError(f"the stored token id {int(tokens.max())} is outside the vocabulary of "
+                                f"{model.info.name} ({vocab} tokens): the store was tokenised for another model")
+            keep = None if include_special_tokens or not special_ids else splice.special_token_mask(tokens, special_ids)
+            mask = torch.ones_like(tokens, dtype=torch.bool) if keep is None else keep
+            mask_ce = mask[:, :-1]
+            logits, cache = splice.forward(model, tokens, cache=need)
+            logp = F.log_softmax(logits.float(), dim=-1)
+            del logits
+            clean_ce += float(token_ce(logp, tokens)[mask_ce.to(logp.device)].double().sum())
+            n_ce += int(mask_ce.sum())
+            n_kl += int(mask.sum())
+            m_dev = mask.to(logp.device)
+            for site, names in by_site.items():
+                layer = starts[site]
+                start = (layer, cache[splice.resid_hook(layer)]) if one_pass and layer is not None else None
+                runs: list[tuple[str | None, _Sums, dict[str, splice.Replacement], torch.Tensor | None]] = [
+                    (None, sums[site].ablation, {site[1]: splice.zero_ablation}, None)]
+                runs += [(n, sums[site].saes[n], splice.replacement_of(saes[n]), keep) for n in names]
+                for name, acc, fns, k in runs:
+                    if name is not None:
+                        bar.set_postfix_str(f"SAE {order.index(name) + 1}/{len(order)} {name}")
+                    new, _ = splice.forward(model, tokens, fns, keep=k, start=start)
+                    logp_new = F.log_softmax(new.float(), dim=-1)
+                    del new
+                    acc.ce += float(token_ce(logp_new, tokens)[mask_ce.to(logp.device)].double().sum())
+                    acc.kl += float(token_kl(logp, logp_new)[m_dev].double().sum())
+            del cache
+            bar.update(tokens.numel())
+    finally:
+        bar.close()
     if n_ce == 0:
         raise UserError("no token positions to score once special tokens are left out; "
                         "give more tokens or --include-special-tokens")
     out: dict[str, dict[str, float]] = {}
     without = clean_ce / n_ce
-    for h, s in sums.items():
+    for site, s in sums.items():
         abl_ce, abl_kl = s.ablation.ce / n_ce, s.ablation.kl / n_kl
         for name, acc in s.saes.items():
             ce, kl = acc.ce / n_ce, acc.kl / n_kl

@@ -22,6 +22,7 @@ import torch
 from ..common.device import pick_device
 from ..common.errors import UserError, first_line
 from ..common.manifest import ModelInfo, TokenizerInfo
+from ..common.progress import stage
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct-q4"
@@ -123,7 +124,13 @@ def _gguf_path(spec: str) -> Path | None:
 
 def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str = "float32",
                tokenizer: str | None = None) -> "HookedModel":
-    """Load a model spec for harvesting; see the module docstring for the kinds of spec."""
+    """Load a model spec for harvesting; see the module docstring for the kinds of spec. A load that
+    takes more than a second says so on stderr (common.progress.stage)."""
+    with stage(f"loading the model {spec}"):
+        return _load_model(spec, device, dtype, tokenizer)
+
+
+def _load_model(spec: str, device: str | None, dtype: str, tokenizer: str | None) -> "HookedModel":
     if dtype not in DTYPES:
         raise UserError(f"invalid dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     device = str(pick_device(device))

@@ -54,6 +54,7 @@ import torch
 from ..common.errors import UserError
 from ..common.finite import finite_json
 from ..common.metrics import Metrics, token_errors
+from ..common.progress import stage
 from ..common import outputs
 from ..common.features_output import DEFAULT_FOLDER, FeaturesOutput, build_command, is_features_output
 from . import splice
@@ -527,8 +528,9 @@ class Session:
                            rows=1)
         steps: list[torch.Tensor] = []
         t0 = time.perf_counter()
-        steered, plain = generate(self.model, ids.repeat(2, 1), int(tokens), splices={e.hook: fn},
-                                  temperature=temperature, seed=seed, use_cache=use_cache, logits_out=steps)
+        with stage(f"generating {int(tokens)} tokens, steered and plain"):  # a line if it takes a while
+            steered, plain = generate(self.model, ids.repeat(2, 1), int(tokens), splices={e.hook: fn},
+                                      temperature=temperature, seed=seed, use_cache=use_cache, logits_out=steps)
         seconds = time.perf_counter() - t0
         text = text_of(self.model)
         return Steering(model=self.model.info.name, hook=e.hook, feature=latent, strength=strength,

@@ -3,6 +3,11 @@ f(activation), for example an SAE's reconstruction. Shared by evaluation and the
 
     logits = splice.forward(model, tokens, {"blocks.4.hook_resid_post": sae})          # any x -> x
     logits, latents = splice.run_with_saes(model, tokens, [sae])                         # SAEs by their hooks
+    logits = splice.forward(model, tokens, splice.replacement_of(transcoder))          # in hook -> out hook
+
+A transcoder (metadata.hook_name_out differs from hook_name) is spliced by replacing the activation
+at its output hook with the transcoder applied to the activation at its input hook, in the same pass
+(a skip transcoder's skip term included): TranscoderSplice.
 
 Activations are handed to a replacement as [batch, pos, d] (per-head hooks such as attn.hook_z are
 flattened to heads * d_head and put back), and a boolean `keep` [batch, pos] mask leaves the masked-off
@@ -191,11 +196,57 @@ class SAESplice:
         return self.sae.decode(f).to(x.device)
 
 
+@dataclass
+class TranscoderSplice:
+    """A transcoder as a pair of hook functions: at its input hook the activation is kept (unchanged);
+    at its output hook the activation is replaced by the transcoder applied to the kept input,
+    skip connection included (the SAE's forward). Use as `splices()`, a dict of two hooks."""
+
+    sae: Any
+    hook_in: str
+    hook_out: str
+    _x: torch.Tensor | None = None
+
+    def _keep(self, x: torch.Tensor) -> torch.Tensor:
+        self._x = x
+        return x
+
+    def _replace(self, x: torch.Tensor) -> torch.Tensor:
+        if self._x is None:
+            raise ValueError(f"{self.hook_out} ran before {self.hook_in}: a transcoder's input must come first")
+        w = self.sae.W_dec
+        out = self.sae(self._x.to(w.device, w.dtype))
+        self._x = None
+        return out.to(x.device)
+
+    def splices(self) -> dict[str, Replacement]:
+        return {self.hook_in: self._keep, self.hook_out: self._replace}
+
+
 def sae_hook(sae: Any) -> str:
+    """The hook an SAE (or a transcoder) reads: metadata.hook_name."""
     hook = getattr(getattr(sae.cfg, "metadata", None) or {}, "get", lambda k: None)("hook_name")
     if not hook:
         raise UserError("the SAE's cfg.json names no hook (metadata.hook_name); it cannot be spliced in")
     return hook
+
+
+def sae_hook_out(sae: Any) -> str:
+    """The hook an SAE's output replaces: its own hook, or a transcoder's metadata.hook_name_out."""
+    return (getattr(getattr(sae.cfg, "metadata", None) or {}, "get", lambda k: None)("hook_name_out")
+            or sae_hook(sae))
+
+
+def is_transcoder(sae: Any) -> bool:
+    return sae_hook_out(sae) != sae_hook(sae)
+
+
+def replacement_of(sae: Any) -> dict[str, Replacement]:
+    """The splices that put an SAE in the model: {hook: SAE} for an SAE, the input and output hooks
+    of a transcoder (TranscoderSplice)."""
+    if is_transcoder(sae):
+        return TranscoderSplice(sae, sae_hook(sae), sae_hook_out(sae)).splices()
+    return {sae_hook(sae): SAESplice(sae)}
 
 
 def run_with_saes(model: Any, tokens: torch.Tensor, saes: Sequence[Any], *, special_ids: Sequence[int] = (),

@@ -102,7 +102,8 @@ def test_commands(folder, capfd):
     out = json.loads(stdout)
     assert out["steered_tokens"] == out["plain_tokens"] and len(out["plain_tokens"]) == 3
     assert out["prompt_tokens"] == [504, 3947]  # no BOS: the SAE's metadata says prepend_bos false
-    bad = _cli("attribute", str(folder), "--prompt", "The capital of France is", "--target", " Parisian", *tok, ok=False)
+    bad = _cli("attribute", str(folder), "--prompt", "The capital of France is", "--target", " Parisian", *tok,
+               "--quiet", ok=False)  # no progress lines of the (slow) tokenizer load: the error alone
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()]
     assert bad.stderr.startswith("actcache: error: the target ' Parisian' is 2 tokens")

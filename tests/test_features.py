@@ -57,12 +57,14 @@ def exact_sae(d_sae=24, seed=0, architecture="standard"):
     return SAE(cfg, w)
 
 
-def brute_force(store, sae, a, b, top, n_bins=32, n_groups=8, per_group=3, skip=(1, 2)):
-    """Encode every chosen token at once and sort: the expected result of the streaming pass."""
+def brute_force(store, sae, a, b, top, n_bins=32, n_groups=8, per_group=3, skip=(1, 2), ranges=None):
+    """Encode every chosen token at once and sort: the expected result of the streaming pass over the
+    sequences [a, b), or over a list of ranges."""
     T = store.manifest.context_size
-    toks = store.tokens[a:b].reshape(-1)
-    x = store.activations(HOOK)[a * T:b * T]
-    idx = np.arange(a * T, b * T)
+    ranges = ranges or [(a, b)]
+    toks = np.concatenate([store.tokens[a:b].reshape(-1) for a, b in ranges])
+    x = np.concatenate([store.activations(HOOK)[a * T:b * T] for a, b in ranges])
+    idx = np.concatenate([np.arange(a * T, b * T) for a, b in ranges])
     keep = ~np.isin(toks, skip)
     f = sae.encode(torch.from_numpy(x[keep])).numpy()
     idx = idx[keep]
@@ -177,13 +179,17 @@ def trained(tmp_path_factory):
 
 def test_trained_run_matches_brute_force_and_writes_documented_files(trained):
     out = trained / "features"
-    summary = write_features(trained / "run", out, tokens=1000, top=6, held_out=False, progress=False)
-    assert summary["sequences"] == [0, 63] and summary["range"] == "all"
+    summary = write_features(trained / "run", out, tokens=1000, top=6, progress=False)
+    # 63 sequences sampled evenly over the whole store (16 chunks of 16): 3 or 4 at the start of each chunk
+    ranges = [tuple(r) for r in summary["sequences"]]
+    assert summary["range"] == "sampled" and summary["n_sequences"] == 63 == sum(b - a for a, b in ranges)
+    assert [a for a, _ in ranges] == [16 * j for j in range(16)] and {b - a for a, b in ranges} == {3, 4}
+    assert summary["held_out_sequences"] + summary["training_sequences"] == 63
     assert (out / "index.html").is_file() and (out / "features.json").is_file()
     store = ActivationStore.open(trained / "s.zarr")
     for entry in summary["saes"]:
         sae = SAE.load_from_disk(trained / "run" / entry["name"])
-        exp = brute_force(store, sae, 0, 63, top=6)
+        exp = brute_force(store, sae, 0, 0, top=6, ranges=ranges)
         blocks = sorted((out / entry["folder"] / "blocks").glob("*.json"))
         recs = [r for p in blocks for r in json.loads(p.read_text())["latents"]]
         assert len(recs) == entry["d_sae"] == 48
@@ -208,7 +214,7 @@ def test_logit_effects_and_vocab(trained, tmp_path):
             return f"tok{ids[0]}"
 
     out = tmp_path / "f"
-    summary = write_features(trained / "run", out, saes=["topk4"], tokens=300, held_out=False, progress=False,
+    summary = write_features(trained / "run", out, saes=["topk4"], tokens=300, progress=False,
                              unembedding=W_U, tokenizer=Tok())
     assert summary["saes"][0]["logit_effects"]
     sae = SAE.load_from_disk(trained / "run" / "topk4")
@@ -244,13 +250,26 @@ def test_bad_input_one_line(trained, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
 
 
-def test_held_out_range_is_the_default(trained):
+def test_whole_store_is_the_default_and_a_bound_samples_evenly(trained):
     store = ActivationStore.open(trained / "s.zarr")
-    assert choose_sequences(store, True, None) == (0, 256, "all")  # none set aside: everything, with a warning
-    assert choose_sequences(store, True, None, {"held_out": [200, 240]}) == (200, 240, "held-out")
+    sel = choose_sequences(store, False, None)
+    assert (sel.ranges, sel.what) == ([(0, 256)], "all")
+    sel = choose_sequences(store, True, None)  # held-out only, none set aside: everything, with a warning
+    assert (sel.ranges, sel.what) == ([(0, 256)], "all")
+    sel = choose_sequences(store, True, None, {"held_out": [200, 240]})
+    assert (sel.ranges, sel.what, sel.held_out_sequences()) == ([(200, 240)], "held-out", 40)
     store.held_out_range = lambda: (224, 256)  # what a store that sets sequences aside answers
-    assert choose_sequences(store, True, 64) == (224, 228, "held-out")
-    assert choose_sequences(store, False, None) == (0, 256, "all")
+    sel = choose_sequences(store, True, 64)
+    assert (sel.ranges, sel.what) == ([(224, 226), (240, 242)], "held-out, sampled")
+    sel = choose_sequences(store, False, 32 * 16)  # 32 sequences of 256: two from each of the 16 chunks
+    assert sel.what == "sampled" and sel.n_sequences == 32
+    assert sel.ranges == [(16 * j, 16 * j + 2) for j in range(16)]
+    assert sel.held_out_sequences() == 4  # chunks 14 and 15 are the held-out part
+    sel = choose_sequences(store, False, 3 * 16)  # fewer sequences than chunks: spread from first to last
+    assert sel.ranges == [(0, 1), (128, 129), (240, 241)]
+    sel = choose_sequences(store, False, 40 * 16)  # 40 over 16 chunks: 2 or 3 each, the last chunk included
+    assert sel.n_sequences == 40 and len(sel.ranges) == 16 and sel.ranges[-1][0] == 240
+    assert sel.held_out_sequences() == sum(b - a for a, b in sel.ranges[-2:])
 
 
 def _cli(*args, cwd=ROOT):

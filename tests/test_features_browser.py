@@ -53,7 +53,7 @@ def site(tmp_path_factory):
         sae.save_model(run / name)
     (run / "summary.json").write_text(json.dumps({"store": str(url), "saes": [{"name": "small", "l0": 3.5, "fvu": 0.2}]}))
     out = base / "features"
-    write_features(run, out, held_out=False, top=8, tokenizer=WordTokenizer(), progress=False)
+    write_features(run, out, top=8, tokenizer=WordTokenizer(), progress=False)
     return out, url, saes
 
 
@@ -109,6 +109,10 @@ def test_pages_load_without_console_errors_and_show_the_top_token(site, tmp_path
     dom, console = chromium((out / "index.html").as_uri(), tmp_path, "--dump-dom")
     assert console == []
     assert 'href="sae-small.html"' in dom and 'href="sae-wide.html"' in dom and ">0.200<" in dom
+    # which tokens were read, and the degenerate-SAE flag of the wide SAE (most of its latents never fire)
+    assert f"{data['n_tokens']} tokens of" in dom and "64 training and 0 held-out sequences" in dom
+    dead = [f for f in data["saes"][1]["flags"] if f.startswith("dead:")]
+    assert dead and dead[0] in html.unescape(dom)
 
     shot = tmp_path / "latent.png"
     chromium((out / "sae-wide.html").as_uri() + f"#latent={lat}", tmp_path, "--window-size=1280,1400",

@@ -226,7 +226,7 @@ def test_each_module_of_a_mixed_sweep_equals_it_trained_alone_and_chunks_are_rea
     summary, out = mixed_run
     assert summary["hooks"] == [RES, IN, OUT]
     table = (out / "summary.md").read_text()
-    assert f"| tc-topk | {IN} → {OUT} | topk_transcoder |" in table and f"| sae-res | {RES} | topk |" in table
+    assert f"| tc-topk | {IN} → {OUT} | topk_transcoder (exported as topk) |" in table and f"| sae-res | {RES} | topk |" in table
     assert {r["name"]: r["exported_as"] for r in summary["saes"]} == {
         "sae-res": "topk", "sae-in": "jumprelu", "tc-topk": "topk", "tc-jump-skip": "jumprelu_skip_transcoder"}
     # the one-hook SAE on RES, alone: bitwise the same, and its hook's chunks read as often as in

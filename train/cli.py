@@ -6,6 +6,7 @@ import click
 
 from ..common.commands import storage_option
 from ..common.distributed import env_rank
+from ..common.progress import quiet_option
 
 from .export import summary_table
 from .sweep import train_sweep
@@ -25,6 +26,7 @@ __all__ = ["train_command", "train_sweep"]
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu).")
 @click.option("--allow-repeat", is_flag=True, help="Allow more training tokens than the store holds (repeat epochs).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@quiet_option
 @storage_option
 def train_command(store: str, config: str, out: str, resume: bool, overwrite: bool, device: str | None,
                   allow_repeat: bool, no_progress: bool, storage_options: tuple[str, ...]) -> None:

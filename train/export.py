@@ -18,12 +18,13 @@ import torch
 
 from ..common import __version__, finite
 from ..common.metrics import Metrics
-from ..common.progress import log
+from ..common.progress import log, token_bar
 from ..common.store import ActivationStore
 
 from ..common.outputs import SUMMARY_FILES, remove_derived
 from .architectures import TrainingSAE
 from .config import SweepConfig
+from .flags import flags_of, short
 from .loader import ActivationLoader, held_out_ranges
 from ..common.sae import SAE, SAELENS_FORMAT_VERSION, SPARSITY_FILENAME, Metadata, SAEConfig, write_safetensors
 
@@ -95,6 +96,7 @@ def to_inference_sae(sae: TrainingSAE, scale: float, store: ActivationStore, cfg
         trained_with="actcache",
         actcache_version=__version__,
         trained_architecture=sae.architecture,
+        trained_k=getattr(sae.cfg, "k", None),
         training_tokens=cfg.n_steps * cfg.batch_size,
         normalization_scale_folded=scale,
         store_fingerprint=m.fingerprint,
@@ -112,10 +114,11 @@ def _hooks_of(sae: SAE, cfg: SweepConfig) -> tuple[str, str]:
 
 
 @torch.no_grad()
-def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, device: torch.device) -> dict:
-    """L0, FVU, MSE and feature density of exported SAEs on raw activations (a separately seeded
-    stream); FVU and MSE of what each reconstructs (a transcoder's output hook). Definitions:
-    common/metrics.py."""
+def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, device: torch.device,
+             progress: bool = False) -> dict:
+    """L0, FVU, MSE and feature density of exported SAEs on raw activations of the training stream
+    (the sequences training reads, in a separately seeded order); FVU and MSE of what each reconstructs
+    (a transcoder's output hook). progress: a bar of tokens on stderr. Definitions: common/metrics.py."""
     batch = min(cfg.batch_size, cfg.eval_tokens)
     n_batches = max(1, cfg.eval_tokens // batch)
     hooks = {name: _hooks_of(s, cfg) for name, s in saes.items()}
@@ -124,6 +127,7 @@ def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, dev
                               threads=cfg.loader_threads, device=device, normalize=False,
                               skip_special_tokens=cfg.skip_special_tokens, repeat=True, held_out=cfg.held_out)
     acc = {name: Metrics(s.cfg.d_sae) for name, s in saes.items()}
+    bar = token_bar(n_batches * batch, "final evaluation (training stream)", disable=not progress)
     try:
         for _ in range(n_batches):
             xs = loader.next_batches()
@@ -133,7 +137,9 @@ def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, dev
                 out, f = s.forward_with_activations(xs[hook])
                 acc[name].update(xs[hook_out], out, f)
                 s.to("cpu")
+            bar.update(loader.batch_size)
     finally:
+        bar.close()
         loader.close()
     results = {}
     for name, a in acc.items():
@@ -141,7 +147,8 @@ def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, dev
         nan = float("nan")  # undefined (no variance in the target): NaN here, null and named in summary.json
         results[name] = {"l0": m["l0"], "fvu": nan if m["fvu"] is None else m["fvu"],
                          "explained_variance": nan if m["explained_variance"] is None else m["explained_variance"],
-                         "mse": m["mse"], "dead_fraction_eval": m["dead_fraction"], "eval_tokens": a.n,
+                         "mse": m["mse"], "dead_fraction_eval": m["dead_fraction"],
+                         "dense_fraction_eval": m["dense_fraction"], "eval_tokens": a.n,
                          "log10_density": m["log10_density"]}
     return results
 
@@ -152,11 +159,42 @@ def write_sae_folder(sae: SAE, folder: Path, log10_density: torch.Tensor) -> Non
     write_safetensors({"sparsity": log10_density.contiguous()}, Path(folder) / SPARSITY_FILENAME)
 
 
+# what each set of numbers is measured on (the labels of the table and the key in summary.json)
+TRAINING_STREAM = "training stream"
+HELD_OUT = "held-out"
+
+
+def metric_tokens(cfg_eval_tokens: int | None = None, seed: int | None = None) -> dict[str, str]:
+    """summary.json's `metric_tokens`: which tokens each group of numbers was measured on."""
+    n = f"{cfg_eval_tokens:,} tokens" if cfg_eval_tokens else "tokens"
+    return {
+        "l0, fvu, explained_variance, mse, dead_fraction_eval, dense_fraction_eval":
+            f"{TRAINING_STREAM}: {n} drawn from the sequences training reads (a stream seeded apart from "
+            "training's, after training), exported weights on raw activations",
+        "dead_fraction_train": f"{TRAINING_STREAM}: latents that did not fire in the last dead_window_tokens "
+                               "tokens of training",
+        "eval.*": f"{HELD_OUT}: the sequences `actcache eval` scored (eval.held_out, eval.sequences_scored), "
+                  "which training never reads",
+    }
+
+
+def add_flags(summary: dict[str, Any]) -> None:
+    """Each row's degenerate-SAE flags (train/flags.py) in row["flags"], from its held-out metrics
+    when it has them, else from its training-stream ones."""
+    for r in summary.get("saes", []):
+        e = r.get("eval") or {}
+        r["flags"] = flags_of(e if e.get("l0") is not None else r, r.get("d_in"))
+
+
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
     """summary.json, summary.md and frontier.png in the sweep folder."""
     out = Path(out)
+    add_flags(summary)
     for line in k_mismatches(summary):
         log.warning(f"warning: {line}")
+    for r in summary["saes"]:
+        if r.get("flags"):
+            log.warning(f"warning: SAE {r['name']!r} looks degenerate ({'; '.join(r['flags'])}); see docs/flags.md")
     json_name, table_name, plot_name = SUMMARY_FILES
     text, bad = finite.dumps(summary, indent=2)
     if bad:  # JSON has no NaN: null, and named (e.g. the FVU of an output hook without variance)
@@ -169,7 +207,7 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
 
 def _l0_contradicts_k(row: dict[str, Any]) -> bool:
     k = row.get("k")
-    return k is not None and abs(row["l0"] - k) > K_MISMATCH * k
+    return k is not None and row.get("l0") is not None and abs(row["l0"] - k) > K_MISMATCH * k
 
 
 def k_mismatches(summary: dict[str, Any]) -> list[str]:
@@ -183,52 +221,172 @@ def k_mismatches(summary: dict[str, Any]) -> list[str]:
     return out
 
 
+def architecture_label(row: dict[str, Any]) -> str:
+    """The architecture as trained, with the SAELens form it exports as where that differs:
+    'batchtopk (exported as jumprelu)'."""
+    arch = row.get("architecture") or ""
+    exported = row.get("exported_as")
+    return f"{arch} (exported as {exported})" if exported and exported != arch else str(arch)
+
+
+def _f(spec: str):
+    return lambda v: "" if v is None else format(v, spec)
+
+
+def _ce_triple(e: dict[str, Any]) -> str | None:
+    keys = ("ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation")
+    if all(e.get(k) is None for k in keys):
+        return None
+    return " / ".join("" if e.get(k) is None else f"{e[k]:.3f}" for k in keys)
+
+
+# (header, value of a row, format): the columns of the one summary table. "(train)" columns are measured
+# on the training stream at export, "(held-out)" ones by `actcache eval` (row["eval"]); see metric_tokens
+COLUMNS = [
+    ("L0 (train)", lambda r: r.get("l0"), _f(".1f")),
+    ("FVU (train)", lambda r: r.get("fvu"), _f(".4f")),
+    ("explained var. (train)", lambda r: r.get("explained_variance"), _f(".4f")),
+    ("dead (train)", lambda r: r.get("dead_fraction_eval"), _f(".3f")),
+    ("dense (train)", lambda r: r.get("dense_fraction_eval"), _f(".3f")),
+    ("L0 (held-out)", lambda r: (r.get("eval") or {}).get("l0"), _f(".1f")),
+    ("FVU (held-out)", lambda r: (r.get("eval") or {}).get("fvu"), _f(".4f")),
+    ("CE loss score (held-out)", lambda r: (r.get("eval") or {}).get("ce_loss_score"), _f(".4f")),
+    ("KL div. (held-out)", lambda r: (r.get("eval") or {}).get("kl_div_with_sae"), _f(".4f")),
+    ("KL score (held-out)", lambda r: (r.get("eval") or {}).get("kl_div_score"), _f(".4f")),
+    ("CE loss clean / SAE / zero (held-out)", lambda r: _ce_triple(r.get("eval") or {}), str),
+    ("dead (held-out)", lambda r: (r.get("eval") or {}).get("dead_fraction"), _f(".3f")),
+    ("dense (held-out)", lambda r: (r.get("eval") or {}).get("dense_fraction"), _f(".3f")),
+]
+
+
 def summary_table(summary: dict[str, Any]) -> str:
-    """The markdown table of a sweep's SAEs; a column of hooks (input -> output for a transcoder) when
-    they are not all on one hook. FVU is of what each reconstructs."""
+    """The one markdown table of a sweep's SAEs, in sweep order: the architecture and k as trained,
+    the metrics of the training stream at export and, once `actcache eval` has run, the held-out ones
+    beside them (a column appears when some row has a value), and the degenerate-SAE flags. A column of
+    hooks (input -> output for a transcoder) when they are not all on one hook. FVU is of what each
+    reconstructs."""
     rows = summary["saes"]
     by_hook = any(r.get("hook_out") for r in rows) or len({r.get("hook") for r in rows}) > 1
-    head = "| SAE | " + ("hook | " if by_hook else "") + "architecture | d_sae | k | L0 | FVU | explained var. | dead (eval) |"
-    lines = [head, "|" + "---|" * (9 if by_hook else 8)]
     flagged = {r["name"] for r in rows if _l0_contradicts_k(r)}
-    for r in rows:
-        k = r.get("k")
-        k_text = "" if k is None else f"{k} (≠ L0)" if r["name"] in flagged else str(k)
-        hook = (f"{r.get('hook')} → {r['hook_out']} | " if r.get("hook_out") else f"{r.get('hook')} | ") if by_hook else ""
-        lines.append(f"| {r['name']} | {hook}{r['architecture']} | {r['d_sae']} | {k_text} "
-                     f"| {r['l0']:.1f} | {r['fvu']:.4f} | {r['explained_variance']:.4f} | {r['dead_fraction_eval']:.3f} |")
+    cols: list[tuple[str, Any]] = [("SAE", lambda r: r["name"])]
+    if by_hook:
+        cols.append(("hook", lambda r: f"{r.get('hook')} → {r['hook_out']}" if r.get("hook_out") else r.get("hook")))
+    cols.append(("architecture", architecture_label))
+    cols.append(("d_sae", lambda r: "" if r.get("d_sae") is None else str(r["d_sae"])))
+    cols.append(("k", lambda r: "" if r.get("k") is None else f"{r['k']} (≠ L0)" if r["name"] in flagged
+                 else str(r["k"])))
+    for head, get, fmt in COLUMNS:
+        if any(get(r) is not None for r in rows):
+            cols.append((head, lambda r, get=get, fmt=fmt: fmt(get(r)) if get(r) is not None else ""))
+    flags = {r["name"]: r.get("flags") if r.get("flags") is not None else
+             flags_of((r.get("eval") or {}) if (r.get("eval") or {}).get("l0") is not None else r, r.get("d_in"))
+             for r in rows}
+    if any(flags.values()):
+        cols.append(("flags", lambda r: short(flags[r["name"]])))
+    lines = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(get(r)) for _, get in cols) + " |" for r in rows]
+    notes = []
+    if any(h.endswith("(train)") for h, _ in cols):
+        notes.append(f"(train): measured at export on a {TRAINING_STREAM} of tokens from the sequences training "
+                     "reads, with the exported weights.")
+    if any(h.endswith("(held-out)") for h, _ in cols):
+        e = next((r["eval"] for r in rows if r.get("eval")), {})
+        rng = e.get("sequences_scored") or e.get("held_out") or {}
+        where = (f" (sequences {rng['start_sequence']}:{rng['stop_sequence']}"
+                 f"{', store ' + str(e['store_fingerprint']) if e.get('store_fingerprint') else ''})") if rng else ""
+        notes.append(f"(held-out): measured by `actcache eval` on sequences training never read{where}.")
     if flagged:
-        lines.append("")
-        lines.append(f"(≠ L0): the exported SAE's L0 is more than {K_MISMATCH:.0%} away from the k it was "
+        notes.append(f"(≠ L0): the exported SAE's L0 is more than {K_MISMATCH:.0%} away from the k it was "
                      "trained with.")
+    if any(flags.values()):
+        notes.append("flags: " + "; ".join(f"{n}: {', '.join(f)}" for n, f in flags.items() if f)
+                     + " (the rule: docs/flags.md).")
+    if notes:
+        lines += [""] + notes
     return "\n".join(lines)
 
 
-def plot_frontier(summary: dict[str, Any], path: Path) -> None:
+def style_log_axes(ax: Any) -> None:
+    """Readable log axes: labels only at powers of ten when two or more are in view (no crowded minor
+    labels), else a few plain numbers."""
+    from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter
+
+    for axis, get_lim in ((ax.xaxis, ax.get_xlim), (ax.yaxis, ax.get_ylim)):
+        if axis.get_scale() != "log":
+            continue
+        lo, hi = get_lim()
+        decades = math.floor(math.log10(hi)) - math.ceil(math.log10(max(lo, 1e-30))) + 1 if hi > 0 else 0
+        if decades >= 2:  # two or more powers of ten in view: label those only
+            axis.set_major_locator(LogLocator(base=10))
+            axis.set_major_formatter(LogFormatterSciNotation(base=10))
+            axis.set_minor_formatter(NullFormatter())
+        else:  # fewer: a few plain numbers at 1-2-5 steps (finer if needed to show two), none per minor tick
+            from matplotlib.ticker import ScalarFormatter
+
+            for subs in ((1.0, 2.0, 5.0), (1.0, 2.0, 3.0, 5.0), tuple(float(i) for i in range(1, 10))):
+                loc = LogLocator(base=10, subs=subs)
+                if sum(lo <= t <= hi for t in loc.tick_values(lo, hi)) >= 2:
+                    break
+            axis.set_major_locator(loc)
+            fmt = ScalarFormatter()
+            fmt.set_scientific(False)
+            axis.set_major_formatter(fmt)
+            axis.set_minor_formatter(NullFormatter())
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Save with every label inside the picture (bbox_inches="tight"), written beside and renamed in."""
+    import os
+
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name("tmp-" + path.name)
+    fig.savefig(tmp, bbox_inches="tight", pad_inches=0.1)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def scatter_frontier(ax: Any, points: list[tuple[str, str, float, float]]) -> None:
+    """(series, label, x, y) points: one colour per series, each point labelled; the axes made
+    readable (style_log_axes) and the margins wide enough for the labels."""
+    series: dict[str, list] = {}
+    for s, label, x, y in points:
+        series.setdefault(s, []).append((label, x, y))
+    for s, items in series.items():
+        ax.scatter([x for _, x, _ in items], [y for _, _, y in items], label=s)
+        for label, x, y in items:
+            ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points", annotation_clip=False)
+    ax.margins(x=0.15, y=0.12)
+    ax.grid(True, which="both", alpha=0.3)
+    if series:
+        ax.legend(fontsize=7)
+
+
+def frontier_figure(summary: dict[str, Any]) -> Any:
+    """The matplotlib figure of frontier.png: L0 against FVU (training stream), one colour per
+    architecture."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    by_arch: dict[str, list] = {}
-    for r in summary["saes"]:
-        by_arch.setdefault(r["architecture"], []).append(r)
-    for arch, rows in sorted(by_arch.items()):
-        xs = [max(r["l0"], 1e-3) for r in rows]
-        ys = [r["fvu"] for r in rows]
-        ax.scatter(xs, ys, label=arch)
-        for r, x, y in zip(rows, xs, ys):
-            ax.annotate(r["name"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    def ok(v: Any) -> bool:
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
+    rows = [r for r in summary["saes"] if ok(r.get("l0")) and ok(r.get("fvu"))]  # a non-finite one is not drawn
+    scatter_frontier(ax, [(architecture_label(r), r["name"], max(r["l0"], 1e-3), r["fvu"]) for r in rows])
     ax.set_xscale("log")
-    if all(r["fvu"] > 0 and math.isfinite(r["fvu"]) for r in summary["saes"]):
+    if rows and all(r["fvu"] > 0 for r in rows):
         ax.set_yscale("log")
-    ax.set_xlabel("L0 (active latents per token)")
-    ax.set_ylabel("fraction of variance unexplained")
+    style_log_axes(ax)
+    ax.set_xlabel(f"L0 (active latents per token, {TRAINING_STREAM})")
+    ax.set_ylabel(f"fraction of variance unexplained ({TRAINING_STREAM})")
     ax.set_title(f"{summary.get('hook') or ', '.join(summary.get('hooks', []))}: sparsity / reconstruction "
                  "frontier", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
+
+
+def plot_frontier(summary: dict[str, Any], path: Path) -> None:
+    save_figure(frontier_figure(summary), path)

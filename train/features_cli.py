@@ -13,8 +13,9 @@ import click
 from ..common import location
 from ..common.commands import storage_option
 from ..common.errors import UserError
-from ..common.progress import parse_count
+from ..common.progress import parse_count, quiet_option
 from .features import write_features
+from .features.api import describe_ranges
 
 __all__ = ["features_command", "write_features"]
 
@@ -25,22 +26,28 @@ __all__ = ["features_command", "write_features"]
               help="Output folder: features.json, per-SAE data files and the browser (index.html).")
 @click.option("--store", default=None, help="The store to read (default: the one the run was trained on).")
 @click.option("--sae", "saes", multiple=True, help="Only this SAE of the run (repeatable; default: all).")
-@click.option("--tokens", default=None, help="Read at most this many tokens, e.g. 1M (whole sequences).")
+@click.option("--tokens", default=None, help="Read at most this many tokens, e.g. 1M (whole sequences, sampled "
+              "evenly across the store).")
 @click.option("--top", default=20, show_default=True, type=int, help="Top-activating examples kept per latent.")
-@click.option("--held-out/--all", "held_out", default=True, show_default=True,
-              help="The store's held-out sequences (default), or every committed sequence.")
+@click.option("--held-out-only", is_flag=True,
+              help="Read only the store's held-out sequences (default: the whole store, training and held-out).")
+@click.option("--all", "whole_store", is_flag=True, hidden=True, help="The default: the whole store.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--logits/--no-logits", default=True, show_default=True,
               help="Load the model the store names for logit effects and token strings.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@quiet_option
 @storage_option
 @click.pass_context
 def features_command(ctx: click.Context, run: str, out: str, store: str | None, saes: tuple[str, ...],
-                     tokens: str | None, top: int, held_out: bool, overwrite: bool, logits: bool,
+                     tokens: str | None, top: int, held_out_only: bool, whole_store: bool, overwrite: bool, logits: bool,
                      device: str | None, no_progress: bool, storage_options: tuple[str, ...]) -> None:
     """Top-activating contexts of every latent of a run's SAEs, from one pass over the store (no
-    model), and a static feature browser: open OUT/index.html."""
+    model), and a static feature browser: open OUT/index.html. Reads the whole store (the tokens the
+    SAEs trained on and the held-out ones, special tokens left out) unless --held-out-only."""
+    if held_out_only and whole_store:
+        raise UserError("--held-out-only and --all contradict each other; give one")
     try:
         n_tokens = parse_count(tokens) if tokens is not None else None
     except (ValueError, OverflowError):
@@ -51,10 +58,11 @@ def features_command(ctx: click.Context, run: str, out: str, store: str | None, 
     loader = root.get("load_unembedding") if logits else None
     with location.storage_options(list(storage_options)):
         summary = write_features(run, out, store=store, saes=list(saes) or None, tokens=n_tokens, top=top,
-                                 held_out=held_out, overwrite=overwrite, model_loader=loader, device=device,
-                                 progress=not no_progress)
-    click.echo(f"{summary['n_tokens']} tokens ({summary['range']} sequences {summary['sequences'][0]}"
-               f"-{summary['sequences'][1]}) at {summary['tokens_per_s']:.0f} tokens/s")
+                                 held_out_only=held_out_only, overwrite=overwrite, model_loader=loader,
+                                 device=device, progress=not no_progress)
+    click.echo(f"{summary['n_tokens']} tokens of {summary['n_sequences']} sequences ({summary['range']}: "
+               f"{describe_ranges(summary['sequences'])}; {summary['training_sequences']} training, "
+               f"{summary['held_out_sequences']} held-out) at {summary['tokens_per_s']:.0f} tokens/s")
     for s in summary["saes"]:
         click.echo(f"  {s['name']}: d_sae {s['d_sae']}, L0 {s['l0']:.1f}, dead {s['dead_fraction']:.3f}"
                    f"{', logit effects' if s['logit_effects'] else ''}")

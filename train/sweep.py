@@ -19,7 +19,7 @@ from ..common.store import ActivationStore
 from .checkpoint import check_output, prepare_output, write_error
 from .distributed import checkpoint_dir, merge_rows, share
 from .config import SweepConfig, load_config, resolve
-from .export import calibrate, evaluate, to_inference_sae, write_sae_folder, write_summary
+from .export import calibrate, evaluate, metric_tokens, to_inference_sae, write_sae_folder, write_summary
 from .loader import ActivationLoader
 from .trainer import Trainer, output_hook
 
@@ -142,7 +142,7 @@ def _train_sweep(ranks: Ranks, store_url: str, config: str | Path | dict | Sweep
             exported = {m.cfg.name: to_inference_sae(m.sae, loader.scales[m.cfg.hook], store, cfg,
                                                      scale_out=loader.scales[output_hook(m.cfg)])
                         for m in trainer.members}
-            results = evaluate(exported, store, cfg, dev)
+            results = evaluate(exported, store, cfg, dev, progress=progress and ranks.is_root)
             if lease is not None:
                 lease.check()
             rows = []
@@ -171,6 +171,7 @@ def _train_sweep(ranks: Ranks, store_url: str, config: str | Path | dict | Sweep
                    "normalization_scales": loader.scales, "train_seconds_this_session": wall,
                    "train_seconds": train_seconds,
                    "tokens_per_s": (cfg.n_steps * cfg.batch_size / train_seconds if train_seconds else None),
+                   "metric_tokens": metric_tokens(cfg.eval_tokens),
                    "saes": merge_rows(full, [g["rows"] for g in gathered])}
         if ranks.distributed:
             summary["ranks"] = ranks.world

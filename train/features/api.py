@@ -29,10 +29,11 @@ from ...common.metrics import density_histogram
 from ...common.progress import log, token_bar
 from ...common.store import ActivationStore
 from ...common.sae import SAE
+from ..flags import DENSE_RATE, flags_of
 from .contexts import LatentAccumulator, LatentStats, logit_effects
 
 FORMAT = outputs.FEATURES_FORMAT
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "sequences" is a list of ranges; n_sequences, held_out_range, held_out_sequences, training_sequences; per-SAE dense_fraction and flags
 # hooks whose space is the residual stream, where W_dec @ W_U reads as direct logit effects
 ModelLoader = Callable[[str, "str | None"], "tuple[torch.Tensor | None, Any]"]
 RESIDUAL_HOOKS = re.compile(r"(^|\.)(hook_resid_pre|hook_resid_mid|hook_resid_post|hook_mlp_out|hook_attn_out)$")
@@ -96,29 +97,76 @@ def _range_of(value: Any) -> tuple[int, int] | None:
     return None
 
 
-def choose_sequences(store: ActivationStore, held_out: bool, tokens: int | None,
-                     meta: dict[str, Any] | None = None) -> tuple[int, int, str]:
-    """The sequences [a, b) to read and a word for them: the store's held-out range by default
-    (or the run's own, for stores that predate it), every committed sequence with held_out=False."""
+@dataclass
+class Selection:
+    """The sequences a features pass reads: ranges [a, b) in order, and what they are ("all",
+    "held-out", "sampled", "held-out, sampled"), with the store's held-out range (None if it has none)."""
+
+    ranges: list[tuple[int, int]]
+    what: str
+    held_out: tuple[int, int] | None = None
+
+    @property
+    def n_sequences(self) -> int:
+        return sum(b - a for a, b in self.ranges)
+
+    def held_out_sequences(self) -> int:
+        """How many of the chosen sequences lie in the store's held-out range."""
+        if self.held_out is None:
+            return 0
+        h0, h1 = self.held_out
+        return sum(max(0, min(b, h1) - max(a, h0)) for a, b in self.ranges)
+
+
+def sample_evenly(store: ActivationStore, a: int, b: int, n: int) -> list[tuple[int, int]]:
+    """About n sequences of [a, b) spread evenly over it, read a chunk at a time: runs of consecutive
+    sequences at the start of chunks picked at even spacing from the first chunk to the last (every
+    chunk when n covers them all), n shared out evenly among them."""
+    if n >= b - a:
+        return [(a, b)]
+    cs = store.manifest.chunk_sequences
+    chunks = list(range(a // cs, -(-b // cs)))
+    picked = sorted(set(np.linspace(0, len(chunks) - 1, min(len(chunks), n)).round().astype(int).tolist()))
+    quota = np.diff(np.linspace(0, n, len(picked) + 1).round().astype(int)).tolist()
+    out, carry = [], 0
+    for i, q in zip(picked, quota):
+        lo = max(a, chunks[i] * cs)
+        hi = min(b, (chunks[i] + 1) * cs, lo + q + carry)
+        carry += q - (hi - lo)  # a chunk cut short by the range's ends passes the rest on
+        if hi > lo:
+            out.append((lo, hi))
+    return out
+
+
+def choose_sequences(store: ActivationStore, held_out_only: bool, tokens: int | None,
+                     meta: dict[str, Any] | None = None) -> Selection:
+    """The sequences to read: every committed sequence of the store (training and held-out) by
+    default, or only its held-out range (the store's, or the run's own for stores that predate it)
+    with held_out_only. tokens bounds them, sampled evenly across that range (sample_evenly)."""
     m = store.manifest
     committed = store.n_committed_sequences
+    rng = store.held_out_range()
+    if rng is None and meta:
+        rng = _range_of(meta.get("held_out"))
+    held = (int(rng[0]), min(int(rng[1]), committed)) if rng is not None else None
     a, b, what = 0, committed, "all"
-    if held_out:
-        rng = store.held_out_range()
-        if rng is None and meta:
-            rng = _range_of(meta.get("held_out"))
-        if rng is None:
+    if held_out_only:
+        if held is None:
             log.warning(f"the store {store.url} sets no sequences aside for evaluation; reading all of them")
         else:
-            a, b, what = int(rng[0]), min(int(rng[1]), committed), "held-out"
+            a, b, what = held[0], held[1], "held-out"
+    if b <= a:
+        raise StoreError(f"{store.url} has no committed sequence in the {what} range [{a}, {b}); "
+                         "finish the harvest or read the whole store (leave out --held-out-only)")
+    ranges = [(a, b)]
     if tokens is not None:
         if tokens <= 0:
             raise UserError(f"--tokens must be positive, got {tokens}")
-        b = min(b, a + -(-tokens // m.context_size))
-    if b <= a:
-        raise StoreError(f"{store.url} has no committed sequence in the {what} range [{a}, {b}); "
-                         "finish the harvest or pass --all")
-    return a, b, what
+        n = -(-tokens // m.context_size)
+        if n < b - a:
+            ranges = sample_evenly(store, a, b, n)
+            what = "sampled" if what == "all" else f"{what}, sampled"
+    return Selection(ranges, what, held)
 
 
 def sae_hook(name: str, sae: SAE, store: ActivationStore) -> str:
@@ -148,14 +196,16 @@ def special_ids(store: ActivationStore) -> list[int]:
 
 @torch.no_grad()
 def collect_top_contexts(store: ActivationStore, saes: dict[str, SAE], hooks: dict[str, str],
-                         sequences: tuple[int, int], opts: FeatureOptions | None = None,
+                         sequences: tuple[int, int] | list[tuple[int, int]], opts: FeatureOptions | None = None,
                          device: str | torch.device = "cpu", progress: bool = False,
                          batch_rows: int | None = None) -> dict[str, LatentStats]:
-    """One pass over sequences [a, b): each chunk's tokens and activations are read and decoded once
-    (the next chunk is read while this one is encoded) and every SAE encodes them in turn."""
+    """One pass over sequences [a, b) (or a list of such ranges): each chunk's tokens and activations
+    are read and decoded once (the next chunk is read while this one is encoded) and every SAE encodes
+    them in turn."""
     opts = opts or FeatureOptions()
     dev = torch.device(device)
-    a, b = sequences
+    ranges = [tuple(sequences)] if isinstance(sequences, tuple) and len(sequences) == 2 and \
+        all(isinstance(v, (int, np.integer)) for v in sequences) else [tuple(r) for r in sequences]
     T = store.manifest.context_size
     cs = store.manifest.chunk_sequences
     skip = special_ids(store) if opts.skip_special_tokens else []
@@ -167,16 +217,17 @@ def collect_top_contexts(store: ActivationStore, saes: dict[str, SAE], hooks: di
     widest = max(s.cfg.d_sae for s in saes.values())
     rows_per_batch = batch_rows or max(128, min(8192, 2**26 // (4 * widest)))
 
-    def read(j: int) -> tuple[int, np.ndarray, dict[str, np.ndarray]]:
-        s0, s1 = store.chunk_sequence_range(j)
-        lo, hi = max(a, s0), min(b, s1)
+    def read(part: tuple[int, int, int]) -> tuple[int, np.ndarray, dict[str, np.ndarray]]:
+        j, lo, hi = part
+        s0, _ = store.chunk_sequence_range(j)
         tok = store.read_tokens(j)[lo - s0:hi - s0]
         r0 = (lo - s0) * T
         acts = {h: store.read_chunk(h, j)[r0:r0 + (hi - lo) * T] for h in needed}
         return lo, tok, acts
 
-    chunks = list(range(a // cs, -(-b // cs)))
-    bar = token_bar((b - a) * T, "top contexts", disable=not progress)
+    # (chunk, first sequence, stop) of each piece of the ranges that lies in one chunk
+    chunks = [(j, max(a, j * cs), min(b, (j + 1) * cs)) for a, b in ranges for j in range(a // cs, -(-b // cs))]
+    bar = token_bar(sum(b - a for a, b in ranges) * T, "top contexts", disable=not progress)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="actcache-features") as pool:
         pending = [pool.submit(read, j) for j in chunks[:2]]
         for i in range(len(chunks)):
@@ -343,13 +394,20 @@ def page_folders(names: list[str]) -> dict[str, str]:
 
 
 def write_features(run: str | Path, out: str | Path, store: str | None = None, saes: list[str] | None = None,
-                   tokens: int | None = None, top: int = 20, held_out: bool = True, overwrite: bool = False,
+                   tokens: int | None = None, top: int = 20, held_out_only: bool = False, overwrite: bool = False,
                    unembedding: torch.Tensor | None = None, tokenizer: Any = None,
                    model_loader: ModelLoader | None = None, device: str | None = None, progress: bool = True,
-                   site: bool = True, options: FeatureOptions | None = None) -> dict[str, Any]:
+                   site: bool = True, options: FeatureOptions | None = None,
+                   held_out: bool | None = None) -> dict[str, Any]:
     """Top contexts, densities, histograms (and logit effects, when the unembedding is known) of every
     SAE of `run`, written under `out`; returns the content of out/features.json. Nothing is left in
     `out` if it fails.
+
+    The tokens read: every committed sequence of the store (what the SAEs trained on and the held-out
+    part), special tokens left out as training leaves them out; tokens: at most this many, sampled
+    evenly across the store (choose_sequences); held_out_only: only the store's held-out sequences.
+    features.json records the ranges read and how many of their tokens were held out. held_out: the
+    older name of held_out_only (True: held-out only, False: the whole store), kept for callers of it.
 
     unembedding: the model's W_U [d_model, d_vocab] (logit effects are W_dec @ W_U), or None;
     tokenizer: anything with decode([id]) -> str, for the token strings of the browser, or None;
@@ -357,6 +415,8 @@ def write_features(run: str | Path, out: str | Path, store: str | None = None, s
     once the inputs are checked, when neither of the two is given (the command line passes one that
     loads the model the store's manifest names, or the SAE's metadata.model_spec)."""
     out = Path(out)
+    if held_out is not None:
+        held_out_only = bool(held_out)
     if top < 1:
         raise UserError(f"--top must be at least 1, got {top}")
     opts = options or FeatureOptions()
@@ -371,19 +431,19 @@ def write_features(run: str | Path, out: str | Path, store: str | None = None, s
         raise UserError(f"{out} exists; pass --overwrite to replace it (only a features output is replaced), "
                         "or choose another --out")
     with outputs.lease(out, "features", takeover=True), outputs.publish(out, outputs.FEATURES, replace=overwrite) as tmp:
-        return _write_features(tmp, folders, meta, st, tokens, held_out, unembedding, tokenizer, model_loader,
+        return _write_features(tmp, folders, meta, st, tokens, held_out_only, unembedding, tokenizer, model_loader,
                                device, progress, site, opts)
 
 
 def _write_features(tmp: Path, folders: dict[str, Path], meta: dict[str, Any], st: ActivationStore,
-                    tokens: int | None, held_out: bool, unembedding: torch.Tensor | None, tokenizer: Any,
+                    tokens: int | None, held_out_only: bool, unembedding: torch.Tensor | None, tokenizer: Any,
                     model_loader: ModelLoader | None, device: str | None, progress: bool, site: bool,
                     opts: FeatureOptions) -> dict[str, Any]:
     """write_features into the temporary folder `tmp`, which publish() then renames into place."""
     digests = {n: outputs.sae_digest(p) for n, p in folders.items()}
     loaded = {n: SAE.load_from_disk(p) for n, p in folders.items()}
     hooks = {n: sae_hook(n, s, st) for n, s in loaded.items()}
-    a, b, what = choose_sequences(st, held_out, tokens, meta)
+    sel = choose_sequences(st, held_out_only, tokens, meta)
     dev = pick_device(device)
     if model_loader is not None and unembedding is None and tokenizer is None:
         first = next(iter(loaded.values()))
@@ -392,9 +452,10 @@ def _write_features(tmp: Path, folders: dict[str, Path], meta: dict[str, Any], s
             unembedding, tokenizer = model_loader(spec, st.manifest.tokenizer.name)
         except Exception as e:  # the model is optional here: say why, go on without logit effects
             log.warning(f"no logit effects or token strings: could not load the model {spec!r} ({first_line(e)})")
-    log.info(f"top contexts of {len(loaded)} SAEs over sequences [{a}, {b}) ({what}) of {st.url} on {dev}")
+    log.info(f"top contexts of {len(loaded)} SAEs over {sel.n_sequences} sequences ({sel.what}: "
+             f"{describe_ranges(sel.ranges)}) of {st.url} on {dev}")
     t0 = time.perf_counter()
-    stats = collect_top_contexts(st, loaded, hooks, (a, b), opts, dev, progress)
+    stats = collect_top_contexts(st, loaded, hooks, sel.ranges, opts, dev, progress)
     seconds = time.perf_counter() - t0
 
     metrics = {r["name"]: r for r in meta.get("saes", []) if isinstance(r, dict) and "name" in r}
@@ -439,10 +500,13 @@ def _write_features(tmp: Path, folders: dict[str, Path], meta: dict[str, Any], s
             "sae_digest": digests[name], "hook": hooks[name], "architecture": sae.cfg.architecture,
             "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "n_blocks": -(-len(recs) // opts.block),
             "l0": float(s.count.sum()) / max(s.n_tokens, 1), "dead_fraction": float((density == 0).mean()),
+            "dense_fraction": float((density > DENSE_RATE).mean()),
             "logit_effects": logits is not None, "density_histogram": _density_histogram(density),
             "training_metrics": {k: v for k, v in metrics.get(name, {}).items()
-                                 if k in ("l0", "fvu", "explained_variance", "mse", "dead_fraction_eval", "k")},
+                                 if k in ("l0", "fvu", "explained_variance", "mse", "dead_fraction_eval",
+                                          "dense_fraction_eval", "k")},
         })
+        entries[-1]["flags"] = flags_of(entries[-1], sae.cfg.d_in)
     vocab = _token_strings(vocab_ids, tokenizer) if tokenizer is not None else None
     if vocab is not None:
         _write_data(tmp / "vocab", "vocab", vocab)
@@ -450,7 +514,10 @@ def _write_features(tmp: Path, folders: dict[str, Path], meta: dict[str, Any], s
     summary = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "store": st.url,
         "store_fingerprint": st.manifest.fingerprint, "model": st.manifest.model.name,
-        "sequences": [a, b], "range": what, "n_tokens": n_tokens,
+        "sequences": [list(r) for r in sel.ranges], "range": sel.what, "n_sequences": sel.n_sequences,
+        "held_out_range": list(sel.held_out) if sel.held_out else None,
+        "held_out_sequences": sel.held_out_sequences(),
+        "training_sequences": sel.n_sequences - sel.held_out_sequences(), "n_tokens": n_tokens,
         "special_tokens_skipped": special_ids(st) if opts.skip_special_tokens else [],
         "top": opts.top, "window": [opts.window_before, opts.window_after], "histogram_bins": opts.n_bins,
         "quantile_groups": opts.n_groups, "per_group": opts.per_group, "block": opts.block,
@@ -467,6 +534,12 @@ def _write_features(tmp: Path, folders: dict[str, Path], meta: dict[str, Any], s
 
         write_site(tmp, summary)
     return summary
+
+
+def describe_ranges(ranges: list[tuple[int, int]] | list[list[int]], most: int = 3) -> str:
+    """'0:64' or '0:8, 96:104, 192:200 and 5 more ranges' (sequences of the store)."""
+    text = ", ".join(f"{a}:{b}" for a, b in ranges[:most])
+    return text + (f" and {len(ranges) - most} more ranges" if len(ranges) > most else "")
 
 
 def _token_index(recs: list[dict[str, Any]]) -> dict[str, list[int]]:

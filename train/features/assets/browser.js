@@ -59,6 +59,11 @@ var Browser = (function () {
     });
     return svg;
   }
+  function rangesText(r) {
+    if (typeof r[0] === "number") r = [r];  // features.json before ranges: one [start, stop]
+    var parts = r.slice(0, 3).map(function (x) { return "sequences " + x[0] + "-" + x[1]; });
+    return parts.join(", ") + (r.length > 3 ? " and " + (r.length - 3) + " more ranges" : "");
+  }
   function densityLabels(h) {
     return h.counts.map(function (_, i) { return "1e" + h.log10_edges[i] + " to 1e" + h.log10_edges[i + 1]; });
   }
@@ -74,9 +79,11 @@ var Browser = (function () {
     start();
     var f = DATA["features"];
     var main = document.getElementById("main");
-    main.appendChild(el("p", {text: f.n_tokens + " tokens of " + f.store + " (" + f.range + " sequences " +
-      f.sequences[0] + "-" + f.sequences[1] + "), top " + f.top + " examples per latent"}));
-    var head = ["SAE", "hook", "architecture", "d_sae", "L0", "dead", "train L0", "train FVU", "latent density (log10)"];
+    main.appendChild(el("p", {id: "tokens-read", text: f.n_tokens + " tokens of " + f.store + " (" + f.range + ": " +
+      rangesText(f.sequences) + "; " + f.training_sequences + " training and " + f.held_out_sequences +
+      " held-out sequences), top " + f.top + " examples per latent"}));
+    var head = ["SAE", "hook", "architecture", "d_sae", "L0", "dead", "train L0", "train FVU", "flags",
+                "latent density (log10)"];
     var t = el("table", {id: "saes"}, [el("tr", {}, head.map(function (h, i) { return el("th", {cls: i < 3 ? "l" : "", text: h}); }))]);
     f.saes.forEach(function (s) {
       var m = s.training_metrics || {};
@@ -86,7 +93,7 @@ var Browser = (function () {
         el("td", {cls: "l"}, [el("a", {href: "sae-" + s.folder.split("/").pop() + ".html", text: s.name})]),
         el("td", {cls: "l", text: s.hook}), el("td", {cls: "l", text: s.architecture}), el("td", {text: s.d_sae}),
         el("td", {text: fmt(s.l0)}), el("td", {text: pct(s.dead_fraction)}), el("td", {text: fmt(m.l0)}),
-        el("td", {text: fmt(m.fvu)}), cell]));
+        el("td", {text: fmt(m.fvu)}), el("td", {cls: "l flags", text: (s.flags || []).join("; ")}), cell]));
     });
     main.appendChild(t);
   }
@@ -102,6 +109,8 @@ var Browser = (function () {
     var main = document.getElementById("main");
     main.appendChild(el("p", {text: S.hook + " · " + S.architecture + " · d_sae " + S.d_sae + " · L0 " + fmt(S.l0) +
       " · dead " + pct(S.dead_fraction) + (S.logit_effects ? "" : " · no logit effects")}));
+    if (S.flags && S.flags.length)
+      main.appendChild(el("p", {cls: "err flags", text: "degenerate: " + S.flags.join("; ") + " (rule: docs/flags.md)"}));
     main.appendChild(bars(S.density_histogram.counts, 320, 50, densityLabels(S.density_histogram), ["density 1e-8", "1"]));
     var idIn = el("input", {id: "latent-id", type: "number", min: 0, max: S.d_sae - 1, placeholder: "0-" + (S.d_sae - 1)});
     var tokIn = el("input", {id: "token-q", type: "text", placeholder: "a token, e.g. ' the'"});
