@@ -80,6 +80,7 @@ def demo_command(out: str, tokens: str) -> None:
     import json
     from pathlib import Path
 
+    from .common.outputs import SUMMARY_FILE
     from .common.progress import parse_count
     from .demo import run_demo
     from .train.export import summary_table
@@ -88,7 +89,7 @@ def demo_command(out: str, tokens: str) -> None:
     click.echo(r["harvest"].summary())
     click.echo("")
     if r["eval"]:  # the sweep's summary with the held-out columns merged in
-        click.echo(summary_table(json.loads((Path(out) / "sweep" / "summary.json").read_text())))
+        click.echo(summary_table(json.loads((Path(out) / "sweep" / SUMMARY_FILE).read_text())))
         s = r["eval"][0]["sequences_scored"]
         click.echo(f"\n(held-out sequences {s['start_sequence']}:{s['stop_sequence']} of the store, "
                    f"{r['eval'][0]['ce_tokens']} token positions scored)")

@@ -11,6 +11,7 @@ compare only when those agree."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -45,6 +46,18 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{path} cannot be read as JSON ({e})") from None
+
+
+def result_owners(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The folders whose lease eval holds while it writes its results: the run of each SAE folder
+    (or the SAE folder itself when it has none), each run folder given; paths that do not exist are
+    left to find_targets to name."""
+    owners = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            owners.append((outputs.run_of(p) or p) if outputs.is_sae_folder(p) else p)
+    return list(dict.fromkeys(Path(os.path.realpath(p)) for p in owners))
 
 
 def find_targets(paths: Sequence[str | os.PathLike], sae_dirs: Sequence[str | os.PathLike] = (),
@@ -292,13 +305,13 @@ def evaluate(run_or_sae_folders: Sequence[str | os.PathLike] = (), *, sae_dirs: 
     Returns one record per SAE (see docs/cli.md, "Evaluate", for the fields)."""
     from .common import location
 
-    with location.storage_options(storage_options):
+    with location.storage_options(storage_options), contextlib.ExitStack() as leases:
         return _evaluate(run_or_sae_folders, sae_dirs, store, model, tokens, batch_size, device,
-                         include_special_tokens, held_out, force, dtype, write, progress)
+                         include_special_tokens, held_out, force, dtype, write, progress, leases)
 
 
 def _evaluate(run_or_sae_folders, sae_dirs, store, model, tokens, batch_size, device, include_special_tokens,
-              held_out, force, dtype, write, progress) -> list[dict[str, Any]]:
+              held_out, force, dtype, write, progress, leases: contextlib.ExitStack) -> list[dict[str, Any]]:
     from .common.store import ActivationStore
     from .harvest.evaluate import check_saes, downstream_metrics
     from .common.device import pick_device
@@ -313,6 +326,10 @@ def _evaluate(run_or_sae_folders, sae_dirs, store, model, tokens, batch_size, de
     if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
         raise UserError(f"--tokens {tokens}: give a positive number of tokens to score")
     device = str(pick_device(device))
+    if write:  # one writer at a time: the runs it writes into are leased before their SAEs are read, so a
+        # training that replaces their weights (or another eval) is refused while this one scores them
+        for owner in result_owners([*run_or_sae_folders, *sae_dirs]):
+            leases.enter_context(outputs.lease(owner, "eval", takeover=True))
     targets = find_targets(run_or_sae_folders, sae_dirs, device="cpu")
     if write:  # where eval.json and the run's summary go, checked before the work
         for folder in dict.fromkeys([t.folder for t in targets] + [t.run for t in targets if t.run is not None]):

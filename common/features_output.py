@@ -25,8 +25,8 @@ from .errors import UserError
 
 FORMAT = outputs.FEATURES_FORMAT
 SUMMARY_FILE = outputs.FEATURES_FILE
-VOCAB_FILE = "vocab.json"
-INDEX_PAGE = "index.html"
+VOCAB_FILE = outputs.FEATURES_VOCAB
+INDEX_PAGE = outputs.FEATURES_INDEX
 DEFAULT_FOLDER = "features"  # where readers look for a run's features output unless told
 
 

@@ -25,6 +25,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ WEIGHTS_FILENAME = "sae_weights.safetensors"
 SPARSITY_FILENAME = "sparsity.safetensors"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
+SAE_FILES = (CFG_FILENAME, WEIGHTS_FILENAME, SPARSITY_FILENAME, METRICS_FILE, EVAL_FILE)
 # a run folder
 RUN_FILE = "run.json"
 CHECKPOINT = "checkpoint.safetensors"
@@ -50,9 +52,25 @@ SUMMARY_FILE, SUMMARY_TABLE, FRONTIER_PLOT = SUMMARY_FILES
 CE_FRONTIER_PLOT = "frontier_ce.png"  # written by evaluation
 RANK_DIR_PREFIX = "rank-"  # rank-R-of-W: one rank's checkpoint of a torchrun run
 RUN_FILES = (CHECKPOINT, CHECKPOINT + ".tmp", RUN_FILE, METRICS_FILE, CE_FRONTIER_PLOT) + SUMMARY_FILES
-# a features output
+# a store: the entries at its top (the manifest's group and its arrays); nothing else is ours
+STORE_ENTRIES = frozenset({"zarr.json", "tokens", "activations", "stats", "digests"})
+# a features output: its data, the browser's pages (one sae-NAME.html per SAE) and their assets
 FEATURES_FILE = "features.json"
 FEATURES_FORMAT = "actcache-features"
+FEATURES_INDEX = "index.html"
+FEATURES_VOCAB = "vocab.json"
+FEATURES_ASSETS = "assets"
+FEATURES_SAES = "saes"
+FEATURES_ENTRIES = frozenset({FEATURES_FILE, "features.js", FEATURES_VOCAB, "vocab.js", FEATURES_INDEX,
+                              FEATURES_ASSETS, FEATURES_SAES})
+
+
+FEATURES_PAGE = ("sae-", ".html")  # sae-NAME.html: the browser's page of one SAE
+
+
+def features_page(folder: str) -> str:
+    """The browser's page of one SAE, by the name of its data folder under saes/."""
+    return FEATURES_PAGE[0] + folder + FEATURES_PAGE[1]
 # the lease's hidden file beside an output (common/lease.py)
 LOCK_SUFFIX = ".actcache-lock"
 # what publish() leaves only while it runs (a killed process may leave one: never an output)
@@ -97,13 +115,13 @@ def is_store(url: str | os.PathLike) -> bool:
             return False
         if ATTR in (meta.get("attributes") or {}):
             return True
-        names = {p.name for p in location.local_path(url).iterdir()} - {"zarr.json"}
-        return names <= {"tokens", "activations", "stats", "digests"}
+        names = {p.name for p in location.local_path(url).iterdir()}
+        return names <= STORE_ENTRIES
     import zarr
 
     try:
         group = zarr.open_group(store=location.open_store(url, read_only=True), mode="r", zarr_format=3)
-        return ATTR in group.attrs or set(group.keys()) <= {"tokens", "activations", "stats", "digests"}
+        return ATTR in group.attrs or set(group.keys()) <= STORE_ENTRIES
     except Exception:  # noqa: BLE001  (nothing there, or not a zarr group: not a store)
         return False
 
@@ -229,9 +247,11 @@ def check_destination(out: str | os.PathLike, kind: Kind, *, inputs: Sequence[st
     holding it, a file. With `replace` (--overwrite), something that is there must be an output of
     `kind`, and not reached through a symbolic link. Nothing is touched."""
     if location.is_remote(out):
-        if replace and location.exists(out) and not kind.recognise(out):
-            raise UserError(f"{out} holds something that is not an actcache {kind.name}; --overwrite replaces only "
-                            f"a {kind.name}: nothing was deleted; choose another {flag}")
+        if replace and location.exists(out):
+            if not kind.recognise(out):
+                raise UserError(f"{out} holds something that is not an actcache {kind.name}; --overwrite replaces "
+                                f"only a {kind.name}: nothing was deleted; choose another {flag}")
+            _refuse_foreign(out, kind)
         return
     given = location.local_path(out)
     real = _resolved(out)
@@ -260,6 +280,16 @@ def check_destination(out: str | os.PathLike, kind: Kind, *, inputs: Sequence[st
             held = f"an actcache {what.name}" if what else "other files"
             raise UserError(f"{out} holds no actcache {kind.name} (it holds {held}); --overwrite replaces only a "
                             f"{kind.name}: nothing was deleted; choose another {flag}")
+        _refuse_foreign(out, kind)
+
+
+def _refuse_foreign(out: str | os.PathLike, kind: Kind) -> None:
+    """Refuse to replace an output that also holds entries the project did not write there."""
+    others = foreign_entries(out, kind)
+    if others:
+        names = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise UserError(f"the {kind.name} {out} also holds {names}, which actcache did not write; move them "
+                        "elsewhere, then rerun with --overwrite (nothing was deleted)")
 
 
 def _has_entries(folder: Path) -> bool:
@@ -270,8 +300,8 @@ def _has_entries(folder: Path) -> bool:
 
 
 def owned_entries(out: str | Path, kind: Kind) -> tuple[list[Path], list[Path]]:
-    """(ours, others): the entries of an output folder of `kind` that the project wrote there, and
-    the ones it did not (a user's file). Only a run's and a features output's are listed."""
+    """(ours, others): the entries at the top of an output folder of `kind` that the project wrote
+    there, and the ones it did not (a user's file, a symbolic link to elsewhere)."""
     out = Path(out)
     ours, others = [], []
     config = run_meta(out).get("config") if kind is RUN else None
@@ -279,14 +309,57 @@ def owned_entries(out: str | Path, kind: Kind) -> tuple[list[Path], list[Path]]:
     for p in sorted(out.iterdir()):
         if p.name.endswith(LOCK_SUFFIX):
             continue
-        if kind is RUN:
+        if kind is RUN:  # its SAE folders and features output hold only what actcache writes there, too
             mine = (p.is_file() and p.name in RUN_FILES) or (p.is_dir() and not p.is_symlink() and (
-                p.name in sae_names or is_sae_folder(p) or is_features(p) or p.name.startswith(RANK_DIR_PREFIX)
-                or p.name.startswith(TEMP_MARK)))
+                ((p.name in sae_names or is_sae_folder(p)) and not _foreign_in_sae(p))
+                or (is_features(p) and not foreign_entries(p, FEATURES))
+                or p.name.startswith(RANK_DIR_PREFIX) or p.name.startswith(TEMP_MARK)))
         else:
-            mine = True
+            mine = _own_name(p.name, kind) and not p.is_symlink()
         (ours if mine else others).append(p)
     return ours, others
+
+
+def _foreign_in_sae(folder: Path) -> bool:
+    """Whether an SAE folder of a run holds anything besides the files actcache writes in it (a README
+    a user added before sharing it, say)."""
+    return any(not (q.is_file() and not q.is_symlink() and q.name.removesuffix(".tmp") in SAE_FILES)
+               for q in folder.iterdir())
+
+
+def _inside(q: Path, kind: Kind) -> list[str]:
+    """How to name an entry of a run that is not all ours: the files a user added to one of its SAE
+    folders or its features output (q/name), else the entry itself."""
+    if kind is RUN and q.is_dir() and not q.is_symlink():
+        if is_features(q):
+            return [f"{q.name}/{n}" for n in foreign_entries(q, FEATURES)]
+        if is_sae_folder(q):
+            return [f"{q.name}/{r.name}" for r in sorted(q.iterdir())
+                    if not (r.is_file() and not r.is_symlink() and r.name.removesuffix(".tmp") in SAE_FILES)]
+    return [q.name]
+
+
+def _own_name(name: str, kind: Kind) -> bool:
+    """Whether an entry of this name at the top of a store or features output is one the project writes."""
+    if kind is STORE:
+        return name in STORE_ENTRIES
+    if kind is FEATURES:
+        return name in FEATURES_ENTRIES or (name.startswith(FEATURES_PAGE[0]) and name.endswith(FEATURES_PAGE[1]))
+    return True  # an SAE folder is never replaced on its own
+
+
+def foreign_entries(url: str | os.PathLike, kind: Kind) -> list[str]:
+    """The names of the entries of an output of `kind` that the project did not write (local or S3)."""
+    if not location.is_remote(url):
+        p = location.local_path(url)
+        return [n for q in owned_entries(p, kind)[1] for n in _inside(q, kind)] if p.is_dir() else []
+    with location.storage_errors(url, "listing"):
+        fs, path = location.remote_fs(url)
+        try:
+            names = {Path(e.rstrip("/")).name for e in fs.ls(path, detail=False, refresh=True)}
+        except FileNotFoundError:
+            return []
+    return sorted(n for n in names if not n.endswith(LOCK_SUFFIX) and not _own_name(n, kind))
 
 
 def remove_output(url: str | os.PathLike, kind: Kind) -> None:
@@ -296,6 +369,7 @@ def remove_output(url: str | os.PathLike, kind: Kind) -> None:
     if location.is_remote(url):
         if location.exists(url) and not kind.recognise(url):
             raise UserError(f"{url} is not an actcache {kind.name}; nothing was deleted")
+        _refuse_foreign(url, kind)
         with location.storage_errors(url, "removing"):
             fs, path = location.remote_fs(url)
             if fs.exists(path):
@@ -307,18 +381,10 @@ def remove_output(url: str | os.PathLike, kind: Kind) -> None:
     if p.is_symlink() or not kind.recognise(p):
         raise UserError(f"{url} is not an actcache {kind.name} (or is reached through a symbolic link); "
                         "nothing was deleted")
-    if kind is RUN:
-        ours, others = owned_entries(p, RUN)
-        if others:
-            names = ", ".join(q.name for q in others[:3])
-            raise UserError(f"the run folder {url} also holds {names}, which actcache did not write; move "
-                            "them elsewhere, then rerun with --overwrite (nothing was deleted)")
-        for q in sorted(ours, key=lambda q: q.name == RUN_FILE):
-            _delete(q)
-        return
-    for q in p.iterdir():
-        if not q.name.endswith(LOCK_SUFFIX):
-            _delete(q)
+    _refuse_foreign(p, kind)
+    ours, _ = owned_entries(p, kind)
+    for q in sorted(ours, key=lambda q: q.name in (RUN_FILE, "zarr.json")):  # the marker last: a kill midway
+        _delete(q)                                                          # still leaves a recognisable output
 
 
 def _delete(p: Path) -> None:
@@ -341,7 +407,9 @@ def publish(out: str | Path, kind: Kind, replace: bool = False) -> Iterator[Path
     out = location.local_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(out)
         tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_MARK}{out.name}.", dir=out.parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's folder is private (0700); an output is a folder like any other
     except OSError as e:
         raise UserError(f"cannot write in {out.parent} ({e.strerror}): check that the folder exists and is "
                         "writable, or choose another --out") from None
@@ -376,6 +444,22 @@ def publish(out: str | Path, kind: Kind, replace: bool = False) -> Iterator[Path
         raise
 
 
+def _remove_abandoned(out: Path) -> None:
+    """Delete the temporary folders of `out` that a killed writer left beside it (the caller holds the
+    lease of `out`, so no live writer owns one). Only publish()'s own temporary folders, never the
+    previous output set aside while it is being replaced (`.old-PID`)."""
+    pattern = re.compile(re.escape(f"{TEMP_MARK}{out.name}.") + r"[a-z0-9_]{8}")
+    for p in out.parent.iterdir():
+        if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def lock_path(out: str | os.PathLike) -> str:
     """Where the lease of an output lives (beside its real path)."""
     from .lease import lock_url
@@ -404,8 +488,10 @@ def probe_writable(folder: str | os.PathLike, what: str) -> None:
     os.unlink(name)
 
 
-__all__ = ["CFG_FILENAME", "WEIGHTS_FILENAME", "SPARSITY_FILENAME", "METRICS_FILE", "EVAL_FILE", "RUN_FILE",
+__all__ = ["CFG_FILENAME", "WEIGHTS_FILENAME", "SPARSITY_FILENAME", "METRICS_FILE", "EVAL_FILE", "SAE_FILES", "RUN_FILE",
            "CHECKPOINT", "SUMMARY_FILES", "SUMMARY_FILE", "SUMMARY_TABLE", "FRONTIER_PLOT", "CE_FRONTIER_PLOT",
-           "RUN_FILES", "FEATURES_FILE", "FEATURES_FORMAT", "Kind", "STORE", "RUN", "SAE_FOLDER", "FEATURES",
+           "RUN_FILES", "STORE_ENTRIES", "FEATURES_FILE", "FEATURES_FORMAT", "FEATURES_ENTRIES", "FEATURES_INDEX", "FEATURES_VOCAB",
+           "features_page",
+           "foreign_entries", "Kind", "STORE", "RUN", "SAE_FOLDER", "FEATURES",
            "kind_of", "sae_folders", "run_of", "run_meta", "sae_digest", "is_current", "read_eval",
            "check_destination", "remove_output", "publish", "lease", "rank_dir", "probe_writable"]

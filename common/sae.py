@@ -28,10 +28,8 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from .errors import UserError, first_line
+from .outputs import CFG_FILENAME, SPARSITY_FILENAME, WEIGHTS_FILENAME  # an SAE folder's names: one home
 
-CFG_FILENAME = "cfg.json"
-WEIGHTS_FILENAME = "sae_weights.safetensors"
-SPARSITY_FILENAME = "sparsity.safetensors"
 # the SAELens release whose on-disk format these folders follow
 SAELENS_FORMAT_VERSION = "6.54.12"
 
@@ -182,7 +180,7 @@ class SAEConfig:
         return {k: v for k, v in d.items() if v is not None}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "cfg.json") -> "SAEConfig":
+    def from_dict(cls, d: dict[str, Any], where: str = CFG_FILENAME) -> "SAEConfig":
         """The config of a cfg.json dict, every key this package reads checked for presence and type
         (a UserError line starting with `where` otherwise); keys it does not read are left aside."""
         if not isinstance(d, dict):

@@ -109,7 +109,9 @@ def test_features_refuses_an_output_folder_it_cannot_write_before_the_work(share
 
 def test_eval_refuses_an_sae_folder_it_cannot_write_before_the_work(shared):
     tmp, _ = shared
-    run = tmp / "ro-run"
+    (tmp / "open").mkdir(exist_ok=True)
+    (tmp / "open").chmod(0o777)  # eval's lease on the run (beside it) can be taken: the SAE folder is what stops it
+    run = tmp / "open" / "ro-run"
     make_sae("random", hook=HOOK).save_model(run / "s")
     (run / "summary.json").write_text(json.dumps({"store": str(tmp / "acts.zarr"), "saes": []}))
     for p in [run, *run.rglob("*")]:

@@ -229,6 +229,12 @@ def test_logit_effects_and_vocab(trained, tmp_path):
 def test_bad_input_one_line(trained, tmp_path):
     out = tmp_path / "exists"
     out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match="holds no features output; choose another --out") as e:
+        write_features(trained / "run", out, progress=False)
+    assert "--overwrite" not in str(e.value)  # which would not replace it either: no hint that it might
+    (out / "notes.txt").unlink()
+    write_features(trained / "run", out, tokens=64, progress=False)  # an empty folder is the user's --out
     with pytest.raises(UserError, match="exists; pass --overwrite"):
         write_features(trained / "run", out, progress=False)
     with pytest.raises(UserError, match="no SAE named 'nope'"):

@@ -97,3 +97,26 @@ def test_every_subpackage_is_installed():
             if folder.is_dir() and folder.name != "__pycache__" and any(folder.iterdir()):
                 found.add(".".join(("actcache",) + folder.relative_to(ROOT).parts))
     assert found == listed
+
+
+def test_only_the_output_home_spells_an_output_file_name():
+    """The file names of the folders actcache writes live in common/outputs.py; any other module that
+    spells one as a string literal is a second source that can drift from it."""
+    import ast
+    from pathlib import Path
+
+    from actcache.common import outputs
+
+    names = {outputs.CFG_FILENAME, outputs.WEIGHTS_FILENAME, outputs.SPARSITY_FILENAME, outputs.METRICS_FILE,
+             outputs.EVAL_FILE, outputs.RUN_FILE, outputs.CHECKPOINT, outputs.CE_FRONTIER_PLOT, outputs.FEATURES_FILE,
+             outputs.FEATURES_INDEX, outputs.FEATURES_VOCAB, *outputs.SUMMARY_FILES}
+    root = Path(outputs.__file__).resolve().parents[1]
+    found = []
+    for pkg in ("common", "harvest", "train", "actcache"):
+        for f in sorted((root / pkg).rglob("*.py")):
+            if f.name == "outputs.py" and f.parent.name == "common":
+                continue
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.Constant) and node.value in names:
+                    found.append(f"{f.relative_to(root)}:{node.lineno} {node.value}")
+    assert not found, found

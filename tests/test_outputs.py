@@ -132,14 +132,49 @@ def test_an_output_of_the_same_kind_is_replaced(kind, world, tmp_path, capfd):
     assert code == 0, err
     assert outputs.kind_of(out) is KINDS[kind]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder or lock left
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask  # as any folder the user makes (not private: 0700)
 
 
-def test_a_run_holding_a_users_file_is_not_deleted(world, tmp_path, capfd):
-    out = tmp_path / "run"
-    assert run_cli(command("run", world, out), capfd)[0] == 0
-    (out / "notes.txt").write_text("keep")
-    refused(command("run", world, out), capfd, "notes.txt", "nothing was deleted")
-    assert (out / "notes.txt").read_text() == "keep" and outputs.is_run(out) and outputs.sae_folders(out)
+def test_a_users_file_in_a_runs_sae_folder_or_features_output_refuses_train_overwrite(world, tmp_path, capfd):
+    """A README added to an SAE folder before sharing it, or notes in the run's features output, were
+    deleted with the run by train --overwrite."""
+    run = tmp_path / "run"
+    assert run_cli(command("run", world, run), capfd)[0] == 0
+    assert run_cli(command("features", world, run / "features"), capfd)[0] == 0
+    for extra in (run / "t" / "README.md", run / "features" / "notes.txt"):
+        extra.write_text("keep")
+        before = tree(run)
+        refused(command("run", world, run), capfd, str(extra.relative_to(run)), "nothing was deleted")
+        assert tree(run) == before
+        extra.unlink()
+    assert run_cli(command("run", world, run), capfd)[0] == 0  # its own files only: replaced
+    assert not (run / "features").exists()
+
+
+def test_an_output_holding_a_users_files_is_not_replaced(kind, world, tmp_path, capfd):
+    """A user's file or folder beside our own entries, or a link to elsewhere among them, refuses
+    --overwrite of the whole output (a features output and a store lost them before)."""
+    out = tmp_path / "out"
+    assert run_cli(command(kind, world, out), capfd)[0] == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "data.txt").write_text("keep")
+    for extra in ("notes.txt", "mine", "link"):
+        before = tree(out)
+        if extra == "notes.txt":
+            (out / extra).write_text("keep")
+        elif extra == "mine":
+            (out / extra).mkdir()
+            (out / extra / "draft.txt").write_text("keep")
+        else:
+            (out / extra).symlink_to(elsewhere)
+        refused(command(kind, world, out), capfd, extra, "did not write", "nothing was deleted")
+        assert {k: v for k, v in tree(out).items() if not k.startswith(extra)} == before
+        assert outputs.kind_of(out) is KINDS[kind] and tree(elsewhere) == {"data.txt": b"keep"}
+        shutil.rmtree(out / extra) if extra == "mine" else (out / extra).unlink()
+    assert run_cli(command(kind, world, out), capfd)[0] == 0  # once they are moved away, it is replaced
 
 
 # ---------------------------------------------------------------------------------- real processes
@@ -203,6 +238,62 @@ def test_a_symlink_does_not_get_around_the_lease(world, tmp_path):
         first.send_signal(signal.SIGCONT)
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
+
+
+def test_features_killed_midway_leaves_the_old_output_and_the_next_run_cleans_up(world, tmp_path, capfd):
+    """SIGKILL during a features --overwrite: the previous output is untouched; the killed writer's
+    temporary folder (which nothing else removes) is deleted by the next writer of that output, and a
+    neighbour's temporary folder is not."""
+    out = tmp_path / "f"
+    assert run_cli(command("features", world, out), capfd)[0] == 0
+    before = tree(out)
+    neighbour = tmp_path / f"{outputs.TEMP_MARK}f.x.abcdefgh"  # what a writer of --out f.x would make
+    neighbour.mkdir()
+    p = start(command("features", world, out), tmp_path)
+    try:
+        wait_for_lease(out, p)
+        p.send_signal(signal.SIGSTOP)
+        deadline = time.time() + 60
+        while not [q for q in tmp_path.iterdir() if q.name.startswith(f"{outputs.TEMP_MARK}f.") and q != neighbour]:
+            p.send_signal(signal.SIGCONT)
+            time.sleep(0.01)
+            p.send_signal(signal.SIGSTOP)
+            assert time.time() < deadline and p.poll() is None
+    finally:
+        p.kill()
+        p.wait(timeout=60)
+    assert tree(out) == before
+    assert run_cli(command("features", world, out), capfd)[0] == 0
+    assert sorted(q.name for q in tmp_path.iterdir() if q.name.startswith(".")) == [neighbour.name]
+
+
+def test_eval_and_train_on_one_run_one_is_refused_at_once(world, tmp_path, capfd):
+    """An eval paused mid-work holds its run: a train --overwrite of that run is refused naming it (it used
+    to replace the weights under the eval, which then wrote its eval.json and CE plot of the deleted SAEs
+    beside the new ones, exit 0); a paused train refuses an eval the same way."""
+    run = tmp_path / "run"
+    assert run_cli(command("run", world, run), capfd)[0] == 0
+    ev = start(["eval", str(run), "--tokens", "64"], tmp_path)
+    try:
+        wait_for_lease(run, ev)
+        ev.send_signal(signal.SIGSTOP)
+        refused(command("run", world, run), capfd, f"being written by eval pid {ev.pid}")
+    finally:
+        ev.send_signal(signal.SIGCONT)
+    _, err = ev.communicate(timeout=300)
+    assert ev.returncode == 0, err
+    assert outputs.read_eval(run / "t") is not None  # it measured the weights that are there
+
+    tr = start(command("run", world, run), tmp_path)
+    try:
+        wait_for_lease(run, tr)
+        tr.send_signal(signal.SIGSTOP)
+        refused(["eval", str(run), "--tokens", "64"], capfd, f"being written by train pid {tr.pid}")
+    finally:
+        tr.send_signal(signal.SIGCONT)
+    _, err = tr.communicate(timeout=300)
+    assert tr.returncode == 0, err
+    assert not (run / "t" / "eval.json").exists() and not (run / outputs.CE_FRONTIER_PLOT).exists()
 
 
 # ---------------------------------------------------------------------------------- results and weights

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from ..common import location
+from ..common import location, outputs
 from ..common.commands import storage_option
 from ..common.errors import UserError
 from ..common.progress import parse_count, quiet_option
@@ -66,7 +66,7 @@ def features_command(ctx: click.Context, run: str, out: str, store: str | None, 
     for s in summary["saes"]:
         click.echo(f"  {s['name']}: d_sae {s['d_sae']}, L0 {s['l0']:.1f}, dead {s['dead_fraction']:.3f}"
                    f"{', logit effects' if s['logit_effects'] else ''}")
-    click.echo(f"open {Path(out) / 'index.html'}")
+    click.echo(f"open {Path(out) / outputs.FEATURES_INDEX}")
     if summary.get("non_finite"):
         from ..common.finite import NonFiniteResult, describe
 

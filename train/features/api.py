@@ -427,9 +427,11 @@ def write_features(run: str | Path, out: str | Path, store: str | None = None, s
     st = resolve_store(run, store, meta)
     page_folders(list(folders))
     outputs.check_destination(out, outputs.FEATURES, inputs=[run, st.url, *folders.values()], replace=overwrite)
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise UserError(f"{out} exists; pass --overwrite to replace it (only a features output is replaced), "
-                        "or choose another --out")
+    if not overwrite and (out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir())))):
+        if outputs.is_features(out) and not out.is_symlink():  # --overwrite would replace it, and only it
+            raise UserError(f"{out} exists; pass --overwrite to replace it (only a features output is replaced), "
+                            "or choose another --out")
+        raise UserError(f"{out} exists and holds no features output; choose another --out (nothing was touched)")
     with outputs.lease(out, "features", takeover=True), outputs.publish(out, outputs.FEATURES, replace=overwrite) as tmp:
         return _write_features(tmp, folders, meta, st, tokens, held_out_only, unembedding, tokenizer, model_loader,
                                device, progress, site, opts)
@@ -473,7 +475,7 @@ def _write_features(tmp: Path, folders: dict[str, Path], meta: dict[str, Any], s
                 logits = logit_effects(sae.W_dec.detach(), unembedding.to(dev), opts.n_logits)
         recs = latent_records(stats[name], st, opts, logits)
         folder = pages[name]
-        base = tmp / "saes" / folder
+        base = tmp / outputs.FEATURES_SAES / folder
         bad: list[str] = []
         for i in range(0, len(recs), opts.block):
             bad += _write_data(base / "blocks" / f"{i // opts.block:05d}", f"{folder}/{i // opts.block}",
@@ -496,7 +498,7 @@ def _write_features(tmp: Path, folders: dict[str, Path], meta: dict[str, Any], s
             non_finite[name] = bad
         s = stats[name]
         entries.append({
-            "name": name, "folder": f"saes/{folder}", "sae_path": str(folders[name]),
+            "name": name, "folder": f"{outputs.FEATURES_SAES}/{folder}", "sae_path": str(folders[name]),
             "sae_digest": digests[name], "hook": hooks[name], "architecture": sae.cfg.architecture,
             "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "n_blocks": -(-len(recs) // opts.block),
             "l0": float(s.count.sum()) / max(s.n_tokens, 1), "dead_fraction": float((density == 0).mean()),
@@ -509,7 +511,7 @@ def _write_features(tmp: Path, folders: dict[str, Path], meta: dict[str, Any], s
         entries[-1]["flags"] = flags_of(entries[-1], sae.cfg.d_in)
     vocab = _token_strings(vocab_ids, tokenizer) if tokenizer is not None else None
     if vocab is not None:
-        _write_data(tmp / "vocab", "vocab", vocab)
+        _write_data((tmp / outputs.FEATURES_VOCAB).with_suffix(""), "vocab", vocab)
     n_tokens = next(iter(stats.values())).n_tokens
     summary = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "store": st.url,
@@ -521,13 +523,13 @@ def _write_features(tmp: Path, folders: dict[str, Path], meta: dict[str, Any], s
         "special_tokens_skipped": special_ids(st) if opts.skip_special_tokens else [],
         "top": opts.top, "window": [opts.window_before, opts.window_after], "histogram_bins": opts.n_bins,
         "quantile_groups": opts.n_groups, "per_group": opts.per_group, "block": opts.block,
-        "vocab": "vocab.json" if vocab is not None else None, "seconds": seconds,
+        "vocab": outputs.FEATURES_VOCAB if vocab is not None else None, "seconds": seconds,
         "tokens_per_s": n_tokens / seconds if seconds else None, "saes": entries,
         "non_finite": non_finite,
     }
     summary, bad = finite.finite_json(summary)
     if bad:
-        summary["non_finite"]["features.json"] = bad
+        summary["non_finite"][outputs.FEATURES_FILE] = bad
     _write_data(tmp / "features", "features", summary)
     if site:
         from .browser import write_site

@@ -20,6 +20,8 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from ...common import outputs
+
 ASSETS = ("browser.js", "browser.css")  # copied into <out>/assets/
 PAGE = "page.html"  # a string.Template: $title, $nav, $scripts, $call
 
@@ -37,16 +39,16 @@ def _page(title: str, scripts: list[str], call: str, nav: str) -> str:
 def write_site(out: str | Path, summary: dict[str, Any]) -> Path:
     """Write index.html, one page per SAE and the assets into `out` (which holds write_features's data)."""
     out = Path(out)
-    (out / "assets").mkdir(parents=True, exist_ok=True)
+    (out / outputs.FEATURES_ASSETS).mkdir(parents=True, exist_ok=True)
     for name in ASSETS:
-        (out / "assets" / name).write_text(asset_text(name), encoding="utf-8")
+        (out / outputs.FEATURES_ASSETS / name).write_text(asset_text(name), encoding="utf-8")
     base = ["features.js"] + (["vocab.js"] if summary.get("vocab") else [])
     model = html.escape(f"SAEs on {summary['model']}")
-    (out / "index.html").write_text(_page("actcache feature browser", ["features.js"], "index()", model))
+    (out / outputs.FEATURES_INDEX).write_text(_page("actcache feature browser", ["features.js"], "index()", model))
     for s in summary["saes"]:
         folder = s["folder"].split("/")[-1]
         call = "sae(" + json.dumps(s["name"]).replace("<", "\\u003c") + ")"
         page = _page(f"{s['name']}: {s['hook']}", base + [f"{s['folder']}/latents.js"], call,
                      '<a href="index.html">all SAEs</a>')
-        (out / f"sae-{folder}.html").write_text(page)
-    return out / "index.html"
+        (out / outputs.features_page(folder)).write_text(page)
+    return out / outputs.FEATURES_INDEX
