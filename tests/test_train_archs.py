@@ -1,6 +1,6 @@
 """The architecture registry and the sweep configuration: exported SAEs behave as they trained, a
 new architecture defined here trains and exports through the registry alone, every bad sweep
-value is one line from the real CLI before anything trains, and the README's key tables are the
+value is one line from the real CLI before anything trains, and the key tables of docs/sweep-config.md are the
 generated ones."""
 
 import json
@@ -159,10 +159,10 @@ def test_registry_refuses_a_form_it_cannot_run():
     assert "test_bad_export" not in ARCHITECTURES
 
 
-# ------------------------------------------------------------------ the README
+# ------------------------------------------------- the sweep-key tables of docs/sweep-config.md
 def test_readme_tables_are_the_generated_ones():
-    text = (ROOT / "README.md").read_text()
-    assert readme_with_tables(text) == text, "run: python -m actcache.train.architectures --readme README.md"
+    text = (ROOT / "docs" / "sweep-config.md").read_text()
+    assert readme_with_tables(text) == text, "run: python -m actcache.train.architectures --readme docs/sweep-config.md"
     for name in ARCHITECTURES:
         assert f"| `{name}` |" in text
 
@@ -279,7 +279,7 @@ def test_surprising_values_are_warnings(small_store):
 
 def test_misspelt_key_and_warning_through_a_real_process(small_store, tmp_path):
     """`architecure` is named as an unknown key; a legal but surprising value warns and still trains."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cfg = tmp_path / "a.toml"
     write_sweep(_case("sae", "architecure", "topk"), cfg)
     p = subprocess.run([sys.executable, "-m", "actcache", "train", small_store, "--config", str(cfg),
