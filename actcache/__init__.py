@@ -10,16 +10,8 @@ sides read), actcache.harvest (everything that runs the language model) and actc
 from __future__ import annotations
 
 import importlib
-import os
 
 __version__ = "0.1.0"
-
-# In a source checkout the three stages are the folders common/, harvest/ and train/ beside this
-# one (an installed wheel puts them inside it): let them resolve from the checkout this file is in.
-_here = os.path.dirname(os.path.abspath(__file__))
-_root = os.path.dirname(_here)
-if not os.path.isdir(os.path.join(_here, "common")) and os.path.isfile(os.path.join(_root, "common", "store.py")):
-    __path__.append(_root)  # type: ignore[name-defined]  # noqa: F821
 
 _EXPORTS = {
     "HarvestConfig": "actcache.harvest.api",

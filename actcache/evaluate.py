@@ -289,7 +289,7 @@ def evaluate(run_or_sae_folders: Sequence[str | os.PathLike] = (), *, sae_dirs: 
     storage_options: fsspec options for an s3:// store (key=value strings or a dict; see --storage-option).
     progress: bars on stderr (tokens/s, ETA, the SAE being run). Transcoders are spliced from their
     input hook into their output hook (harvest/splice.TranscoderSplice).
-    Returns one record per SAE (see the README's evaluation section for the fields)."""
+    Returns one record per SAE (see docs/cli.md, "Evaluate", for the fields)."""
     from .common import location
 
     with location.storage_options(storage_options), contextlib.ExitStack() as leases:
@@ -303,7 +303,8 @@ def _evaluate(run_or_sae_folders, sae_dirs, store, model, tokens, batch_size, de
     from .harvest.evaluate import check_saes, downstream_metrics
     from .common.device import pick_device
     from .harvest.models import load_model
-    from .train.heldout_metrics import heldout_metrics, special_ids
+    from .common.manifest import special_token_ids
+    from .train.heldout_metrics import heldout_metrics
     from .train.export import HELD_OUT
     from .train.flags import flags_of
 
@@ -340,7 +341,7 @@ def _evaluate(run_or_sae_folders, sae_dirs, store, model, tokens, batch_size, de
         t.sae.to(device)
 
     saes = {t.name: t.sae for t in targets}
-    sp = [] if include_special_tokens else special_ids(st)
+    sp = [] if include_special_tokens else special_token_ids(st.manifest.tokenizer)
     batches = (torch.from_numpy(toks[i:i + batch_size].astype(np.int64)) for i in range(0, len(toks), batch_size))
     check_saes(hm, saes)
     if toks.size and int(toks.max()) >= hm.vocab_size:

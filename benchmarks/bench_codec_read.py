@@ -21,21 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from actcache.common.progress import parse_count
+from actcache.common.store import ActivationStore
+from actcache.train.loader import ActivationLoader
+from benchmarks.synthetic import make_store
 
-from actcache.common.progress import parse_count  # noqa: E402
-from actcache.common.store import ActivationStore  # noqa: E402
-from actcache.train.loader import ActivationLoader  # noqa: E402
-from benchmarks.synthetic import make_store  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 HOOK = "blocks.0.hook_resid_pre"
 WAYS = [("none, mmap", "none", True), ("none, zarr decode", "none", False), ("blosc-zstd-5", "blosc-zstd-5", True)]

@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="write the JSON result here too")
     args = ap.parse_args(argv)
     from actcache.harvest.evaluate import downstream_metrics
+    from actcache.common.manifest import special_token_ids
     from actcache.harvest.models import DEFAULT_MODEL, load_model
 
     from benchmarks.data import token_windows
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_model(DEFAULT_MODEL, device=args.device, dtype=args.dtype)
     tok = model.tokenizer
     windows = token_windows(args.windows * args.ctx, args.ctx, tokenizer=tok)[: args.windows]
-    special = sorted({i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None})
+    special = special_token_ids(tok)
     saes = random_topk_saes(model.info.d_model, args.n_saes, args.hook, 4 * model.info.d_model, 32)
     batches = [torch.from_numpy(windows[i:i + args.batch].astype(np.int64)) for i in range(0, len(windows), args.batch)]
     n_tok = int(windows.size)

@@ -6,7 +6,7 @@
                still from memory: what the bookkeeping costs on top of the encoder;
   pass:        collect_top_contexts as `actcache features` runs it: read and decode each chunk from
                the store (the next one in the background) and encode and keep statistics.
-The pass's fraction of the encode rate is what the README quotes.
+The pass's fraction of the encode rate is what docs/performance.md quotes.
 
     python -m benchmarks.bench_features                       # a synthetic d=256 store, 2 SAEs of 4096 latents
     python -m benchmarks.bench_features --store acts.zarr --saes runs/s1 --tokens 1M
@@ -26,17 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from actcache.common.progress import parse_count  # noqa: E402
-from actcache.common.store import ActivationStore  # noqa: E402
-from actcache.train.features.api import (  # noqa: E402
+from actcache.common.progress import parse_count
+from actcache.common.store import ActivationStore
+from actcache.train.features.api import (
     FeatureOptions, collect_top_contexts, find_saes, sae_hook, special_ids)
-from actcache.train.features.contexts import LatentAccumulator  # noqa: E402
-from actcache.common.sae import SAE, Metadata, SAEConfig  # noqa: E402
-from actcache.common.device import pick_device  # noqa: E402
+from actcache.train.features.contexts import LatentAccumulator
+from actcache.common.sae import SAE, Metadata, SAEConfig
+from actcache.common.device import pick_device
+
+ROOT = Path(__file__).resolve().parents[1]
 
 HOOK = "blocks.0.hook_resid_pre"
 

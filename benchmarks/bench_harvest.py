@@ -7,7 +7,7 @@ shared machine makes absolute rates noisy). Rates per CPU-second of this process
 the writer's and the data reader's included) are reported too: on a machine that other jobs share
 they are steadier than wall-clock rates. Also reports bytes on disk per token against raw float16.
 
-    python benchmarks/bench_harvest.py --hook blocks.4.hook_resid_post --tokens 32k
+    python -m benchmarks.bench_harvest --hook blocks.4.hook_resid_post --tokens 32k
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,12 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from actcache.common.progress import parse_count  # noqa: E402
-from actcache.harvest.api import HarvestConfig, harvest  # noqa: E402
-from actcache.harvest.data import STDLIB, TokenWindows, resolve_source  # noqa: E402
-from actcache.harvest.models import DEFAULT_MODEL, HookedModel, load_model  # noqa: E402
+from actcache.common.progress import parse_count
+from actcache.harvest.api import HarvestConfig, harvest
+from actcache.harvest.data import STDLIB, TokenWindows, resolve_source
+from actcache.harvest.models import DEFAULT_MODEL, HookedModel, load_model
 
 
 @torch.inference_mode()

@@ -23,15 +23,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from actcache.common.codecs import DEFAULT_CODEC
+from actcache.common.progress import parse_count
+from actcache.train.bench_read import bench_read
+from benchmarks.s3_server import rclone_s3
+from benchmarks.synthetic import make_store
 
-from actcache.common.codecs import DEFAULT_CODEC  # noqa: E402
-from actcache.common.progress import parse_count  # noqa: E402
-from actcache.train.bench_read import bench_read  # noqa: E402
-from benchmarks.s3_server import rclone_s3  # noqa: E402
-from benchmarks.synthetic import make_store  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "benchmarks" / "results"
 BACKENDS = ("local", "fsspec", "obstore")

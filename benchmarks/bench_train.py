@@ -24,16 +24,14 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from actcache.common.progress import parse_count
+from actcache.common.store import ActivationStore
+from actcache.train.loader import ActivationLoader
+from benchmarks.loader_measures import raw_read_rate, shuffle_quality
+from actcache.common.device import pick_device
+from actcache.train import train_sweep
 
-from actcache.common.progress import parse_count  # noqa: E402
-from actcache.common.store import ActivationStore  # noqa: E402
-from actcache.train.loader import ActivationLoader  # noqa: E402
-from benchmarks.loader_measures import raw_read_rate, shuffle_quality  # noqa: E402
-from actcache.common.device import pick_device  # noqa: E402
-from actcache.train import train_sweep  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_CONFIGS = [{"k": k, "expansion": e} for e in (8, 16) for k in (16, 32, 64, 128)]
 

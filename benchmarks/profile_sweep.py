@@ -2,7 +2,7 @@
 8 TopK SAEs (k 16..128 x expansion 8, 16) at d=576, reading a synthetic store. Prints the
 operators by total CPU time (the loader's reads and the SAE arithmetic side by side).
 
-    PYTHONPATH=. python -m benchmarks.profile_sweep --tokens 16k --batch-size 256
+    python -m benchmarks.profile_sweep --tokens 16k --batch-size 256
 """
 
 from __future__ import annotations

@@ -259,7 +259,6 @@ def run_saelens(py: str, plan: Plan, tokens_file: Path, store: str, eval_store: 
         cmd += ["--threads", str(threads)]
     log("SAELens side: " + " ".join(cmd[1:3]) + " ...")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    env.pop("PYTHONPATH", None)
     p = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=None)
     if p.returncode != 0 or not out_json.exists():
         return {"status": "failed", "error": f"saelens_side.py exited {p.returncode}"}
@@ -381,7 +380,7 @@ def markdown(r: dict) -> str:
     m = r["meta"]
     sweep_only = r["plan"].get("sweep_only")
     what = "sweeps at batch " + str(r["plan"]["batch_size"]) if sweep_only else "full"
-    title = (f"# Smoke test (small sizes; not the full run the README quotes): actcache vs "
+    title = (f"# Smoke test (small sizes; not the full run docs/performance.md quotes): actcache vs "
              f"SAELens ({what}) — {m['date']} on {m['host']}" if m["quick"] else
              f"# actcache vs SAELens — {m['date']} on {m['host']} ({what})")
     plan = r["plan"]
@@ -602,7 +601,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def results_paths(results: Path, date: str, host: str, quick: bool, kind: str = "") -> dict[str, Path | None]:
     """Where a run's results go. A quick run is a smoke test: it goes under results/quick/ and never
-    replaces latest.md (the full run the README quotes) or latest-<kind>.md (a full run of a kind of
+    replaces latest.md (the full run docs/performance.md quotes) or latest-<kind>.md (a full run of a kind of
     benchmark, e.g. the sweeps at batch 4096)."""
     folder = results / "quick" if quick else results
     stem = f"{date}-{host}" + (f"-{kind}" if kind else "")

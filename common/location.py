@@ -47,7 +47,7 @@ def open_store(url: str | os.PathLike, read_only: bool = False, storage_options:
     (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE, ~/.aws/...), from the options in force
     (`storage_options()`: the command line's --storage-option key=value) and from storage_options
     (s3fs's names: endpoint_url, key, secret, anon...), each overriding the one before. S3 is read
-    with obstore when it is installed (measured faster: see the README, "Reading from S3"; s3fs when
+    with obstore when it is installed (measured faster: see docs/performance.md, "Reading from S3"; s3fs when
     a profile is named) and written with s3fs; ACTCACHE_S3_BACKEND=fsspec or =obstore picks the reader."""
     if not is_remote(url):
         return LocalStore(local_path(url), read_only=read_only)

@@ -1,5 +1,5 @@
 """The manifest: everything needed to interpret (and reproduce) a store, kept in the root group's
-attrs["actcache"]. Part of the public store format (see the README)."""
+attrs["actcache"]. Part of the public store format (docs/store-format.md)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,16 @@ class TokenizerInfo:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+
+
+def special_token_ids(tokenizer: Any) -> list[int]:
+    """The ids of a tokenizer's BOS, EOS and pad tokens, sorted, without repeats: the positions training,
+    the metrics and the top contexts leave out by default. Takes a store manifest's TokenizerInfo or a
+    transformers tokenizer (anything with bos/eos/pad_token_id); None gives []."""
+    if tokenizer is None:
+        return []
+    ids = (getattr(tokenizer, a, None) for a in ("bos_token_id", "eos_token_id", "pad_token_id"))
+    return sorted({int(i) for i in ids if i is not None})
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The actcache store (format version 2; version 1 is still read): create, open, write a chunk,
 commit, read.
 
-Layout (a Zarr v3 group; see the README for the full description):
+Layout (a Zarr v3 group; docs/store-format.md has the full description):
   tokens                  int32   [n_sequences, context_size]
   activations/<hook>      float16 [n_sequences * context_size, d]
   stats/<hook>/...        float64 summary statistics, plus per-chunk partial sums under chunks/

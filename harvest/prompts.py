@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..common.errors import UserError
+from ..common.manifest import special_token_ids
 
 Prompt = str | Sequence[int]
 
@@ -56,10 +57,7 @@ def text_of(model: Any) -> Callable[[Sequence[int]], str]:
 
 def special_ids(model: Any) -> list[int]:
     """BOS, EOS and pad ids of the model's tokenizer."""
-    tok = model.tokenizer
-    if tok is None:
-        return []
-    return sorted({int(i) for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None})
+    return special_token_ids(model.tokenizer)
 
 
 def single_token(model: Any, target: str | int) -> int:

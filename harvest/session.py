@@ -18,11 +18,8 @@ listed without contexts and `missing_features` says the command that builds it.
 
 Definitions (the same as analysis.py's functions, which are one-shot sessions):
 
-Reconstruction metrics (analyse), over the prompt's tokens, special tokens (BOS/EOS/pad) left out unless
-include_special_tokens, as SAELens's run_evals:
-  mse    mean over tokens of ||x - x_hat||^2 (summed over dimensions)
-  fvu    sum ||x - x_hat||^2 / (sum ||x||^2 - n ||mean x||^2)
-  cossim mean over tokens of cos(x, x_hat)
+Reconstruction metrics (analyse: mse, fvu, cossim, l0) are common/metrics.py's (SAELens's run_evals),
+over the prompt's tokens, special tokens (BOS/EOS/pad) left out unless include_special_tokens.
 
 Steering adds strength * W_dec[latent] to the hook's activation (every position, or the prompt's only)
 while generating; the plain continuation runs beside it in the same batch. Generation uses the model's
@@ -56,6 +53,7 @@ import torch
 
 from ..common.errors import UserError
 from ..common.finite import finite_json
+from ..common.metrics import Metrics, token_errors
 from ..common.progress import stage
 from ..common import outputs
 from ..common.features_output import DEFAULT_FOLDER, FeaturesOutput, build_command, is_features_output
@@ -424,14 +422,13 @@ class Session:
     def analyse(self, prompt: Prompt, top: int = 5, sae: str | None = None, *,
                 include_special_tokens: bool = False) -> Analysis:
         """The top `top` latents of every token of the prompt at the SAE's hook, and how well the SAE
-        reconstructs the activations (mse, fvu, cossim; definitions in the module docstring)."""
+        reconstructs the activations (mse, fvu, cossim; definitions in common/metrics.py)."""
         e = self.get(sae)
         tokens = self.tokenize(prompt, e.name)
         x, f = self._encode(e, tokens)
         xh = e.sae.decode(f)
         xf, xhf = x.double(), xh.double()
-        sse_tok = (xf - xhf).pow(2).sum(-1)
-        cos_tok = torch.nn.functional.cosine_similarity(xf, xhf, dim=-1).nan_to_num(0.0)
+        sse_tok, cos_tok = token_errors(xf, xhf)
         ids = tokens[0].tolist()
         keep = torch.tensor([include_special_tokens or i not in self.special for i in ids])
         if not keep.any():
@@ -445,13 +442,11 @@ class Session:
             rows.append(TokenLatents(p, int(i), strings[p], i in self.special, [j for j, _ in active],
                                      [v for _, v in active], int((f[p] != 0).sum()), float(sse_tok[p]),
                                      float(cos_tok[p])))
-        n = int(keep.sum())
-        xs = xf[keep]
-        total_var = float(xs.pow(2).sum()) - float(xs.sum(0).pow(2).sum()) / n
-        sse = float(sse_tok[keep].sum())
-        return Analysis(model=self.model.info.name, hook=e.hook, tokens=rows, mse=sse / n,
-                        fvu=sse / total_var if total_var > 0 else None, cossim=float(cos_tok[keep].mean()),
-                        l0=float((f[keep] != 0).sum(-1).double().mean()), n_tokens_scored=n,
+        m = Metrics(e.d_sae)
+        m.update(xf[keep], xhf[keep], f[keep])
+        r = m.result()
+        return Analysis(model=self.model.info.name, hook=e.hook, tokens=rows, mse=r["mse"], fvu=r["fvu"],
+                        cossim=r["cossim"], l0=r["l0"], n_tokens_scored=m.n,
                         latents=f.detach().cpu(), activations=x.detach().cpu(), reconstruction=xh.detach().cpu())
 
     # -------------------------------------------------------------------------------------- top features

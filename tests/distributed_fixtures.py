@@ -1,15 +1,12 @@
 """Helpers shared by the torchrun and S3 tests: one-thread subprocesses, torchrun command lines, the
-pid of a rank's worker, our error and retry lines, and a moto S3 server on loopback."""
+pid of a rank's worker, our error and retry lines."""
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
 
-import pytest
 
 from harvest_fixtures import ROOT, env
 
@@ -58,55 +55,3 @@ def worker_pid(parent: int, rank: int) -> int | None:
                 return k
             todo.append(k)
     return None
-
-
-class MotoS3:
-    """A moto S3 server on 127.0.0.1 (endpoint, boto3 client) that a test may stop and start again
-    on the same port; the objects survive (one in-process backend)."""
-
-    def __init__(self) -> None:
-        import boto3
-        from moto.server import ThreadedMotoServer
-
-        self._cls = ThreadedMotoServer
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-        self.server.start()
-        host, self.port = self.server.get_host_and_port()
-        self.endpoint = f"http://{host}:{self.port}"
-        self.client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="test",
-                                   aws_secret_access_key="test", region_name="us-east-1")
-        self.running = True
-
-    def stop(self) -> None:
-        if self.running:
-            self.server.stop()
-            self.running = False
-
-    def start_again(self) -> None:
-        if self.running:
-            return
-        self.server = self._cls(ip_address="127.0.0.1", port=self.port)
-        self.server.start()
-        self.running = True
-
-    def objects(self, bucket: str, prefix: str) -> dict[str, bytes]:
-        """Every object under bucket/prefix/ (the whole bucket for prefix ""), by key relative to the prefix."""
-        out = {}
-        under = f"{prefix}/" if prefix else ""
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=under):
-            for o in page.get("Contents", []):
-                out[o["Key"][len(under):]] = self.client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
-        return out
-
-
-@contextlib.contextmanager
-def moto_s3(bucket: str) -> Iterator[MotoS3]:
-    """A MotoS3 with one bucket, stopped on exit (skips the test where moto, boto3 or s3fs is missing)."""
-    for module in ("boto3", "moto.server", "s3fs"):
-        pytest.importorskip(module)
-    s3 = MotoS3()
-    try:
-        s3.client.create_bucket(Bucket=bucket)
-        yield s3
-    finally:
-        s3.stop()

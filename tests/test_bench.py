@@ -2,7 +2,6 @@
 for real in its own environment on a tiny store (skipped, saying why, when that environment is absent)."""
 
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -196,8 +195,7 @@ def test_saelens_side_trains_from_our_store_and_evaluates(tmp_path, saelens_pyth
            "--store", str(tmp_path / "train.zarr"), "--eval-store", str(tmp_path / "eval.zarr"),
            "--configs", "4x2", "--sweep-tokens", "8192", "--onthefly-tokens", "2048", "--batch-size", "64",
            "--lr", "3e-3", "--work", str(tmp_path / "work"), "--json", str(tmp_path / "out.json")]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((tmp_path / "out.json").read_text())
     assert "random" in r["model_note"]
@@ -272,9 +270,8 @@ def test_saelens_gets_the_weights_of_the_random_model_we_harvested(tmp_path, sae
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import saelens_side as S; "
             "m = S.build_model(json.loads(sys.argv[2])); S.load_weights(m, sys.argv[3]); "
             "print(json.dumps(S.model_check(m, sys.argv[4], 'blocks.0.hook_resid_post')))")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     p = subprocess.run([saelens_python, "-c", code, str(ROOT / "benchmarks"), json.dumps(shape), str(weights),
-                        str(tmp_path / "s.zarr")], env=env, capture_output=True, text=True, timeout=300)
+                        str(tmp_path / "s.zarr")], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     check = json.loads(p.stdout.strip().splitlines()[-1])
     assert check["same_model"] is True and check["relative_error"] < 1e-2, check

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from actcache.common import location
 from actcache.train.bench_read import bench_read, format_result
 from actcache.train.loader import ActivationLoader
 from benchmarks.synthetic import make_store
+from harvest_fixtures import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.hook_resid_pre"
@@ -60,20 +60,19 @@ def test_bench_read_slow_consumer_waits_less(local_store):
     assert slow["wait_fraction"] <= fast["wait_fraction"] + 0.05
 
 
-def test_bench_read_command(local_store):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-m", "actcache", "bench-read", local_store, "--batch-tokens", "256",
-                        "--threads", "2", "--window-chunks", "2", "--seconds", "0.2", "--json"],
-                       capture_output=True, text=True, env=env, cwd=ROOT)
-    assert p.returncode == 0, p.stderr
-    _check_consistent(json.loads(p.stdout), 32, 256)
+def test_bench_read_command(local_store, capfd):
+    """Through the entry point in this process; the error the user sees through a real process (its exit
+    status and stderr as a shell sees them)."""
+    code, out, err = run_cli(["bench-read", local_store, "--batch-tokens", "256", "--threads", "2", "--window-chunks",
+                              "2", "--seconds", "0.2", "--json"], capfd)
+    assert code == 0, err
+    _check_consistent(json.loads(out), 32, 256)
     bad = subprocess.run([sys.executable, "-m", "actcache", "bench-read", local_store, "--hook", "nope"],
-                         capture_output=True, text=True, env=env, cwd=ROOT)
+                         capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert bad.stderr.startswith("actcache: error:") and "nope" in bad.stderr and HOOK in bad.stderr
-    missing = subprocess.run([sys.executable, "-m", "actcache", "bench-read", str(Path(local_store).parent / "none.zarr"),
-                              "--threads", "0"], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert missing.returncode != 0 and missing.stderr.startswith("actcache: error:")
+    code, _, err = run_cli(["bench-read", str(Path(local_store).parent / "none.zarr"), "--threads", "0"], capfd)
+    assert code != 0 and err.startswith("actcache: error:")
 
 
 def _backends() -> list[str]:
@@ -82,30 +81,37 @@ def _backends() -> list[str]:
     return ["fsspec"] + (["obstore"] if importlib.util.find_spec("obstore") else [])
 
 
+@pytest.fixture(scope="module")
+def s3_store(s3_server):
+    """The local store's twin (the same arguments) on the session's S3 server, written once for both
+    zarr backends (writes go through s3fs either way)."""
+    s3_server.client.create_bucket(Bucket="bench-read")
+    url = "s3://bench-read/acts.zarr"
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in s3_server.env.items():
+            mp.setenv(k, v)
+        make_store(url, d=32, n_sequences=256, context_size=32, chunk_sequences=16)
+    return url
+
+
 @pytest.mark.parametrize("backend", _backends())
-def test_bench_read_over_s3(local_store, backend, monkeypatch):
+def test_bench_read_over_s3(local_store, s3_store, backend, monkeypatch, s3):
     """The same store on an S3 server on loopback (moto): the loader gets exactly the local batches
     through either zarr backend, and bench-read reports the same compression ratio and sane rates."""
-    pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
-    from benchmarks.s3_server import moto_s3
-
     monkeypatch.setenv("ACTCACHE_S3_BACKEND", backend)
-    with moto_s3(("acts",)):
-        url = f"s3://acts/bench-read-{backend}/acts.zarr"
-        make_store(url, d=32, n_sequences=256, context_size=32, chunk_sequences=16)
-        store = location.open_store(url, read_only=True)
-        assert type(store).__name__ == ("ObjectStore" if backend == "obstore" else "FsspecStore")
-        remote = ActivationLoader(url, HOOK, 512, seed=3, window_chunks=4, threads=2)
-        here = ActivationLoader(local_store, HOOK, 512, seed=3, window_chunks=4, threads=2)
-        try:
-            for _ in range(10):  # more than one window, so prefetched windows are compared too
-                assert torch.equal(remote.next_batch(), here.next_batch())
-        finally:
-            remote.close()
-            here.close()
-        r = bench_read(url, batch_size=512, threads=4, window_chunks=4, seconds=0.3)
-        local = bench_read(local_store, batch_size=512, threads=4, window_chunks=4, seconds=0.05)
+    url = s3_store
+    store = location.open_store(url, read_only=True)
+    assert type(store).__name__ == ("ObjectStore" if backend == "obstore" else "FsspecStore")
+    remote = ActivationLoader(url, HOOK, 512, seed=3, window_chunks=4, threads=2)
+    here = ActivationLoader(local_store, HOOK, 512, seed=3, window_chunks=4, threads=2)
+    try:
+        for _ in range(10):  # more than one window, so prefetched windows are compared too
+            assert torch.equal(remote.next_batch(), here.next_batch())
+    finally:
+        remote.close()
+        here.close()
+    r = bench_read(url, batch_size=512, threads=4, window_chunks=4, seconds=0.3)
+    local = bench_read(local_store, batch_size=512, threads=4, window_chunks=4, seconds=0.05)
     _check_consistent(r, 32, 512)
     assert r["backend"] == backend
     assert math.isclose(r["compression_ratio"], local["compression_ratio"], rel_tol=1e-9)

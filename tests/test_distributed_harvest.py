@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from distributed_fixtures import moto_s3, one_thread_env, our_errors, run, torchrun, worker_pid
+from conftest import moto_s3
+from distributed_fixtures import one_thread_env, our_errors, run, torchrun, worker_pid
 from harvest_fixtures import HOOKS, ROOT, harvest_args, write_token_jsonl
 
 pytest.importorskip("torch.distributed")

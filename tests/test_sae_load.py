@@ -280,7 +280,7 @@ def test_a_form_of_another_package_loads_in_a_fresh_process_through_its_entry_po
     code = ("import sys, torch; from actcache import SAE; s = SAE.load_from_disk(sys.argv[1]); "
             "x = torch.ones(1, %d); print(float(s.encode(x).sum()))" % D_IN)
     e = env()
-    e["PYTHONPATH"] = f"{plugin}:{e['PYTHONPATH']}"
+    e["PYTHONPATH"] = str(plugin)  # the other package, installed as a folder on the path (ours is installed)
     r = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, env=e, timeout=120)
     assert r.returncode == 0, r.stderr
     assert float(r.stdout) == pytest.approx(float(2 * torch.relu(torch.ones(1, D_IN) @ w["W_enc"]).sum()), rel=1e-5)

@@ -1,6 +1,6 @@
 """The architecture registry and the sweep configuration: exported SAEs behave as they trained, a
 new architecture defined here trains and exports through the registry alone, every bad sweep
-value is one line from the real CLI before anything trains, and the README's key tables are the
+value is one line from the real CLI before anything trains, and the key tables of docs/sweep-config.md are the
 generated ones."""
 
 import json
@@ -18,7 +18,7 @@ from tests.synthetic import make_store, sample_activations
 from tests.test_train_saes import one_thread  # noqa: F401  (a fixture)
 from actcache.common.errors import UserError
 from actcache.train.architectures import ARCHITECTURES, Key, TopKSAE, register, unregister
-from actcache.train.config import load_config, readme_tables, resolve
+from actcache.train.config import load_config, readme_tables, readme_with_tables, resolve
 from actcache.train.export import model_metadata, summary_table
 from actcache.common.sae import SAE
 from actcache.train.sweep import train_sweep
@@ -168,6 +168,14 @@ def test_the_reference_tables_name_every_architecture_and_key():
             assert f"| `{k.name}` |" in text, k.name
 
 
+# ------------------------------------------------- the sweep-key tables of docs/sweep-config.md
+def test_readme_tables_are_the_generated_ones():
+    text = (ROOT / "docs" / "sweep-config.md").read_text()
+    assert readme_with_tables(text) == text, "run: python -m actcache.train.architectures --readme docs/sweep-config.md"
+    for name in ARCHITECTURES:
+        assert f"| `{name}` |" in text
+
+
 # ------------------------------------------------------------------ bad values, through the CLI
 BASE_TOP = {"hook": HOOK, "tokens": 3584, "batch_tokens": 256, "eval_tokens": 512}
 BASE_SAE = {"name": "a", "architecture": "topk", "k": 4, "d_sae": 64}
@@ -280,7 +288,7 @@ def test_surprising_values_are_warnings(small_store):
 
 def test_misspelt_key_and_warning_through_a_real_process(small_store, tmp_path):
     """`architecure` is named as an unknown key; a legal but surprising value warns and still trains."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cfg = tmp_path / "a.toml"
     write_sweep(_case("sae", "architecure", "topk"), cfg)
     p = subprocess.run([sys.executable, "-m", "actcache", "train", small_store, "--config", str(cfg),

@@ -1,6 +1,5 @@
 """Every bad input of the train stage gives one clear line (UserError, exit 2) and writes nothing."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -159,8 +158,7 @@ def test_nan_loss_stops_with_the_sae_name_and_step_and_keeps_the_last_good_check
 def test_cli_prints_one_line_and_exits_2(store_url, tmp_path):
     cfg = write_sweep(config({"name": "x", "architecture": "topk", "k": 4, "l1_coefficient": 2.0}), tmp_path / "c.toml")
     proc = subprocess.run([sys.executable, "-m", "actcache", "train", store_url, "--config", str(cfg),
-                           "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("actcache: error: SAE 'x'")
     assert not (tmp_path / "o").exists()

@@ -51,7 +51,7 @@ def one_thread():
 
 
 def env(**extra) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
 
 
 def cli(*args, **kw) -> subprocess.Popen:
@@ -336,33 +336,21 @@ def test_bad_held_out_range_is_refused_before_anything_is_written(store_url, tmp
 
 # ------------------------------------------------------------------------------------ S3
 @pytest.fixture(scope="module")
-def s3():
-    """A real S3-compatible server on loopback (moto's, in this process) holding a synthetic store."""
-    moto_server = pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    settings = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
-                "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
-    import boto3
+def s3_store():
+    """An S3 server on loopback that the tests stop and start again (conftest's moto_s3), holding a
+    synthetic store; its AWS_* variables in os.environ while the module's tests run."""
+    from conftest import moto_s3
 
-    boto3.client("s3", endpoint_url=settings["AWS_ENDPOINT_URL"]).create_bucket(Bucket="train-rel")
-    url = "s3://train-rel/s.zarr"
-    make_store(url, d=8, n_features=16, n_sequences=128, context_size=16, chunk_sequences=16)  # 8 chunks
-    state = {"server": server, "port": port, "url": url, "endpoint": settings["AWS_ENDPOINT_URL"]}
-    yield state
-    state["server"].stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with moto_s3("train-rel") as server, pytest.MonkeyPatch.context() as mp:
+        for k, v in server.env.items():
+            mp.setenv(k, v)
+        url = "s3://train-rel/s.zarr"
+        make_store(url, d=8, n_features=16, n_sequences=128, context_size=16, chunk_sequences=16)  # 8 chunks
+        yield {"server": server, "url": url, "endpoint": server.endpoint}
 
 
-def test_s3_endpoint_dying_during_training_is_one_line_and_resume_completes(s3, tmp_path):
+def test_s3_endpoint_dying_during_training_is_one_line_and_resume_completes(s3_store, tmp_path):
+    s3 = s3_store
     cfg = write_sweep(config(tokens=128 * 100, checkpoint_every_tokens=128 * 5, repeat_epochs=True,
                              log_every_steps=10), tmp_path / "sweep.toml")
     out = tmp_path / "run"
@@ -393,16 +381,14 @@ def wait_for_checkpoint(proc: subprocess.Popen, out: Path) -> None:
 
 
 def restart(s3) -> None:
-    from moto.server import ThreadedMotoServer
-
-    s3["server"] = ThreadedMotoServer(ip_address="127.0.0.1", port=s3["port"])
-    s3["server"].start()
+    s3["server"].start_again()  # the same port, the same objects
 
 
-def test_s3_server_restarting_during_training_is_retried_and_the_run_is_bitwise_the_same(s3, tmp_path):
+def test_s3_server_restarting_during_training_is_retried_and_the_run_is_bitwise_the_same(s3_store, tmp_path):
     """A real training process reading the store from S3; the server stops after the first checkpoint and
     is back on the same port 3 s later: the reads are retried, the run finishes by itself (exit 0, no
     --resume) with bitwise the weights of an uninterrupted run."""
+    s3 = s3_store
     sweep = config(tokens=128 * 100, checkpoint_every_tokens=128 * 5, repeat_epochs=True, log_every_steps=10)
     cfg = write_sweep(sweep, tmp_path / "sweep.toml")
     out = tmp_path / "run"
@@ -425,9 +411,10 @@ def test_s3_server_restarting_during_training_is_retried_and_the_run_is_bitwise_
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_s3_location_problems_at_the_start_are_one_line_before_any_work(s3, tmp_path):
+def test_s3_location_problems_at_the_start_are_one_line_before_any_work(s3_store, tmp_path):
     import urllib.request
 
+    s3 = s3_store
     cfg = write_sweep(config(), tmp_path / "sweep.toml")
     closed = f"http://127.0.0.1:{_closed_port()}"
     cases = {

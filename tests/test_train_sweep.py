@@ -161,7 +161,7 @@ def test_saelens_loads_every_folder_and_encodes_identically(saelens_python, all_
     script.write_text(SAELENS_CHECK)
     folders = [r["path"] for r in summary["saes"]]
     proc = subprocess.run([py, str(script), str(tmp_path / "x.pt"), *folders], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": ""})
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     theirs = torch.load(tmp_path / "x.pt.out")
     for row in summary["saes"]:
@@ -183,7 +183,7 @@ RESUME_SAES = (
 
 
 def _run_cli(args, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "actcache", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 

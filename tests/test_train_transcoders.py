@@ -5,7 +5,6 @@ once for all hooks; an interrupted two-hook sweep resumes bitwise."""
 
 import collections
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -113,8 +112,7 @@ def test_saelens_loads_exported_transcoders_with_its_classes(saelens_python, pla
     torch.save(x, tmp_path / "x.pt")
     (tmp_path / "check.py").write_text(SAELENS_CHECK)
     proc = subprocess.run([saelens_python, str(tmp_path / "check.py"), str(tmp_path / "x.pt"),
-                           *[r["path"] for r in summary["saes"]]], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": ""})
+                           *[r["path"] for r in summary["saes"]]], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     theirs = torch.load(tmp_path / "x.pt.out")
     for row in summary["saes"]:

@@ -17,13 +17,14 @@ from typing import Any
 import torch
 
 from ..common import __version__, finite
+from ..common.metrics import Metrics
 from ..common.progress import log, token_bar
 from ..common.store import ActivationStore
 
 from ..common.outputs import SUMMARY_FILES, remove_derived
 from .architectures import TrainingSAE
 from .config import SweepConfig
-from .flags import DENSE_RATE, flags_of, short
+from .flags import flags_of, short
 from .loader import ActivationLoader, held_out_ranges
 from ..common.sae import SAE, SAELENS_FORMAT_VERSION, SPARSITY_FILENAME, Metadata, SAEConfig, write_safetensors
 
@@ -117,7 +118,7 @@ def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, dev
              progress: bool = False) -> dict:
     """L0, FVU, MSE and feature density of exported SAEs on raw activations of the training stream
     (the sequences training reads, in a separately seeded order); FVU and MSE of what each reconstructs
-    (a transcoder's output hook). progress: a bar of tokens on stderr."""
+    (a transcoder's output hook). progress: a bar of tokens on stderr. Definitions: common/metrics.py."""
     batch = min(cfg.batch_tokens, cfg.eval_tokens)
     n_batches = max(1, cfg.eval_tokens // batch)
     hooks = {name: _hooks_of(s, cfg) for name, s in saes.items()}
@@ -125,25 +126,16 @@ def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, dev
                               seed=cfg.seed + 1, window_chunks=cfg.window_chunks,
                               threads=cfg.loader_threads, device=device, normalize=False,
                               skip_special_tokens=cfg.skip_special_tokens, repeat=True, held_out=cfg.held_out)
-    acc = {name: {"err": 0.0, "l0": 0.0, "fired": torch.zeros(s.cfg.d_sae, dtype=torch.float64)}
-           for name, s in saes.items()}
-    total_var, n = {h: 0.0 for h in loader.hooks}, 0
+    acc = {name: Metrics(s.cfg.d_sae) for name, s in saes.items()}
     bar = token_bar(n_batches * batch, "final evaluation (training stream)", disable=not progress)
     try:
         for _ in range(n_batches):
             xs = loader.next_batches()
-            for h, x in xs.items():
-                total_var[h] += float((x - x.mean(0)).pow(2).sum())
-            n += loader.batch_size
             for name, s in saes.items():
                 s.to(device)
                 hook, hook_out = hooks[name]
                 out, f = s.forward_with_activations(xs[hook])
-                a = acc[name]
-                a["err"] += float((out - xs[hook_out]).pow(2).sum())
-                active = f > 0
-                a["l0"] += float(active.sum())
-                a["fired"] += active.sum(0).double().cpu()
+                acc[name].update(xs[hook_out], out, f)
                 s.to("cpu")
             bar.update(loader.batch_size)
     finally:
@@ -151,13 +143,13 @@ def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, dev
         loader.close()
     results = {}
     for name, a in acc.items():
-        var = total_var[hooks[name][1]]
-        fvu = a["err"] / var if var else float("nan")
-        density = a["fired"] / n
-        results[name] = {"l0": a["l0"] / n, "fvu": fvu, "explained_variance": 1 - fvu, "mse": a["err"] / n,
-                         "dead_fraction_eval": float((density == 0).double().mean()),
-                         "dense_fraction_eval": float((density > DENSE_RATE).double().mean()), "eval_tokens": n,
-                         "log10_density": torch.log10(density + 1e-10).float()}
+        m = a.result()
+        nan = float("nan")  # undefined (no variance in the target): NaN here, null and named in summary.json
+        results[name] = {"l0": m["l0"], "fvu": nan if m["fvu"] is None else m["fvu"],
+                         "explained_variance": nan if m["explained_variance"] is None else m["explained_variance"],
+                         "mse": m["mse"], "dead_fraction_eval": m["dead_fraction"],
+                         "dense_fraction_eval": m["dense_fraction"], "eval_tokens": a.n,
+                         "log10_density": m["log10_density"]}
     return results
 
 

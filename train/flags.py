@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-DENSE_RATE = 0.1  # a latent firing on more than this fraction of tokens is dense
+from ..common.metrics import DENSE_RATE  # a latent firing on more than this fraction of tokens is dense
+
 DENSE_LATENTS = 0.1  # flag when more than this fraction of latents is dense
 L0_PER_D_IN = 0.25  # flag when L0 > d_in * this
 DEAD_LATENTS = 0.5  # flag when more than this fraction of latents never fires

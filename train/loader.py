@@ -39,6 +39,7 @@ import torch
 
 from ..common import location
 from ..common.errors import StoreError, UserError, first_line
+from ..common.manifest import special_token_ids
 from ..common.seeding import permutation
 from ..common.store import ActivationStore
 
@@ -145,7 +146,7 @@ class ActivationLoader:
                            if normalize else 1.0) for h in self.hooks}
         self.scale = self.scales[self.hook]
         tok = self.store.manifest.tokenizer
-        self.special_ids = sorted({i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None})
+        self.special_ids = special_token_ids(tok)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="actcache-read")
         # one more thread assembles the next window (it waits on the readers, so it cannot be one of them)
         self.assembler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="actcache-window")

@@ -1,5 +1,5 @@
-"""`python -m actcache.train.architectures [--readme README.md]`: print the sweep-key tables, or
-rewrite them in a README between its markers."""
+"""`python -m actcache.train.architectures [--readme docs/sweep-config.md]`: print the sweep-key
+tables, or rewrite them in that page between its markers."""
 
 import sys
 from pathlib import Path

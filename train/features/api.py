@@ -24,6 +24,8 @@ import torch
 from ...common import finite, location, outputs
 from ...common.device import pick_device
 from ...common.errors import StoreError, UserError, first_line
+from ...common.manifest import special_token_ids
+from ...common.metrics import density_histogram
 from ...common.options import check_values, configurable, option
 from ...common.progress import log, token_bar
 from ...common.store import ActivationStore
@@ -188,8 +190,8 @@ def sae_hook(name: str, sae: SAE, store: ActivationStore) -> str:
 
 # ------------------------------------------------------------------------------------ the pass
 def special_ids(store: ActivationStore) -> list[int]:
-    t = store.manifest.tokenizer
-    return sorted({i for i in (t.bos_token_id, t.eos_token_id, t.pad_token_id) if i is not None})
+    """The token ids the pass leaves out by default: the store tokenizer's BOS, EOS and pad."""
+    return special_token_ids(store.manifest.tokenizer)
 
 
 @torch.no_grad()
@@ -344,11 +346,9 @@ def latent_records(stats: LatentStats, store: ActivationStore, opts: FeatureOpti
 
 
 def _density_histogram(density: np.ndarray) -> dict[str, Any]:
-    """Latents by log10 density, in bins of 0.5 from -8 to 0; dead latents counted apart."""
-    alive = density[density > 0]
-    edges = np.arange(-8.0, 0.01, 0.5)
-    counts, _ = np.histogram(np.clip(np.log10(alive), -8, 0), bins=edges) if alive.size else (np.zeros(16), None)
-    return {"log10_edges": edges.tolist(), "counts": [int(c) for c in counts], "dead": int((density == 0).sum())}
+    """Latents by log10 density, in bins of 0.5 from -8 to 0 (common/metrics.py); dead latents counted apart."""
+    h = density_histogram(torch.from_numpy(np.asarray(density, dtype=np.float64)))
+    return {"log10_edges": h["log10_edges"], "counts": h["counts"], "dead": h["never"]}
 
 
 def _write_data(path: Path, key: str, obj: Any) -> list[str]:
