@@ -13,7 +13,7 @@ from .common.progress import log
 
 DEMO_SWEEP: dict[str, Any] = {
     "hook": "blocks.4.hook_resid_post",
-    "batch_size": 1024,
+    "batch_tokens": 1024,
     "seed": 0,
     "log_every_steps": 10,
     "eval_tokens": 8192,

@@ -23,6 +23,7 @@ import torch
 
 from .common import outputs
 from .common.errors import UserError
+from .common.options import parse_range
 from .common.progress import log
 
 from .common.outputs import CE_FRONTIER_PLOT, EVAL_FILE, RUN_FILE, SUMMARY_FILE, SUMMARY_TABLE
@@ -95,20 +96,6 @@ def find_targets(paths: Sequence[str | os.PathLike], sae_dirs: Sequence[str | os
     return targets
 
 
-def parse_range(text: str) -> tuple[int, int]:
-    """'START:STOP' in sequences -> (start, stop)."""
-    a, sep, b = str(text).partition(":")
-    try:
-        if not sep:
-            raise ValueError
-        start, stop = int(a), int(b)
-    except ValueError:
-        raise UserError(f"--held-out {text!r}: give START:STOP in sequences, e.g. --held-out 300:320") from None
-    if start < 0 or stop <= start:
-        raise UserError(f"--held-out {text!r} is empty: STOP must be greater than START (both >= 0)")
-    return start, stop
-
-
 def store_fingerprint(store: Any) -> str | None:
     return store.manifest.fingerprint
 
@@ -122,7 +109,7 @@ def held_out_range(store: Any, held_out: str | tuple[int, int] | None,
     """The evaluation range of the store: the one named, else the store's own held-out part, else (a
     second store, when every target names the store it trained on and none is this one) all of it."""
     if held_out is not None:
-        rng = parse_range(held_out) if isinstance(held_out, str) else (int(held_out[0]), int(held_out[1]))
+        rng = parse_range(held_out, "--held-out") if isinstance(held_out, str) else (int(held_out[0]), int(held_out[1]))
         if rng[1] <= rng[0]:
             raise UserError(f"the held-out range {rng[0]}:{rng[1]} is empty")
     else:

@@ -84,7 +84,7 @@ def resolved_config(plan: Plan, store: ActivationStore) -> SweepConfig:
 
 def loader_for(cfg: SweepConfig, store: ActivationStore) -> ActivationLoader:
     """The loader exactly as train_sweep builds it for this config (same batches, same order)."""
-    return ActivationLoader(store, cfg.hooks, cfg.batch_size, seed=cfg.seed, window_chunks=cfg.window_chunks,
+    return ActivationLoader(store, cfg.hooks, cfg.batch_tokens, seed=cfg.seed, window_chunks=cfg.window_chunks,
                             threads=cfg.loader_threads, device="cpu", skip_special_tokens=cfg.skip_special_tokens,
                             normalize=cfg.normalize, repeat=cfg.repeat_epochs, held_out=cfg.held_out)
 
@@ -191,7 +191,7 @@ def run(store_url: str, plan: Plan, threads: list[int], rounds: int = 2, work: P
     cfg = resolved_config(plan, store)
     batches = batches_in_memory(cfg, store)
     before = torch.get_num_threads()
-    result: dict = {"store": store_url, "hook": plan.hook, "d_in": cfg.d_in, "batch_size": cfg.batch_size,
+    result: dict = {"store": store_url, "hook": plan.hook, "d_in": cfg.d_in, "batch_size": cfg.batch_tokens,
                     "steps": cfg.n_steps, "saes": [f"{s.name} (d_sae {s.d_sae})" for s in cfg.saes],
                     "checkpoint_every_steps": cfg.checkpoint_every_steps, "by_threads": {}}
     try:

@@ -138,7 +138,7 @@ def bench_harvest(a: argparse.Namespace, work: Path, env: dict[str, str]) -> dic
 
 
 def _sweep_toml(a: argparse.Namespace) -> str:
-    return "\n".join([f'hook = "{HOOK}"', f"tokens = {a.train_tokens}", f"batch_size = {a.train_batch}", "seed = 0",
+    return "\n".join([f'hook = "{HOOK}"', f"tokens = {a.train_tokens}", f"batch_tokens = {a.train_batch}", "seed = 0",
                       f"eval_tokens = {a.train_batch}", "log_every_steps = 1", "",
                       "[[sae]]", 'name = "topk-k32-x4"', 'architecture = "topk"', "k = 32", "expansion = 4", ""])
 

@@ -193,7 +193,7 @@ STEP_FUNCS = {"harvest": step_harvest, "loader": step_loader}
 # ------------------------------------------------------------------------------------------ one size
 def _sweep_toml(tokens: int, batch: int) -> str:
     return "\n".join([
-        f'hook = "{HOOK}"', f"tokens = {tokens}", f"batch_size = {batch}", "seed = 0",
+        f'hook = "{HOOK}"', f"tokens = {tokens}", f"batch_tokens = {batch}", "seed = 0",
         f"eval_tokens = {batch}", f"checkpoint_every_tokens = {tokens * 10}", f"log_every_steps = {10**6}", "",
         "[[sae]]", 'name = "topk-k32-x4"', 'architecture = "topk"', "k = 32", "expansion = 4", ""])
 

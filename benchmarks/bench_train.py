@@ -95,7 +95,7 @@ def _pinned_copy_rate(batch: int, d: int, dev: torch.device, n: int = 50) -> flo
 
 def _sweep(hook: str, tokens: int, batch_size: int, configs: list[dict], lr: float) -> dict:
     """The sweep configuration (as train_sweep takes it) of TopK SAEs with the given k and expansion."""
-    return {"hook": hook, "tokens": tokens, "batch_size": batch_size, "seed": 0, "log_every_steps": 1_000_000,
+    return {"hook": hook, "tokens": tokens, "batch_tokens": batch_size, "seed": 0, "log_every_steps": 1_000_000,
             "eval_tokens": batch_size, "repeat_epochs": True, "checkpoint_every_tokens": tokens * 10,
             "defaults": {"lr": lr},
             "sae": [{"name": f"topk-k{c['k']}-x{c['expansion']}", "architecture": "topk", "k": c["k"],
@@ -190,7 +190,7 @@ def check_cuda_path(store_url: str, hook: str, batch_size: int = 4096, n_batches
     cpu.close()
     gpu.close()
     archs = ["standard", "gated", "jumprelu", "topk", "batchtopk", "matryoshka_batchtopk"]
-    sweep = {"hook": hook, "tokens": batch_size * 50, "batch_size": batch_size, "log_every_steps": 10,
+    sweep = {"hook": hook, "tokens": batch_size * 50, "batch_tokens": batch_size, "log_every_steps": 10,
              "eval_tokens": 8192, "defaults": {"lr": 2e-4, "expansion": 4},
              "sae": [{"name": a, "architecture": a, **({"k": 32} if "topk" in a else {})} for a in archs]}
     tmp = Path(tempfile.mkdtemp(prefix="bench_cuda_"))

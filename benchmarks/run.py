@@ -169,7 +169,7 @@ def ours_loader(store: str, plan: Plan) -> dict:
 def sweep_toml(plan: Plan) -> str:
     ks = ", ".join(str(k) for k in sorted({k for k, _ in plan.configs}))
     xs = ", ".join(str(x) for x in sorted({x for _, x in plan.configs}))
-    return (f'hook = "{plan.hook}"\ntokens = {plan.sweep_tokens}\nbatch_size = {plan.batch_size}\nseed = 0\n'
+    return (f'hook = "{plan.hook}"\ntokens = {plan.sweep_tokens}\nbatch_tokens = {plan.batch_size}\nseed = 0\n'
             f"skip_special_tokens = true\nrepeat_epochs = true\nnormalize = true\neval_tokens = {plan.eval_tokens}\n\n"
             f"[defaults]\narchitecture = \"topk\"\nlr = {plan.lr}\naux_loss_coefficient = {1 / 32}\n"
             f"lr_decay_steps = {max(1, plan.sweep_tokens // plan.batch_size // 5)}\n\n"

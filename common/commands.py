@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 
 import click
 
 from . import location
 from .info import format_info, info
+from .options import command_options, configurable, storage_options_option
 from .progress import quiet_option
 from .verify import verify
 
-# the option every command that opens a store takes (as `storage_options`, a tuple of key=value)
-storage_option = click.option(
-    "--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
-    help=location.STORAGE_OPTION_HELP)
+
+@configurable
+@dataclass
+class StoreAccess:
+    """The option every command that opens a store takes (info and verify take only this one)."""
+
+    storage_options: tuple[str, ...] = storage_options_option()
+
+
+# as a click decorator: the command receives `storage_options`, a tuple of key=value
+storage_option = command_options(StoreAccess)
 
 
 @click.command("info")

@@ -1,19 +1,90 @@
 """`actcache analyse | steer | attribute | hooks`: thin layers over harvest/session.py (a Session over one SAE)
-and harvest/analysis.py (list_hooks)."""
+and harvest/analysis.py (list_hooks). Their options are the fields of the dataclasses below
+(common/options.py)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Any
 
 import click
 
+from ..common.options import command_options, configurable, from_click, option
 from ..common.progress import quiet_option
 
-_model = click.option("--model", default=None, help="Model spec (default: the one the SAE's cfg.json names).")
-_device = click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available).")
-_tokenizer = click.option("--tokenizer", default=None, help="Tokenizer spec, for a model without one (random:).")
-_json = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-_quiet = quiet_option
+
+def _model() -> Any:
+    return option(None, "Model spec (default: the one the SAE's cfg.json names).", kind="str")
+
+
+def _device() -> Any:
+    return option(None, "cpu, cuda, cuda:1 (default: cuda when available).", kind="str")
+
+
+def _tokenizer() -> Any:
+    return option(None, "Tokenizer spec, for a model without one (random:).", kind="str")
+
+
+def _json() -> Any:
+    return option(False, "Print the result as JSON.", flag="--json")
+
+
+@configurable
+@dataclass
+class AnalyseOptions:
+    """The options of `actcache analyse SAE_DIR`."""
+
+    prompt: str = option(help="The text to encode.")
+    top: int = option(5, "Latents shown per token.", unit="latents", low=0)
+    include_special_tokens: bool = option(False, "Count BOS/EOS/pad positions in the error metrics.")
+    model: str | None = _model()
+    device: str | None = _device()
+    tokenizer: str | None = _tokenizer()
+    as_json: bool = _json()
+
+
+@configurable
+@dataclass
+class SteerOptions:
+    """The options of `actcache steer SAE_DIR`."""
+
+    feature: int = option(help="The latent whose decoder direction is added.", kind="int", low=0)
+    prompt: str = option(help="The text to continue.")
+    strength: float = option(8.0, "Multiple of the decoder row added.")
+    max_new_tokens: int = option(20, "Tokens to generate.", unit="tokens", low=1)
+    positions: str = option("all", "Steer every position, or the prompt's only.", kind="choice",
+                            choices=("all", "prompt"))
+    temperature: float = option(0.0, "0: greedy; above 0: sampled (with --seed).", low=0)
+    seed: int | None = option(None, "Seed of the sampling (the same draws for both continuations).", kind="int")
+    model: str | None = _model()
+    device: str | None = _device()
+    tokenizer: str | None = _tokenizer()
+    as_json: bool = _json()
+
+
+@configurable
+@dataclass
+class AttributeOptions:
+    """The options of `actcache attribute SAE_DIR`."""
+
+    prompt: str = option(help="The text before the target.")
+    target: str = option(help="The next token whose logit is explained (one token, e.g. ' Paris').")
+    position: int = option(-1, "The position whose logit is explained.")
+    top: int = option(10, "Latents listed.", unit="latents", low=0)
+    model: str | None = _model()
+    device: str | None = _device()
+    tokenizer: str | None = _tokenizer()
+    as_json: bool = _json()
+
+
+@configurable
+@dataclass
+class HooksOptions:
+    """The options of `actcache hooks MODEL`."""
+
+    device: str | None = _device()
+    as_json: bool = _json()
 
 
 def _emit(obj: dict, as_json: bool, text: str) -> None:
@@ -33,87 +104,65 @@ def _emit(obj: dict, as_json: bool, text: str) -> None:
 
 @click.command("analyse")
 @click.argument("sae_dir")
-@click.option("--prompt", required=True, help="The text to encode.")
-@click.option("--top", default=5, show_default=True, type=click.IntRange(0), help="Latents shown per token.")
-@click.option("--include-special-tokens", is_flag=True, help="Count BOS/EOS/pad positions in the error metrics.")
-@_model
-@_device
-@_tokenizer
-@_json
-@_quiet
-def analyse_command(sae_dir, prompt, top, include_special_tokens, model, device, tokenizer, as_json) -> None:
+@command_options(AnalyseOptions)
+@quiet_option
+def analyse_command(sae_dir: str, **given: Any) -> None:
     """Encode PROMPT's activations at the SAE's hook: the top latents of every token and the
     reconstruction error (mse, fvu, cossim)."""
     from .session import Session
 
-    a = Session(sae_dir, model=model, device=device, tokenizer=tokenizer).analyse(
-        prompt, top, include_special_tokens=include_special_tokens)
-    _emit(a.to_dict(), as_json, a.table())
+    o = AnalyseOptions(**from_click(AnalyseOptions, given))
+    a = Session(sae_dir, model=o.model, device=o.device, tokenizer=o.tokenizer).analyse(
+        o.prompt, o.top, include_special_tokens=o.include_special_tokens)
+    _emit(a.to_dict(), o.as_json, a.table())
 
 
 @click.command("steer")
 @click.argument("sae_dir")
-@click.option("--feature", required=True, type=int, help="The latent whose decoder direction is added.")
-@click.option("--strength", default=8.0, show_default=True, type=float, help="Multiple of the decoder row added.")
-@click.option("--prompt", required=True, help="The text to continue.")
-@click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(1), help="Tokens to generate.")
-@click.option("--positions", default="all", show_default=True, type=click.Choice(["all", "prompt"]),
-              help="Steer every position, or the prompt's only.")
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0),
-              help="0: greedy; above 0: sampled (with --seed).")
-@click.option("--seed", default=None, type=int, help="Seed of the sampling (the same draws for both continuations).")
-@_model
-@_device
-@_tokenizer
-@_json
-@_quiet
-def steer_command(sae_dir, feature, strength, prompt, max_new_tokens, positions, temperature, seed, model, device,
-                  tokenizer, as_json) -> None:
+@command_options(SteerOptions)
+@quiet_option
+def steer_command(sae_dir: str, **given: Any) -> None:
     """Generate after PROMPT with the latent's decoder direction times STRENGTH added at the SAE's hook;
     the plain continuation beside it."""
     from .session import Session, check_strength, check_temperature
 
-    check_strength(strength, "--strength")  # before the model loads
-    check_temperature(temperature, "--temperature")
-    s = Session(sae_dir, model=model, device=device, tokenizer=tokenizer).steer(
-        prompt, feature, strength, max_new_tokens, positions=positions, temperature=temperature, seed=seed)
-    _emit(s.to_dict(), as_json, f"prompt: {prompt!r}\n" + s.side_by_side())
+    o = SteerOptions(**from_click(SteerOptions, given))
+    check_strength(o.strength, "--strength")  # before the model loads
+    check_temperature(o.temperature, "--temperature")
+    s = Session(sae_dir, model=o.model, device=o.device, tokenizer=o.tokenizer).steer(
+        o.prompt, o.feature, o.strength, o.max_new_tokens, positions=o.positions, temperature=o.temperature,
+        seed=o.seed)
+    _emit(s.to_dict(), o.as_json, f"prompt: {o.prompt!r}\n" + s.side_by_side())
 
 
 @click.command("attribute")
 @click.argument("sae_dir")
-@click.option("--prompt", required=True, help="The text before the target.")
-@click.option("--target", required=True, help="The next token whose logit is explained (one token, e.g. ' Paris').")
-@click.option("--position", default=-1, show_default=True, type=int, help="The position whose logit is explained.")
-@click.option("--top", default=10, show_default=True, type=click.IntRange(0), help="Latents listed.")
-@_model
-@_device
-@_tokenizer
-@_json
-@_quiet
-def attribute_command(sae_dir, prompt, target, position, top, model, device, tokenizer, as_json) -> None:
+@command_options(AttributeOptions)
+@quiet_option
+def attribute_command(sae_dir: str, **given: Any) -> None:
     """Each latent's direct contribution to the logit of TARGET after PROMPT (final normalisation's
     scale frozen), the top ones, and the remainder (b_dec, SAE error, later layers, biases)."""
     from .session import Session
 
-    r = Session(sae_dir, model=model, device=device, tokenizer=tokenizer).attribute(
-        prompt, target, position=position, top=top)
-    _emit(r.to_dict(), as_json, r.table())
+    o = AttributeOptions(**from_click(AttributeOptions, given))
+    r = Session(sae_dir, model=o.model, device=o.device, tokenizer=o.tokenizer).attribute(
+        o.prompt, o.target, position=o.position, top=o.top)
+    _emit(r.to_dict(), o.as_json, r.table())
 
 
 @click.command("hooks")
 @click.argument("model")
-@_device
-@_json
-def hooks_command(model, device, as_json) -> None:
+@command_options(HooksOptions)
+def hooks_command(model: str, **given: Any) -> None:
     """List MODEL's hook names with the shape each has on a 5-token probe pass, its per-token width
     (heads flattened, as a harvest stores it) and whether it fires."""
     from dataclasses import asdict
 
     from .analysis import PROBE, list_hooks
 
-    rows = list_hooks(model, device=device)
-    if as_json:
+    o = HooksOptions(**from_click(HooksOptions, given))
+    rows = list_hooks(model, device=o.device)
+    if o.as_json:
         click.echo(json.dumps([asdict(r) for r in rows], indent=2))
         return
     w = max(len(r.name) for r in rows)

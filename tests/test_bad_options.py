@@ -145,7 +145,7 @@ def test_sae_names_that_share_a_browser_folder_are_refused(shared, tmp_path):
 def test_a_transcoder_that_reconstructs_its_own_input_hook_is_refused_at_config_time(shared, tmp_path, capfd):
     tmp, _ = shared
     cfg = make_sweep({"name": "t", "architecture": "transcoder", "hook_out": HOOK}, defaults={"d_sae": 64},
-                     hook=HOOK, tokens=512, batch_size=64)
+                     hook=HOOK, tokens=512, batch_tokens=64)
     code, out, err = run_cli(["train", str(tmp / "acts.zarr"), "--config", str(write_sweep(cfg, tmp_path / "s.toml")),
                               "--out", str(tmp_path / "out")], capfd)
     assert code == 2 and err.strip().count("\n") == 0
@@ -170,7 +170,7 @@ def test_a_local_model_folder_holding_a_pickle_is_one_line(tmp_path):
 def test_resuming_with_another_number_of_ranks_says_how_many(shared, tmp_path, capfd):
     tmp, _ = shared
     cfg = make_sweep({"name": "t", "architecture": "topk", "k": 4}, defaults={"d_sae": 64}, hook=HOOK,
-                     tokens=512, batch_size=64, eval_tokens=128)
+                     tokens=512, batch_tokens=64, eval_tokens=128)
     args = ["train", str(tmp / "acts.zarr"), "--config", str(write_sweep(cfg, tmp_path / "s.toml")),
             "--out", str(tmp_path / "out"), "--no-progress"]
     code, _, err = run_cli(args, capfd)

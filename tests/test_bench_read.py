@@ -63,7 +63,7 @@ def test_bench_read_slow_consumer_waits_less(local_store):
 def test_bench_read_command(local_store, capfd):
     """Through the entry point in this process; the error the user sees through a real process (its exit
     status and stderr as a shell sees them)."""
-    code, out, err = run_cli(["bench-read", local_store, "--batch-size", "256", "--threads", "2", "--window-chunks",
+    code, out, err = run_cli(["bench-read", local_store, "--batch-tokens", "256", "--threads", "2", "--window-chunks",
                               "2", "--seconds", "0.2", "--json"], capfd)
     assert code == 0, err
     _check_consistent(json.loads(out), 32, 256)

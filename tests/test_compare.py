@@ -22,7 +22,7 @@ HOOK = "blocks.0.hook_resid_pre"
 def sweep(seed: int) -> dict:
     return make_sweep({"name": "topk4", "architecture": "topk", "k": 4},
                       {"name": "relu", "architecture": "standard", "l1_coefficient": 0.5},
-                      defaults={"lr": 1e-3, "d_sae": 32}, hook=HOOK, tokens=2048, batch_size=256, seed=seed,
+                      defaults={"lr": 1e-3, "d_sae": 32}, hook=HOOK, tokens=2048, batch_tokens=256, seed=seed,
                       eval_tokens=1024, window_chunks=2, log_every_steps=8, dead_window_tokens=1024)
 
 

@@ -26,7 +26,7 @@ SWEEP = make_sweep(
     {"name": "jump", "architecture": "jumprelu", "l0_coefficient": 0.5},
     defaults={"lr": 1e-3, "d_sae": 64},
     grid={"architecture": ["topk", "batchtopk"], "k": [4, 8]},
-    batch_size=256, tokens=32768, seed=3, log_every_steps=10, dead_window_tokens=2048, eval_tokens=2048,
+    batch_tokens=256, tokens=32768, seed=3, log_every_steps=10, dead_window_tokens=2048, eval_tokens=2048,
     window_chunks=2, repeat_epochs=True, checkpoint_every_tokens=2048,
 )
 NAMES = ["relu", "wide-gated", "jump", "topk-k4", "topk-k8", "batchtopk-k4", "batchtopk-k8"]
@@ -107,11 +107,11 @@ def test_shares_are_balanced_by_cost():
     for c in cfg.saes:
         c.d_in = 16
         c.d_sae = c.d_sae or 64
-    shares = assign(cfg.saes, 2, cfg.batch_size)
+    shares = assign(cfg.saes, 2, cfg.batch_tokens)
     assert sorted(i for s in shares for i in s) == list(range(len(cfg.saes)))
-    loads = [sum(step_cost(cfg.saes[i], cfg.batch_size) for i in s) for s in shares]
-    dearest = max(step_cost(c, cfg.batch_size) for c in cfg.saes)
+    loads = [sum(step_cost(cfg.saes[i], cfg.batch_tokens) for i in s) for s in shares]
+    dearest = max(step_cost(c, cfg.batch_tokens) for c in cfg.saes)
     assert abs(loads[0] - loads[1]) <= dearest  # the greedy bound
     wide = [c.name for c in cfg.saes].index("wide-gated")
     assert step_cost(cfg.saes[wide], 256) == max(step_cost(c, 256) for c in cfg.saes)
-    assert assign(cfg.saes, 2, cfg.batch_size) == shares  # deterministic
+    assert assign(cfg.saes, 2, cfg.batch_tokens) == shares  # deterministic

@@ -163,7 +163,7 @@ def test_accumulator_rescales_like_a_final_histogram():
 # ---------------------------------------------------------------------------------- a trained run
 SWEEP = make_sweep({"name": "topk4", "architecture": "topk", "k": 4},
                    {"name": "relu", "architecture": "standard", "l1_coefficient": 0.5},
-                   defaults={"lr": 1e-3, "d_sae": 48}, hook=HOOK, tokens=4096, batch_size=256, seed=1,
+                   defaults={"lr": 1e-3, "d_sae": 48}, hook=HOOK, tokens=4096, batch_tokens=256, seed=1,
                    eval_tokens=1024, window_chunks=2, log_every_steps=8, dead_window_tokens=2048)
 
 

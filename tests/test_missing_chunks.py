@@ -59,7 +59,7 @@ def one_line(code: int, err: str, *says: str) -> str:
 
 def train_args(tmp_path: Path, store: Path, skip_special: bool = True, hook: str = HOOK) -> list[str]:
     cfg = make_sweep({"name": "t", "architecture": "topk", "k": 4}, defaults={"d_sae": 64}, hook=hook,
-                     tokens=896, batch_size=64, eval_tokens=128, skip_special_tokens=skip_special)  # every training chunk
+                     tokens=896, batch_tokens=64, eval_tokens=128, skip_special_tokens=skip_special)  # every training chunk
     return ["train", str(store), "--config", str(write_sweep(cfg, tmp_path / "s.toml")), "--out",
             str(tmp_path / "out"), "--no-progress"]
 

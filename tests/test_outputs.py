@@ -26,7 +26,7 @@ from eval_fixtures import HOOK, RANDOM, harvest_store
 from harvest_fixtures import env, run_cli, write_token_jsonl
 
 SWEEP = make_sweep({"name": "t", "architecture": "topk", "k": 4}, defaults={"lr": 1e-3, "d_sae": 64}, hook=HOOK,
-                   tokens=1024, batch_size=128, seed=1, eval_tokens=256, window_chunks=2, held_out=[100, 128])
+                   tokens=1024, batch_tokens=128, seed=1, eval_tokens=256, window_chunks=2, held_out="100:128")
 
 
 @pytest.fixture(scope="module")

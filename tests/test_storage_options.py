@@ -48,7 +48,7 @@ def test_secrets_passed_both_ways_reach_s3_and_are_never_written(s3, tmp_path):
 
     # train: the endpoint on the command line, the keys from the standard AWS environment variables
     write_sweep(make_sweep({"name": "topk", "architecture": "topk", "k": 4, "d_sae": 64}, hook=HOOKS[0],
-                           batch_size=128, tokens=1024, eval_tokens=256, window_chunks=2), tmp_path / "sweep.toml")
+                           batch_tokens=128, tokens=1024, eval_tokens=256, window_chunks=2), tmp_path / "sweep.toml")
     out = tmp_path / "run"
     t = subprocess.run([sys.executable, "-m", "actcache", "-v", "train", url, "--config",
                         str(tmp_path / "sweep.toml"), "--out", str(out), "--no-progress",

@@ -44,7 +44,7 @@ def short_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("fidelity")
     _, planted = make_store(root / "s.zarr", d=16, n_features=48, n_sequences=512, context_size=32,
                             chunk_sequences=16)
-    top = {"hook": HOOK, "batch_size": 1024, "tokens": 102_400, "seed": 1, "log_every_steps": 5,
+    top = {"hook": HOOK, "batch_tokens": 1024, "tokens": 102_400, "seed": 1, "log_every_steps": 5,
            "repeat_epochs": True, "dead_window_tokens": 4096, "eval_tokens": 8192}
     with single_thread():
         summary = train_sweep(str(root / "s.zarr"),
@@ -131,7 +131,7 @@ def test_architecture():
 
 def test_architecture_defined_in_a_test_trains_and_exports(test_architecture, tmp_path, one_thread):
     make_store(tmp_path / "s.zarr", d=16, n_features=48, n_sequences=128, context_size=32, chunk_sequences=16)
-    top = {"hook": HOOK, "batch_size": 256, "tokens": 10240, "log_every_steps": 5, "dead_window_tokens": 256, "repeat_epochs": True,
+    top = {"hook": HOOK, "batch_tokens": 256, "tokens": 10240, "log_every_steps": 5, "dead_window_tokens": 256, "repeat_epochs": True,
            "eval_tokens": 2048}
     saes = [{"name": "mine", "architecture": "test_l2_topk", "k": 4, "act_l2": 0.05, "d_sae": 512}]
     with pytest.raises(UserError, match="act_l2 = -1.0 is out of range"):
@@ -159,6 +159,15 @@ def test_registry_refuses_a_form_it_cannot_run():
     assert "test_bad_export" not in ARCHITECTURES
 
 
+# ------------------------------------------------------------------ the reference tables
+def test_the_reference_tables_name_every_architecture_and_key():
+    text = (ROOT / "docs" / "options.md").read_text()
+    for name, cls in ARCHITECTURES.items():
+        assert f"| `{name}` |" in text
+        for k in cls.all_keys():
+            assert f"| `{k.name}` |" in text, k.name
+
+
 # ------------------------------------------------- the sweep-key tables of docs/sweep-config.md
 def test_readme_tables_are_the_generated_ones():
     text = (ROOT / "docs" / "sweep-config.md").read_text()
@@ -168,7 +177,7 @@ def test_readme_tables_are_the_generated_ones():
 
 
 # ------------------------------------------------------------------ bad values, through the CLI
-BASE_TOP = {"hook": HOOK, "tokens": 3584, "batch_size": 256, "eval_tokens": 512}
+BASE_TOP = {"hook": HOOK, "tokens": 3584, "batch_tokens": 256, "eval_tokens": 512}
 BASE_SAE = {"name": "a", "architecture": "topk", "k": 4, "d_sae": 64}
 # (where: "top" | "sae" | "defaults", key, value, what the one line must say)
 BAD_VALUES = [
@@ -194,9 +203,9 @@ BAD_VALUES = [
     ("sae", "name", "checkpoint.pt", "SAE name 'checkpoint.pt' would collide"),
     ("sae", "name", "Run.json", "SAE name 'Run.json' would collide"),
     ("sae", "name", "../up", "SAE name '../up' must be letters"),
-    ("top", "bach_size", 256, "unknown config key 'bach_size'; did you mean 'batch_size'?"),
+    ("top", "bach_tokens", 256, "unknown config key 'bach_tokens'; did you mean 'batch_tokens'?"),
     ("top", "lr", 1e-3, "'lr' is an SAE key: put it in [defaults]"),
-    ("top", "batch_size", 0, "batch_size = 0 is out of range"),
+    ("top", "batch_tokens", 0, "batch_tokens = 0 is out of range"),
     ("top", "tokens", "lots", "tokens must be a whole number such as 50_000_000"),
     ("top", "seed", -1, "seed = -1 is out of range"),
     ("top", "repeat_epochs", "yes", "repeat_epochs must be true or false"),

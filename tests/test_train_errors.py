@@ -21,7 +21,7 @@ HOOK = "blocks.0.hook_resid_pre"
 
 
 TOPK = {"name": "t", "architecture": "topk", "k": 4}
-HEAD = {"batch_size": 128, "tokens": 2048, "log_every_steps": 4, "eval_tokens": 512, "skip_special_tokens": False}
+HEAD = {"batch_tokens": 128, "tokens": 2048, "log_every_steps": 4, "eval_tokens": 512, "skip_special_tokens": False}
 
 
 def config(*saes: dict, **top) -> dict:
@@ -76,9 +76,9 @@ def test_k_larger_than_d_sae(store_url, tmp_path):
 
 
 def test_more_tokens_than_the_store_needs_permission(store_url, tmp_path):
-    fails(store_url, config(tokens=4096), tmp_path / "o", "store holds 2,048.*--allow-repeat")
+    fails(store_url, config(tokens=4096), tmp_path / "o", "store holds 2,048.*--repeat-epochs")
     with single_thread():
-        s = train_sweep(store_url, config(tokens=4096), tmp_path / "ok", allow_repeat=True, progress=False)
+        s = train_sweep(store_url, config(tokens=4096), tmp_path / "ok", repeat_epochs=True, progress=False)
         assert s["tokens"] == 4096
         s = train_sweep(store_url, config(tokens=4096, repeat_epochs=True), tmp_path / "ok2", progress=False)
         assert s["tokens"] == 4096
@@ -86,7 +86,7 @@ def test_more_tokens_than_the_store_needs_permission(store_url, tmp_path):
 
 def test_config_mistakes(store_url, tmp_path):
     misspelt = config()
-    misspelt["batchsize"] = misspelt.pop("batch_size")
+    misspelt["batchsize"] = misspelt.pop("batch_tokens")
     fails(store_url, misspelt, tmp_path / "o", "unknown config key 'batchsize'")
     fails(store_url, config({"name": "x", "architecture": "topk"}), tmp_path / "o", "needs k")
     twins = config({"name": "a", "architecture": "topk", "k": 2}, {"name": "a", "architecture": "topk", "k": 3})
@@ -162,3 +162,22 @@ def test_cli_prints_one_line_and_exits_2(store_url, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("actcache: error: SAE 'x'")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_record_of_the_release_before_still_resumes(tmp_path):
+    """run.json written before the sweep's batch_size became batch_tokens (and --allow-repeat its
+    repeat_epochs) is the same run; another batch is not."""
+    import json
+
+    from actcache.common.outputs import RUN_FILE
+    from actcache.train.checkpoint import prepare_output
+
+    run = {"store": "s.zarr", "config": {"batch_tokens": 128, "repeat_epochs": True, "tokens": 2048}}
+    (tmp_path / "run").mkdir()
+    old = {"store": "s.zarr", "config": {"batch_size": 128, "repeat_epochs": False, "tokens": 2048},
+           "allow_repeat": True}
+    (tmp_path / "run" / RUN_FILE).write_text(json.dumps(old))
+    assert prepare_output(tmp_path / "run", run, resume=True) is True
+    other = dict(run, config=dict(run["config"], batch_tokens=256))
+    with pytest.raises(UserError, match="holds a different run"):
+        prepare_output(tmp_path / "run", other, resume=True)

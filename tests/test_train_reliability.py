@@ -29,7 +29,7 @@ from tests.synthetic import make_store
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.hook_resid_pre"
 SAES = ({"name": "t", "architecture": "topk", "k": 4}, {"name": "j", "architecture": "jumprelu"})
-HEAD = {"batch_size": 128, "tokens": 4096, "log_every_steps": 8, "eval_tokens": 512, "window_chunks": 2, "seed": 1}
+HEAD = {"batch_tokens": 128, "tokens": 4096, "log_every_steps": 8, "eval_tokens": 512, "window_chunks": 2, "seed": 1}
 
 
 def config(*saes: dict, **top) -> dict:
@@ -292,7 +292,7 @@ def _direct_scale(store: ActivationStore, chunks: list[int]) -> float:
 
 def test_training_never_reads_a_user_named_held_out_range(store_url, tmp_path, reads):
     # sequences [72, 100) touch chunks 4, 5 and 6 (16 sequences each): all three stay unread
-    cfg = config(tokens=128 * 40, repeat_epochs=True, skip_special_tokens=True, held_out=[72, 100])
+    cfg = config(tokens=128 * 40, repeat_epochs=True, skip_special_tokens=True, held_out="72:100")
     out = tmp_path / "run"
     summary = train_sweep(store_url, cfg, out, progress=False)
     assert reads["acts"] and set(reads["acts"]) == set(range(16)) - {4, 5, 6}
@@ -327,10 +327,10 @@ def test_bad_held_out_range_is_refused_before_anything_is_written(store_url, tmp
         assert not (tmp_path / "o").exists()
     # everything held out
     with pytest.raises(UserError, match="outside the held-out part"):
-        train_sweep(store_url, config(held_out=[0, 256]), tmp_path / "o", progress=False)
+        train_sweep(store_url, config(held_out="0:256"), tmp_path / "o", progress=False)
     # fewer training tokens than asked for once the range is left out
     with pytest.raises(UserError, match="outside its held-out part"):
-        train_sweep(store_url, config(held_out=[0, 16]), tmp_path / "o", progress=False)
+        train_sweep(store_url, config(held_out="0:16"), tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
 
 

@@ -21,7 +21,7 @@ SWEEP = make_sweep(
     {"name": "matryoshka", "architecture": "matryoshka_batchtopk", "k": 3, "matryoshka_widths": [64]},
     defaults={"lr": 3e-3, "d_sae": 128, "lr_warmup_steps": 20},
     grid={"architecture": ["topk", "batchtopk"], "k": [3]},
-    batch_size=256, tokens=250_000, log_every_steps=100, repeat_epochs=True, dead_window_tokens=20000, eval_tokens=8192,
+    batch_tokens=256, tokens=250_000, log_every_steps=100, repeat_epochs=True, dead_window_tokens=20000, eval_tokens=8192,
 )
 
 
@@ -154,7 +154,7 @@ def test_initial_reconstruction_has_the_scale_of_its_input(one_thread):
 
 LARGE_K_SWEEP = make_sweep(defaults={"lr": 1e-3, "k": 32, "expansion": 16},
                            grid={"architecture": ["topk", "batchtopk"]},
-                           batch_size=4096, tokens=32768, repeat_epochs=True, eval_tokens=4096)
+                           batch_tokens=4096, tokens=32768, repeat_epochs=True, eval_tokens=4096)
 
 
 def test_large_k_trains_in_few_large_batches(tmp_path, one_thread):

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.hook_resid_pre"
 
 
-HEAD = {"batch_size": 256, "seed": 3, "log_every_steps": 10, "dead_window_tokens": 2048, "eval_tokens": 2048,
+HEAD = {"batch_tokens": 256, "seed": 3, "log_every_steps": 10, "dead_window_tokens": 2048, "eval_tokens": 2048,
         "window_chunks": 2}
 
 

@@ -53,7 +53,7 @@ def planted_map(tmp_path_factory):
                                 chunk_sequences=32, active=3, hooks=(RES, IN, OUT), maps={OUT: IN},
                                 gains={OUT: 3.0})
         cfg = make_sweep(*TRANSCODERS, defaults={"lr": 3e-3, "d_sae": 128, "lr_warmup_steps": 20, "hook_out": OUT},
-                         hook=IN, batch_size=256, tokens=300_000, log_every_steps=100, repeat_epochs=True,
+                         hook=IN, batch_tokens=256, tokens=300_000, log_every_steps=100, repeat_epochs=True,
                          dead_window_tokens=20000, eval_tokens=8192)
         summary = train_sweep(str(root / "s.zarr"), cfg, root / "out", progress=False)
     return summary, planted, root
@@ -91,7 +91,7 @@ def test_exported_transcoders_fold_both_normalisations(planted_map):
     assert abs(s_in - s_out) > 0.05 * s_in  # the two scales differ, so mixing them up would show
     x = torch.from_numpy(store.read_chunk(IN, 0)[:512]).float()
     cfg = resolve(load_config(make_sweep(*TRANSCODERS, defaults={"d_sae": 128, "hook_out": OUT}, hook=IN,
-                                         tokens=300_000, batch_size=256, repeat_epochs=True)), store)
+                                         tokens=300_000, batch_tokens=256, repeat_epochs=True)), store)
     trained = load_checkpoint(root / "out")["members"]
     for sc in cfg.saes:
         ts = build_sae(sc, torch.Generator().manual_seed(0))
@@ -131,7 +131,7 @@ def test_topk_transcoder_to_a_narrower_hook_exports_in_a_form_of_its_own(tmp_pat
     make_store(tmp_path / "s.zarr", d=16, n_features=32, n_sequences=64, context_size=16, chunk_sequences=16,
                hooks=(IN, OUT), maps={OUT: IN}, dims={OUT: 8})
     cfg = resolve(load_config(make_sweep({"name": "t", "architecture": "topk_transcoder", "k": 2, "hook_out": OUT,
-                                          "d_sae": 32}, hook=IN, tokens=1024, batch_size=128, eval_tokens=512)),
+                                          "d_sae": 32}, hook=IN, tokens=1024, batch_tokens=128, eval_tokens=512)),
                   ActivationStore.open(str(tmp_path / "s.zarr")))
     assert any("SAELens has no TopK transcoder" in w for w in cfg.warnings)
     summary = train_sweep(str(tmp_path / "s.zarr"), cfg, tmp_path / "out", progress=False)
@@ -197,7 +197,7 @@ MIXED = [
     {"name": "tc-topk", "architecture": "topk_transcoder", "k": 4, "hook_out": OUT},
     {"name": "tc-jump-skip", "architecture": "jumprelu_skip_transcoder", "l0_coefficient": 0.5, "hook_out": OUT},
 ]
-MIXED_TOP = dict(hook=IN, batch_size=256, tokens=12800, seed=3, log_every_steps=10, dead_window_tokens=2048,
+MIXED_TOP = dict(hook=IN, batch_tokens=256, tokens=12800, seed=3, log_every_steps=10, dead_window_tokens=2048,
                  eval_tokens=2048, window_chunks=2, checkpoint_every_tokens=2560, repeat_epochs=True)
 
 
@@ -280,7 +280,7 @@ def test_a_two_hook_sweep_resumes_bitwise(mixed_run, small_store, tmp_path, monk
     ({"name": "t", "architecture": "topk", "k": 4}, {"hook": None}, "SAE 't' names no hook"),
 ])
 def test_hook_keys_are_checked(small_store, sae, top, message):
-    raw = make_sweep(sae, tokens=2048, batch_size=256, **top)
+    raw = make_sweep(sae, tokens=2048, batch_tokens=256, **top)
     if raw.get("hook") is None:
         del raw["hook"]
     with pytest.raises(UserError, match=re.escape(message)):
@@ -288,7 +288,7 @@ def test_hook_keys_are_checked(small_store, sae, top, message):
 
 
 def test_grid_over_hooks_names_each_sae_by_its_hook():
-    cfg = load_config({"tokens": 2048, "batch_size": 256, "grid": {"architecture": "topk", "k": [4], "hook": [RES, IN]}})
+    cfg = load_config({"tokens": 2048, "batch_tokens": 256, "grid": {"architecture": "topk", "k": [4], "hook": [RES, IN]}})
     assert [(s.name, s.hook) for s in cfg.saes] == [(f"topk-k4-{RES}", RES), (f"topk-k4-{IN}", IN)]
     assert cfg.hooks == [RES, IN]
 

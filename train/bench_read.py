@@ -14,12 +14,14 @@ wait fraction says whether the loader keeps up with such a step.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import click
 
 from ..common import location
-from ..common.commands import storage_option
 from ..common.errors import UserError
+from ..common.options import command_options, configurable, from_click, option, storage_options_option
 from ..common.store import ActivationStore
 from .loader import ActivationLoader
 
@@ -94,29 +96,38 @@ def format_result(r: dict) -> str:
     ])
 
 
+@configurable
+@dataclass
+class BenchReadOptions:
+    """The options of `actcache bench-read STORE`."""
+
+    hook: str | None = option(None, "Hook to read (default: the store's first).", kind="str")
+    batch_tokens: int = option(4096, "Tokens per batch.", kind="count", unit="tokens", low=1,
+                               old_names=("batch_size",))
+    threads: int = option(4, "Loader threads (the sweep's loader_threads).", unit="threads", low=1)
+    window_chunks: int = option(8, "Chunks per shuffle window.", unit="chunks", low=1)
+    seconds: float = option(10.0, "How long to time the loader.", unit="seconds", low=0, low_open=True)
+    step_ms: float = option(0.0, "Time a consumer spends per batch (a training step); 0: as fast as the loader "
+                                 "goes.", unit="milliseconds", low=0)
+    as_json: bool = option(False, "Print one JSON object instead of the table.", flag="--json")
+    storage_options: tuple[str, ...] = storage_options_option()
+
+
 @click.command("bench-read")
 @click.argument("store")
-@click.option("--hook", default=None, help="Hook to read (default: the store's first).")
-@click.option("--batch-size", default=4096, show_default=True, type=int, help="Tokens per batch.")
-@click.option("--threads", default=4, show_default=True, type=int, help="Loader threads (loader_threads).")
-@click.option("--window-chunks", default=8, show_default=True, type=int, help="Chunks per shuffle window.")
-@click.option("--seconds", default=10.0, show_default=True, type=float, help="How long to time the loader.")
-@click.option("--step-ms", default=0.0, show_default=True, type=float,
-              help="Time a consumer spends per batch (a training step); 0: as fast as the loader goes.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-@storage_option
-def bench_read_command(store: str, hook: str | None, batch_size: int, threads: int, window_chunks: int,
-                       seconds: float, step_ms: float, as_json: bool, storage_options: tuple[str, ...]) -> None:
+@command_options(BenchReadOptions)
+def bench_read_command(store: str, **given: Any) -> None:
     """GB/s and tokens/s the training loader gets from STORE (a folder or s3://...) here, and the
     fraction of the time a training step would wait for data. Reads only; nothing is written."""
     try:
-        with location.storage_options(list(storage_options)):
-            r = bench_read(store, hook, batch_size, threads, window_chunks, seconds, step_ms)
+        o = BenchReadOptions(**from_click(BenchReadOptions, given))
+        with location.storage_options(list(o.storage_options)):
+            r = bench_read(store, o.hook, o.batch_tokens, o.threads, o.window_chunks, o.seconds, o.step_ms)
     except UserError:
         raise
     except Exception as e:  # the storage underneath failed (S3 unreachable, denied...): one line
         raise location.storage_error(e, store, "reading") from None
-    if as_json:
+    if o.as_json:
         import json
 
         click.echo(json.dumps(r, indent=1))

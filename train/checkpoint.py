@@ -177,6 +177,18 @@ def check_output(out: Path, resume: bool, overwrite: bool, inputs: tuple = ()) -
         raise UserError(f"{out} is not empty and holds no actcache run; choose an empty or new --out folder")
 
 
+def _current_form(run: dict) -> dict:
+    """A run record as this release writes it: records of the release before name the sweep's batch
+    `batch_size` (now `batch_tokens`) and keep --allow-repeat beside the config (now its
+    `repeat_epochs`)."""
+    cfg = run.get("config")
+    if isinstance(cfg, dict) and "batch_size" in cfg:
+        cfg["batch_tokens"] = cfg.pop("batch_size")
+    if run.pop("allow_repeat", False) and isinstance(cfg, dict):
+        cfg["repeat_epochs"] = True
+    return run
+
+
 def prepare_output(out: Path, run: dict[str, Any], resume: bool, overwrite: bool = False) -> bool:
     """Make the output folder ready (call with the folder's lease held). Returns True when there is a
     run to continue.
@@ -199,6 +211,7 @@ def prepare_output(out: Path, run: dict[str, Any], resume: bool, overwrite: bool
             if not resume:
                 raise UserError(f"{out} already holds a training run; pass --resume to continue it, "
                                 "--overwrite to start it again, or choose another --out")
+            previous = _current_form(previous)
             was_world, now_world = previous.get("world_size", 1), run.get("world_size", 1)
             if was_world != now_world and {**previous, "world_size": 1} == {**run, "world_size": 1}:
                 how = (f"torchrun --nproc-per-node {was_world} (or as many ranks over several nodes)" if was_world > 1

@@ -1,9 +1,11 @@
 """The sweep configuration: a TOML file naming the hook(s), the data budget and the SAEs to train.
 
-Every key is described once: the sweep-level keys by the fields of `SweepConfig` (their metadata is
-a `Key`: type, default, valid range, help), the SAE keys by the registered architectures
-(train/architectures/). Parsing, validation, the error messages and the README's key tables
-(`python -m actcache.train.architectures --readme docs/sweep-config.md` rewrites them) all come from there.
+Every key is described once: the sweep-level keys by the fields of `SweepConfig` (each an `option`
+of common/options.py: kind, default, valid range, unit, help, old names), the SAE keys by the
+registered architectures (train/architectures/, as `Option`s too). Parsing, validation, the error
+messages and the key tables of docs/options.md (`python -m actcache.options_reference --write`) and
+docs/sweep-config.md (`python -m actcache.train.architectures --readme docs/sweep-config.md`) all
+come from there. An old key name (`batch_size`, now `batch_tokens`) works with a deprecation line.
 
 [defaults] holds SAE keys that every SAE starts from (keys an architecture does not take are
 skipped for it); [[sae]] tables add SAEs one by one; [grid] holds lists whose product adds SAEs,
@@ -18,18 +20,19 @@ also logged), one line each."""
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..common.errors import UserError
 from ..common.manifest import special_token_ids
+from ..common.options import (Option, configurable, did_you_mean, markdown_table, old_names, option, options_of,
+                              warn_deprecated)
 from ..common.progress import log
-from .architectures import ARCHITECTURES, COMMON_KEYS, Key, SAEConfig, all_sae_keys, get_architecture
+from .architectures import ARCHITECTURES, COMMON_KEYS, SAEConfig, all_sae_keys, get_architecture
 from ..common.outputs import RUN_FILES
 from .loader import training_chunks
 
@@ -49,44 +52,41 @@ _SHORT = {"k": "k", "expansion": "x", "d_sae": "d", "l1_coefficient": "l1_", "l0
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def _key(kind: str, default: Any = None, help: str = "", **kw) -> Any:
-    """A SweepConfig field described by a Key (its name is the field's)."""
-    spec = Key("", kind, default, help, **kw)
-    if kw.get("required"):
-        return field(metadata={"key": spec})
-    return field(default=default, metadata={"key": spec})
-
-
+@configurable
 @dataclass
 class SweepConfig:
     """A whole sweep: the data stream every SAE shares, and the SAEs."""
 
-    tokens: int = _key("count", None, 'training tokens (an integer, or a string such as "50M")', low=1,
-                       required=True)
-    hook: str | None = _key("str", None, 'the store\'s hook to train on, e.g. "blocks.8.hook_resid_pre"; the default '
-                            "of every SAE's `hook`", default_text="none: then every SAE names its `hook`")
+    tokens: int = option(help='training tokens (an integer, or a string such as "50M")', kind="count",
+                         unit="tokens", low=1)
+    hook: str | None = option(None, 'the store\'s hook to train on, e.g. "blocks.8.hook_resid_pre"; the default '
+                              "of every SAE's `hook`", kind="str", default_text="none: then every SAE names its `hook`")
     saes: list[SAEConfig] = field(default_factory=list)
-    batch_size: int = _key("count", 4096, "tokens per step; every SAE steps on the same batch", low=1)
-    seed: int = _key("int", 0, "data order and SAE initialisation are pure functions of it", low=0)
-    checkpoint_every_tokens: int | None = _key("count", None, "tokens between checkpoints", low=1,
-                                               default_text="a tenth of `tokens`")
-    log_every_steps: int = _key("int", 100, "steps between lines of metrics.jsonl", low=1)
-    repeat_epochs: bool = _key("bool", False, "allow more training tokens than the store holds (the data repeats, "
-                               "reshuffled); or `--allow-repeat`")
-    window_chunks: int = _key("int", 8, "chunks fetched, decoded and shuffled together (the shuffle window)", low=1)
-    loader_threads: int = _key("int", 4, "threads that fetch and decode chunks", low=1)
-    skip_special_tokens: bool = _key("bool", True, "leave out positions whose token is the BOS, EOS or pad token "
-                                     "(as SAELens does); the exported cfg.json records it")
-    normalize: bool = _key("bool", True, "scale activations by one constant so that E‖x‖² = d_in (from the store's "
-                           "statistics); folded into the exported weights")
-    dead_window_tokens: int = _key("count", 10_000_000, "a latent that has not fired for this many tokens counts "
-                                   "as dead", low=1)
-    eval_tokens: int = _key("count", 65536, "tokens for the final evaluation of every SAE (L0, FVU, feature "
-                            "density), and for calibrating BatchTopK thresholds", low=1)
-    d_in: int | None = _key("int", None, "checked against the width of the top-level `hook` in the store", low=1,
-                            default_text="from the store")
-    held_out: list[int] | None = _key("int_list", None, "[start_sequence, stop_sequence]: a range of the store that training never reads (for stores without their own held-out part); the loader checks it", low=0,
-                                      default_text="the store's own held-out part")
+    batch_tokens: int = option(4096, "tokens per step; every SAE steps on the same batch", kind="count",
+                               unit="tokens", low=1, old_names=("batch_size",))
+    seed: int = option(0, "data order and SAE initialisation are pure functions of it", low=0)
+    checkpoint_every_tokens: int | None = option(None, "tokens between checkpoints", kind="count", unit="tokens",
+                                                 low=1, default_text="a tenth of `tokens`")
+    log_every_steps: int = option(100, "steps between lines of metrics.jsonl", unit="steps", low=1)
+    repeat_epochs: bool = option(False, "allow more training tokens than the store holds (the data repeats, "
+                                 "reshuffled); `actcache train --repeat-epochs` sets it too",
+                                 old_names=("allow_repeat",))
+    window_chunks: int = option(8, "chunks fetched, decoded and shuffled together (the shuffle window)",
+                                unit="chunks", low=1)
+    loader_threads: int = option(4, "threads that fetch and decode chunks", unit="threads", low=1)
+    skip_special_tokens: bool = option(True, "leave out positions whose token is the BOS, EOS or pad token "
+                                       "(as SAELens does); the exported cfg.json records it")
+    normalize: bool = option(True, "scale activations by one constant so that E‖x‖² = d_in (from the store's "
+                             "statistics); folded into the exported weights")
+    dead_window_tokens: int = option(10_000_000, "a latent that has not fired for this many tokens counts "
+                                     "as dead", kind="count", unit="tokens", low=1)
+    eval_tokens: int = option(65536, "tokens for the final evaluation of every SAE (L0, FVU, feature "
+                              "density), and for calibrating BatchTopK thresholds", kind="count", unit="tokens", low=1)
+    d_in: int | None = option(None, "checked against the width of the top-level `hook` in the store", kind="int",
+                              low=1, default_text="from the store")
+    held_out: list[int] | None = option(None, '"START:STOP": sequences of the store that training never reads '
+                                        "(for stores without their own held-out part); the loader checks it",
+                                        kind="range", unit="sequences", default_text="the store's own held-out part")
     warnings: list[str] = field(default_factory=list, repr=False, compare=False)
 
     @property
@@ -96,12 +96,12 @@ class SweepConfig:
 
     @property
     def n_steps(self) -> int:
-        return self.tokens // self.batch_size
+        return self.tokens // self.batch_tokens
 
     @property
     def checkpoint_every_steps(self) -> int:
         every = self.checkpoint_every_tokens or max(self.tokens // 10, 1)
-        return max(1, every // self.batch_size)
+        return max(1, every // self.batch_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in sweep_keys()}
@@ -109,16 +109,9 @@ class SweepConfig:
         return d
 
 
-def sweep_keys() -> dict[str, Key]:
+def sweep_keys() -> dict[str, Option]:
     """The sweep-level keys, in the order of SweepConfig's fields."""
-    out = {}
-    for f in fields(SweepConfig):
-        spec = f.metadata.get("key")
-        if spec is not None:
-            out[f.name] = Key(f.name, *[getattr(spec, a) for a in ("kind", "default", "help", "low", "high",
-                                                                    "low_open", "high_open", "default_text",
-                                                                    "required")])
-    return out
+    return options_of(SweepConfig)
 
 
 # ------------------------------------------------------------------------- loading
@@ -141,14 +134,9 @@ def load_config(source: str | Path | dict) -> SweepConfig:
     return parse_config(raw)
 
 
-def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
 def _unknown_sae_key(key: str, where: str) -> UserError:
     known = all_sae_keys()
-    hint = _did_you_mean(key, known)
+    hint = did_you_mean(key, known)
     if not hint and key in sweep_keys():
         hint = f"; {key!r} is a top-level key: move it above the tables"
     return UserError(f"unknown SAE key {key!r} in {where}{hint or '; accepted keys: ' + ', '.join(known)}")
@@ -157,9 +145,16 @@ def _unknown_sae_key(key: str, where: str) -> UserError:
 def parse_config(raw: dict[str, Any]) -> SweepConfig:
     """Check and expand a parsed TOML document: defaults, [[sae]] entries and the [grid] product."""
     top_keys = sweep_keys()
+    raw = dict(raw)
+    for old, new in old_names(top_keys.values()).items():
+        if old in raw:
+            warn_deprecated(f"the config key {old!r}", repr(new))
+            if new in raw:
+                raise UserError(f"the config gives both {old!r} and {new!r}; keep {new!r}")
+            raw[new] = raw.pop(old)
     for k in raw:
         if k not in top_keys and k not in TABLES:
-            hint = _did_you_mean(k, list(top_keys) + list(TABLES))
+            hint = did_you_mean(k, list(top_keys) + list(TABLES))
             if not hint and k in all_sae_keys():
                 hint = f"; {k!r} is an SAE key: put it in [defaults], an [[sae]] table or [grid]"
             raise UserError(f"unknown config key {k!r}{hint or '; the accepted top-level keys are: ' + ', '.join(list(top_keys) + list(TABLES))}")
@@ -224,12 +219,12 @@ def parse_config(raw: dict[str, Any]) -> SweepConfig:
         raise UserError(f"two SAEs are named {dup!r}; give each SAE a different name")
 
     cfg = SweepConfig(saes=saes, **top)
-    if cfg.tokens < cfg.batch_size:
-        raise UserError(f"tokens ({cfg.tokens}) must be at least one batch (batch_size = {cfg.batch_size})")
+    if cfg.tokens < cfg.batch_tokens:
+        raise UserError(f"tokens ({cfg.tokens}) must be at least one batch (batch_tokens = {cfg.batch_tokens})")
     if cfg.checkpoint_every_tokens is not None and cfg.checkpoint_every_tokens >= cfg.tokens:
         cfg.warnings.append(f"checkpoint_every_tokens = {cfg.checkpoint_every_tokens:,} is not less than tokens = "
                             f"{cfg.tokens:,}: the only checkpoint is the final one")
-    if cfg.eval_tokens < cfg.batch_size and cfg.eval_tokens < 4096:
+    if cfg.eval_tokens < cfg.batch_tokens and cfg.eval_tokens < 4096:
         cfg.warnings.append(f"eval_tokens = {cfg.eval_tokens:,} is small: the final L0 and FVU, and BatchTopK "
                             "thresholds, rest on few tokens")
     return cfg
@@ -237,7 +232,7 @@ def parse_config(raw: dict[str, Any]) -> SweepConfig:
 
 def _check_architecture(arch: Any, where: str) -> str:
     if not isinstance(arch, str) or arch not in ARCHITECTURES:
-        raise UserError(f"{where}: unknown architecture {arch!r}{_did_you_mean(arch, ARCHITECTURES)}; "
+        raise UserError(f"{where}: unknown architecture {arch!r}{did_you_mean(arch, ARCHITECTURES)}; "
                         f"choose one of: {', '.join(ARCHITECTURES)}")
     return arch
 
@@ -301,7 +296,7 @@ def _make_sae(entry: dict[str, Any], explicit: set[str], defaults: dict[str, Any
 
 
 # ------------------------------------------------------------------------- against the store
-def resolve(cfg: SweepConfig, store, allow_repeat: bool = False) -> SweepConfig:
+def resolve(cfg: SweepConfig, store) -> SweepConfig:
     """Check the config against a store and fill in d_in, d_sae and the step-based defaults (each
     architecture resolves its own keys). Warnings are logged and added to cfg.warnings."""
     m = store.manifest
@@ -311,11 +306,11 @@ def resolve(cfg: SweepConfig, store, allow_repeat: bool = False) -> SweepConfig:
             if h is not None and h not in m.hook_names:
                 where = "hook" if cfg.hook == h and key == "hook" else f"SAE {s.name!r}: {key}"
                 raise UserError(f"{where} {h!r} is not in the store {store.url}; it has: {', '.join(m.hook_names)}"
-                                f"{_did_you_mean(h, m.hook_names)}")
+                                f"{did_you_mean(h, m.hook_names)}")
     if cfg.hook is not None:
         if cfg.hook not in m.hook_names:
             raise UserError(f"hook {cfg.hook!r} is not in the store {store.url}; it has: {', '.join(m.hook_names)}"
-                            f"{_did_you_mean(cfg.hook, m.hook_names)}")
+                            f"{did_you_mean(cfg.hook, m.hook_names)}")
         d_in = m.hook(cfg.hook).d
         if cfg.d_in is not None and cfg.d_in != d_in:
             raise UserError(f"the config says d_in = {cfg.d_in} but hook {cfg.hook!r} in the store has d = {d_in}; "
@@ -331,11 +326,11 @@ def resolve(cfg: SweepConfig, store, allow_repeat: bool = False) -> SweepConfig:
         raise UserError(f"the store {store.url} has no committed chunk outside the held-out part; harvest more, "
                         "or hold out less")
     available = sum(b - a for a, b in map(store.chunk_sequence_range, chunks)) * m.context_size
-    repeat = cfg.repeat_epochs or allow_repeat
+    repeat = cfg.repeat_epochs
     if cfg.tokens > available and not repeat:
         held = " outside its held-out part" if available < store.n_committed_tokens else ""
         raise UserError(f"the config asks for {cfg.tokens:,} training tokens but the store holds {available:,}{held}; "
-                        "lower tokens, or allow repeated epochs with repeat_epochs = true or --allow-repeat")
+                        "lower tokens, or allow repeated epochs with repeat_epochs = true or --repeat-epochs")
     if cfg.skip_special_tokens and not repeat:
         usable = _usable_tokens(store, chunks, cfg.tokens, available)
         if cfg.tokens > usable:
@@ -370,23 +365,15 @@ def _usable_tokens(store, chunks: list[int], wanted: int, total: int) -> int:
 
 
 
-# ------------------------------------------------------------------------- the README's tables
-def _valid(k: Key) -> str:
-    r = k.range_text()
-    kind = {"float": "number", "int": "integer", "count": "count", "bool": "bool", "str": "string",
-            "int_list": "list of integers"}[k.kind]
-    return kind if r == "any" else f"{kind} {r}"
-
-
+# ------------------------------------------------------------------------- the reference tables
 def readme_tables() -> str:
-    """The markdown tables of every sweep key and every SAE key (docs/sweep-config.md embeds them)."""
-    lines = ["Top-level keys (a count is an integer or a string such as `\"50M\"`):", "", "| key | default | valid | meaning |", "| --- | --- | --- | --- |"]
-    for k in sweep_keys().values():
-        lines.append(f"| `{k.name}` | {k.default_for_docs()} | {_valid(k)} | {k.help} |")
-    lines += ["", "SAE keys (in `[defaults]`, `[[sae]]` or `[grid]`), with the architectures that take them:", "",
-              "| key | architectures | default | valid | meaning |", "| --- | --- | --- | --- | --- |"]
+    """The markdown tables of every sweep key and every SAE key (docs/options.md and docs/sweep-config.md embed them)."""
+    lines = ["Top-level keys (a count is an integer or a string such as `\"50M\"`):", "",
+             markdown_table(sweep_keys().values(), cli=False), "",
+             "SAE keys (in `[defaults]`, `[[sae]]` or `[grid]`), with the architectures that take them:", "",
+             "| key | architectures | default | unit | valid | meaning |", "| --- | --- | --- | --- | --- | --- |"]
     users: dict[str, list[str]] = {}
-    specs: dict[str, Key] = {}
+    specs: dict[str, Option] = {}
     for name, cls in ARCHITECTURES.items():
         for k in cls.all_keys():
             users.setdefault(k.name, []).append(name)
@@ -394,7 +381,7 @@ def readme_tables() -> str:
     common = {k.name for k in COMMON_KEYS}
     for key, k in specs.items():
         archs = "all" if key in common else ", ".join(f"`{a}`" for a in users[key])
-        lines.append(f"| `{key}` | {archs} | {k.default_for_docs()} | {_valid(k)} | {k.help} |")
+        lines.append(f"| `{key}` | {archs} | {k.default_for_docs()} | {k.unit or ''} | {k.valid_text()} | {k.help} |")
     lines += ["", "Architectures:", "", "| architecture | exported to SAELens as | takes k | AuxK | transcoder | what it is |",
               "| --- | --- | --- | --- | --- | --- |"]
     for name, cls in ARCHITECTURES.items():

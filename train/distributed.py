@@ -50,7 +50,7 @@ def assign(saes: list[SAEConfig], world: int, batch_size: int) -> list[list[int]
 
 def share(cfg: SweepConfig, rank: int, world: int) -> SweepConfig:
     """The sweep of one rank: the same data stream, its share of the SAEs."""
-    mine = assign(cfg.saes, world, cfg.batch_size)[rank]
+    mine = assign(cfg.saes, world, cfg.batch_tokens)[rank]
     return dataclasses.replace(cfg, saes=[cfg.saes[i] for i in mine])
 
 

@@ -54,7 +54,7 @@ def calibrate(saes: list[TrainingSAE], store: ActivationStore, cfg: SweepConfig,
     todo = [s for s in saes if s.needs_calibration]
     if not todo:
         return []
-    batch = min(cfg.batch_size, cfg.eval_tokens)
+    batch = min(cfg.batch_tokens, cfg.eval_tokens)
     hooks = list(dict.fromkeys(s.cfg.hook for s in todo))
     loader = ActivationLoader(store, hooks, batch, seed=cfg.seed + 2, window_chunks=cfg.window_chunks,
                               threads=cfg.loader_threads, device=device, normalize=cfg.normalize,
@@ -97,7 +97,7 @@ def to_inference_sae(sae: TrainingSAE, scale: float, store: ActivationStore, cfg
         actcache_version=__version__,
         trained_architecture=sae.architecture,
         trained_k=getattr(sae.cfg, "k", None),
-        training_tokens=cfg.n_steps * cfg.batch_size,
+        training_tokens=cfg.n_steps * cfg.batch_tokens,
         normalization_scale_folded=scale,
         store_fingerprint=m.fingerprint,
         # every sequence range this SAE never trained on: the store's held-out part and the config's own
@@ -119,7 +119,7 @@ def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, dev
     """L0, FVU, MSE and feature density of exported SAEs on raw activations of the training stream
     (the sequences training reads, in a separately seeded order); FVU and MSE of what each reconstructs
     (a transcoder's output hook). progress: a bar of tokens on stderr. Definitions: common/metrics.py."""
-    batch = min(cfg.batch_size, cfg.eval_tokens)
+    batch = min(cfg.batch_tokens, cfg.eval_tokens)
     n_batches = max(1, cfg.eval_tokens // batch)
     hooks = {name: _hooks_of(s, cfg) for name, s in saes.items()}
     loader = ActivationLoader(store, list(dict.fromkeys(h for pair in hooks.values() for h in pair)), batch,

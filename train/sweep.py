@@ -13,6 +13,7 @@ from ..common.device import pick_device  # noqa: F401  (also imported from here)
 from ..common.distributed import Ranks, ranks_from_env
 from ..common.errors import StoreError, UserError, first_line
 from ..common.lease import Lease
+from ..common.options import warn_deprecated
 from ..common.progress import log
 from ..common.store import ActivationStore
 
@@ -37,8 +38,9 @@ def open_store(url: str) -> ActivationStore:
 
 
 def train_sweep(store_url: str, config: str | Path | dict | SweepConfig, out: str | Path, resume: bool = False,
-                device: str | None = None, allow_repeat: bool = False, progress: bool = True,
-                overwrite: bool = False, storage_options: dict | list[str] | None = None) -> dict[str, Any]:
+                device: str | None = None, repeat_epochs: bool = False, progress: bool = True,
+                overwrite: bool = False, storage_options: dict | list[str] | None = None,
+                allow_repeat: bool | None = None) -> dict[str, Any]:
     """Train every SAE of the config in lockstep (each on its own hook of the store, transcoders from
     `hook` to `hook_out`, one read of each chunk for all of them), export them under `out`, and
     return the summary (also written to out/summary.json).
@@ -46,24 +48,30 @@ def train_sweep(store_url: str, config: str | Path | dict | SweepConfig, out: st
     One process at a time writes a run folder (a lease on it; a second one stops at once naming the
     first). `resume` continues the run in `out` from its last checkpoint; `overwrite` deletes the run
     in `out` and starts again. Training never reads held-out sequences: the store's own held-out part
-    and the config's `held_out = [start, stop]` range. `storage_options`: fsspec options for an s3://
+    and the config's `held_out = "START:STOP"` range. `repeat_epochs`: allow more training tokens than the
+    store holds, as the config's key of that name does (`allow_repeat`: its old name). `storage_options`: fsspec options for an s3://
     store (endpoint_url, key, secret, profile ...), beside the standard AWS chain; never written anywhere.
 
     Under torchrun the SAEs are shared out over the ranks (train/distributed.py): each rank trains
     and exports its share, rank 0 holds the lease and writes run.json and the one summary."""
+    if allow_repeat is not None:
+        warn_deprecated("train_sweep(allow_repeat=...)", "repeat_epochs=")
+        repeat_epochs = repeat_epochs or allow_repeat
     with location.storage_options(storage_options, resumable=True), ranks_from_env() as ranks:
-        return _train_sweep(ranks, store_url, config, out, resume, device, allow_repeat, progress, overwrite)
+        return _train_sweep(ranks, store_url, config, out, resume, device, repeat_epochs, progress, overwrite)
 
 
 def _train_sweep(ranks: Ranks, store_url: str, config: str | Path | dict | SweepConfig, out: str | Path,
-                 resume: bool, device: str | None, allow_repeat: bool, progress: bool,
+                 resume: bool, device: str | None, repeat_epochs: bool, progress: bool,
                  overwrite: bool) -> dict[str, Any]:
     out = Path(out)
 
     def setup() -> tuple[SweepConfig, ActivationStore, torch.device]:
         cfg = config if isinstance(config, SweepConfig) else load_config(config)
+        if repeat_epochs:
+            cfg.repeat_epochs = True
         store = open_store(store_url)
-        cfg = resolve(cfg, store, allow_repeat=allow_repeat)
+        cfg = resolve(cfg, store)
         if not store.manifest.complete and ranks.is_root:
             log.warning(f"the store {store_url} is not complete; training on its {store.n_committed} committed chunks")
         dev = pick_device(ranks.device(device))
@@ -71,28 +79,28 @@ def _train_sweep(ranks: Ranks, store_url: str, config: str | Path | dict | Sweep
         return cfg, store, dev
 
     cfg, store, dev = ranks.agree(setup)
-    ranks.check_same_arguments((str(store_url), cfg.to_dict(), str(out), resume, overwrite, allow_repeat, device))
+    ranks.check_same_arguments((str(store_url), cfg.to_dict(), str(out), resume, overwrite, device))
     full = cfg
     if ranks.distributed:
         cfg = share(full, ranks.rank, ranks.world)
 
     loader = ranks.agree(lambda: ActivationLoader(
-        store, full.hooks, cfg.batch_size, seed=cfg.seed, window_chunks=cfg.window_chunks, threads=cfg.loader_threads,
+        store, full.hooks, cfg.batch_tokens, seed=cfg.seed, window_chunks=cfg.window_chunks, threads=cfg.loader_threads,
         device=dev, skip_special_tokens=cfg.skip_special_tokens, normalize=cfg.normalize,
-        repeat=cfg.repeat_epochs or allow_repeat, held_out=cfg.held_out))
+        repeat=cfg.repeat_epochs, held_out=cfg.held_out))
     lease = None
     try:
         held_out = [{"start_sequence": a, "stop_sequence": b} for a, b in loader.held_out]
 
         def check_budget() -> None:
-            if held_out and cfg.tokens > loader.n_rows and not (cfg.repeat_epochs or allow_repeat):
+            if held_out and cfg.tokens > loader.n_rows and not cfg.repeat_epochs:
                 raise UserError(f"the config asks for {cfg.tokens:,} training tokens but the store holds "
                                 f"{loader.n_rows:,} outside its held-out part; lower tokens, or allow repeated epochs "
-                                "with repeat_epochs = true or --allow-repeat")
+                                "with repeat_epochs = true or --repeat-epochs")
 
         ranks.agree(check_budget)
         fingerprint = store.fingerprint
-        run = {"store": str(store_url), "config": full.to_dict(), "allow_repeat": allow_repeat,
+        run = {"store": str(store_url), "config": full.to_dict(),
                "store_chunks": store.n_committed, "model": store.manifest.model.name,
                "store_fingerprint": fingerprint, "held_out": held_out}
         if ranks.distributed:
@@ -123,7 +131,7 @@ def _train_sweep(ranks: Ranks, store_url: str, config: str | Path | dict | Sweep
                 trainer.resume()
             if ranks.is_root:
                 log.info(f"training {len(full.saes)} SAEs on {', '.join(full.hooks)} for {cfg.n_steps} steps of "
-                         f"{cfg.batch_size} tokens on {dev}"
+                         f"{cfg.batch_tokens} tokens on {dev}"
                          + (f", shared over {ranks.world} ranks" if ranks.distributed else ""))
             t = time.perf_counter()
             try:
@@ -165,12 +173,12 @@ def _train_sweep(ranks: Ranks, store_url: str, config: str | Path | dict | Sweep
         wall = max(g["wall"] for g in gathered)
         train_seconds = max(g["train_seconds"] for g in gathered)
         summary = {"store": str(store_url), "store_fingerprint": fingerprint, "held_out": held_out,
-                   "hook": full.hook, "hooks": full.hooks, "steps": cfg.n_steps, "batch_size": cfg.batch_size,
-                   "tokens": cfg.n_steps * cfg.batch_size, "seed": cfg.seed, "device": str(dev),
+                   "hook": full.hook, "hooks": full.hooks, "steps": cfg.n_steps, "batch_tokens": cfg.batch_tokens,
+                   "tokens": cfg.n_steps * cfg.batch_tokens, "seed": cfg.seed, "device": str(dev),
                    "normalization_scale": loader.scales.get(full.hook, loader.scale),
                    "normalization_scales": loader.scales, "train_seconds_this_session": wall,
                    "train_seconds": train_seconds,
-                   "tokens_per_s": (cfg.n_steps * cfg.batch_size / train_seconds if train_seconds else None),
+                   "tokens_per_s": (cfg.n_steps * cfg.batch_tokens / train_seconds if train_seconds else None),
                    "metric_tokens": metric_tokens(cfg.eval_tokens),
                    "saes": merge_rows(full, [g["rows"] for g in gathered])}
         if ranks.distributed:

@@ -168,7 +168,7 @@ class Trainer:
     def train(self) -> None:
         cfg, n_steps = self.cfg, self.cfg.n_steps
         every_ckpt = cfg.checkpoint_every_steps
-        bar = token_bar(n_steps * cfg.batch_size, "train", initial=self.step * cfg.batch_size,
+        bar = token_bar(n_steps * cfg.batch_tokens, "train", initial=self.step * cfg.batch_tokens,
                         disable=not self.progress)
         t0 = time.perf_counter()
         try:
@@ -188,7 +188,7 @@ class Trainer:
                     self.train_seconds += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     self.checkpoint()
-                bar.update(cfg.batch_size)
+                bar.update(cfg.batch_tokens)
         finally:
             bar.close()
         self.train_seconds += time.perf_counter() - t0
@@ -235,7 +235,7 @@ class Trainer:
                 centred[hook] = (x - x.mean(0)).pow(2).sum()
             err = (out.x_hat - x).pow(2).sum()
             fvu = float(err / centred[hook])
-            row = {"step": self.step, "tokens": (self.step + 1) * self.cfg.batch_size,
+            row = {"step": self.step, "tokens": (self.step + 1) * self.cfg.batch_tokens,
                    "loss": float(out.loss.detach()), **{k: float(v.detach()) for k, v in out.terms.items()},
                    "l0": float(out.l0), "mse": float(err / x.shape[0]), "fvu": fvu, "explained_variance": 1 - fvu,
                    "dead_fraction": float(out.extra["dead_fraction"]), "lr": float(out.extra["lr"]),

@@ -1,11 +1,11 @@
-"""What every SAE architecture shares: the option descriptions (`Key`), the registry, and the
+"""What every SAE architecture shares: the registry, and the
 training module base class.
 
 An architecture is one `TrainingSAE` subclass in one file, registered with `@register`. Its class
 attributes state everything the rest of the package needs to know about it:
 
 - `architecture`: the name a sweep's `architecture = "..."` selects;
-- `keys`: its own config keys (`Key`: type, default, valid range, help), beyond the keys every SAE
+- `keys`: its own config keys (`Option`, common/options.py: kind, default, valid range, unit, help), beyond the keys every SAE
   takes (`COMMON_KEYS`); `takes_k = True` adds `k`, `uses_auxk = True` adds `aux_k` and
   `aux_loss_coefficient` and makes the trainer switch its AuxK loss on when latents die;
 - `transcoder = True`: it reads one hook (`hook`) and reconstructs another of the same forward pass
@@ -29,7 +29,6 @@ all read these attributes; nothing else lists architectures."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -37,145 +36,51 @@ import torch
 from torch import nn
 
 from ...common.errors import UserError
-from ...common.progress import parse_count
+from ...common.options import Option, did_you_mean
 from ...common.sae import INFERENCE_FORMS, InferenceForm, register_inference_form
 
 
 # ------------------------------------------------------------------------- option descriptions
-@dataclass(frozen=True)
-class Key:
-    """One config key: its type, default, valid range and help text.
-
-    kind: "float", "int", "count" (an integer or a string such as "50M"), "bool", "str" or "int_list".
-    low/high bound the value (inclusive unless low_open/high_open). default None with default_text
-    means the default is computed when the config meets the store (default_text says how)."""
-
-    name: str
-    kind: str
-    default: Any = None
-    help: str = ""
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    default_text: str | None = None
-    required: bool = False
-
-    def check(self, value: Any, where: str) -> Any:
-        """The value, normalised (counts parsed), or a UserError naming the key and what it accepts."""
-        kind = self.kind
-        bad = f"{where}: {self.name} must be {self.type_text()}, not {value!r}"
-        if kind == "bool":
-            if not isinstance(value, bool):
-                raise UserError(bad)
-            return value
-        if kind == "str":
-            if not isinstance(value, str):
-                raise UserError(bad)
-            return value
-        if kind == "int_list":
-            if not isinstance(value, list) or not value or not all(_is_int(v) for v in value):
-                raise UserError(bad)
-            for v in value:
-                self._check_range(v, where)
-            return list(value)
-        if kind == "count":
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)
-            if isinstance(value, bool) or not isinstance(value, (int, str)):
-                raise UserError(bad)
-            try:
-                value = parse_count(value)
-            except (ValueError, OverflowError):
-                raise UserError(bad) from None
-        elif kind == "int":
-            if not _is_int(value):
-                raise UserError(bad)
-        elif kind == "float":
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise UserError(bad)
-            if not math.isfinite(value):
-                raise UserError(f"{where}: {self.name} must be a finite number, not {value!r}")
-            value = float(value)
-        else:  # pragma: no cover - a programming error in a registration
-            raise ValueError(f"unknown key kind {kind!r}")
-        self._check_range(value, where)
-        return value
-
-    def _check_range(self, value: Any, where: str) -> None:
-        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
-        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
-        if too_low or too_high:
-            raise UserError(f"{where}: {self.name} = {value!r} is out of range; it must be {self.range_text()}")
-
-    def type_text(self) -> str:
-        return {"float": "a number", "int": "a whole number", "count": 'a whole number such as 50_000_000 or "50M"',
-                "bool": "true or false", "str": "a string",
-                "int_list": "a list of whole numbers such as [64, 256]"}[self.kind]
-
-    def range_text(self) -> str:
-        lo = None if self.low is None else (f"> {self.low:g}" if self.low_open else f">= {self.low:g}")
-        hi = None if self.high is None else (f"< {self.high:g}" if self.high_open else f"<= {self.high:g}")
-        if lo and hi and self.low is not None and self.high is not None:
-            left = "(" if self.low_open else "["
-            right = ")" if self.high_open else "]"
-            return f"in {left}{self.low:g}, {self.high:g}{right}"
-        return lo or hi or "any"
-
-    def default_for_docs(self) -> str:
-        if self.required:
-            return "required"
-        if self.default is None:
-            return self.default_text or "none"
-        if isinstance(self.default, bool):
-            return str(self.default).lower()
-        if isinstance(self.default, float):
-            return f"{self.default:g}" if self.default != 1 / 32 else "1/32"
-        if isinstance(self.default, str):
-            return f'"{self.default}"'
-        return f"{self.default:_}" if isinstance(self.default, int) and self.default >= 10_000 else str(self.default)
+Key = Option  # the name architecture files used before options moved to common/options.py
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-COMMON_KEYS: tuple[Key, ...] = (
-    Key("name", "str", help="the SAE's folder name (letters, digits, '.', '_', '-'); [grid] SAEs are named "
+COMMON_KEYS: tuple[Option, ...] = (
+    Option("name", "str", help="the SAE's folder name (letters, digits, '.', '_', '-'); [grid] SAEs are named "
         "automatically", required=True),
-    Key("architecture", "str", help="which registered architecture (see the table)", required=True),
-    Key("hook", "str", None, "the store's hook this SAE reads (a transcoder's input)",
+    Option("architecture", "str", help="which registered architecture (see the table)", required=True),
+    Option("hook", "str", None, "the store's hook this SAE reads (a transcoder's input)",
         default_text="the top-level `hook`"),
-    Key("expansion", "float", 16.0, "d_sae = expansion × d_in (or give d_sae)", low=0, low_open=True),
-    Key("d_sae", "int", None, "the number of latents, instead of expansion", low=1,
+    Option("expansion", "float", 16.0, "d_sae = expansion × d_in (or give d_sae)", low=0, low_open=True),
+    Option("d_sae", "int", None, "the number of latents, instead of expansion", low=1, unit="latents",
         default_text="expansion × d_in"),
-    Key("lr", "float", 2e-4, "Adam learning rate", low=0, low_open=True),
-    Key("lr_warmup_steps", "int", 0, "steps of linear learning-rate warm-up from 0", low=0),
-    Key("lr_decay_steps", "int", None, "steps of linear decay to 0 at the end of the run", low=0,
+    Option("lr", "float", 2e-4, "Adam learning rate", low=0, low_open=True),
+    Option("lr_warmup_steps", "int", 0, "steps of linear learning-rate warm-up from 0", low=0, unit="steps"),
+    Option("lr_decay_steps", "int", None, "steps of linear decay to 0 at the end of the run", low=0, unit="steps",
         default_text="the last fifth of the run"),
-    Key("grad_clip", "float", 1.0, "maximum gradient norm; 0 turns clipping off", low=0),
-    Key("adam_beta1", "float", 0.9, "Adam β1", low=0, high=1, high_open=True),
-    Key("adam_beta2", "float", 0.999, "Adam β2", low=0, high=1, high_open=True),
+    Option("grad_clip", "float", 1.0, "maximum gradient norm; 0 turns clipping off", low=0),
+    Option("adam_beta1", "float", 0.9, "Adam β1", low=0, high=1, high_open=True),
+    Option("adam_beta2", "float", 0.999, "Adam β2", low=0, high=1, high_open=True),
 )
-K_KEY = Key("k", "int", None, "active latents per token", low=1, required=True)
-AUXK_KEYS: tuple[Key, ...] = (
-    Key("aux_k", "int", None, "dead latents that reconstruct the residual in the AuxK loss", low=1,
+K_KEY = Option("k", "int", None, "active latents per token", low=1, required=True, unit="latents")
+AUXK_KEYS: tuple[Option, ...] = (
+    Option("aux_k", "int", None, "dead latents that reconstruct the residual in the AuxK loss", low=1, unit="latents",
         default_text="d_in / 2"),
-    Key("aux_loss_coefficient", "float", 1 / 32, "weight of the AuxK loss", low=0),
+    Option("aux_loss_coefficient", "float", 1 / 32, "weight of the AuxK loss", low=0),
 )
-TRANSCODER_KEYS: tuple[Key, ...] = (
-    Key("hook_out", "str", None, "the hook a transcoder reconstructs from `hook` (same forward pass), e.g. "
+TRANSCODER_KEYS: tuple[Option, ...] = (
+    Option("hook_out", "str", None, "the hook a transcoder reconstructs from `hook` (same forward pass), e.g. "
         '"blocks.8.hook_mlp_out"', required=True),
 )
-SPARSITY_WARMUP_KEY = Key("sparsity_warmup_steps", "int", None,
-                          "steps of linear warm-up of the sparsity coefficient from 0", low=0,
+SPARSITY_WARMUP_KEY = Option("sparsity_warmup_steps", "int", None,
+                          "steps of linear warm-up of the sparsity coefficient from 0", low=0, unit="steps",
                           default_text="the first 5% of the run")
 
 
 # ------------------------------------------------------------------------- one SAE's config
 class SAEConfig:
-    """One SAE of the sweep: its resolved key values, readable as attributes (None when the key does
-    not apply to its architecture or is not resolved yet)."""
+    """One SAE of the sweep: its resolved key values, readable as attributes. A key of another
+    architecture reads as None (it does not apply); a name that is no SAE key of any registered
+    architecture is an AttributeError, so a misspelt key never reads quietly as None."""
 
     def __init__(self, **values: Any):
         object.__setattr__(self, "_values", {})
@@ -183,14 +88,17 @@ class SAEConfig:
         for key in (arch.all_keys() if arch is not None else COMMON_KEYS):
             if key.default is not None:
                 self._values[key.name] = key.default
-        self._values.update(values)
+        for k, v in values.items():
+            setattr(self, k, v)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
+        _check_sae_key(name)
         return self._values.get(name)
 
     def __setattr__(self, name: str, value: Any) -> None:
+        _check_sae_key(name)
         self._values[name] = value
 
     def __eq__(self, other: object) -> bool:
@@ -201,6 +109,15 @@ class SAEConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self._values.items() if v is not None}
+
+
+RESOLVED = ("d_in", "d_out")  # not keys: the widths of the SAE's hooks in the store, filled in by resolve()
+
+
+def _check_sae_key(name: str) -> None:
+    known = all_sae_keys()
+    if name not in known and name not in RESOLVED:
+        raise AttributeError(f"no SAE key {name!r}{did_you_mean(name, known)}")
 
 
 # ------------------------------------------------------------------------- the registry
@@ -238,7 +155,7 @@ def get_architecture(name: str) -> type["TrainingSAE"]:
         raise UserError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHITECTURES)}") from None
 
 
-def all_sae_keys() -> dict[str, Key]:
+def all_sae_keys() -> dict[str, Option]:
     """Every SAE key any registered architecture takes (the common ones first)."""
     out = {k.name: k for k in COMMON_KEYS}
     for cls in ARCHITECTURES.values():
@@ -290,7 +207,7 @@ class TrainingSAE(nn.Module):
 
     architecture = "base"
     help = ""
-    keys: tuple[Key, ...] = ()
+    keys: tuple[Option, ...] = ()
     takes_k = False
     uses_auxk = False
     encoder_matrices = 1  # d_in x d_sae matrices its encoder multiplies by (a step's cost, train/distributed.py)
@@ -302,7 +219,7 @@ class TrainingSAE(nn.Module):
     skip = False  # a learned linear skip connection W_skip [d_out, d_in] from input to output
 
     @classmethod
-    def all_keys(cls) -> tuple[Key, ...]:
+    def all_keys(cls) -> tuple[Option, ...]:
         """The keys this architecture takes: the common ones, hook_out for transcoders, k and the AuxK
         keys where they apply, then its own."""
         return (COMMON_KEYS + (TRANSCODER_KEYS if cls.transcoder else ()) + ((K_KEY,) if cls.takes_k else ())

@@ -6,7 +6,7 @@ import torch
 
 from ...common.errors import UserError
 from ..sparse_ops import batch_topk_code
-from .base import Key, TrainingSAE, register
+from .base import Option, TrainingSAE, register
 from .topk import TopKSAE
 
 # calibration keeps, per batch, this many times k * batch of the largest pre-activations: the global
@@ -26,7 +26,7 @@ class BatchTopKSAE(TopKSAE):
 
     architecture = "batchtopk"
     help = "the k × batch largest latents of the batch; exported as JumpReLU with a calibrated threshold"
-    keys = (Key("topk_threshold_lr", "float", 0.01, "rate of the running average of the threshold that "
+    keys = (Option("topk_threshold_lr", "float", 0.01, "rate of the running average of the threshold that "
                 "metrics.jsonl logs", low=0, low_open=True, high=1),)
     saelens_architecture = "jumprelu"
     needs_calibration = True

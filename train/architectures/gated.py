@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import SPARSITY_WARMUP_KEY, Key, StepOut, TrainingSAE, mse, register
+from .base import SPARSITY_WARMUP_KEY, Option, StepOut, TrainingSAE, mse, register
 
 
 @register
@@ -18,7 +18,7 @@ class GatedSAE(TrainingSAE):
     architecture = "gated"
     encoder_matrices = 2  # the gate and the magnitude paths
     help = "a gate path picks the latents, a magnitude path sizes them"
-    keys = (Key("l1_coefficient", "float", 5.0, "weight of the L1 penalty on the gate path", low=0),
+    keys = (Option("l1_coefficient", "float", 5.0, "weight of the L1 penalty on the gate path", low=0),
             SPARSITY_WARMUP_KEY)
     saelens_architecture = "gated"
     unit_norm_decoder = True

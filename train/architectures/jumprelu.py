@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import SPARSITY_WARMUP_KEY, Key, StepOut, TrainingSAE, mse, register
+from .base import SPARSITY_WARMUP_KEY, Option, StepOut, TrainingSAE, mse, register
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -51,10 +51,10 @@ class JumpReLUSAE(TrainingSAE):
 
     architecture = "jumprelu"
     help = "learned per-latent thresholds, L0 penalty"
-    keys = (Key("l0_coefficient", "float", 1.0, "weight of the L0 penalty", low=0),
+    keys = (Option("l0_coefficient", "float", 1.0, "weight of the L0 penalty", low=0),
             SPARSITY_WARMUP_KEY,
-            Key("jumprelu_bandwidth", "float", 0.05, "width of the straight-through kernel", low=0, low_open=True),
-            Key("jumprelu_init_threshold", "float", 0.01, "initial threshold of every latent", low=0))
+            Option("jumprelu_bandwidth", "float", 0.05, "width of the straight-through kernel", low=0, low_open=True),
+            Option("jumprelu_init_threshold", "float", 0.01, "initial threshold of every latent", low=0))
     saelens_architecture = "jumprelu"
     unit_norm_decoder = True
 

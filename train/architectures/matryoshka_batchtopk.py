@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ...common.errors import UserError
 from ..sparse_ops import sparse_decode
-from .base import Key, mse, register
+from .base import Option, mse, register
 from .batchtopk import BatchTopKSAE
 
 
@@ -16,7 +16,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     architecture = "matryoshka_batchtopk"
     help = "BatchTopK whose nested prefixes of latents each reconstruct on their own"
     keys = BatchTopKSAE.keys + (
-        Key("matryoshka_widths", "int_list", None, "increasing prefix sizes; d_sae is added as the last level",
+        Option("matryoshka_widths", "int_list", None, "increasing prefix sizes; d_sae is added as the last level",
             low=1, default_text="[d_sae] (one level)"),)
 
     @classmethod

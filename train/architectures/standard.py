@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import SPARSITY_WARMUP_KEY, Key, StepOut, TrainingSAE, mse, register
+from .base import SPARSITY_WARMUP_KEY, Option, StepOut, TrainingSAE, mse, register
 
 
 @register
@@ -13,7 +13,7 @@ class StandardSAE(TrainingSAE):
 
     architecture = "standard"
     help = "ReLU latents, L1 penalty weighted by decoder norms"
-    keys = (Key("l1_coefficient", "float", 5.0, "weight of the L1 penalty", low=0), SPARSITY_WARMUP_KEY)
+    keys = (Option("l1_coefficient", "float", 5.0, "weight of the L1 penalty", low=0), SPARSITY_WARMUP_KEY)
     saelens_architecture = "standard"
 
     def step_loss(self, x, coefficient, dead, aux_on, target=None):

@@ -26,6 +26,7 @@ from ...common.device import pick_device
 from ...common.errors import StoreError, UserError, first_line
 from ...common.manifest import special_token_ids
 from ...common.metrics import density_histogram
+from ...common.options import check_values, configurable, option
 from ...common.progress import log, token_bar
 from ...common.store import ActivationStore
 from ...common.sae import SAE
@@ -39,21 +40,20 @@ ModelLoader = Callable[[str, "str | None"], "tuple[torch.Tensor | None, Any]"]
 RESIDUAL_HOOKS = re.compile(r"(^|\.)(hook_resid_pre|hook_resid_mid|hook_resid_post|hook_mlp_out|hook_attn_out)$")
 
 
+@configurable
 @dataclass
 class FeatureOptions:
-    """What is kept per latent. top: largest activations; window: tokens shown before and after the
-    activating one; n_bins: histogram bins; n_groups x per_group: quantile examples; n_logits: logit
-    effects each way; block: latents per data file; skip_special_tokens: leave BOS/EOS/pad positions out."""
+    """What is kept per latent (write_features(options=...); `actcache features` sets top)."""
 
-    top: int = 20
-    window_before: int = 12
-    window_after: int = 4
-    n_bins: int = 32
-    n_groups: int = 8
-    per_group: int = 3
-    n_logits: int = 10
-    block: int = 256
-    skip_special_tokens: bool = True
+    top: int = option(20, "Largest activations kept per latent.", unit="examples", low=1)
+    window_before: int = option(12, "Tokens shown before the activating one.", unit="tokens", low=0)
+    window_after: int = option(4, "Tokens shown after the activating one.", unit="tokens", low=0)
+    n_bins: int = option(32, "Bins of the activation histogram.", unit="bins", low=1)
+    n_groups: int = option(8, "Quantile groups of the examples shown besides the top ones.", unit="groups", low=0)
+    per_group: int = option(3, "Examples per quantile group.", unit="examples", low=0)
+    n_logits: int = option(10, "Logit effects kept each way (promoted, suppressed).", unit="tokens", low=0)
+    block: int = option(256, "Latents per data file of the browser.", unit="latents", low=1)
+    skip_special_tokens: bool = option(True, "Leave BOS/EOS/pad positions out.")
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -421,6 +421,7 @@ def write_features(run: str | Path, out: str | Path, store: str | None = None, s
         raise UserError(f"--top must be at least 1, got {top}")
     opts = options or FeatureOptions()
     opts.top = top
+    check_values(opts, "FeatureOptions")
     run = Path(run)
     folders = find_saes(run, saes)
     meta = _run_meta(run)
