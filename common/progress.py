@@ -5,7 +5,7 @@ Every step that can take more than a few seconds shows progress, in one of two f
 - token_bar(total, desc): a tqdm bar counting tokens, with tokens/s and an ETA. On a terminal it
   redraws in place; when stderr is a file or a pipe (a job log, CI) it writes one full line at most
   every HEARTBEAT_S seconds instead of carriage-return redraws.
-- stage(desc): a step with no count to show (loading a model): a line once it has run a second, a
+- stage(desc): a step with no count to show (loading a model): a line once it has run five seconds, a
   line every HEARTBEAT_S seconds while it runs, and one with its duration when it ends.
 
 Both also write a line every HEARTBEAT_S seconds when nothing advances (a long batch), so a silent
@@ -182,7 +182,7 @@ def token_bar(total: int | None, desc: str, initial: int = 0, disable: bool | No
 
 
 @contextlib.contextmanager
-def stage(desc: str, heartbeat: float = HEARTBEAT_S, after: float = 1.0) -> Iterator[None]:
+def stage(desc: str, heartbeat: float = HEARTBEAT_S, after: float = 5.0) -> Iterator[None]:
     """A step without a count (loading a model): once it has run `after` seconds a line saying it
     is under way, then one every `heartbeat` seconds, and one with its duration at its end. A step
     done sooner says nothing; silent when quiet."""

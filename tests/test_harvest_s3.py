@@ -213,26 +213,22 @@ def test_two_harvests_racing_on_one_s3_store_second_fails_at_once(s3, tmp_path):
 def test_overwrite_on_s3_deletes_only_the_stores_own_objects(s3, tmp_path):
     """--overwrite of an S3 store refuses when the prefix also holds objects actcache did not write
     (they were deleted with the store), and never touches an object beside the prefix."""
-    import os
-
-    import boto3
-
     from actcache.common.errors import UserError
 
     data = write_token_jsonl(tmp_path / "toks.jsonl", n_docs=10)
-    url = f"{s3}/mine/acts.zarr"
+    url = f"{s3.url}/mine/acts.zarr"
     cfg = dict(hooks=HOOKS[:1], model=RANDOM, dataset=str(data), context_size=32, tokens=4 * 32, batch_size=4,
                chunk_sequences=4, device="cpu")
     harvest(HarvestConfig(out=url, **cfg), progress=False)
-    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
-    client.put_object(Bucket="acts", Key="mine/acts.zarr/NOTES.txt", Body=b"keep")
-    client.put_object(Bucket="acts", Key="mine/acts.zarr.bak/zarr.json", Body=b"keep")
-    keys = lambda: sorted(o["Key"] for o in client.list_objects_v2(Bucket="acts").get("Contents", []))  # noqa: E731
+    client = s3.client
+    client.put_object(Bucket=s3.bucket, Key="mine/acts.zarr/NOTES.txt", Body=b"keep")
+    client.put_object(Bucket=s3.bucket, Key="mine/acts.zarr.bak/zarr.json", Body=b"keep")
+    keys = lambda: sorted(o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket).get("Contents", []))  # noqa: E731
     before = keys()
     with pytest.raises(UserError, match="NOTES.txt, which actcache did not write.*nothing was deleted") as e:
         harvest(HarvestConfig(out=url, overwrite=True, seed=3, **cfg), progress=False)
     assert "\n" not in str(e.value) and keys() == before
-    client.delete_object(Bucket="acts", Key="mine/acts.zarr/NOTES.txt")
+    client.delete_object(Bucket=s3.bucket, Key="mine/acts.zarr/NOTES.txt")
     harvest(HarvestConfig(out=url, overwrite=True, seed=3, **cfg), progress=False)
     assert ActivationStore.open(url).manifest.seed == 3 and verify(url).ok
-    assert client.get_object(Bucket="acts", Key="mine/acts.zarr.bak/zarr.json")["Body"].read() == b"keep"
+    assert client.get_object(Bucket=s3.bucket, Key="mine/acts.zarr.bak/zarr.json")["Body"].read() == b"keep"
