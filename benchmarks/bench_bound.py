@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import shutil
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from actcache.train.config import SweepConfig, load_config, resolve  # noqa: E40
 from actcache.train.loader import ActivationLoader  # noqa: E402
 from actcache.train.trainer import Trainer, build_members, optimise_member, output_hook  # noqa: E402
 from benchmarks.run import SWEEP4096, SWEEP4096_MODEL, Plan, sweep_toml  # noqa: E402
+from benchmarks.report import emit_result  # noqa: E402
 
 SYNTHETIC_HOOK = "blocks.0.hook_resid_pre"
 
@@ -247,11 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = run(store, plan, [int(t) for t in a.threads.split(",")], a.rounds, work)
     res["command"] = "python -m benchmarks.bench_bound " + " ".join(argv if argv is not None else sys.argv[1:])
     res["date"] = time.strftime("%Y-%m-%d %H:%M")
-    text = json.dumps(res, indent=1)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text)
-    print(text)
+    emit_result(res, a.out, indent=1)
     return res
 
 
