@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import shutil
 import sys
 import tempfile
@@ -43,8 +42,9 @@ from actcache.common.store import ActivationStore  # noqa: E402
 from actcache.train import train_sweep  # noqa: E402
 from actcache.train.config import SweepConfig, load_config, resolve  # noqa: E402
 from actcache.train.loader import ActivationLoader  # noqa: E402
-from actcache.train.trainer import Trainer, build_members, lr_at, output_hook, sparsity_factor  # noqa: E402
+from actcache.train.trainer import Trainer, build_members, optimise_member, output_hook  # noqa: E402
 from benchmarks.run import SWEEP4096, SWEEP4096_MODEL, Plan, sweep_toml  # noqa: E402
+from benchmarks.report import emit_result  # noqa: E402
 
 SYNTHETIC_HOOK = "blocks.0.hook_resid_pre"
 
@@ -102,7 +102,8 @@ def arithmetic(cfg: SweepConfig, batches: list[dict[str, torch.Tensor]], steps: 
                ) -> dict[str, float]:
     """The SAE arithmetic of the sweep alone, timed over its steps: per step and SAE the loss (forward),
     the backward, the SAE's gradient projection, clipping, the Adam step and the decoder renormalisation,
-    as Trainer._step_member does them; the SAEs start as the trainer's (same seed, same b_dec)."""
+    by the trainer's own optimise_member, without the trainer's bookkeeping; the SAEs start as the
+    trainer's (same seed, same b_dec)."""
     device = torch.device("cpu")
     members = build_members(cfg, device)
     for m in members:
@@ -112,18 +113,7 @@ def arithmetic(cfg: SweepConfig, batches: list[dict[str, torch.Tensor]], steps: 
     for step in range(cfg.n_steps if steps is None else steps):
         batch = batches[step]
         for m in members:
-            c = m.cfg
-            for group in m.opt.param_groups:
-                group["lr"] = lr_at(c, step, cfg.n_steps)
-            target = {"target": batch[output_hook(c)]} if m.sae.transcoder else {}
-            out = m.sae.step_loss(batch[c.hook], sparsity_factor(c, step), not_dead[c.name], False, **target)
-            m.opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            m.sae.before_optimizer_step()
-            if c.grad_clip:
-                torch.nn.utils.clip_grad_norm_(m.sae.parameters(), c.grad_clip)
-            m.opt.step()
-            m.sae.after_optimizer_step()
+            optimise_member(m, batch, step, cfg.n_steps, not_dead[m.cfg.name], False)
     return since(t)
 
 
@@ -257,11 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = run(store, plan, [int(t) for t in a.threads.split(",")], a.rounds, work)
     res["command"] = "python -m benchmarks.bench_bound " + " ".join(argv if argv is not None else sys.argv[1:])
     res["date"] = time.strftime("%Y-%m-%d %H:%M")
-    text = json.dumps(res, indent=1)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text)
-    print(text)
+    emit_result(res, a.out, indent=1)
     return res
 
 

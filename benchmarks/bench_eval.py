@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.report import emit_result
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -117,10 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "max_abs_logit_diff": sl["max_abs_logit_diff"]}
         result["ratio"] = {k: result["actcache"][k]["tokens_per_s"] / result["saelens"][k]["tokens_per_s"]
                            for k in ("1_saes", f"{args.n_saes}_saes")}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_result(result, args.out)
     return result
 
 

@@ -36,6 +36,7 @@ from actcache.common.sae import SAE, Metadata, SAEConfig  # noqa: E402
 from actcache.harvest.demo import demo_harvest  # noqa: E402
 from actcache.harvest.models import DEFAULT_MODEL, load_model  # noqa: E402
 from actcache.train.features import write_features  # noqa: E402
+from benchmarks.report import emit_result  # noqa: E402
 
 HOOK = "blocks.4.hook_resid_post"
 PROMPT = "def read_config(path):\n    with open(path) as f:"
@@ -139,10 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     e = result["explore"]
     result["prompt_speedup"] = round(result["analyse_command_s"] / min(e["prompt_s"]), 1)
     result["steer_speedup"] = round(result["steer_command_s"] / min(e["steer_s"]), 1)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_result(result, args.out)
     return result
 
 

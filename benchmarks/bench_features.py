@@ -16,7 +16,6 @@ Prints one JSON object."""
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from actcache.train.features.api import (
 from actcache.train.features.contexts import LatentAccumulator
 from actcache.common.sae import SAE, Metadata, SAEConfig
 from actcache.common.device import pick_device
+from benchmarks.report import emit_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,10 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_result(result, args.out)
     return result
 
 

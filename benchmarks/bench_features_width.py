@@ -42,6 +42,7 @@ from actcache.common.store import ActivationStore  # noqa: E402
 from actcache.train.features.api import FeatureOptions, collect_top_contexts, sae_hook  # noqa: E402
 from benchmarks.bench_features import load_range, synthetic_saes  # noqa: E402
 from benchmarks.bench_scale import measure  # noqa: E402
+from benchmarks.report import emit_result  # noqa: E402
 
 
 def wide_sae(d: int, d_sae: int, k: int) -> dict:
@@ -156,10 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     res["memory"] = mem
     if tmp is not None:  # the synthetic store this run built in its own temporary folder
         shutil.rmtree(tmp, ignore_errors=True)
-    text = json.dumps(res, indent=1)
-    if a.out:
-        Path(a.out).write_text(text)
-    print(text)
+    emit_result(res, a.out, indent=1)
     return res
 
 

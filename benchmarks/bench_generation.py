@@ -16,7 +16,6 @@ Prints one JSON object."""
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -32,6 +31,7 @@ if str(ROOT) not in sys.path:
 from actcache.common.sae import SAE, Metadata, SAEConfig  # noqa: E402
 from actcache.harvest.models import DEFAULT_MODEL, load_model  # noqa: E402
 from actcache.harvest.session import Session  # noqa: E402
+from benchmarks.report import emit_result  # noqa: E402
 
 PROMPT = "The weather today is"
 
@@ -83,10 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup": round(statistics.median(runs["whole"]) / statistics.median(runs["cached"]), 2),
         "date": time.strftime("%Y-%m-%d"),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_result(result, args.out)
     if not same:
         raise SystemExit("the cached generation differs from the whole-sequence one")
     return result

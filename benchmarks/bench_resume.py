@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
 from actcache.common.outputs import METRICS_FILE, WEIGHTS_FILENAME, is_store  # noqa: E402
 from actcache.common.progress import parse_count  # noqa: E402
 from benchmarks.bench_scale import HOOK, measure, model_spec, write_dataset  # noqa: E402
+from benchmarks.report import emit_result  # noqa: E402
 
 
 def committed(store: Path) -> int:
@@ -217,10 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(res, indent=1)
-    if a.out:
-        Path(a.out).write_text(text)
-    print(text)
+    emit_result(res, a.out, indent=1)
     return res
 
 

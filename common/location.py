@@ -266,15 +266,21 @@ OBSTORE_QUICK_RETRIES_SECONDS = 2  # obstore retries a refused connection within
 S3FS_ATTEMPTS = 1  # s3fs's own loop around botocore's
 
 
+def _seconds(raw: Any) -> float:
+    """A --storage-option's seconds as a float; NaN where the text is not a number (the caller's check
+    then rejects it with its own message)."""
+    try:
+        return float(raw)
+    except ValueError:
+        return math.nan
+
+
 def request_timeout() -> float:
     """Seconds an S3 request may wait for the server's next byte (--storage-option request_timeout=N)."""
     raw = _OPTIONS.get(REQUEST_TIMEOUT_OPTION)
     if raw is None or not str(raw).strip():
         return REQUEST_TIMEOUT
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
+    value = _seconds(raw)
     if not (math.isfinite(value) and value > 0):
         raise UserError(f"--storage-option {REQUEST_TIMEOUT_OPTION}={raw!r}: give the seconds an S3 request may "
                         "wait for the server (a number > 0)")
@@ -319,10 +325,7 @@ def retry_seconds() -> float:
         raw, where = os.environ.get(RETRY_ENV), RETRY_ENV
     if raw is None or not str(raw).strip():
         return RETRY_SECONDS
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
+    value = _seconds(raw)
     if not (math.isfinite(value) and value >= 0):
         raise UserError(f"{where}={raw!r}: give the seconds to keep retrying a failed storage operation "
                         "(0 turns retries off)")

@@ -91,6 +91,27 @@ def build_members(cfg: SweepConfig, device: torch.device) -> list[Member]:
     return members
 
 
+def optimise_member(m: Member, batch: dict[str, torch.Tensor], step: int, n_steps: int, dead: torch.Tensor,
+                    aux_on: bool):
+    """One optimiser step of one SAE on a batch: the step's learning rate, the loss (forward), the
+    backward, the SAE's gradient projection, clipping, the Adam step and the decoder renormalisation.
+    Returns (the step's loss output, the learning rate used); the bookkeeping is the caller's."""
+    c = m.cfg
+    lr = lr_at(c, step, n_steps)
+    for group in m.opt.param_groups:
+        group["lr"] = lr
+    target = {"target": batch[output_hook(c)]} if m.sae.transcoder else {}
+    out = m.sae.step_loss(batch[c.hook], sparsity_factor(c, step), dead, aux_on, **target)
+    m.opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    m.sae.before_optimizer_step()
+    if c.grad_clip:
+        torch.nn.utils.clip_grad_norm_(m.sae.parameters(), c.grad_clip)
+    m.opt.step()
+    m.sae.after_optimizer_step()
+    return out, lr
+
+
 class Trainer:
     """Runs the steps of a sweep, writes metrics and checkpoints under `out`."""
 
@@ -195,21 +216,10 @@ class Trainer:
         self.checkpoint()
 
     def _step_member(self, m: Member, batch: dict[str, torch.Tensor]):
-        c, step = m.cfg, self.step
-        x = batch[c.hook]
-        lr = lr_at(c, step, self.cfg.n_steps)
-        for group in m.opt.param_groups:
-            group["lr"] = lr
+        step = self.step
+        x = batch[m.cfg.hook]
         dead = m.since_fired >= self.cfg.dead_window_tokens
-        target = {"target": batch[output_hook(c)]} if m.sae.transcoder else {}
-        out = m.sae.step_loss(x, sparsity_factor(c, step), dead, m.aux_on, **target)
-        m.opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        m.sae.before_optimizer_step()
-        if c.grad_clip:
-            torch.nn.utils.clip_grad_norm_(m.sae.parameters(), c.grad_clip)
-        m.opt.step()
-        m.sae.after_optimizer_step()
+        out, lr = optimise_member(m, batch, step, self.cfg.n_steps, dead, m.aux_on)
         m.since_fired.add_(x.shape[0]).masked_fill_(out.fired, 0)
         bad = ~torch.isfinite(out.loss.detach())
         m.first_bad.copy_(torch.where(bad & (m.first_bad < 0), torch.full_like(m.first_bad, step), m.first_bad))
