@@ -159,8 +159,6 @@ class Lease:
 
     # ------------------------------------------------------------------ local: flock
     def _acquire_local(self, takeover: bool) -> None:
-        import fcntl
-
         path = location.local_path(lock_url(self.url))
         if not path.parent.is_dir():
             raise UserError(f"cannot write {self.url}: the folder {path.parent} does not exist")

@@ -9,7 +9,6 @@ trainer's metrics.jsonl. The sweep gets summary.json, summary.md (a markdown tab
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any

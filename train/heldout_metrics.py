@@ -8,7 +8,6 @@ hook's activation at the same token (l2_norm_in is then the norm of the target).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import numpy as np
@@ -87,7 +86,3 @@ def heldout_metrics(saes: Mapping[str, Any], store: Any, hook: str, seq_range: t
         raise UserError(f"no tokens to evaluate in sequences {seq_range[0]}:{seq_range[1]} of {store.url}"
                         + ("" if include_special_tokens else " once special tokens are left out"))
     return {name: {**m.result(), "activation_tokens": n} for name, m in acc.items()}
-
-
-def finite_or_none(v: float) -> float | None:
-    return v if isinstance(v, float) and math.isfinite(v) else None
