@@ -37,7 +37,7 @@ class VerifyReport:
 
 def verify(url: str | os.PathLike, progress: bool = False) -> VerifyReport:
     """Check the store against its manifest and read (decode, crc32c-check) every committed chunk; for
-    format version 2 also each chunk's digest and the store fingerprint. Never raises on damage: every
+    format version 2 on also each chunk's digest and the store fingerprint. Never raises on damage: every
     problem found goes into the report."""
     store = ActivationStore.open(url, "r", check=False)
     m = store.manifest

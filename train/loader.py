@@ -54,10 +54,10 @@ def normalisation_scale(store: ActivationStore, hook: str, chunks: list[int] | N
         count, mean_sq = s["count"], float(np.sum(s["var"] + s["mean"] ** 2))
     else:  # from the per-chunk partial sums of exactly these chunks: sum over dims of E[x_d^2]
         idx = sorted(chunks)
-        count = float(store.partial_rows(hook, "count", idx).sum()) if idx else 0.0
+        part = store.partial_table(hook, idx, ("count", "sumsq")) if idx else {}
+        count = float(part["count"].sum()) if idx else 0.0
         if count:
-            sumsq = store.partial_rows(hook, "sumsq", idx)
-            mean_sq = float(np.sum(sumsq.sum(axis=0) / count))
+            mean_sq = float(np.sum(part["sumsq"].sum(axis=0) / count))
     if not count:
         raise UserError(f"the store {store.url} has no statistics for {hook!r}; finish the harvest first")
     return math.sqrt(d / mean_sq) if mean_sq > 0 else 1.0
