@@ -192,11 +192,6 @@ class ActivationStore:
         """The arrays of this store's format version and geometry (common/store_layout.py)."""
         return StoreLayout.of(self.manifest)
 
-    def expected_arrays(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], str]]:
-        """path -> (shape, chunk shape, dtype) of the data arrays the manifest implies: tokens, the
-        activations and the digests (not the statistics)."""
-        return {p: (a.shape, a.chunks, a.dtype) for p, a in self.layout.data_arrays().items()}
-
     def check_layout(self, deep: bool = False) -> list[str]:
         """Problems of the manifest against the arrays' metadata (no chunk data is read). deep: also
         that the last committed chunk of every array exists (a store whose tail never arrived)."""
@@ -286,11 +281,6 @@ class ActivationStore:
         if hook not in self.manifest.hook_names:
             raise StoreError(f"hook {hook!r} is not in {self.url}; it has: {', '.join(self.manifest.hook_names)}")
         return self.array(f"activations/{hook}")
-
-    def partial_stats(self, hook: str, field: str) -> zarr.Array:
-        """The per-chunk array that holds the partial statistic `field` (one of PARTIAL_FIELDS) of a hook,
-        one row per chunk: its own array (versions 1, 2), or `stats/chunks` with every hook's (version 3)."""
-        return self.array(self.layout.partial_array_of(hook, field))
 
     # ---------------------------------------------------------------- writing
     def write_chunk(self, j: int, tokens: np.ndarray, acts: dict[str, np.ndarray],
@@ -392,7 +382,7 @@ class ActivationStore:
         return np.stack([np.asarray(rows[j]) for j in range(n)])
 
     def stored_digests(self, upto: int | None = None) -> np.ndarray:
-        """The per-chunk digests written with the chunks, uint8 [n, 16] (version 2); a digest that is
+        """The per-chunk digests written with the chunks, uint8 [n, 16] (version 2 on); a digest that is
         absent (zarr would give zeros) is a StoreError naming it."""
         n = self.n_chunks if upto is None else upto
         self.require_chunks("digests", range(n))

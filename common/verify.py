@@ -20,7 +20,7 @@ class VerifyReport:
     n_chunks: int = 0
     complete: bool = False
     problems: list[str] = field(default_factory=list)
-    fingerprint: str | None = None  # recomputed from the data read (format 2, every committed chunk readable)
+    fingerprint: str | None = None  # recomputed from the data read (format 2 on, every committed chunk readable)
 
     @property
     def ok(self) -> bool:
