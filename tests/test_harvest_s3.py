@@ -166,8 +166,10 @@ def test_endpoint_dying_mid_harvest_is_one_line_and_resume_is_byte_identical(ser
     finally:
         server.start_again()
     retried = retry_lines(err)
+    # besides the progress bar and the retries, only the error: the model's load says it is under way
+    # when it takes over 5 s, which a loaded machine can make it
     lines = [l for l in err.replace("\r", "\n").splitlines()
-             if l.strip() and not l.startswith("harvest:") and l not in retried]
+             if l.strip() and not l.startswith(("harvest:", "actcache: loading the model")) and l not in retried]
     assert p.returncode != 0 and "Traceback" not in err, err[-3000:]
     assert len(lines) == 1 and lines[0].startswith("actcache: error: ") and "--resume" in lines[0], lines
     assert retried, err[-3000:]  # it did retry before giving up
