@@ -21,7 +21,7 @@ def info(url: str | os.PathLike) -> dict[str, Any]:
     raw = n_tokens * sum(h.d for h in m.hooks) * 2
     hooks = {}
     for h in m.hooks:
-        s = store.stats(h.name)
+        s = store.summary(h.name)
         hooks[h.name] = {
             "d": h.d,
             "count": int(s["count"]),

@@ -118,10 +118,27 @@ def disk_usage(url: str | os.PathLike, prefix: str = "") -> int:
         root = local_path(url) / prefix
         if root.is_file():
             return root.stat().st_size
-        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        return _tree_bytes(root)
     fs, path = remote_fs(url)
     full = f"{path.rstrip('/')}/{prefix}" if prefix else path
     return int(fs.du(full, total=True)) if fs.exists(full) else 0
+
+
+def _tree_bytes(root: Path) -> int:
+    """Bytes of the files under a folder, walked one directory at a time (a store of 100M tokens holds
+    tens of thousands of chunk files: no list of them is built)."""
+    total, todo = 0, [str(root)]
+    while todo:
+        try:
+            with os.scandir(todo.pop()) as entries:
+                for e in entries:
+                    if e.is_dir(follow_symlinks=False):
+                        todo.append(e.path)
+                    elif e.is_file(follow_symlinks=False):
+                        total += e.stat(follow_symlinks=False).st_size
+        except FileNotFoundError:
+            continue
+    return total
 
 
 def remote_fs(url: str | os.PathLike):

@@ -464,6 +464,27 @@ class ActivationStore:
             "n_nonfinite": float(rows["n_nonfinite"].sum()),
         }
 
+    def summary(self, hook: str) -> dict[str, Any]:
+        """The summary statistics of a hook: for a complete store, the ones finalize wrote (a few
+        objects, however many chunks: `verify` checks them against the per-chunk sums, whose presence
+        is checked here by one listing); for one still being harvested, stats() over its committed
+        chunks."""
+        if not self.manifest.complete:
+            return self.stats(hook)
+        layout = self.layout
+        for path in dict.fromkeys(layout.partial_array_of(hook, f) for f in PARTIAL_FIELDS):
+            self.require_chunks(path, range(self.n_committed))
+        group = self.group["stats"][hook]
+
+        def read() -> dict[str, Any]:
+            out: dict[str, Any] = {key: float(group.attrs[key]) for key in layout.summary_attrs()}
+            for key in layout.summary_arrays():
+                arr = np.asarray(group[key][...], dtype=np.float64)
+                out[key] = arr if arr.ndim else float(arr)
+            return out
+
+        return self.read_array_chunk(f"stats/{hook}", read, "summary")
+
     def read_tokens(self, j: int) -> np.ndarray:
         """The int32 tokens of committed chunk j, [sequences, context_size]."""
         a, b = self._committed_range(j, self.chunk_sequence_range)

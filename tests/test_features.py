@@ -180,10 +180,11 @@ def trained(tmp_path_factory):
 def test_trained_run_matches_brute_force_and_writes_documented_files(trained):
     out = trained / "features"
     summary = write_features(trained / "run", out, tokens=1000, top=6, progress=False)
-    # 63 sequences sampled evenly over the whole store (16 chunks of 16): 3 or 4 at the start of each chunk
+    # 63 sequences sampled evenly over the whole store (16 chunks of 16): four chunks (as few as hold
+    # them) spread from the first to the last, read from their start
     ranges = [tuple(r) for r in summary["sequences"]]
     assert summary["range"] == "sampled" and summary["n_sequences"] == 63 == sum(b - a for a, b in ranges)
-    assert [a for a, _ in ranges] == [16 * j for j in range(16)] and {b - a for a, b in ranges} == {3, 4}
+    assert ranges == [(0, 16), (80, 96), (160, 175), (240, 256)]
     assert summary["held_out_sequences"] + summary["training_sequences"] == 63
     assert (out / "index.html").is_file() and (out / "features.json").is_file()
     store = ActivationStore.open(trained / "s.zarr")
@@ -266,16 +267,16 @@ def test_whole_store_is_the_default_and_a_bound_samples_evenly(trained):
     assert (sel.ranges, sel.what, sel.held_out_sequences()) == ([(200, 240)], "held-out", 40)
     store.held_out_range = lambda: (224, 256)  # what a store that sets sequences aside answers
     sel = choose_sequences(store, True, 64)
-    assert (sel.ranges, sel.what) == ([(224, 226), (240, 242)], "held-out, sampled")
-    sel = choose_sequences(store, False, 32 * 16)  # 32 sequences of 256: two from each of the 16 chunks
+    assert (sel.ranges, sel.what) == ([(224, 228)], "held-out, sampled")  # 4 sequences: one chunk holds them
+    sel = choose_sequences(store, False, 32 * 16)  # 32 sequences of 256: two whole chunks, the first and the last
     assert sel.what == "sampled" and sel.n_sequences == 32
-    assert sel.ranges == [(16 * j, 16 * j + 2) for j in range(16)]
-    assert sel.held_out_sequences() == 4  # chunks 14 and 15 are the held-out part
-    sel = choose_sequences(store, False, 3 * 16)  # fewer sequences than chunks: spread from first to last
-    assert sel.ranges == [(0, 1), (128, 129), (240, 241)]
-    sel = choose_sequences(store, False, 40 * 16)  # 40 over 16 chunks: 2 or 3 each, the last chunk included
-    assert sel.n_sequences == 40 and len(sel.ranges) == 16 and sel.ranges[-1][0] == 240
-    assert sel.held_out_sequences() == sum(b - a for a, b in sel.ranges[-2:])
+    assert sel.ranges == [(0, 16), (240, 256)]
+    assert sel.held_out_sequences() == 16  # chunks 14 and 15 are the held-out part
+    sel = choose_sequences(store, False, 40 * 16)  # three chunks, spread from the first to the last
+    assert sel.ranges == [(0, 13), (128, 142), (240, 253)]
+    assert sel.n_sequences == 40 and sel.held_out_sequences() == 13  # of the last chunk, held out
+    sel = choose_sequences(store, False, 254 * 16)  # all but two: every chunk, the last ones cut short
+    assert sel.n_sequences == 254 and len(sel.ranges) == 16
 
 
 def _cli(*args, cwd=ROOT):

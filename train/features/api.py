@@ -119,14 +119,25 @@ class Selection:
 
 
 def sample_evenly(store: ActivationStore, a: int, b: int, n: int) -> list[tuple[int, int]]:
-    """About n sequences of [a, b) spread evenly over it, read a chunk at a time: runs of consecutive
-    sequences at the start of chunks picked at even spacing from the first chunk to the last (every
-    chunk when n covers them all), n shared out evenly among them."""
+    """About n sequences of [a, b) spread evenly over it, in whole chunks: as few chunks as hold n
+    sequences, picked at even spacing from the first chunk to the last, n shared out evenly among them
+    (each from the start of its chunk). A chunk is read and decoded whole, so this reads about n
+    sequences' worth of data however large the store is (one sequence from each of many chunks would
+    decode them all)."""
     if n >= b - a:
         return [(a, b)]
     cs = store.manifest.chunk_sequences
     chunks = list(range(a // cs, -(-b // cs)))
-    picked = sorted(set(np.linspace(0, len(chunks) - 1, min(len(chunks), n)).round().astype(int).tolist()))
+    k = min(len(chunks), -(-n // cs))
+    while True:  # one more chunk while the range's ends cut the picked ones short of n
+        out = _spread(chunks, k, cs, a, b, n)
+        if k == len(chunks) or sum(hi - lo for lo, hi in out) >= n:
+            return out
+        k += 1
+
+
+def _spread(chunks: list[int], k: int, cs: int, a: int, b: int, n: int) -> list[tuple[int, int]]:
+    picked = sorted(set(np.linspace(0, len(chunks) - 1, k).round().astype(int).tolist()))
     quota = np.diff(np.linspace(0, n, len(picked) + 1).round().astype(int)).tolist()
     out, carry = [], 0
     for i, q in zip(picked, quota):
@@ -135,6 +146,9 @@ def sample_evenly(store: ActivationStore, a: int, b: int, n: int) -> list[tuple[
         carry += q - (hi - lo)  # a chunk cut short by the range's ends passes the rest on
         if hi > lo:
             out.append((lo, hi))
+    for j, (lo, hi) in enumerate(out):  # what the last chunks could not hold goes to the room left in others
+        more = min(carry, min(b, (lo // cs + 1) * cs) - hi)
+        out[j], carry = (lo, hi + more), carry - more
     return out
 
 
