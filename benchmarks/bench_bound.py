@@ -34,17 +34,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from actcache.common.outputs import is_run  # noqa: E402
-from actcache.common.store import ActivationStore  # noqa: E402
-from actcache.train import train_sweep  # noqa: E402
-from actcache.train.config import SweepConfig, load_config, resolve  # noqa: E402
-from actcache.train.loader import ActivationLoader  # noqa: E402
-from actcache.train.trainer import Trainer, build_members, optimise_member, output_hook  # noqa: E402
-from benchmarks.run import SWEEP4096, SWEEP4096_MODEL, Plan, sweep_toml  # noqa: E402
-from benchmarks.report import emit_result  # noqa: E402
+from actcache.common.outputs import is_run
+from actcache.common.store import ActivationStore
+from actcache.train import train_sweep
+from actcache.train.config import SweepConfig, load_config, resolve
+from actcache.train.loader import ActivationLoader
+from actcache.train.trainer import Trainer, build_members, optimise_member, output_hook
+from benchmarks.run import SWEEP4096, SWEEP4096_MODEL, Plan, sweep_toml
+from benchmarks.report import emit_result
 
 SYNTHETIC_HOOK = "blocks.0.hook_resid_pre"
 

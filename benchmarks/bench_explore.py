@@ -29,14 +29,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from actcache.common.sae import SAE, Metadata, SAEConfig  # noqa: E402
-from actcache.harvest.demo import demo_harvest  # noqa: E402
-from actcache.harvest.models import DEFAULT_MODEL, load_model  # noqa: E402
-from actcache.train.features import write_features  # noqa: E402
-from benchmarks.report import emit_result  # noqa: E402
+from actcache.common.sae import SAE, Metadata, SAEConfig
+from actcache.harvest.demo import demo_harvest
+from actcache.harvest.models import DEFAULT_MODEL, load_model
+from actcache.train.features import write_features
+from benchmarks.report import emit_result
 
 HOOK = "blocks.4.hook_resid_post"
 PROMPT = "def read_config(path):\n    with open(path) as f:"
@@ -49,7 +47,6 @@ def env(threads: int | None) -> dict[str, str]:
     e = dict(os.environ)
     if threads:
         e["OMP_NUM_THREADS"] = str(threads)
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     e.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return e
 

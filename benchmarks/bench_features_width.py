@@ -34,15 +34,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from actcache.common.progress import parse_count  # noqa: E402
-from actcache.common.store import ActivationStore  # noqa: E402
-from actcache.train.features.api import FeatureOptions, collect_top_contexts, sae_hook  # noqa: E402
-from benchmarks.bench_features import load_range, synthetic_saes  # noqa: E402
-from benchmarks.bench_scale import measure  # noqa: E402
-from benchmarks.report import emit_result  # noqa: E402
+from actcache.common.progress import parse_count
+from actcache.common.store import ActivationStore
+from actcache.train.features.api import FeatureOptions, collect_top_contexts, sae_hook
+from benchmarks.bench_features import load_range, synthetic_saes
+from benchmarks.bench_scale import measure
+from benchmarks.report import emit_result
 
 
 def wide_sae(d: int, d_sae: int, k: int) -> dict:

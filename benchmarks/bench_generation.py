@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,13 +24,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from actcache.common.sae import SAE, Metadata, SAEConfig  # noqa: E402
-from actcache.harvest.models import DEFAULT_MODEL, load_model  # noqa: E402
-from actcache.harvest.session import Session  # noqa: E402
-from benchmarks.report import emit_result  # noqa: E402
+from actcache.common.sae import SAE, Metadata, SAEConfig
+from actcache.harvest.models import DEFAULT_MODEL, load_model
+from actcache.harvest.session import Session
+from benchmarks.report import emit_result
 
 PROMPT = "The weather today is"
 

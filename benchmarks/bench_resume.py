@@ -34,13 +34,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from actcache.common.outputs import METRICS_FILE, WEIGHTS_FILENAME, is_store  # noqa: E402
-from actcache.common.progress import parse_count  # noqa: E402
-from benchmarks.bench_scale import HOOK, measure, model_spec, write_dataset  # noqa: E402
-from benchmarks.report import emit_result  # noqa: E402
+from actcache.common.outputs import METRICS_FILE, WEIGHTS_FILENAME, is_store
+from actcache.common.progress import parse_count
+from benchmarks.bench_scale import HOOK, measure, model_spec, write_dataset
+from benchmarks.report import emit_result
 
 
 def committed(store: Path) -> int:
@@ -208,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = ap.parse_args(argv)
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="bench-resume-"))
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     res: dict[str, Any] = {"command": "python -m benchmarks.bench_resume " + " ".join(argv),
                            "date": time.strftime("%Y-%m-%d %H:%M"), "d_model": a.d_model}
     try:

@@ -11,19 +11,16 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from actcache.common.manifest import DatasetInfo, HookInfo, Manifest, ModelInfo, TokenizerInfo  # noqa: E402
-from actcache.common.store import ActivationStore, chunk_stats  # noqa: E402
-from benchmarks.s3_server import moto_s3  # noqa: E402
+from actcache.common.manifest import DatasetInfo, HookInfo, Manifest, ModelInfo, TokenizerInfo
+from actcache.common.store import ActivationStore, chunk_stats
+from benchmarks.s3_server import moto_s3
 
 
 def run(hooks: int = 1, latency_ms: float = 20.0, chunks: int = 8, d: int = 64) -> dict:

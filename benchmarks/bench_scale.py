@@ -40,12 +40,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from actcache.common.errors import UserError  # noqa: E402
-from actcache.common.outputs import FEATURES_FILE, SUMMARY_FILE, is_features, is_run, is_store  # noqa: E402
-from actcache.common.progress import human_bytes, parse_count  # noqa: E402
+from actcache.common.errors import UserError
+from actcache.common.outputs import FEATURES_FILE, SUMMARY_FILE, is_features, is_run, is_store
+from actcache.common.progress import human_bytes, parse_count
 
 HOOK = "blocks.0.hook_resid_pre"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -367,8 +365,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=work_parent))
     (work / MARKER).write_text("made by benchmarks/bench_scale.py\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               CUDA_VISIBLE_DEVICES="", HF_DATASETS_CACHE=str(work / "hf-datasets"),
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               CUDA_VISIBLE_DEVICES="", HF_DATASETS_CACHE=str(work / "hf-datasets"))
     t0 = time.time()
     try:
         data = write_dataset(work / "tokens.jsonl", int(max(sizes) * 1.02) + 4 * a.ctx, a.vocab)
