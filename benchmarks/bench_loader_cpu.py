@@ -55,6 +55,14 @@ WORK_PREFIX = "bench_loader_cpu_"
 
 # ----------------------------------------------------------------------------- one measurement (a child)
 def _peak_rss() -> int:
+    """This process's peak resident memory in bytes: VmHWM, the high-water mark of its own address space
+    (ru_maxrss would carry over the parent's resident size at fork across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
