@@ -11,12 +11,13 @@ that every side finds them in the page cache:
   decode_into  the same chunks decoded in order into one reused buffer (store.read_chunk_into): what
                the loader's readers do, the floor of decoding;
   loader       ActivationLoader with the trainer's defaults (batch 4096, window 8 chunks, 4 reader
-               threads, normalised float32 batches on the CPU), its steady state: one epoch of batches
-               after the first; with the CPU time of each of its threads (readers, window assembler, the
+               threads, special tokens left out, normalised float32 batches on the CPU), its steady
+               state: an epoch's worth of batches after the first; with the CPU time of each of its threads (readers, window assembler, the
                consumer's thread that gathers and converts the batches);
   saelens      SAELens's ActivationsStore reading its own cache of the same activations
                (benchmarks/saelens_loader_side.py, run by ACTCACHE_SAELENS_PYTHON: an environment with
-               sae-lens), written from the store's rows in its own cache format beforehand.
+               sae-lens), written from the store's rows in its own cache format beforehand, leaving
+               out the same special tokens (exclude_special_tokens).
 
     python -m benchmarks.bench_loader_cpu                         # a synthetic d 768 store of 4,194,304 tokens
     python -m benchmarks.bench_loader_cpu --tokens 262144 --rounds 2
@@ -43,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from actcache.common.manifest import special_token_ids
 from actcache.common.store import ActivationStore, chunk_sequences_for
 from actcache.train.loader import ActivationLoader
 from benchmarks.report import emit_result
@@ -119,7 +121,7 @@ def child(side: str, store_url: str, hook: str, batch: int, window_chunks: int, 
         tokens = rows
     elif side == "loader":
         loader = ActivationLoader(store, hook, batch, seed=0, window_chunks=window_chunks, threads=threads,
-                                  device="cpu", repeat=True)
+                                  device="cpu", repeat=True, skip_special_tokens=True)
         loader.next_batch()  # start-up: the first window, not the steady state
         n_batches = max(1, rows // batch)
         before, wait0 = _thread_cpu(), loader.wait_seconds
@@ -133,7 +135,7 @@ def child(side: str, store_url: str, hook: str, batch: int, window_chunks: int, 
             roles[_role(name)] = roles.get(_role(name), 0.0) + t - before.get(name, 0.0)
         out["thread_cpu_s"] = roles
         out["consumer_wait_s"] = loader.wait_seconds - wait0
-        out.update(batch_size=batch, window_chunks=window_chunks, threads=threads)
+        out.update(batch_size=batch, window_chunks=window_chunks, threads=threads, skip_special_tokens=True)
     else:
         raise ValueError(side)
     cpu, wall = time.process_time() - c, time.perf_counter() - w
@@ -192,6 +194,7 @@ def run(tokens: int, rounds: int, work: Path, store_url: str | None, hook: str, 
                            "chunks": store.n_committed, "chunk_sequences": store.manifest.chunk_sequences,
                            "codec": store.manifest.codec, "bytes": store.nbytes_stored(f"activations/{hook}")}
         ctx = store.manifest.context_size
+        special = special_token_ids(store.manifest.tokenizer)
         sides = [s for s in SIDES if s != "saelens" or saelens_python]
         cache = work / "saelens_cache"
         if saelens_python:
@@ -209,7 +212,8 @@ def run(tokens: int, rounds: int, work: Path, store_url: str | None, hook: str, 
                     cmd = [saelens_python, "-m", "benchmarks.saelens_loader_side", "time", "--cache", str(cache),
                            "--hook", hook, "--tokens", str(result["store"]["tokens"]), "--batch-size", str(batch),
                            "--context-size", str(ctx), "--d", str(d), "--torch-threads", str(torch_threads),
-                           "--n-batches-in-buffer", str(saelens_buffer_batches)]
+                           "--n-batches-in-buffer", str(saelens_buffer_batches),
+                           "--exclude-special-tokens", ",".join(map(str, special))]
                 else:
                     cmd = [sys.executable, "-m", "benchmarks.bench_loader_cpu", "--child", side, "--store", store_url,
                            "--hook", hook, "--batch", str(batch), "--window-chunks", str(window_chunks),
@@ -240,7 +244,8 @@ def run(tokens: int, rounds: int, work: Path, store_url: str | None, hook: str, 
         result["settings"] = {"batch_size": batch, "window_chunks": window_chunks, "loader_threads": threads,
                               "torch_threads": torch_threads, "rounds": rounds,
                               "saelens_n_batches_in_buffer": saelens_buffer_batches,
-                              "saelens_store_batch_size_prompts": 32, "nice": os.nice(0)}
+                              "saelens_store_batch_size_prompts": 32, "special_tokens_left_out": special,
+                              "nice": os.nice(0)}
     finally:
         for p in made:  # only what this run built
             shutil.rmtree(p, ignore_errors=True)

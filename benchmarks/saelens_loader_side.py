@@ -78,7 +78,8 @@ def write_cache(store: str, hook: str, out: Path, block_sequences: int = 512) ->
 
 
 def time_store(cache: str, hook: str, tokens: int, batch_size: int, context_size: int, d: int,
-               n_batches_in_buffer: int, store_batch_size_prompts: int = 32) -> dict:
+               n_batches_in_buffer: int, store_batch_size_prompts: int = 32,
+               exclude_special_tokens: list[int] | None = None) -> dict:
     from sae_lens.training.activations_store import ActivationsStore
 
     for p in Path(cache).rglob("*.arrow"):  # into the page cache, as the other sides find their files
@@ -90,7 +91,9 @@ def time_store(cache: str, hook: str, tokens: int, batch_size: int, context_size
                              context_size=context_size, d_in=d, n_batches_in_buffer=n_batches_in_buffer,
                              total_training_tokens=tokens, store_batch_size_prompts=store_batch_size_prompts,
                              train_batch_size_tokens=batch_size, prepend_bos=False, normalize_activations="none",
-                             device=torch.device("cpu"), dtype="float32", cached_activations_path=cache)
+                             device=torch.device("cpu"), dtype="float32", cached_activations_path=cache,
+                             exclude_special_tokens=(torch.tensor(exclude_special_tokens)
+                                                     if exclude_special_tokens else None))
     first = next(store)
     assert first.shape == (batch_size, d) and first.dtype == torch.float32
     n = max(1, tokens // batch_size)
@@ -101,7 +104,8 @@ def time_store(cache: str, hook: str, tokens: int, batch_size: int, context_size
     return {"tokens": n * batch_size, "cpu_s": cpu, "wall_s": wall, "peak_rss_bytes": peak_rss_bytes(),
             "rss_before_bytes": rss0, "n_batches_in_buffer": n_batches_in_buffer,
             "store_batch_size_prompts": store_batch_size_prompts,
-            "mixing_buffer_tokens": n_batches_in_buffer * context_size, "torch_threads": torch.get_num_threads()}
+            "mixing_buffer_tokens": n_batches_in_buffer * context_size, "torch_threads": torch.get_num_threads(),
+            "exclude_special_tokens": exclude_special_tokens or []}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -117,12 +121,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--d", type=int, default=768)
     p.add_argument("--n-batches-in-buffer", type=int, default=64)
     p.add_argument("--torch-threads", type=int, default=1)
+    p.add_argument("--exclude-special-tokens", default="", help="token ids left out of the batches, comma-separated")
     a = p.parse_args(argv)
     torch.set_num_threads(a.torch_threads)
     if a.what == "write":
         r = write_cache(a.store, a.hook, Path(a.out))
     else:
-        r = time_store(a.cache, a.hook, a.tokens, a.batch_size, a.context_size, a.d, a.n_batches_in_buffer)
+        r = time_store(a.cache, a.hook, a.tokens, a.batch_size, a.context_size, a.d, a.n_batches_in_buffer,
+                       exclude_special_tokens=[int(t) for t in a.exclude_special_tokens.split(",") if t])
     import sae_lens
 
     r["sae_lens_version"] = sae_lens.__version__

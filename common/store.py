@@ -507,7 +507,7 @@ class ActivationStore:
                                  f"{(r1 - r0,) + coded.chunk_shape[1:]} {coded.dtype}")
             self.read_array_chunk(path, lambda: coded.read_into(j, out), str(j))
             return out
-        np.copyto(out, self.read_chunk(hook, j))
+        np.copyto(out, self._read_first_axis_chunk(path, lambda: self.activations(hook), j, r0, r1))
         return out
 
     def _read_first_axis_chunk(self, path: str, array: Callable[[], zarr.Array], j: int, a: int, b: int) -> np.ndarray:

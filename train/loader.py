@@ -29,6 +29,7 @@ ones), so that E||x||^2 = d_in after scaling.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -169,7 +170,9 @@ class ActivationLoader:
         self._copied: list = [None, None]
         # two reusable window buffers: one being consumed, one being filled (no fresh allocation per window)
         per_chunk = self.store.manifest.chunk_sequences * self.store.manifest.context_size
+        self._chunk_rows = per_chunk
         self._slot_rows = per_chunk * min(self.window_chunks, self.n_chunks)
+        self._local = threading.local()  # per reader thread: its scratch buffers for chunks being filtered
         self._slots: list[dict[str, torch.Tensor] | None] = [None, None]
 
     # ------------------------------------------------------------------ geometry
@@ -199,11 +202,6 @@ class ActivationLoader:
                               for h, d in self.dims.items()}
         return self._slots[i]
 
-    def _put(self, dst: torch.Tensor, src: np.ndarray) -> None:
-        """Copy float16 rows into a window buffer, in the calling reader thread (numpy's copy is
-        single-threaded: the readers are the parallelism, nested thread teams would fight over cores)."""
-        np.copyto(dst.numpy(), src)
-
     def _read_chunk(self, hook: str, j: int, out: torch.Tensor | None = None) -> np.ndarray:
         """Chunk j of a hook, through the store (which refuses absent or damaged chunks); with `out`,
         decoded straight into it (a compressed local chunk needs no array of its own). Any other
@@ -229,36 +227,47 @@ class ActivationLoader:
             self.read_failed = True
             raise _read_error(self.store, "tokens", j, e) from None
 
-    def _read_into(self, j: int, dst: "dict[str, torch.Tensor] | None"
-                   ) -> tuple[np.ndarray, "dict[str, np.ndarray] | None"]:
-        """Decode chunk j of every hook (each array once, the token ids once when skipping); write the
-        rows into dst when their place is known, else return the kept rows of every hook."""
-        r0, r1 = self.store.chunk_row_range(j)
-        rows = np.arange(r0, r1, dtype=np.int64)
-        if dst is not None:  # every row is kept: decode each hook's chunk in place
-            for h in self.hooks:
+    def _read_into(self, j: int, dst: dict[str, torch.Tensor], keep: "np.ndarray | None" = None) -> None:
+        """Decode chunk j of every hook (each array once) into dst: in place when every row is kept;
+        else into this reader thread's reused scratch buffer, from which the kept rows are copied to dst
+        (one copy, no array of its own per chunk)."""
+        for h in self.hooks:
+            if keep is None:
                 self._read_chunk(h, j, dst[h])
-            return rows, None
-        acts = {h: self._read_chunk(h, j) for h in self.hooks}
-        if self.skip_special_tokens and self.special_ids:
-            keep = ~np.isin(self._read_tokens(j).reshape(-1), self.special_ids)
-            rows = rows[keep]
-            acts = {h: a[keep] for h, a in acts.items()}
-        return rows, acts
+            else:
+                scratch = self._scratch(h, keep.shape[0])
+                self._read_chunk(h, j, scratch)
+                np.compress(keep, scratch.numpy(), axis=0, out=dst[h].numpy())
+
+    def _scratch(self, hook: str, rows: int) -> torch.Tensor:
+        """This thread's reused float16 buffer for a decoded chunk of a hook, [rows, d]."""
+        bufs = self._local.__dict__.setdefault("scratch", {})
+        d = self.dims[hook]
+        buf = bufs.get(d)
+        if buf is None or buf.shape[0] < rows:
+            buf = bufs[d] = torch.empty((max(rows, self._chunk_rows), d), dtype=torch.float16)
+        return buf[:rows]
+
+    def _keep(self, j: int) -> np.ndarray:
+        """The mask of chunk j's rows whose token is not a special token (reads the token ids only)."""
+        return ~np.isin(self._read_tokens(j).reshape(-1), self.special_ids)
 
     def _load_window(self, epoch: int, w: int) -> _Window:
         ids = self.window_chunk_ids(epoch, w)
         slot = self._slot(epoch, w)
         if self.skip_special_tokens and self.special_ids:
-            # kept rows per chunk are known only once its tokens are read: place chunks as they arrive
-            futures = [self.pool.submit(self._read_into, j, None) for j in ids]
-            at, rows = 0, []
-            for f in futures:
-                r, acts = f.result()
-                for h, a in acts.items():
-                    self._put(slot[h][at:at + a.shape[0]], a)
+            # the token ids first (small): they fix each chunk's kept rows and so its place in the window
+            keeps = list(self.pool.map(self._keep, ids))
+            at, rows, futures = 0, [], []
+            for j, keep in zip(ids, keeps):
+                r0, r1 = self.store.chunk_row_range(j)
+                r = np.arange(r0, r1, dtype=np.int64)[keep]
+                futures.append(self.pool.submit(self._read_into, j, {h: b[at:at + r.shape[0]] for h, b in slot.items()},
+                                                keep))
                 at += r.shape[0]
                 rows.append(r)
+            for f in futures:
+                f.result()
         else:
             offsets, at = [], 0
             for j in ids:
@@ -267,7 +276,9 @@ class ActivationLoader:
                 at += r1 - r0
             futures = [self.pool.submit(self._read_into, j, {h: b[o:o + size] for h, b in slot.items()})
                        for j, (o, size) in zip(ids, offsets)]
-            rows = [f.result()[0] for f in futures]
+            for f in futures:
+                f.result()
+            rows = [np.arange(*self.store.chunk_row_range(j), dtype=np.int64) for j in ids]
         n = at
         perm = permutation(n, self.seed, "window", epoch, w)
         return _Window(epoch, w, {h: b[:n] for h, b in slot.items()}, torch.from_numpy(np.concatenate(rows)), perm)
