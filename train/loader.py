@@ -29,7 +29,6 @@ ones), so that E||x||^2 = d_in after scaling.
 from __future__ import annotations
 
 import math
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -99,9 +98,10 @@ def training_chunks(store: ActivationStore, held_out: "list[int] | tuple[int, in
 class _Window:
     epoch: int
     index: int
-    acts: dict[str, torch.Tensor]  # hook -> [rows, d] float16 as stored (pinned memory with CUDA)
-    rows: torch.Tensor  # int64 [rows]: the store row of each kept position
-    perm: torch.Tensor  # int64 [rows]
+    acts: dict[str, torch.Tensor]  # hook -> [rows, d] float16 as stored (pinned memory with CUDA), every row
+    rows: torch.Tensor  # int64 [kept]: the store row of each kept position
+    perm: torch.Tensor  # int64 [kept]
+    at: "torch.Tensor | None" = None  # int64 [kept]: where each kept position's row is in acts (None: i)
 
 
 class ActivationLoader:
@@ -170,9 +170,7 @@ class ActivationLoader:
         self._copied: list = [None, None]
         # two reusable window buffers: one being consumed, one being filled (no fresh allocation per window)
         per_chunk = self.store.manifest.chunk_sequences * self.store.manifest.context_size
-        self._chunk_rows = per_chunk
         self._slot_rows = per_chunk * min(self.window_chunks, self.n_chunks)
-        self._local = threading.local()  # per reader thread: its scratch buffers for chunks being filtered
         self._slots: list[dict[str, torch.Tensor] | None] = [None, None]
 
     # ------------------------------------------------------------------ geometry
@@ -227,61 +225,36 @@ class ActivationLoader:
             self.read_failed = True
             raise _read_error(self.store, "tokens", j, e) from None
 
-    def _read_into(self, j: int, dst: dict[str, torch.Tensor], keep: "np.ndarray | None" = None) -> None:
-        """Decode chunk j of every hook (each array once) into dst: in place when every row is kept;
-        else into this reader thread's reused scratch buffer, from which the kept rows are copied to dst
-        (one copy, no array of its own per chunk)."""
+    def _read_into(self, j: int, dst: dict[str, torch.Tensor]) -> "np.ndarray | None":
+        """Decode chunk j of every hook (each array once) straight into dst, its place in the window;
+        when skipping special tokens, return the mask of its rows to keep (the token ids read once)."""
         for h in self.hooks:
-            if keep is None:
-                self._read_chunk(h, j, dst[h])
-            else:
-                scratch = self._scratch(h, keep.shape[0])
-                self._read_chunk(h, j, scratch)
-                np.compress(keep, scratch.numpy(), axis=0, out=dst[h].numpy())
-
-    def _scratch(self, hook: str, rows: int) -> torch.Tensor:
-        """This thread's reused float16 buffer for a decoded chunk of a hook, [rows, d]."""
-        bufs = self._local.__dict__.setdefault("scratch", {})
-        d = self.dims[hook]
-        buf = bufs.get(d)
-        if buf is None or buf.shape[0] < rows:
-            buf = bufs[d] = torch.empty((max(rows, self._chunk_rows), d), dtype=torch.float16)
-        return buf[:rows]
-
-    def _keep(self, j: int) -> np.ndarray:
-        """The mask of chunk j's rows whose token is not a special token (reads the token ids only)."""
-        return ~np.isin(self._read_tokens(j).reshape(-1), self.special_ids)
+            self._read_chunk(h, j, dst[h])
+        if self.skip_special_tokens and self.special_ids:
+            return ~np.isin(self._read_tokens(j).reshape(-1), self.special_ids)
+        return None
 
     def _load_window(self, epoch: int, w: int) -> _Window:
         ids = self.window_chunk_ids(epoch, w)
         slot = self._slot(epoch, w)
+        # every chunk decoded straight into its place in the window, in parallel; special tokens are left
+        # out by indexing (the kept positions), never by moving rows
+        offsets, at = [], 0
+        for j in ids:
+            r0, r1 = self.store.chunk_row_range(j)
+            offsets.append((at, r1 - r0))
+            at += r1 - r0
+        futures = [self.pool.submit(self._read_into, j, {h: b[o:o + size] for h, b in slot.items()})
+                   for j, (o, size) in zip(ids, offsets)]
+        keeps = [f.result() for f in futures]
+        rows = [np.arange(*self.store.chunk_row_range(j), dtype=np.int64) for j in ids]
+        where = None
         if self.skip_special_tokens and self.special_ids:
-            # the token ids first (small): they fix each chunk's kept rows and so its place in the window
-            keeps = list(self.pool.map(self._keep, ids))
-            at, rows, futures = 0, [], []
-            for j, keep in zip(ids, keeps):
-                r0, r1 = self.store.chunk_row_range(j)
-                r = np.arange(r0, r1, dtype=np.int64)[keep]
-                futures.append(self.pool.submit(self._read_into, j, {h: b[at:at + r.shape[0]] for h, b in slot.items()},
-                                                keep))
-                at += r.shape[0]
-                rows.append(r)
-            for f in futures:
-                f.result()
-        else:
-            offsets, at = [], 0
-            for j in ids:
-                r0, r1 = self.store.chunk_row_range(j)
-                offsets.append((at, r1 - r0))
-                at += r1 - r0
-            futures = [self.pool.submit(self._read_into, j, {h: b[o:o + size] for h, b in slot.items()})
-                       for j, (o, size) in zip(ids, offsets)]
-            for f in futures:
-                f.result()
-            rows = [np.arange(*self.store.chunk_row_range(j), dtype=np.int64) for j in ids]
-        n = at
-        perm = permutation(n, self.seed, "window", epoch, w)
-        return _Window(epoch, w, {h: b[:n] for h, b in slot.items()}, torch.from_numpy(np.concatenate(rows)), perm)
+            where = torch.from_numpy(np.concatenate([o + np.flatnonzero(k) for (o, _), k in zip(offsets, keeps)]))
+            rows = [r[k] for r, k in zip(rows, keeps)]
+        rows_t = torch.from_numpy(np.concatenate(rows))
+        perm = permutation(rows_t.shape[0], self.seed, "window", epoch, w)
+        return _Window(epoch, w, {h: b[:at] for h, b in slot.items()}, rows_t, perm, where)
 
     def _following(self, epoch: int, w: int) -> tuple[int, int]:
         return (epoch, w + 1) if w + 1 < self.n_windows() else (epoch + 1, 0)
@@ -345,12 +318,13 @@ class ActivationLoader:
             n = win.perm.shape[0]
             take = min(self.batch_size - at, n - self.offset)
             idx = win.perm[self.offset:self.offset + take]
+            src = idx if win.at is None else win.at.index_select(0, idx)  # kept position -> window row
             # gather now: the window's buffer is refilled once the stream moves two windows on
             for h in self.hooks:
                 if self.cuda:
-                    torch.index_select(win.acts[h], 0, idx, out=host[h][at:at + take])
+                    torch.index_select(win.acts[h], 0, src, out=host[h][at:at + take])
                 else:
-                    self._gather_scaled(win.acts[h], idx, out[h][at:at + take], self.scales[h])
+                    self._gather_scaled(win.acts[h], src, out[h][at:at + take], self.scales[h])
             if return_rows:
                 row_parts.append(win.rows.index_select(0, idx))
             at += take
