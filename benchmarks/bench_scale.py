@@ -19,8 +19,13 @@ through wait4):
 Each store is deleted once measured (its size is recorded), so the disk needs room for the largest
 one; the free space is checked before any work.
 
+`--storage s3` keeps the stores on a loopback S3 server instead (moto's, in this process, objects in
+memory; every step reaches it over HTTP) that counts every request, and reports them per step and per
+chunk; `--storage local,s3` measures each size on both, one after the other, in the same run.
+
     make bench-scale                                    # 1M, 4M, 16M: results/scale-<date>.{json,md,png}
     python -m benchmarks.bench_scale --sizes 1M,4M      # fewer sizes
+    python -m benchmarks.bench_scale --sizes 1M --storage local,s3 --suffix=-s3   # S3 beside local disk
     python -m benchmarks.bench_scale --sizes 8k --d-model 64 --train-tokens 8k --features-tokens 4k ...
 
 Every size, count and width is a parameter (tests run the whole benchmark at toy sizes)."""
@@ -28,6 +33,7 @@ Every size, count and width is a parameter (tests run the whole benchmark at toy
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -49,6 +55,8 @@ HOOK = "blocks.0.hook_resid_pre"
 RESULTS = ROOT / "benchmarks" / "results"
 STEPS = ("harvest", "verify", "info", "loader", "train", "features")
 MARKER = "actcache-bench-scale"  # names the work folder this benchmark made (and alone deletes)
+STORAGES = ("local", "s3")
+BUCKET = "bench-scale"  # the S3 mode's bucket, on the server this benchmark runs (and alone deletes from)
 
 
 def model_spec(d_model: int, ctx: int, vocab: int) -> str:
@@ -196,10 +204,14 @@ def _sweep_toml(tokens: int, batch: int) -> str:
         "[[sae]]", 'name = "topk-k32-x4"', 'architecture = "topk"', "k = 32", "expansion = 4", ""])
 
 
-def run_size(n_tokens: int, a: argparse.Namespace, work: Path, data: Path, env: dict[str, str]) -> dict[str, Any]:
+def run_size(n_tokens: int, a: argparse.Namespace, work: Path, data: Path, env: dict[str, str],
+             storage: str = "local", requests: list[tuple[str, str, str]] | None = None) -> dict[str, Any]:
+    """Every step at one store size. storage "s3": the store on the S3 server whose request log is
+    `requests` (each step's requests are counted from it)."""
     py = [sys.executable]
-    store = work / f"store-{n_tokens}.zarr"
-    run_dir, feat_dir = work / f"run-{n_tokens}", work / f"features-{n_tokens}"
+    tag = f"{n_tokens}" if storage == "local" else f"{n_tokens}-{storage}"
+    store = work / f"store-{tag}.zarr" if storage == "local" else f"s3://{BUCKET}/store-{tag}.zarr"
+    run_dir, feat_dir = work / f"run-{tag}", work / f"features-{tag}"
     spec = model_spec(a.d_model, a.ctx, a.vocab)
     (work / "sweep.toml").write_text(_sweep_toml(a.train_tokens, a.train_batch))
     cmds = {
@@ -216,9 +228,10 @@ def run_size(n_tokens: int, a: argparse.Namespace, work: Path, data: Path, env: 
         "features": py + ["-m", "actcache", "features", str(run_dir), "--out", str(feat_dir), "--all",
                           "--tokens", str(a.features_tokens), "--no-logits", "--device", "cpu", "--no-progress"],
     }
-    out: dict[str, Any] = {"tokens": n_tokens}
+    out: dict[str, Any] = {"tokens": n_tokens, "storage": storage}
     for name in STEPS:
-        print(f"[bench-scale] {n_tokens:,} tokens: {name}", file=sys.stderr, flush=True)
+        print(f"[bench-scale] {n_tokens:,} tokens ({storage}): {name}", file=sys.stderr, flush=True)
+        n0 = len(requests) if requests is not None else 0
         m = measure(cmds[name], env=env, cwd=ROOT)
         if m["rc"] != 0:
             raise RuntimeError(f"{name} at {n_tokens:,} tokens failed (exit {m['rc']}): {m['stderr'][-2000:]}")
@@ -227,7 +240,7 @@ def run_size(n_tokens: int, a: argparse.Namespace, work: Path, data: Path, env: 
             rec.update(json.loads(m["stdout"]))
         elif name == "info":
             d = json.loads(m["stdout"])
-            rec.update(n_tokens=d["n_tokens"], bytes_on_disk=d["bytes_on_disk"])
+            rec.update(n_tokens=d["n_tokens"], bytes_on_disk=d["bytes_on_disk"], n_chunks=d["n_chunks"])
         elif name == "verify":
             rec["tokens_per_s"] = n_tokens / m["seconds"]  # the whole command, start-up included
         elif name == "train":
@@ -236,12 +249,42 @@ def run_size(n_tokens: int, a: argparse.Namespace, work: Path, data: Path, env: 
         elif name == "features":
             s = json.loads((feat_dir / FEATURES_FILE).read_text())
             rec.update(pass_seconds=s["seconds"], pass_tokens=s.get("n_tokens"), tokens_per_s=s["tokens_per_s"])
+        if requests is not None:
+            rec["requests"] = request_counts(requests[n0:])
         out[name] = rec
     out["store_bytes"] = out["harvest"]["bytes_on_disk"]
+    if requests is not None:
+        out["n_chunks"] = n_chunks = out["info"]["n_chunks"]
+        h = out["harvest"]["requests"]
+        out["harvest"]["requests_per_chunk"] = {"chunk_objects": h["chunk_puts"] / n_chunks,
+                                                "all": h["total"] / n_chunks}
     if not a.keep:
-        for p, kind_check in ((store, is_store), (run_dir, is_run), (feat_dir, is_features)):
+        for p, kind_check in ((run_dir, is_run), (feat_dir, is_features)):
             _remove_own(p, work, kind_check)
+        if storage == "local":
+            _remove_own(store, work, is_store)
+        elif is_store(store):  # a store this benchmark harvested, in the bucket of its own server
+            from actcache.common import outputs
+
+            outputs.remove_output(store, outputs.STORE)
     return out
+
+
+# the arrays a harvest writes one object of per chunk (store format 3)
+PER_CHUNK_ARRAYS = ("/tokens/c/", f"/activations/{HOOK}/c/", "/digests/c/", "/stats/chunks/c/")
+
+
+def request_counts(log: list[tuple[str, str, str]]) -> dict[str, Any]:
+    """The requests a step sent to the S3 server: by method; the PUTs of the per-chunk arrays' chunk
+    objects; the GETs of activation chunks, and how many distinct chunk objects they fetched."""
+    by_method: dict[str, int] = {}
+    for method, _, _ in log:
+        by_method[method] = by_method.get(method, 0) + 1
+    act_gets = [path for method, path, _ in log if method == "GET" and f"/activations/{HOOK}/c/" in path]
+    return {"total": len(log), "by_method": by_method,
+            "chunk_puts": sum(1 for method, path, _ in log
+                              if method == "PUT" and any(a in path for a in PER_CHUNK_ARRAYS)),
+            "activation_chunk_gets": len(act_gets), "activation_chunks_fetched": len(set(act_gets))}
 
 
 def _remove_own(p: Path, work: Path, kind_check) -> None:
@@ -272,7 +315,8 @@ def cpu_rate(r: dict[str, Any], step: str) -> float | None:
 
 def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Each step's throughput (wall and per CPU-second) and peak memory at the largest size over
-    those at the smallest."""
+    those at the smallest (of the first storage measured)."""
+    results = [r for r in results if r.get("storage", "local") == results[0].get("storage", "local")]
     first, last = results[0], results[-1]
 
     def ratio(a: float | None, b: float | None) -> float | None:
@@ -281,6 +325,37 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return {s: {"throughput": ratio(last[s].get("tokens_per_s"), first[s].get("tokens_per_s")),
                 "throughput_per_cpu_second": ratio(cpu_rate(last, s), cpu_rate(first, s)),
                 "peak_rss": last[s]["peak_rss_bytes"] / first[s]["peak_rss_bytes"]} for s in STEPS}
+
+
+def _label(r: dict[str, Any]) -> str:
+    return f"{r['tokens']:,}" + ("" if r.get("storage", "local") == "local" else f" ({r['storage']})")
+
+
+def s3_table(res: list[dict[str, Any]]) -> list[str]:
+    """Each S3 result beside the local one of the same size: tokens per CPU-second of each step (S3 /
+    local), and the requests a step sent."""
+    local = {r["tokens"]: r for r in res if r.get("storage", "local") == "local"}
+    lines = []
+    for r in res:
+        if r.get("storage", "local") != "s3":
+            continue
+        base = local.get(r["tokens"])
+        hr = r["harvest"]["requests_per_chunk"]
+        lines += ["", f"S3 store of {r['tokens']:,} tokens ({r['n_chunks']} chunks): harvest "
+                  f"{hr['chunk_objects']:.2f} chunk objects and {hr['all']:.2f} requests in all per chunk "
+                  f"(commits, lease, creation and finishing included).", "",
+                  "| step | tokens/CPU-s on S3 | on local disk | S3 / local | requests (by method) | "
+                  "activation chunk GETs / chunks fetched |", "|---|---:|---:|---:|---|---:|"]
+        for s in STEPS:
+            q = r[s]["requests"]
+            mine, theirs = cpu_rate(r, s), cpu_rate(base, s) if base else None
+            methods = ", ".join(f"{k} {v:,}" for k, v in sorted(q["by_method"].items()))
+            gets = (f"{q['activation_chunk_gets']:,} / {q['activation_chunks_fetched']:,}"
+                    if q["activation_chunk_gets"] else "")
+            lines.append(f"| {s} | {'' if mine is None else f'{mine:,.0f}'} | "
+                         f"{'' if theirs is None else f'{theirs:,.0f}'} | "
+                         f"{'' if not (mine and theirs) else f'{mine / theirs:.2f}'} | {methods} | {gets} |")
+    return lines
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -294,7 +369,7 @@ def markdown(report: dict[str, Any]) -> str:
              "(raw in-order) | train tok/s | features tok/s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res:
         lines.append(
-            f"| {r['tokens']:,} | {human_bytes(r['store_bytes'])} | {r['harvest']['bytes_per_token']:.0f} | "
+            f"| {_label(r)} | {human_bytes(r['store_bytes'])} | {r['harvest']['bytes_per_token']:.0f} | "
             f"{r['harvest']['tokens_per_s']:,.0f} | {r['harvest']['forward_share']:.2f} | "
             f"{r['verify']['tokens_per_s']:,.0f} | {r['loader']['tokens_per_s']:,.0f} "
             f"({r['loader']['raw_tokens_per_s']:,.0f}) | {r['train']['tokens_per_s']:,.0f} | "
@@ -302,22 +377,24 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "Wall seconds, CPU seconds (user + system) and peak resident memory (MiB) of each process:", "",
               "| tokens | " + " | ".join(STEPS) + " |", "|---:|" + "---:|" * len(STEPS)]
     for r in res:
-        lines.append(f"| {r['tokens']:,} | " + " | ".join(
+        lines.append(f"| {_label(r)} | " + " | ".join(
             f"{r[s]['wall_seconds']:.1f} s, {r[s]['cpu_seconds']:.1f} s, {r[s]['peak_rss_bytes'] / mib:,.0f}"
             for s in STEPS) + " |")
     lines += ["", "Tokens per CPU-second of each process (start-up included):", "",
               "| tokens | " + " | ".join(s for s in STEPS if s != "info") + " |",
               "|---:|" + "---:|" * (len(STEPS) - 1)]
     for r in res:
-        lines.append(f"| {r['tokens']:,} | " + " | ".join(
+        lines.append(f"| {_label(r)} | " + " | ".join(
             f"{cpu_rate(r, s):,.0f}" for s in STEPS if s != "info") + " |")
-    if len(res) > 1:
+    lines += s3_table(res)
+    same = [r for r in res if r.get("storage", "local") == res[0].get("storage", "local")]
+    if len(same) > 1:
         q = report["ratios"]
 
         def f(x: float | None) -> str:
             return "" if x is None else f"{x:.2f}"
 
-        lines += ["", f"Largest over smallest size ({res[-1]['tokens']:,} / {res[0]['tokens']:,} tokens):", "",
+        lines += ["", f"Largest over smallest size ({same[-1]['tokens']:,} / {same[0]['tokens']:,} tokens):", "",
                   "| step | throughput (wall) | throughput per CPU-second | peak memory |", "|---|---:|---:|---:|"]
         for s in STEPS:
             lines.append(f"| {s} | {f(q[s]['throughput'])} | {f(q[s].get('throughput_per_cpu_second'))} | "
@@ -333,7 +410,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    res = report["results"]
+    res = [r for r in report["results"] if r.get("storage", "local") == report["results"][0].get("storage", "local")]
     x = [r["tokens"] for r in res]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for s, key in RATES:
@@ -358,6 +435,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def run(a: argparse.Namespace) -> dict[str, Any]:
     sizes = [parse_count(s) for s in a.sizes.split(",")]
     sizes = sorted(sizes)
+    storages = storage_list(a.storage)
     work_parent = Path(a.work or tempfile.gettempdir())
     space = free_space_check(work_parent, sizes, a.d_model, a.ctx)
     print(f"[bench-scale] largest store {sizes[-1]:,} tokens: needs about {human_bytes(space['need_bytes'])} free "
@@ -369,7 +447,15 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
     try:
         data = write_dataset(work / "tokens.jsonl", int(max(sizes) * 1.02) + 4 * a.ctx, a.vocab)
-        results = [run_size(n, a, work, data, env) for n in sizes]
+        with contextlib.ExitStack() as stack:
+            requests: list[tuple[str, str, str]] | None = None
+            if "s3" in storages:
+                from benchmarks.s3_server import moto_s3
+
+                requests = []
+                env.update(stack.enter_context(moto_s3((BUCKET,), requests=requests)))
+            results = [run_size(n, a, work, data, env, st, requests if st == "s3" else None)
+                       for n in sizes for st in storages]
     finally:
         if not a.keep and (work / MARKER).is_file():
             shutil.rmtree(work)
@@ -380,7 +466,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
               "config": {"model": model_spec(a.d_model, a.ctx, a.vocab), "d_model": a.d_model, "ctx": a.ctx,
                          "sizes": sizes, "train_tokens": a.train_tokens, "train_batch": a.train_batch,
                          "features_tokens": a.features_tokens, "loader_tokens": a.loader_tokens,
-                         "window_chunks": a.window_chunks, "threads": a.threads, "harvest_batch": a.harvest_batch},
+                         "window_chunks": a.window_chunks, "threads": a.threads, "harvest_batch": a.harvest_batch,
+                         "storage": storages},
               "free_space": space, "total_seconds": time.time() - t0, "results": results,
               "skipped": a.skipped or None}
     report["ratios"] = ratios(results)
@@ -413,7 +500,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--suffix", default="", help="appended to the result file names")
     p.add_argument("--skipped", default="", help="a note on sizes left out, and why (goes into the report)")
     p.add_argument("--keep", action="store_true", help="keep the stores and runs")
+    p.add_argument("--storage", default="local",
+                   help="where the stores live: local, s3 (a loopback S3 server that counts requests), or local,s3")
     return p
+
+
+def storage_list(spec: str) -> list[str]:
+    out = [x.strip() for x in spec.split(",") if x.strip()]
+    if not out or any(x not in STORAGES for x in out) or len(set(out)) != len(out):
+        raise UserError(f"--storage {spec!r}: give local, s3 or local,s3")
+    return out
 
 
 def step_parser() -> argparse.ArgumentParser:

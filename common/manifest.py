@@ -10,8 +10,10 @@ from typing import Any
 
 from . import __version__
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: no held-out part, no fingerprint, details in a free-form `extra`
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # version 1: no held-out part, no fingerprint, details in a free-form `extra`
+# a harvest resumes a store of these versions in its own layout (common/store_layout.py); version 1 it does not
+RESUMABLE_VERSIONS = (2, 3)
 
 
 @dataclass

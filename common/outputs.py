@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from . import location
 from .errors import UserError
+from .store_layout import TOP_ENTRIES
 
 # ------------------------------------------------------------------------------------ file names
 # an SAE folder (SAELens's layout, plus ours)
@@ -53,7 +54,7 @@ CE_FRONTIER_PLOT = "frontier_ce.png"  # written by evaluation
 RANK_DIR_PREFIX = "rank-"  # rank-R-of-W: one rank's checkpoint of a torchrun run
 RUN_FILES = (CHECKPOINT, CHECKPOINT + ".tmp", RUN_FILE, METRICS_FILE, CE_FRONTIER_PLOT) + SUMMARY_FILES
 # a store: the entries at its top (the manifest's group and its arrays); nothing else is ours
-STORE_ENTRIES = frozenset({"zarr.json", "tokens", "activations", "stats", "digests"})
+STORE_ENTRIES = frozenset({"zarr.json", *TOP_ENTRIES})
 # a features output: its data, the browser's pages (one sae-NAME.html per SAE) and their assets
 FEATURES_FILE = "features.json"
 FEATURES_FORMAT = "actcache-features"

@@ -1,11 +1,13 @@
-"""The actcache store (format version 2; version 1 is still read): create, open, write a chunk,
-commit, read.
+"""The actcache store (format version 3; versions 1 and 2 are still read, version 2 resumed): create,
+open, write a chunk, commit, read.
 
-Layout (a Zarr v3 group; docs/store-format.md has the full description):
+Layout (a Zarr v3 group; docs/store-format.md has the full description, common/store_layout.py the
+arrays of each version, which everything here derives from):
   tokens                  int32   [n_sequences, context_size]
   activations/<hook>      float16 [n_sequences * context_size, d]
-  stats/<hook>/...        float64 summary statistics, plus per-chunk partial sums under chunks/
-  digests                 uint8   [n_chunks, 16]  per-chunk content digests (version 2)
+  digests                 uint8   [n_chunks, 16]  per-chunk content digests (version 2 on)
+  stats/chunks            float64 [n_chunks, sum of 2d+4 over hooks]  per-chunk partial sums (version 3)
+  stats/<hook>/mean, var  float64 [d]  the summary (its scalars: attributes of stats/<hook>, version 3)
 Chunk j of every array covers the sequences of tokens chunk j. A chunk is valid only once the
 manifest's n_chunks_committed counter has passed it; the counter is always written last.
 
@@ -43,11 +45,10 @@ from zarr.storage import LocalStore, MemoryStore, StorePath, WrapperStore
 from . import codecs, location
 from .errors import StoreError, UserError, first_line
 from .manifest import FORMAT_VERSION, READABLE_VERSIONS, Manifest
+from .store_layout import DIGEST_BYTES, PARTIAL_FIELDS, ArraySpec, StoreLayout
 
 ATTR = "actcache"
 TARGET_CHUNK_BYTES = 16 * 2**20  # uncompressed bytes of the widest hook's activation chunk
-PARTIAL_FIELDS = ("count", "sum", "sumsq", "norm_sum", "max_abs", "n_nonfinite")
-DIGEST_BYTES = 16
 
 
 def chunk_digest(tokens: np.ndarray, acts: dict[str, np.ndarray], hooks: list[str]) -> bytes:
@@ -69,6 +70,22 @@ def chunk_sequences_for(context_size: int, max_d: int, target_bytes: int = TARGE
 def _array_config() -> dict:
     # an all-zero chunk must still be written, or verify could not tell it from a missing one
     return {"write_empty_chunks": True}
+
+
+def _create_array(root: zarr.Group, path: str, spec: ArraySpec, codec: str) -> zarr.Array:
+    """One array of the layout in a group being built: data arrays take the store's compressor, the
+    others crc32c alone; each followed by crc32c, so a damaged chunk fails loudly."""
+    parent, _, name = path.rpartition("/")
+    group = root[parent] if parent else root
+    arr = group.create_array(
+        name, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype,
+        compressors=codecs.compressors(codec) if spec.compressed else [codecs.Crc32cCodec()],
+        fill_value=0.0 if spec.dtype.startswith("float") else 0, config=_array_config(),
+        dimension_names=spec.dims,
+    )
+    if spec.attrs:
+        arr.attrs.update(spec.attrs)
+    return arr
 
 
 @dataclass
@@ -116,35 +133,12 @@ class ActivationStore:
         memory = MemoryStore()
         root = zarr.open_group(store=memory, mode="w", zarr_format=3)
         m = manifest
-        comp = codecs.compressors(m.codec)
-        cs = m.chunk_sequences
-        root.create_array(
-            "tokens", shape=(m.n_sequences, m.context_size), chunks=(cs, m.context_size),
-            dtype="int32", compressors=comp, fill_value=0, config=_array_config(),
-            dimension_names=("sequence", "position"),
-        )
-        root.create_array(
-            "digests", shape=(m.n_chunks, DIGEST_BYTES), chunks=(1, DIGEST_BYTES), dtype="uint8",
-            compressors=[codecs.Crc32cCodec()], fill_value=0, config=_array_config(),
-            dimension_names=("chunk", "digest_byte"),
-        )
-        acts = root.create_group("activations")
-        stats = root.create_group("stats")
-        for h in m.hooks:
-            acts.create_array(
-                h.name, shape=(m.n_sequences * m.context_size, h.d), chunks=(cs * m.context_size, h.d),
-                dtype="float16", compressors=comp, fill_value=0, config=_array_config(),
-                dimension_names=("token", hook_dim(h.name)),
-            )
-            hs = stats.create_group(h.name)
-            part = hs.create_group("chunks")
-            for f in PARTIAL_FIELDS:
-                shape = (m.n_chunks, h.d) if f in ("sum", "sumsq") else (m.n_chunks,)
-                chunks = (1, h.d) if f in ("sum", "sumsq") else (1,)
-                dims = ("chunk", "d") if f in ("sum", "sumsq") else ("chunk",)
-                part.create_array(f, shape=shape, chunks=chunks, dtype="float64", fill_value=0.0,
-                                  compressors=[codecs.Crc32cCodec()], config=_array_config(),
-                                  dimension_names=dims)
+        m.format_version = FORMAT_VERSION
+        layout = StoreLayout.of(m)
+        for g in layout.groups():
+            root.require_group(g)
+        for path, spec in layout.arrays().items():
+            _create_array(root, path, spec, m.codec)
         store = location.open_store(url)
         # what zarr's mode="w" does: replace whatever is there; then the group without its manifest
         # first (an interrupted creation is recognised by that), its arrays, and the manifest last
@@ -153,16 +147,11 @@ class ActivationStore:
         m.n_chunks_committed = 0
         m.complete = False
         m.fingerprint = None
-        m.format_version = FORMAT_VERSION
         root.attrs[ATTR] = m.to_dict()
         _copy_objects(memory, store, ["zarr.json"])
         out = cls(str(url), _rebind(root, store), m)
-        for path in out.expected_arrays():  # their metadata is known: opening them would cost requests
+        for path in layout.arrays():  # their metadata is known: opening them would cost requests
             out._arrays[path] = _rebind(root[path], store).with_config(_array_config())
-        for h in m.hooks:
-            for f in PARTIAL_FIELDS:
-                path = f"stats/{h.name}/chunks/{f}"
-                out._arrays[path] = _rebind(root[path], store).with_config(_array_config())
         return out
 
     @classmethod
@@ -204,16 +193,10 @@ class ActivationStore:
                                      f"run `actcache verify {url}` for the full list")
         return out
 
-    def expected_arrays(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], str]]:
-        """path -> (shape, chunk shape, dtype) of every array the manifest implies (not the summary stats)."""
-        m = self.manifest
-        ctx, cs = m.context_size, m.chunk_sequences
-        out = {"tokens": ((m.n_sequences, ctx), (cs, ctx), "int32")}
-        for h in m.hooks:
-            out[f"activations/{h.name}"] = ((m.n_sequences * ctx, h.d), (cs * ctx, h.d), "float16")
-        if m.format_version >= 2:
-            out["digests"] = ((m.n_chunks, DIGEST_BYTES), (1, DIGEST_BYTES), "uint8")
-        return out
+    @property
+    def layout(self) -> StoreLayout:
+        """The arrays of this store's format version and geometry (common/store_layout.py)."""
+        return StoreLayout.of(self.manifest)
 
     def check_layout(self, deep: bool = False) -> list[str]:
         """Problems of the manifest against the arrays' metadata (no chunk data is read). deep: also
@@ -227,9 +210,12 @@ class ActivationStore:
         ho = m.held_out_range
         if ho is not None and not 0 <= ho[0] < ho[1] <= m.n_sequences:
             problems.append(f"manifest: held-out range {list(ho)} is outside the store's {m.n_sequences} sequences")
-        for path, (shape, chunks, dtype) in self.expected_arrays().items():
+        layout = self.layout
+        data = layout.data_arrays()
+        for path, spec in layout.arrays().items():
+            shape, chunks, dtype = spec.shape, spec.chunks, spec.dtype
             try:
-                arr = self.group[path]
+                arr = self.array(path)  # opened once: reading its chunks later costs no request for it
             except KeyError:
                 problems.append(f"{path}: missing (the manifest lists it)")
                 continue
@@ -239,7 +225,8 @@ class ActivationStore:
             got = (tuple(arr.shape), tuple(arr.chunks), str(arr.dtype))
             if got != (shape, chunks, dtype):
                 problems.append(f"{path}: shape/chunks/dtype {got} do not match the manifest {(shape, chunks, dtype)}")
-            elif deep and 0 < m.n_chunks_committed <= m.n_chunks and not chunk_present(arr, m.n_chunks_committed - 1):
+            elif (deep and path in data and 0 < m.n_chunks_committed <= m.n_chunks
+                  and not chunk_present(arr, m.n_chunks_committed - 1)):
                 problems.append(f"{path}: chunk {m.n_chunks_committed - 1} is committed but missing")
         return problems
 
@@ -301,10 +288,6 @@ class ActivationStore:
             raise StoreError(f"hook {hook!r} is not in {self.url}; it has: {', '.join(self.manifest.hook_names)}")
         return self.array(f"activations/{hook}")
 
-    def partial_stats(self, hook: str, field: str) -> zarr.Array:
-        """The per-chunk partial statistic `field` (one of PARTIAL_FIELDS) of a hook: one row per chunk."""
-        return self.array(f"stats/{hook}/chunks/{field}")
-
     # ---------------------------------------------------------------- writing
     def write_chunk(self, j: int, tokens: np.ndarray, acts: dict[str, np.ndarray],
                     stats: dict[str, ChunkStats]) -> None:
@@ -316,13 +299,14 @@ class ActivationStore:
                      stats: dict[str, ChunkStats]) -> None:
         a, b = self.chunk_sequence_range(j)
         r0, r1 = self.chunk_row_range(j)
+        layout = self.layout
         writes: list[tuple[zarr.Array, Any, Any]] = [(self.tokens, slice(a, b), tokens)]
         for name, x in acts.items():
             writes.append((self.activations(name), slice(r0, r1), x))
-            for f in PARTIAL_FIELDS:
-                writes.append((self.partial_stats(name, f), j, getattr(stats[name], f)))
-                self._written.setdefault(f"stats/{name}/chunks/{f}", {})[j] = getattr(stats[name], f)
-        if "digests" in self.expected_arrays():
+        for path, row in layout.partial_values(stats).items():
+            writes.append((self.array(path), j, row))
+            self._written.setdefault(path, {})[j] = row
+        if layout.has_digests:
             digest = np.frombuffer(chunk_digest(tokens, acts, self.manifest.hook_names), dtype=np.uint8)
             writes.append((self.array("digests"), j, digest))
             self._written.setdefault("digests", {})[j] = digest
@@ -357,11 +341,10 @@ class ActivationStore:
         self.tokens.resize((n_sequences, m.context_size))
         for h in m.hooks:
             self.activations(h.name).resize((n_sequences * m.context_size, h.d))
-            for f in PARTIAL_FIELDS:
-                arr = self.partial_stats(h.name, f)
-                arr.resize((n_chunks,) + arr.shape[1:])
-        if "digests" in self.expected_arrays():
-            self.array("digests").resize((n_chunks, DIGEST_BYTES))
+        layout = self.layout
+        for path in list(layout.partial_arrays()) + (["digests"] if layout.has_digests else []):
+            arr = self.array(path)
+            arr.resize((n_chunks,) + arr.shape[1:])
         if m.planned_n_sequences is None:
             m.planned_n_sequences = m.n_sequences
         m.n_sequences = n_sequences
@@ -373,25 +356,29 @@ class ActivationStore:
         for h in self.manifest.hooks:
             location.retrying(lambda: self._write_summary(h.name), self.url, f"writing the statistics of {h.name} in")
         fp = self.compute_fingerprint(self._written_rows("digests", self.n_chunks)) \
-            if "digests" in self.expected_arrays() else None
+            if self.layout.has_digests else None
         self.commit(self.n_chunks, complete=True, fingerprint=fp)
 
     def _write_summary(self, hook: str) -> None:
         s = self.stats(hook)
+        layout = self.layout
         # built by zarr in memory, then one PUT per object (no existence checks against the store);
         # an object written before is replaced
         memory = MemoryStore()
         g = zarr.open_group(store=memory, mode="w", zarr_format=3)
-        for key, val in s.items():
-            arr = np.asarray(val, dtype="float64")
+        for key in layout.summary_arrays():
+            arr = np.asarray(s[key], dtype="float64")
             dims = ("d",) if arr.ndim == 1 else ()
             # every chunk written, zeros too (config): an absent one then always means damage
             g.create_array(key, shape=arr.shape, dtype="float64", fill_value=0.0, dimension_names=dims,
                            config=_array_config())[...] = arr
+        keys = [k for k in _memory_keys(memory) if k != "zarr.json"]
+        if layout.summary_attrs():  # version 3: the scalars in the group's own metadata, one object
+            g.attrs.update({key: float(s[key]) for key in layout.summary_attrs()})
+            keys.append("zarr.json")
         root = self.group.store_path.path
         prefix = f"{root}/stats/{hook}" if root else f"stats/{hook}"
-        _copy_objects(memory, self.group.store_path.store, [k for k in _memory_keys(memory) if k != "zarr.json"],
-                      prefix=prefix)
+        _copy_objects(memory, self.group.store_path.store, keys, prefix=prefix)
 
     def _written_rows(self, path: str, n: int) -> np.ndarray | None:
         """Rows 0..n-1 of a per-chunk array as this handle wrote them, or None when it did not write them all."""
@@ -401,7 +388,7 @@ class ActivationStore:
         return np.stack([np.asarray(rows[j]) for j in range(n)])
 
     def stored_digests(self, upto: int | None = None) -> np.ndarray:
-        """The per-chunk digests written with the chunks, uint8 [n, 16] (version 2); a digest that is
+        """The per-chunk digests written with the chunks, uint8 [n, 16] (version 2 on); a digest that is
         absent (zarr would give zeros) is a StoreError naming it."""
         n = self.n_chunks if upto is None else upto
         self.require_chunks("digests", range(n))
@@ -424,11 +411,30 @@ class ActivationStore:
     def partial_rows(self, hook: str, field: str, chunks: "list[int] | range | None" = None) -> np.ndarray:
         """The per-chunk partial statistic `field` of a hook for these chunks (default: the committed
         ones), one row per chunk, each checked to be in the store first."""
+        return self.partial_table(hook, chunks, (field,))[field]
+
+    def partial_table(self, hook: str, chunks: "list[int] | range | None" = None,
+                      fields: tuple[str, ...] = PARTIAL_FIELDS) -> dict[str, np.ndarray]:
+        """field -> the per-chunk partial statistic of a hook for these chunks (default: the committed
+        ones), each array read once (version 3: one array for every field and hook), every chunk checked
+        to be in the store first. The rows this handle wrote (a harvest finalizing) are not read back."""
         self.activations(hook)
         chunks = range(self.n_committed) if chunks is None else chunks
-        path = f"stats/{hook}/chunks/{field}"
+        layout = self.layout
+        rows: dict[str, np.ndarray] = {}
+        for path in dict.fromkeys(layout.partial_array_of(hook, f) for f in fields):
+            if isinstance(chunks, range) and chunks.start == 0 and chunks.step == 1:
+                written = self._written_rows(path, chunks.stop)
+                if written is not None:
+                    rows[path] = written
+                    continue
+            rows[path] = self._read_rows(path, chunks)
+        return {f: layout.partial_field(rows, hook, f) for f in fields}
+
+    def _read_rows(self, path: str, chunks: "list[int] | range") -> np.ndarray:
+        """Rows of these chunks of a per-chunk array, each checked to be in the store first."""
         self.require_chunks(path, chunks)
-        arr = self.partial_stats(hook, field)
+        arr = self.array(path)
         if isinstance(chunks, range) and chunks.step == 1:
             return self.read_array_chunk(path, lambda: arr[chunks.start:chunks.stop], f"{chunks.start}..")
         idx = np.asarray(list(chunks), dtype=np.int64)
@@ -447,9 +453,7 @@ class ActivationStore:
         n = self.n_committed if upto is None else upto
         rows: dict[str, np.ndarray] = {}
         if n:
-            # the rows this handle wrote (a harvest finalizing) need no reading back
-            rows = {f: self._written_rows(f"stats/{hook}/chunks/{f}", n) for f in PARTIAL_FIELDS}
-            rows = {f: self.partial_rows(hook, f, range(n)) if r is None else r for f, r in rows.items()}
+            rows = self.partial_table(hook, range(n))
         count = float(rows["count"].sum()) if n else 0.0
         d = self.manifest.hook(hook).d
         if count == 0:
@@ -562,12 +566,6 @@ class ActivationStore:
 
     def nbytes_stored(self, prefix: str = "") -> int:
         return location.disk_usage(self.url, prefix)
-
-
-def hook_dim(hook: str) -> str:
-    """The name of a hook's width dimension (dimension_names; distinct per hook so xarray can open
-    the activations group as one dataset)."""
-    return f"d_{hook}"
 
 
 def held_out_for(n_sequences: int, chunk_sequences: int, n_chunks: int) -> dict[str, int] | None:

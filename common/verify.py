@@ -20,7 +20,7 @@ class VerifyReport:
     n_chunks: int = 0
     complete: bool = False
     problems: list[str] = field(default_factory=list)
-    fingerprint: str | None = None  # recomputed from the data read (format 2, every committed chunk readable)
+    fingerprint: str | None = None  # recomputed from the data read (format 2 on, every committed chunk readable)
 
     @property
     def ok(self) -> bool:
@@ -37,7 +37,7 @@ class VerifyReport:
 
 def verify(url: str | os.PathLike, progress: bool = False) -> VerifyReport:
     """Check the store against its manifest and read (decode, crc32c-check) every committed chunk; for
-    format version 2 also each chunk's digest and the store fingerprint. Never raises on damage: every
+    format version 2 on also each chunk's digest and the store fingerprint. Never raises on damage: every
     problem found goes into the report."""
     store = ActivationStore.open(url, "r", check=False)
     m = store.manifest
@@ -78,23 +78,35 @@ def verify(url: str | os.PathLike, progress: bool = False) -> VerifyReport:
 
 
 def _check_summary(store: ActivationStore, hook: str, rep: VerifyReport) -> None:
-    """The summary statistics a complete store holds for readers without this package (stats/<hook>/mean
-    ...) must be there and be those of the per-chunk partial sums. One that is absent reads as zeros (its
-    fill value): a problem unless zero is what it is (stores of earlier releases did not write those)."""
+    """The summary statistics a complete store holds for readers without this package (the arrays
+    stats/<hook>/mean ..., and in version 3 the scalars in the attributes of stats/<hook>) must be there
+    and be those of the per-chunk partial sums. An array that is absent reads as zeros (its fill value):
+    a problem unless zero is what it is (stores of earlier releases did not write those)."""
     try:
         want = store.stats(hook)
     except Exception as e:  # noqa: BLE001  (a partial statistic missing: reported chunk by chunk already)
-        if not any(f"stats/{hook}" in p for p in rep.problems):
+        if not any(f"stats/{hook}" in p or "stats/chunks" in p for p in rep.problems):
             rep.problems.append(f"stats/{hook}: unreadable ({first_line(e, 160)})")
         return
-    group = store.group["stats"][hook]
-    for key, value in want.items():
+    layout = store.layout
+    try:
+        group = store.group["stats"][hook]
+    except KeyError:
+        rep.problems.append(f"stats/{hook}: missing")
+        return
+    for key in layout.summary_attrs():
+        got = group.attrs.get(key)
+        if not isinstance(got, (int, float)) or isinstance(got, bool):
+            rep.problems.append(f"stats/{hook}: attribute {key!r} missing")
+        elif not np.allclose(got, want[key], rtol=1e-9, atol=0.0, equal_nan=True):
+            rep.problems.append(f"stats/{hook}: attribute {key!r} does not match the per-chunk statistics")
+    for key in layout.summary_arrays():
         path = f"stats/{hook}/{key}"
         if key not in group:
             rep.problems.append(f"{path}: missing")
             continue
         arr = group[key]
-        expected = np.asarray(value, dtype=np.float64)
+        expected = np.asarray(want[key], dtype=np.float64)
         try:
             absent = chunk_key(arr, 0) not in chunk_keys(arr)
             got = np.asarray(arr[...], dtype=np.float64)
@@ -129,8 +141,7 @@ def _check_chunk(store: ActivationStore, j: int, rep: VerifyReport, stored: byte
             vocab = m.tokenizer.vocab_size
             if data.size and (data.min() < 0 or (vocab and data.max() >= vocab)):
                 rep.problems.append(f"tokens chunk {j}: token ids outside 0..{vocab - 1}")
-        else:
-            _check_stats(store, path.split("/", 1)[1], j, data, rep)
+    _check_stats(store, j, {h: got[f"activations/{h}"] for h in m.hook_names if f"activations/{h}" in got}, rep)
     if len(got) != len(arrays):
         return None
     digest = chunk_digest(got["tokens"], {h: got[f"activations/{h}"] for h in m.hook_names}, m.hook_names)
@@ -140,19 +151,26 @@ def _check_chunk(store: ActivationStore, j: int, rep: VerifyReport, stored: byte
     return digest
 
 
-def _check_stats(store: ActivationStore, hook: str, j: int, data: np.ndarray, rep: VerifyReport) -> None:
-    """The stored partial statistics of chunk j must be those of the stored activations."""
-    s = chunk_stats(data)
-    for f in PARTIAL_FIELDS:
-        arr = store.partial_stats(hook, f)
+def _check_stats(store: ActivationStore, j: int, acts: dict[str, np.ndarray], rep: VerifyReport) -> None:
+    """Chunk j of every per-chunk statistics array of the layout (one for all hooks in version 3, six per
+    hook before) must be there, and hold the partial statistics of the activations read (hook -> rows)."""
+    layout = store.layout
+    rows = {}
+    for path in layout.partial_arrays():
+        arr = store.array(path)
         if not chunk_present(arr, j):
-            rep.problems.append(f"stats/{hook}/chunks/{f} chunk {j}: missing")
-            return
+            rep.problems.append(f"{path} chunk {j}: missing")
+            continue
         try:
-            stored = arr[j]
-        except Exception as e:  # noqa: BLE001
-            rep.problems.append(f"stats/{hook}/chunks/{f} chunk {j}: unreadable ({first_line(e, 120)})")
-            return
-        if not np.allclose(stored, getattr(s, f), rtol=1e-9, atol=0.0, equal_nan=True):
-            rep.problems.append(f"stats/{hook} chunk {j}: {f} does not match the stored activations")
-            return
+            rows[path] = np.asarray(arr[j:j + 1], dtype=np.float64)
+        except Exception as e:  # noqa: BLE001  (a crc32c mismatch)
+            rep.problems.append(f"{path} chunk {j}: unreadable ({first_line(e, 120)})")
+    for hook, x in acts.items():
+        s = chunk_stats(x)
+        for f in PARTIAL_FIELDS:
+            if layout.partial_array_of(hook, f) not in rows:
+                continue
+            got = layout.partial_field(rows, hook, f)[0]
+            if not np.allclose(got, getattr(s, f), rtol=1e-9, atol=0.0, equal_nan=True):
+                rep.problems.append(f"stats/{hook} chunk {j}: {f} does not match the stored activations")
+                break

@@ -9,6 +9,7 @@ are the classic TransformerLens ones (blocks.L.hook_resid_pre, blocks.L.attn.hoo
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import functools
 import importlib.util
@@ -23,6 +24,7 @@ from ..common.device import pick_device
 from ..common.errors import UserError, first_line
 from ..common.manifest import ModelInfo, TokenizerInfo
 from ..common.progress import stage
+from . import gguf_cache
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct-q4"
@@ -125,7 +127,7 @@ def _gguf_path(spec: str) -> Path | None:
 def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str = "float32",
                tokenizer: str | None = None) -> "HookedModel":
     """Load a model spec for harvesting; see the module docstring for the kinds of spec. A load that
-    takes more than a second says so on stderr (common.progress.stage)."""
+    takes more than a few seconds says so on stderr (common.progress.stage)."""
     with stage(f"loading the model {spec}"):
         return _load_model(spec, device, dtype, tokenizer)
 
@@ -253,6 +255,37 @@ def _quiet_loading() -> Iterator[None]:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """A .gguf model through transformers; its conversion is kept in the cache (harvest/gguf_cache.py), so
+    that only the first load of a file reads it."""
+    import transformers
+
+    entry = gguf_cache.entry_folder(path, transformers.__version__)
+    cached = gguf_cache.lookup(entry)
+    if cached is not None:
+        try:
+            return _load_converted(cached, dtype)
+        except Exception as e:  # noqa: BLE001: a damaged entry costs the conversion, nothing else
+            gguf_cache.discard(cached, e)
+    if entry is None:
+        return _convert_gguf(path, dtype)
+    model, tok = _convert_gguf(path, torch.float32)  # kept in float32: the dequantised values, exactly
+    gguf_cache.save(entry, path, lambda tmp: _save_converted(model, tok, tmp))
+    return model.to(dtype), tok
+
+
+def _save_converted(model: Any, tok: Any, folder: Path) -> None:
+    """What _load_converted reads: the config, the weights in one safetensors file (a tied embedding
+    once), the tokenizer's files. transformers will not save_pretrained a model it read from GGUF."""
+    from safetensors.torch import save_model
+
+    config = copy.deepcopy(model.config)
+    config.__dict__.pop("quantization_config", None)  # the weights are plain float32 now
+    config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(folder)
+
+
+def _convert_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(path.parent), path.name
@@ -263,6 +296,17 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     with _quiet_loading():
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return model, tok
+
+
+def _load_converted(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """A conversion kept in the cache: JSON and safetensors only (use_safetensors: never a pickle)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     return model, tok
 
 

@@ -10,11 +10,12 @@ import zarr
 
 from ..common import codecs, location, outputs
 from ..common.errors import UserError
-from ..common.manifest import HookInfo, Manifest
+from ..common.manifest import RESUMABLE_VERSIONS, HookInfo, Manifest
 from ..common.options import check_values
 from ..common.progress import log, parse_count
 from ..common.store import ATTR as STORE_ATTR
 from ..common.store import ActivationStore, chunk_sequences_for, held_out_after_truncation, held_out_for
+from ..common.store_layout import TOP_ENTRIES
 
 from .config import HarvestConfig
 from .data import TokenWindows
@@ -128,7 +129,7 @@ def _unfinished_create(url: str) -> bool:
     """A store whose creation was interrupted: our arrays' group, but no manifest written yet."""
     try:
         group = zarr.open_group(store=location.open_store(url, read_only=True), mode="r", zarr_format=3)
-        return STORE_ATTR not in group.attrs and set(group.keys()) <= {"tokens", "activations", "stats"}
+        return STORE_ATTR not in group.attrs and set(group.keys()) <= set(TOP_ENTRIES)
     except Exception:  # noqa: BLE001  (not a zarr group at all: ActivationStore.open says so)
         return False
 
@@ -140,6 +141,11 @@ def resume_point(existing: ActivationStore | None, new: Manifest, url: str) -> t
     if existing is None:
         return 0, False
     stored = existing.manifest
+    if stored.format_version not in RESUMABLE_VERSIONS:
+        raise UserError(f"cannot resume {url}: it is a format {stored.format_version} store, which this version reads "
+                        "but does not write; finish it with the release that started it, or pass --overwrite to "
+                        "harvest it again")
+    new.format_version = stored.format_version  # an older store goes on in its own layout (and fingerprint)
     if stored.planned_n_sequences == new.n_sequences:  # the dataset ran out before the planned size
         new.held_out = held_out_after_truncation(new.held_out, new.n_sequences, stored.n_sequences,
                                                  new.chunk_sequences)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,6 +15,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# converted .gguf models (harvest/gguf_cache.py) go to a folder of the machine's temporary space, not the
+# user's cache; entries are keyed by content, so runs share one safely and only the first converts
+os.environ.setdefault("ACTCACHE_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"actcache-tests-{os.getuid()}"))
 
 import pytest  # noqa: E402
 

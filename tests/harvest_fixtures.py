@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,16 @@ def cli_subprocess(args: list[str], **kw) -> subprocess.CompletedProcess:
     """Run `actcache ARGS` in a fresh process."""
     return subprocess.run([sys.executable, "-m", "actcache", *args], capture_output=True, text=True,
                           env=env(), cwd=ROOT, timeout=300, **kw)
+
+
+_STAGE = re.compile(r"^actcache: .+( \.\.\.( \d+ s so far)?|: done in [\d.]+ s)$")
+
+
+def message_lines(stderr: str) -> list[str]:
+    """The lines of a command's stderr that say something: without blank lines and without the
+    lines a slow step prints while it runs ("actcache: loading the model ... ...", "... 15 s so far",
+    "...: done in 6.1 s"), which appear only when the machine is slow and are not the message."""
+    return [line for line in stderr.replace("\r", "\n").splitlines() if line.strip() and not _STAGE.match(line)]
 
 
 def run_cli(args: list[str], capfd) -> tuple[int, str, str]:

@@ -14,7 +14,7 @@ from actcache.common.errors import UserError
 from actcache.common.sae import SAE, Metadata, SAEConfig
 from actcache.harvest.analysis import analyse, attribute, list_hooks, steer
 
-from harvest_fixtures import ROOT, env, run_cli
+from harvest_fixtures import ROOT, env, message_lines, run_cli
 
 SPEC = "random:n_layers=2,d_model=32,n_ctx=24,d_vocab=49152,seed=0"  # the bundled tokenizer's vocabulary
 HOOK = "blocks.0.hook_resid_post"
@@ -105,7 +105,7 @@ def test_commands(folder, capfd):
     bad = _cli("attribute", str(folder), "--prompt", "The capital of France is", "--target", " Parisian", *tok,
                "--quiet", ok=False)  # no progress lines of the (slow) tokenizer load: the error alone
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines() == [bad.stderr.strip()]
+    assert message_lines(bad.stderr) == [bad.stderr.strip()]
     assert bad.stderr.startswith("actcache: error: the target ' Parisian' is 2 tokens")
     code, stdout, err = run_cli(["hooks", SPEC, "--json"], capfd)
     assert code == 0, err[-2000:]

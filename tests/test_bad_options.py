@@ -20,12 +20,12 @@ import torch
 from actcache.common.sae import SAE, Metadata, SAEConfig
 
 from eval_fixtures import HOOK, RANDOM, harvest_store, make_sae
-from harvest_fixtures import cli_subprocess, run_cli, write_token_jsonl
+from harvest_fixtures import cli_subprocess, message_lines, run_cli, write_token_jsonl
 from tests.conftest import make_sweep, write_sweep
 
 
 def one_line(r, *says: str, code: int = 2) -> str:
-    lines = r.stderr.strip().splitlines()
+    lines = message_lines(r.stderr)
     assert r.returncode == code and len(lines) == 1 and lines[0].startswith("actcache: error: "), (r.returncode,
                                                                                                   r.stderr)
     for s in says:

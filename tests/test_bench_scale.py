@@ -55,3 +55,21 @@ def test_benchmark_runs_end_to_end_at_toy_sizes(tmp_path):
     assert js.with_suffix(".md").read_text().startswith("# Scale benchmark")
     assert js.with_suffix(".png").stat().st_size > 1000
     assert list(work.iterdir()) == []  # the stores and runs are removed once measured
+
+
+def test_the_s3_mode_counts_requests_per_chunk(tmp_path):
+    """--storage s3: the same steps on a loopback S3 server that counts requests; a chunk of a
+    one-hook store is written as 4 objects (tokens, activations, digest, statistics)."""
+    pytest.importorskip("moto.server")
+    res = tmp_path / "results"
+    bench_scale.main(["--sizes", "4096", "--d-model", "32", "--vocab", "300", "--ctx", "32", "--harvest-batch", "8",
+                      "--train-tokens", "1024", "--train-batch", "512", "--features-tokens", "1024",
+                      "--loader-tokens", "1024", "--held-out", "0", "--work", str(tmp_path / "work"),
+                      "--results", str(res), "--suffix=-s3", "--storage", "s3"])
+    (js,) = res.glob("scale-*-s3.json")
+    (r,) = json.loads(js.read_text())["results"]
+    assert r["storage"] == "s3" and r["n_chunks"] >= 1
+    assert r["harvest"]["requests_per_chunk"]["chunk_objects"] == 4
+    assert r["verify"]["requests"]["activation_chunk_gets"] == r["n_chunks"]  # one GET per chunk read
+    assert all(r[s]["tokens_per_s"] > 0 for s in ("harvest", "verify", "loader", "train", "features"))
+    assert "S3 store of 4,096 tokens" in js.with_suffix(".md").read_text()

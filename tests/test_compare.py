@@ -13,7 +13,7 @@ from actcache.common.outputs import sae_digest
 from actcache.train.compare import compare, compare_table
 
 from conftest import make_sweep, single_thread
-from harvest_fixtures import run_cli
+from harvest_fixtures import message_lines, run_cli
 from tests.synthetic import make_store
 
 HOOK = "blocks.0.hook_resid_pre"
@@ -47,7 +47,7 @@ def test_runs_of_different_stores_are_refused_in_one_line(runs, capfd):
     a, c = _summary(runs / "a"), _summary(runs / "c")
     assert a["store_fingerprint"] != c["store_fingerprint"]
     code, out, err = run_cli(["compare", str(runs / "a"), str(runs / "c")], capfd)
-    lines = err.strip().splitlines()
+    lines = message_lines(err)
     assert code != 0 and len(lines) == 1 and lines[0].startswith("actcache: error:"), err
     assert "different data" in lines[0] and a["store_fingerprint"] in lines[0] and c["store_fingerprint"] in lines[0]
     assert "--allow-mixed" in lines[0] and out == ""

@@ -16,7 +16,7 @@ from actcache.harvest.evaluate import downstream_metrics
 from actcache.train.heldout_metrics import heldout_metrics
 
 from eval_fixtures import HOOK, RANDOM, harvest_store, make_sae
-from harvest_fixtures import run_cli, write_token_jsonl
+from harvest_fixtures import message_lines, run_cli, write_token_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_cli_writes_eval_json_summary_columns_and_plot(tmp_path, store_url, capf
 
 def _refused(args, capfd, words, *folders):
     code, out, err = run_cli(args, capfd)
-    lines = err.strip().splitlines()
+    lines = message_lines(err)
     assert code != 0 and len(lines) == 1 and lines[0].startswith("actcache: error:"), err
     for w in words:
         assert w in lines[0], lines[0]

@@ -6,7 +6,8 @@ import shutil
 import pytest
 
 from actcache.harvest import HarvestConfig, harvest
-from harvest_fixtures import HOOKS, RANDOM, cli_subprocess, harvest_args, run_cli, snapshot, write_token_jsonl
+from harvest_fixtures import (HOOKS, RANDOM, cli_subprocess, harvest_args, message_lines,
+                              run_cli, snapshot, write_token_jsonl)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def existing(tmp_path_factory, data):
 
 
 def assert_one_line_error(code, err, *fragments):
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = message_lines(err)
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("actcache: error: "), err
     for f in fragments:
@@ -149,7 +150,7 @@ def test_ctrl_c_during_a_harvest_says_how_to_continue(data, tmp_path):
     assert p.poll() is None, p.communicate()  # inside the forward passes
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = message_lines(err)
     assert p.returncode == 130, err
     assert lines[-1] == "actcache: interrupted; rerun with --resume to continue", err
     assert "Traceback" not in err and "aborted" not in err

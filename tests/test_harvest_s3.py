@@ -9,7 +9,7 @@ import pytest
 from actcache import HarvestConfig, harvest, verify
 from actcache.common.store import ActivationStore
 from distributed_fixtures import retry_lines
-from harvest_fixtures import HOOKS, RANDOM, write_token_jsonl
+from harvest_fixtures import HOOKS, RANDOM, message_lines, write_token_jsonl
 
 
 # ---------------------------------------------------------------------------------------------- failures
@@ -166,8 +166,7 @@ def test_endpoint_dying_mid_harvest_is_one_line_and_resume_is_byte_identical(ser
     finally:
         server.start_again()
     retried = retry_lines(err)
-    lines = [l for l in err.replace("\r", "\n").splitlines()
-             if l.strip() and not l.startswith("harvest:") and l not in retried]
+    lines = [l for l in message_lines(err) if not l.startswith("harvest:") and l not in retried]
     assert p.returncode != 0 and "Traceback" not in err, err[-3000:]
     assert len(lines) == 1 and lines[0].startswith("actcache: error: ") and "--resume" in lines[0], lines
     assert retried, err[-3000:]  # it did retry before giving up

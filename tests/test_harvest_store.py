@@ -12,7 +12,7 @@ import torch
 from actcache.common.store import ActivationStore
 from actcache import HarvestConfig, harvest, info, verify
 from actcache.harvest.models import load_model
-from harvest_fixtures import HOOKS, RANDOM, cli_subprocess, env, harvest_args, run_cli, write_token_jsonl
+from harvest_fixtures import HOOKS, RANDOM, cli_subprocess, env, harvest_args, message_lines, run_cli, write_token_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def test_dataset_running_out_gives_a_shorter_complete_store_and_a_failing_exit(t
     cfg.allow_short = True  # the user accepts the shorter store
     assert harvest(cfg, progress=False).n_tokens == n_available * 32
     p = cli_subprocess(harvest_args(tmp_path / "cli.zarr", data, hooks=HOOKS[:1], tokens=10_000, chunk=4))
-    errors = [l for l in p.stderr.splitlines() if l.strip()]
+    errors = message_lines(p.stderr)
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
     assert errors[-1].startswith("actcache: error: the dataset ran out") and verify(tmp_path / "cli.zarr").ok
 

@@ -23,7 +23,7 @@ from actcache.train import train_sweep
 from actcache.train.features import load_features, write_features
 from conftest import make_sweep, single_thread, write_sweep
 from eval_fixtures import HOOK, RANDOM, harvest_store
-from harvest_fixtures import env, run_cli, write_token_jsonl
+from harvest_fixtures import env, message_lines, run_cli, write_token_jsonl
 
 SWEEP = make_sweep({"name": "t", "architecture": "topk", "k": 4}, defaults={"lr": 1e-3, "d_sae": 64}, hook=HOOK,
                    tokens=1024, batch_tokens=128, seed=1, eval_tokens=256, window_chunks=2, held_out="100:128")
@@ -67,7 +67,7 @@ def tree(path: Path) -> dict[str, bytes]:
 
 def refused(args, capfd, *words) -> str:
     code, out, err = run_cli(args, capfd)
-    lines = err.strip().splitlines()
+    lines = message_lines(err)
     assert code != 0 and len(lines) == 1 and lines[0].startswith("actcache: error:"), err
     for w in words:
         assert w in lines[0], lines[0]

@@ -19,7 +19,7 @@ from actcache.common.sae import SAE, Metadata, SAEConfig
 from actcache.train.architectures import ARCHITECTURES
 from actcache.train.architectures import SAEConfig as TrainConfig
 
-from harvest_fixtures import ROOT, cli_subprocess, env
+from harvest_fixtures import ROOT, cli_subprocess, env, message_lines
 
 D_IN, D_OUT, D_SAE = 8, 6, 16
 
@@ -234,7 +234,7 @@ EXPECT = {"nan": ("sae_weights.safetensors", "tensor W_dec holds 1 non-finite va
 def test_every_command_that_loads_an_sae_refuses_a_nan_one_in_a_real_process(bad_run, tmp_path, command):
     tmp, runs = bad_run
     r = cli_subprocess(COMMANDS[command](runs["nan"], tmp_path))
-    lines = r.stderr.strip().splitlines()
+    lines = message_lines(r.stderr)
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     file, says = EXPECT["nan"]
     assert str(runs["nan"] / "s" / file) in lines[0] and says in lines[0]
@@ -250,7 +250,7 @@ def test_truncated_mismatched_and_incomplete_folders_are_one_line_from_eval_and_
     file, says = EXPECT[kind]
     for command in ("eval", "features"):
         code, out, err = run_cli(COMMANDS[command](runs[kind], tmp_path), capfd)
-        lines = err.strip().splitlines()
+        lines = message_lines(err)
         assert code == 2 and len(lines) == 1 and lines[0].startswith("actcache: error: "), err
         assert str(runs[kind] / "s" / file) in lines[0] and says in lines[0], lines[0]
         assert not (tmp_path / "feat").exists()

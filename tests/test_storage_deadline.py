@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from harvest_fixtures import cli_subprocess
+from harvest_fixtures import cli_subprocess, message_lines
 
 BUDGET, REQUEST = 3, 2
 
@@ -58,7 +58,7 @@ def test_a_command_that_meets_a_hung_server_says_so_within_a_request_timeout(hun
     r = cli_subprocess(["info", "s3://bucket/acts.zarr", "--storage-option", f"endpoint_url={hung_endpoint}",
                         "--storage-option", f"retry_seconds={BUDGET}", "--storage-option", f"request_timeout={REQUEST}"])
     seconds = time.perf_counter() - t
-    lines = r.stderr.strip().splitlines()
+    lines = message_lines(r.stderr)
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "cannot reach the storage server" in lines[0] and lines[0].endswith("then rerun the same command")
     assert "--resume" not in lines[0]  # info has none

@@ -1,4 +1,4 @@
-"""Store format 2 and the reader's checks: absent, truncated and corrupt chunks are one-line errors,
+"""Store format 3 and the reader's checks: absent, truncated and corrupt chunks are one-line errors,
 open() compares the manifest with the arrays, the fingerprint identifies the data, held-out chunks,
 version 1 stays readable, xarray opens a store, and the plain-zarr snippet of docs/store-format.md gives exact counts."""
 
@@ -119,7 +119,10 @@ def test_fingerprint_survives_a_copy_and_changes_with_any_stored_value(store_pat
     assert other.fingerprint != fp
 
 
-def test_a_format_1_store_is_still_read(store_path):
+def test_a_format_1_store_is_still_read(tmp_path):
+    """Format 1 is format 2's layout (tests/data/store-v2.zarr, written by that release) without digests."""
+    store_path = tmp_path / "v1.zarr"
+    shutil.copytree(ROOT / "tests" / "data" / "store-v2.zarr", store_path)
     g = zarr.open_group(store_path, mode="r+")
     m = dict(g.attrs[ATTR])
     for k in ("held_out", "fingerprint", "planned_n_sequences", "n_clamped", "device"):
@@ -130,7 +133,7 @@ def test_a_format_1_store_is_still_read(store_path):
     store = ActivationStore.open(store_path)
     assert store.manifest.format_version == 1 and store.held_out_range() is None and store.fingerprint is None
     assert store.manifest.device == "cpu" and store.manifest.n_clamped == {HOOK: 3}
-    assert store.read_chunk(HOOK, 2).shape == (8 * 32, 16)
+    assert store.read_chunk(HOOK, 2).shape == (4 * 8, 8)
     rep = verify(store_path)
     assert rep.ok and rep.fingerprint is None
     text = format_info(info(store_path))
@@ -169,12 +172,19 @@ def test_the_readmes_plain_zarr_snippet_gives_exact_counts(tmp_path):
     script = _readme_snippet().replace('"acts.zarr"', "sys.argv[1]")
     script = "import sys, json\n" + script + (
         "\nprint(json.dumps({'n': n, 'tokens': list(tokens.shape), 'acts': list(acts.shape), 'train': list(train),"
-        " 'held': list(held), 'foreign': sorted(k for k in sys.modules if k.split('.')[0] in ('actcache', 'torch'))}))\n")
+        " 'held': list(held), 'count': float(count), 'chunk_counts': [float(c) for c in chunk_counts],"
+        " 'mean': mean.tolist(), 'var': var.tolist(),"
+        " 'foreign': sorted(k for k in sys.modules if k.split('.')[0] in ('actcache', 'torch'))}))\n")
     p = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, env=env(), cwd="/")
     assert p.returncode == 0, p.stderr
     d = json.loads(p.stdout)
     assert d["foreign"] == [] and d["n"] == 30 and d["tokens"] == [30, 32] and d["acts"] == [30 * 32, 64]
     assert d["train"] == [0, 24] and d["held"] == [24, 30]
+    # the statistics it reads are those of the activations, computed here from the arrays themselves
+    x = zarr.open_group(out, mode="r")["activations"][HOOKS[0]][:].astype(np.float64)
+    assert d["count"] == 30 * 32 and d["chunk_counts"] == [8 * 32, 8 * 32, 8 * 32, 6 * 32]
+    np.testing.assert_allclose(d["mean"], x.mean(0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(d["var"], x.var(0), rtol=1e-7, atol=1e-9)
 
 
 def test_held_out_size_options_and_info(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from actcache.common.errors import StoreError
 from actcache.common.manifest import DatasetInfo, HookInfo, Manifest, ModelInfo, TokenizerInfo
-from actcache.common.store import PARTIAL_FIELDS, ActivationStore, chunk_stats
+from actcache.common.store import ActivationStore, chunk_stats
 from benchmarks.s3_server import moto_s3
 
 pytest.importorskip("moto.server")
@@ -37,17 +37,19 @@ def _counted(log, fn):
 
 @pytest.mark.parametrize("n_hooks", [1, 3])
 def test_requests_of_a_store_on_s3(server, n_hooks):
+    """The goals: creating a store <= 20 requests (one hook), a chunk <= hooks + 3, finalize <= 10 per hook,
+    a chunk of one array read with one GET."""
     log, _ = server
     url = f"s3://acts/requests-{n_hooks}/acts.zarr"
     m = _manifest(n_hooks)
-    # objects of the format: the root, activations and stats groups, tokens, digests; per hook the
-    # activations array, two groups and the six per-chunk statistics arrays
-    n_objects = 5 + 9 * n_hooks
-    store, created, _ = _counted(log, lambda: ActivationStore.create(url, m))
-    assert created["PUT"] == n_objects + 1  # the root twice: without its manifest first, with it last
-    assert sum(created.values()) <= n_objects + 6
-    if n_hooks == 1:
-        assert sum(created.values()) <= 20
+    # objects of the format: the root, the activations and stats groups, tokens, digests, the per-chunk
+    # statistics of every hook (stats/chunks), and per hook its activations array
+    n_objects = 6 + n_hooks
+    store, created, reqs = _counted(log, lambda: ActivationStore.create(url, m))
+    assert created["PUT"] == n_objects + 1, reqs  # the root twice: without its manifest first, with it last
+    assert sum(created.values()) <= n_objects + 6, reqs  # and at most 5 that clear the destination
+    assert sum(created.values()) <= 20
+    assert store.manifest.format_version == 3
 
     rng = np.random.default_rng(0)
     written = []
@@ -56,31 +58,37 @@ def test_requests_of_a_store_on_s3(server, n_hooks):
         acts = {h.name: rng.standard_normal(((b - a) * 4, 8)).astype(np.float16) for h in m.hooks}
         written.append(acts)
         tokens = np.full((b - a, 4), j, np.int32)
-        _, wrote, _ = _counted(log, lambda: store.write_chunk(j, tokens, acts, {k: chunk_stats(v) for k, v in acts.items()}))
-        # one PUT per array of the chunk (tokens, digest, per hook: activations and its partial statistics)
-        assert wrote == {"PUT": 2 + (1 + len(PARTIAL_FIELDS)) * n_hooks}, wrote
+        _, wrote, reqs = _counted(log, lambda: store.write_chunk(j, tokens, acts,
+                                                                 {k: chunk_stats(v) for k, v in acts.items()}))
+        # one PUT per array of the chunk: tokens, every hook's activations, its digest, its statistics
+        assert wrote == {"PUT": n_hooks + 3}, reqs
         _, committed, _ = _counted(log, lambda: store.commit(j + 1))
         assert committed == {"PUT": 1}
 
     _, finalized, reqs = _counted(log, store.finalize)
-    # per hook six summary arrays, each its metadata and its chunk; then the manifest. Nothing read back
-    assert finalized == {"PUT": 12 * n_hooks + 1}, reqs
+    # per hook its group (the scalars in its attributes), mean and var (each its metadata and its chunk);
+    # then the manifest. Nothing read back
+    assert finalized == {"PUT": 5 * n_hooks + 1}, reqs
+    assert sum(finalized.values()) <= 10 * n_hooks
 
-    reader = ActivationStore.open(url)
+    reader = ActivationStore.open(url)  # opening reads each array's metadata once, for every later read
     hook = m.hooks[-1].name
-    np.testing.assert_array_equal(reader.read_chunk(hook, 0), written[0][hook])  # opens the array: its metadata
-    for j in (1, 2):
+    for j in (0, 1, 2):
         x, read, reqs = _counted(log, lambda: reader.read_chunk(hook, j))
         assert read == {"GET": 1} and reqs[0][1].endswith(f"/activations/{hook}/c/{j}/0"), reqs
         np.testing.assert_array_equal(x, written[j][hook])
     tok, read, _ = _counted(log, lambda: reader.read_tokens(2))
-    assert read == {"GET": 2} and (tok == 2).all()  # the tokens array's metadata, then its chunk
+    assert read == {"GET": 1} and (tok == 2).all()
     for h in m.hooks:  # the statistics written from what the harvest held equal those read back
         s = reader.stats(h.name)
         x = np.concatenate([w[h.name] for w in written]).astype(np.float64)
         np.testing.assert_allclose(s["mean"], x.mean(0), rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(reader.group["stats"][h.name]["mean"][:], x.mean(0), rtol=1e-9, atol=1e-12)
-        assert reader.group["stats"][h.name]["count"][()] == x.shape[0]
+        group = reader.group["stats"][h.name]
+        np.testing.assert_allclose(group["mean"][:], x.mean(0), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(group["var"][:], x.var(0), rtol=1e-9, atol=1e-12)
+        assert group.attrs["count"] == x.shape[0]
+        np.testing.assert_allclose(group.attrs["mean_norm"], np.linalg.norm(x, axis=1).mean(), rtol=1e-9)
+        assert group.attrs["max_abs"] == np.abs(x).max() and group.attrs["n_nonfinite"] == 0
     assert reader.manifest.complete and reader.fingerprint == reader.compute_fingerprint()
 
 

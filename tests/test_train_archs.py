@@ -22,6 +22,7 @@ from actcache.train.config import load_config, readme_tables, readme_with_tables
 from actcache.train.export import model_metadata, summary_table
 from actcache.common.sae import SAE
 from actcache.train.sweep import train_sweep
+from harvest_fixtures import message_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "blocks.0.hook_resid_pre"
@@ -267,7 +268,7 @@ def test_bad_sweep_value_is_one_line_before_training(case, small_store, tmp_path
     code, err = _cli(monkeypatch, capsys, ["train", small_store, "--config", str(tmp_path / "sweep.toml"),
                                            "--out", str(tmp_path / "out"), "--no-progress"])
     assert code == 2, err
-    lines = err.strip().splitlines()
+    lines = message_lines(err)
     assert len(lines) == 1 and lines[0].startswith("actcache: error: "), err
     assert expected in lines[0], (expected, lines[0])
     assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -17,7 +17,7 @@ read: the batch of a hook is the same whether the loader reads it alone or with 
 next is fetched and decoded in the background.
 
 Held-out sequences: the chunks are those committed chunks that share no sequence with the store's
-held-out part (`store.held_out_range()`, format 2) or with a range the caller names (`held_out`, the
+held-out part (`store.held_out_range()`, format 2 on) or with a range the caller names (`held_out`, the
 sweep's `held_out = "START:STOP"`, for stores without one). Such chunks are never read, not read and
 discarded; chunk ids keep their store numbering, so with nothing held out the stream is unchanged.
 
@@ -57,10 +57,10 @@ def normalisation_scale(store: ActivationStore, hook: str, chunks: list[int] | N
         count, mean_sq = s["count"], float(np.sum(s["var"] + s["mean"] ** 2))
     else:  # from the per-chunk partial sums of exactly these chunks: sum over dims of E[x_d^2]
         idx = sorted(chunks)
-        count = float(store.partial_rows(hook, "count", idx).sum()) if idx else 0.0
+        part = store.partial_table(hook, idx, ("count", "sumsq")) if idx else {}
+        count = float(part["count"].sum()) if idx else 0.0
         if count:
-            sumsq = store.partial_rows(hook, "sumsq", idx)
-            mean_sq = float(np.sum(sumsq.sum(axis=0) / count))
+            mean_sq = float(np.sum(part["sumsq"].sum(axis=0) / count))
     if not count:
         raise UserError(f"the store {store.url} has no statistics for {hook!r}; finish the harvest first")
     return math.sqrt(d / mean_sq) if mean_sq > 0 else 1.0
@@ -69,7 +69,7 @@ def normalisation_scale(store: ActivationStore, hook: str, chunks: list[int] | N
 def held_out_ranges(store: ActivationStore, held_out: "list[int] | tuple[int, int] | None" = None
                     ) -> list[tuple[int, int]]:
     """The sequence ranges [start, stop) that training must not read: the store's own held-out part
-    (format 2 stores) and a range the user names (`held_out = "START:STOP"` in the sweep config)."""
+    (format 2 and 3 stores) and a range the user names (`held_out = "START:STOP"` in the sweep config)."""
     ranges = []
     own = store.held_out_range()  # None for stores of format 1
     if own is not None:
