@@ -490,7 +490,8 @@ class ActivationStore:
         """The float16 activations of committed chunk j of a hook, [rows, d].
 
         From a local store written with `--codec none` this is a read-only view of the memory-mapped
-        chunk file (its crc32c checked first): no decode and no copy; otherwise zarr decodes it."""
+        chunk file (its crc32c checked first): no decode and no copy; a local blosc or zstd chunk is
+        decompressed by numcodecs straight into a new array (CodedChunks); otherwise zarr decodes it."""
         r0, r1 = self._committed_range(j, self.chunk_row_range)
         if hook not in self.manifest.hook_names:
             self.activations(hook)  # the StoreError naming the hooks there are
