@@ -4,8 +4,9 @@ Order of operations for epoch e:
   1. the committed chunks in the order of a seeded permutation (seed, "chunks", e);
   2. consecutive groups of `window_chunks` of them form windows; a window's chunks are fetched and
      decoded by a thread pool (the codecs release the GIL) straight into one reused host buffer (pinned
-     when CUDA is there), optionally leaving out BOS/EOS/pad positions;
-  3. the window's rows are permuted by (seed, "window", e, w), so a batch mixes many sequences and chunks;
+     when CUDA is there); optionally BOS/EOS/pad positions are left out (the window keeps every row and
+     the index of the kept ones, which a batch gathers through: no row is moved to leave one out);
+  3. the window's kept rows are permuted by (seed, "window", e, w), so a batch mixes many sequences and chunks;
   4. batches are consecutive slices of the concatenation of all permuted windows of all epochs.
 So batch `step` is a pure function of (store, seed, step), every SAE of a sweep sees the same stream,
 and the position (epoch, window, offset) is all the state there is.
