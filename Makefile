@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 
-.PHONY: setup setup-saelens chromium test demo bench bench-quick bench-sweep4096 bench-s3-read bench-scale clean
+.PHONY: setup setup-saelens chromium test demo bench bench-quick bench-sweep4096 bench-s3-read bench-scale bench-loader clean
 
 $(VENV)/.done: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -53,6 +53,10 @@ bench-s3-read: setup           ## training-loader reads: local disk vs S3 on loo
 SCALE_SIZES ?= 1M,4M,16M
 bench-scale: setup             ## stores of 1M, 4M, 16M tokens at d_model 768: throughput and peak memory per command (SCALE_SIZES=1M,4M for fewer)
 	$(VENV)/bin/python -m benchmarks.bench_scale --sizes $(SCALE_SIZES)
+
+bench-loader: setup setup-saelens  ## the loader vs the raw read and SAELens's ActivationsStore, 4M tokens at d 768 (~12 GB of disk, deleted after)
+	nice -n 19 $(VENV)/bin/python -m benchmarks.bench_loader_cpu --saelens-python $(abspath $(SL_VENV))/bin/python \
+		--out benchmarks/results/loader-$$(date -u +%Y-%m-%d).json
 
 clean:
 	rm -rf $(VENV) $(SL_VENV)

@@ -271,16 +271,22 @@ def reads(monkeypatch):
     """Every chunk the store is asked for, by anyone (the loader's threads included)."""
     seen = {"acts": [], "tokens": []}
     read_chunk, read_tokens = ActivationStore.read_chunk, ActivationStore.read_tokens
+    read_chunk_into = ActivationStore.read_chunk_into
 
     def rc(self, hook, j):
         seen["acts"].append(j)
         return read_chunk(self, hook, j)
+
+    def rci(self, hook, j, out):  # the loader decodes into its window this way
+        seen["acts"].append(j)
+        return read_chunk_into(self, hook, j, out)
 
     def rt(self, j):
         seen["tokens"].append(j)
         return read_tokens(self, j)
 
     monkeypatch.setattr(ActivationStore, "read_chunk", rc)
+    monkeypatch.setattr(ActivationStore, "read_chunk_into", rci)
     monkeypatch.setattr(ActivationStore, "read_tokens", rt)
     return seen
 

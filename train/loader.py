@@ -3,9 +3,10 @@
 Order of operations for epoch e:
   1. the committed chunks in the order of a seeded permutation (seed, "chunks", e);
   2. consecutive groups of `window_chunks` of them form windows; a window's chunks are fetched and
-     decoded by a thread pool (zarr's codecs release the GIL) into one host buffer (pinned when CUDA
-     is there), optionally leaving out BOS/EOS/pad positions;
-  3. the window's rows are permuted by (seed, "window", e, w), so a batch mixes many sequences and chunks;
+     decoded by a thread pool (the codecs release the GIL) straight into one reused host buffer (pinned
+     when CUDA is there); optionally BOS/EOS/pad positions are left out (the window keeps every row and
+     the index of the kept ones, which a batch gathers through: no row is moved to leave one out);
+  3. the window's kept rows are permuted by (seed, "window", e, w), so a batch mixes many sequences and chunks;
   4. batches are consecutive slices of the concatenation of all permuted windows of all epochs.
 So batch `step` is a pure function of (store, seed, step), every SAE of a sweep sees the same stream,
 and the position (epoch, window, offset) is all the state there is.
@@ -42,6 +43,9 @@ from ..common.errors import StoreError, UserError, first_line
 from ..common.manifest import special_token_ids
 from ..common.seeding import permutation
 from ..common.store import ActivationStore
+
+# rows gathered and converted at a time on the CPU: 512 rows of d 768 in float16 (768 KiB) stay in cache
+GATHER_BLOCK = 512
 
 
 def normalisation_scale(store: ActivationStore, hook: str, chunks: list[int] | None = None) -> float:
@@ -95,9 +99,10 @@ def training_chunks(store: ActivationStore, held_out: "list[int] | tuple[int, in
 class _Window:
     epoch: int
     index: int
-    acts: dict[str, torch.Tensor]  # hook -> [rows, d] float16 as stored (pinned memory with CUDA)
-    rows: torch.Tensor  # int64 [rows]: the store row of each kept position
-    perm: torch.Tensor  # int64 [rows]
+    acts: dict[str, torch.Tensor]  # hook -> [rows, d] float16 as stored (pinned memory with CUDA), every row
+    rows: torch.Tensor  # int64 [kept]: the store row of each kept position
+    perm: torch.Tensor  # int64 [kept]
+    at: "torch.Tensor | None" = None  # int64 [kept]: where each kept position's row is in acts (None: i)
 
 
 class ActivationLoader:
@@ -162,6 +167,7 @@ class ActivationLoader:
         self.wait_seconds = 0.0  # time next_batch spent waiting for a window that was not ready
         self.read_failed = False  # set when reading a chunk failed (the error itself reaches next_batch)
         self._staging: list[dict[str, torch.Tensor] | None] = [None, None]
+        self._gather_stage: dict[int, torch.Tensor] = {}  # width -> the CPU gather's float16 block buffer
         self._copied: list = [None, None]
         # two reusable window buffers: one being consumed, one being filled (no fresh allocation per window)
         per_chunk = self.store.manifest.chunk_sequences * self.store.manifest.context_size
@@ -195,15 +201,13 @@ class ActivationLoader:
                               for h, d in self.dims.items()}
         return self._slots[i]
 
-    def _put(self, dst: torch.Tensor, src: np.ndarray) -> None:
-        """Copy float16 rows into a window buffer, in the calling reader thread (numpy's copy is
-        single-threaded: the readers are the parallelism, nested thread teams would fight over cores)."""
-        np.copyto(dst.numpy(), src)
-
-    def _read_chunk(self, hook: str, j: int) -> np.ndarray:
-        """Chunk j of a hook, through the store (which refuses absent or damaged chunks). Any other
+    def _read_chunk(self, hook: str, j: int, out: torch.Tensor | None = None) -> np.ndarray:
+        """Chunk j of a hook, through the store (which refuses absent or damaged chunks); with `out`,
+        decoded straight into it (a compressed local chunk needs no array of its own). Any other
         failure (a storage error, a decode error) becomes one line naming the chunk."""
         try:
+            if out is not None:
+                return self.store.read_chunk_into(hook, j, out.numpy())
             return self.store.read_chunk(hook, j)
         except UserError:
             self.read_failed = True
@@ -222,48 +226,36 @@ class ActivationLoader:
             self.read_failed = True
             raise _read_error(self.store, "tokens", j, e) from None
 
-    def _read_into(self, j: int, dst: "dict[str, torch.Tensor] | None"
-                   ) -> tuple[np.ndarray, "dict[str, np.ndarray] | None"]:
-        """Decode chunk j of every hook (each array once, the token ids once when skipping); write the
-        rows into dst when their place is known, else return the kept rows of every hook."""
-        r0, r1 = self.store.chunk_row_range(j)
-        rows = np.arange(r0, r1, dtype=np.int64)
-        acts = {h: self._read_chunk(h, j) for h in self.hooks}
+    def _read_into(self, j: int, dst: dict[str, torch.Tensor]) -> "np.ndarray | None":
+        """Decode chunk j of every hook (each array once) straight into dst, its place in the window;
+        when skipping special tokens, return the mask of its rows to keep (the token ids read once)."""
+        for h in self.hooks:
+            self._read_chunk(h, j, dst[h])
         if self.skip_special_tokens and self.special_ids:
-            keep = ~np.isin(self._read_tokens(j).reshape(-1), self.special_ids)
-            rows = rows[keep]
-            acts = {h: a[keep] for h, a in acts.items()}
-        if dst is None:
-            return rows, acts
-        for h, a in acts.items():
-            self._put(dst[h], a)
-        return rows, None
+            return ~np.isin(self._read_tokens(j).reshape(-1), self.special_ids)
+        return None
 
     def _load_window(self, epoch: int, w: int) -> _Window:
         ids = self.window_chunk_ids(epoch, w)
         slot = self._slot(epoch, w)
+        # every chunk decoded straight into its place in the window, in parallel; special tokens are left
+        # out by indexing (the kept positions), never by moving rows
+        offsets, at = [], 0
+        for j in ids:
+            r0, r1 = self.store.chunk_row_range(j)
+            offsets.append((at, r1 - r0))
+            at += r1 - r0
+        futures = [self.pool.submit(self._read_into, j, {h: b[o:o + size] for h, b in slot.items()})
+                   for j, (o, size) in zip(ids, offsets)]
+        keeps = [f.result() for f in futures]
+        rows = [np.arange(*self.store.chunk_row_range(j), dtype=np.int64) for j in ids]
+        where = None
         if self.skip_special_tokens and self.special_ids:
-            # kept rows per chunk are known only once its tokens are read: place chunks as they arrive
-            futures = [self.pool.submit(self._read_into, j, None) for j in ids]
-            at, rows = 0, []
-            for f in futures:
-                r, acts = f.result()
-                for h, a in acts.items():
-                    self._put(slot[h][at:at + a.shape[0]], a)
-                at += r.shape[0]
-                rows.append(r)
-        else:
-            offsets, at = [], 0
-            for j in ids:
-                r0, r1 = self.store.chunk_row_range(j)
-                offsets.append((at, r1 - r0))
-                at += r1 - r0
-            futures = [self.pool.submit(self._read_into, j, {h: b[o:o + size] for h, b in slot.items()})
-                       for j, (o, size) in zip(ids, offsets)]
-            rows = [f.result()[0] for f in futures]
-        n = at
-        perm = permutation(n, self.seed, "window", epoch, w)
-        return _Window(epoch, w, {h: b[:n] for h, b in slot.items()}, torch.from_numpy(np.concatenate(rows)), perm)
+            where = torch.from_numpy(np.concatenate([o + np.flatnonzero(k) for (o, _), k in zip(offsets, keeps)]))
+            rows = [r[k] for r, k in zip(rows, keeps)]
+        rows_t = torch.from_numpy(np.concatenate(rows))
+        perm = permutation(rows_t.shape[0], self.seed, "window", epoch, w)
+        return _Window(epoch, w, {h: b[:at] for h, b in slot.items()}, rows_t, perm, where)
 
     def _following(self, epoch: int, w: int) -> tuple[int, int]:
         return (epoch, w + 1) if w + 1 < self.n_windows() else (epoch + 1, 0)
@@ -317,16 +309,23 @@ class ActivationLoader:
     def next_batches(self, return_rows: bool = False):
         """The next batch of every hook, {hook: [batch_size, d_hook]}; with return_rows also the store rows."""
         slot = self.step % 2
-        host = self._batch_buffers(slot)
+        if self.cuda:
+            host = self._batch_buffers(slot)
+        else:  # float32 batches of their own (a caller may keep them); assembled block by block
+            out = {h: torch.empty((self.batch_size, d), dtype=torch.float32) for h, d in self.dims.items()}
         row_parts, at = [], 0
         while at < self.batch_size:
             win = self._window_at(self.epoch, self.window)
             n = win.perm.shape[0]
             take = min(self.batch_size - at, n - self.offset)
             idx = win.perm[self.offset:self.offset + take]
+            src = idx if win.at is None else win.at.index_select(0, idx)  # kept position -> window row
             # gather now: the window's buffer is refilled once the stream moves two windows on
             for h in self.hooks:
-                np.take(win.acts[h].numpy(), idx.numpy(), axis=0, out=host[h][at:at + take].numpy())
+                if self.cuda:
+                    torch.index_select(win.acts[h], 0, src, out=host[h][at:at + take])
+                else:
+                    self._gather_scaled(win.acts[h], src, out[h][at:at + take], self.scales[h])
             if return_rows:
                 row_parts.append(win.rows.index_select(0, idx))
             at += take
@@ -335,14 +334,29 @@ class ActivationLoader:
                 self.epoch, self.window = self._following(self.epoch, self.window)
                 self.offset = 0
         self.step += 1
-        batches = self._to_device(host, slot)
+        batches = self._to_device(host, slot) if self.cuda else out
         if return_rows:
             return batches, torch.cat(row_parts)
         return batches
 
+    def _gather_scaled(self, src: torch.Tensor, idx: torch.Tensor, dst: torch.Tensor, scale: float) -> None:
+        """dst (float32) = src[idx] (float16) converted and multiplied by scale, in blocks of GATHER_BLOCK
+        rows: each block is gathered into a small reused float16 buffer that stays in the CPU cache while
+        it is converted, so the rows cross memory once (a gather of the whole batch, then its conversion,
+        would move them three times). The same values as src[idx].to(float32).mul_(scale)."""
+        d = src.shape[1]
+        stage = self._gather_stage.get(d)
+        if stage is None:
+            stage = self._gather_stage[d] = torch.empty((GATHER_BLOCK, d), dtype=torch.float16)
+        for k in range(0, idx.shape[0], GATHER_BLOCK):
+            part = idx[k:k + GATHER_BLOCK]
+            s, o = stage[:part.shape[0]], dst[k:k + GATHER_BLOCK]
+            torch.index_select(src, 0, part, out=s)
+            o.copy_(s)
+            if scale != 1.0:
+                o.mul_(scale)
+
     def _batch_buffers(self, slot: int) -> dict[str, torch.Tensor]:
-        if not self.cuda:
-            return {h: torch.empty((self.batch_size, d), dtype=torch.float16) for h, d in self.dims.items()}
         # one of two pinned staging buffers per hook; the copy out of them two batches ago is waited for
         if self._staging[slot] is None:
             self._staging[slot] = {h: torch.empty((self.batch_size, d), dtype=torch.float16, pin_memory=True)
@@ -354,11 +368,6 @@ class ActivationLoader:
 
     def _to_device(self, host: dict[str, torch.Tensor], slot: int) -> dict[str, torch.Tensor]:
         out = {}
-        if not self.cuda:
-            for h, buf in host.items():
-                x = buf.to(torch.float32)
-                out[h] = x.mul_(self.scales[h]) if self.scales[h] != 1.0 else x
-            return out
         # non_blocking copies on a side stream; the compute stream waits for these copies only
         main = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.copy_stream):
