@@ -31,8 +31,8 @@ chromium:                      ## Debian's chromium, for the feature-browser tes
 	@command -v chromium >/dev/null 2>&1 || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
-test: setup setup-saelens chromium  ## the whole test suite (CPU, offline)
-	ACTCACHE_SAELENS_PYTHON=$(abspath $(SL_VENV))/bin/python $(VENV)/bin/python -m pytest -q tests
+test: setup setup-saelens chromium  ## the whole test suite (CPU, offline), a test file per worker on two workers
+	ACTCACHE_SAELENS_PYTHON=$(abspath $(SL_VENV))/bin/python $(VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests
 
 demo: setup                    ## harvest + train a small sweep on the bundled model, offline
 	$(VENV)/bin/actcache demo
