@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -48,6 +47,7 @@ from actcache.common.manifest import special_token_ids
 from actcache.common.store import ActivationStore, chunk_sequences_for
 from actcache.train.loader import ActivationLoader
 from benchmarks.report import emit_result
+from benchmarks.saelens_loader_side import peak_rss_bytes  # the same measure on both sides
 
 HOOK = "blocks.0.hook_resid_pre"
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,18 +56,6 @@ WORK_PREFIX = "bench_loader_cpu_"
 
 
 # ----------------------------------------------------------------------------- one measurement (a child)
-def _peak_rss() -> int:
-    """This process's peak resident memory in bytes: VmHWM, the high-water mark of its own address space
-    (ru_maxrss would carry over the parent's resident size at fork across exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _warm(folder: str) -> None:
     """Read every file under a folder once (into the page cache; not timed)."""
     for dirpath, _, files in os.walk(folder):
@@ -103,7 +91,7 @@ def child(side: str, store_url: str, hook: str, batch: int, window_chunks: int, 
     _warm(os.path.join(store_url, "activations", hook))
     n = store.n_committed
     rows = store.chunk_row_range(n - 1)[1]
-    rss0 = _peak_rss()
+    rss0 = peak_rss_bytes()
     out: dict = {}
     if side in ("raw", "raw_zarr"):
         store.direct_decode = side == "raw"
@@ -141,7 +129,7 @@ def child(side: str, store_url: str, hook: str, batch: int, window_chunks: int, 
     cpu, wall = time.process_time() - c, time.perf_counter() - w
     if side == "loader":
         loader.close()
-    out.update(tokens=tokens, cpu_s=cpu, wall_s=wall, peak_rss_bytes=_peak_rss(), rss_before_bytes=rss0,
+    out.update(tokens=tokens, cpu_s=cpu, wall_s=wall, peak_rss_bytes=peak_rss_bytes(), rss_before_bytes=rss0,
                torch_threads=torch.get_num_threads())
     return out
 

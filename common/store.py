@@ -640,6 +640,29 @@ def chunk_keys(arr: zarr.Array) -> set[str]:
     return sync(collect())
 
 
+def _local_chunk_files(arr: zarr.Array) -> tuple[Path, tuple[int, ...], np.dtype, tuple[Any, ...]] | None:
+    """(folder, chunk shape, little-endian dtype, codecs) of an array whose chunks this module may read
+    as files itself: a zarr v3 array on local disk, default chunk keys, a regular grid of whole rows,
+    codecs `bytes` (little-endian) first and `crc32c` last. Anything else: None (zarr reads it)."""
+    store, md = arr.store_path.store, arr.metadata
+    if not isinstance(store, LocalStore) or getattr(md, "zarr_format", None) != 3:
+        return None
+    if not isinstance(md.chunk_key_encoding, DefaultChunkKeyEncoding) or not isinstance(md.chunk_grid, RegularChunkGrid):
+        return None
+    chain = tuple(md.codecs)
+    if len(chain) < 2 or not isinstance(chain[0], BytesCodec) or not isinstance(chain[-1], Crc32cCodec):
+        return None
+    dtype = np.dtype(arr.dtype)
+    endian = getattr(chain[0].endian, "value", chain[0].endian)
+    if dtype.itemsize > 1 and endian != "little":
+        return None
+    chunks = tuple(md.chunk_grid.chunk_shape)
+    if not chunks or chunks[1:] != tuple(arr.shape[1:]):
+        return None
+    prefix = arr.store_path.path
+    return (Path(store.root) / prefix if prefix else Path(store.root)), chunks, dtype.newbyteorder("<"), chain
+
+
 @dataclass(frozen=True)
 class MappedChunks:
     """Chunk files of an uncompressed array on local disk, read by memory-mapping them.
@@ -658,23 +681,11 @@ class MappedChunks:
 
     @classmethod
     def of(cls, arr: zarr.Array) -> "MappedChunks | None":
-        store, md = arr.store_path.store, arr.metadata
-        if not isinstance(store, LocalStore) or getattr(md, "zarr_format", None) != 3:
+        found = _local_chunk_files(arr)
+        if found is None or len(found[3]) != 2:  # bytes, crc32c: no compressor
             return None
-        if not isinstance(md.chunk_key_encoding, DefaultChunkKeyEncoding) or not isinstance(md.chunk_grid, RegularChunkGrid):
-            return None
-        chain = tuple(md.codecs)
-        if len(chain) != 2 or not isinstance(chain[0], BytesCodec) or not isinstance(chain[1], Crc32cCodec):
-            return None
-        dtype = np.dtype(arr.dtype)
-        endian = getattr(chain[0].endian, "value", chain[0].endian)
-        if dtype.itemsize > 1 and endian != "little":
-            return None
-        chunks = tuple(md.chunk_grid.chunk_shape)
-        if not chunks or chunks[1:] != tuple(arr.shape[1:]):
-            return None
-        prefix = arr.store_path.path
-        return cls(Path(store.root) / prefix if prefix else Path(store.root), md, chunks, dtype.newbyteorder("<"))
+        folder, chunks, dtype, _ = found
+        return cls(folder, arr.metadata, chunks, dtype)
 
     @property
     def chunk_bytes(self) -> int:
@@ -742,14 +753,10 @@ class CodedChunks:
 
     @classmethod
     def of(cls, arr: zarr.Array) -> "CodedChunks | None":
-        store, md = arr.store_path.store, arr.metadata
-        if not isinstance(store, LocalStore) or getattr(md, "zarr_format", None) != 3:
+        found = _local_chunk_files(arr)
+        if found is None or len(found[3]) != 3:  # bytes, a compressor, crc32c
             return None
-        if not isinstance(md.chunk_key_encoding, DefaultChunkKeyEncoding) or not isinstance(md.chunk_grid, RegularChunkGrid):
-            return None
-        chain = tuple(md.codecs)
-        if len(chain) != 3 or not isinstance(chain[0], BytesCodec) or not isinstance(chain[2], Crc32cCodec):
-            return None
+        folder, chunks, dtype, chain = found
         if isinstance(chain[1], BloscCodec):
             from numcodecs import blosc
 
@@ -760,16 +767,7 @@ class CodedChunks:
             decompress = zstd.decompress
         else:
             return None
-        dtype = np.dtype(arr.dtype)
-        endian = getattr(chain[0].endian, "value", chain[0].endian)
-        if dtype.itemsize > 1 and endian != "little":
-            return None
-        chunks = tuple(md.chunk_grid.chunk_shape)
-        if not chunks or chunks[1:] != tuple(arr.shape[1:]):
-            return None
-        prefix = arr.store_path.path
-        return cls(Path(store.root) / prefix if prefix else Path(store.root), md, chunks, dtype.newbyteorder("<"),
-                   decompress)
+        return cls(folder, arr.metadata, chunks, dtype, decompress)
 
     def file(self, j: int) -> Path:
         return self.folder / self.metadata.encode_chunk_key((j,) + (0,) * (len(self.chunk_shape) - 1))

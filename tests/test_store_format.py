@@ -36,9 +36,12 @@ def chunk_file(store: Path, j: int, array: str = f"activations/{HOOK}") -> Path:
 
 
 def damage_chunk(f: Path, damage: str) -> None:
-    """Delete a chunk file, cut it in half, flip one bit of it, or empty it."""
+    """Delete a chunk file, cut it in half, flip one bit of its data or of its stored crc32c (the data
+    intact, its checksum not), or empty it."""
     raw = f.read_bytes()
-    if damage == "deleted":
+    if damage == "flipped checksum":
+        f.write_bytes(raw[:-1] + bytes([raw[-1] ^ 0x01]))
+    elif damage == "deleted":
         f.unlink()
     elif damage == "truncated":
         f.write_bytes(raw[: len(raw) // 2])
