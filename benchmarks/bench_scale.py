@@ -262,13 +262,15 @@ def run_size(n_tokens: int, a: argparse.Namespace, work: Path, data: Path, env: 
     for name in STEPS:
         print(f"[bench-scale] {n_tokens:,} tokens ({storage}): {name}", file=sys.stderr, flush=True)
         n0 = len(requests) if requests is not None else 0
-        cpu0 = server.cpu_seconds() if server is not None else 0.0
+        cpu0 = server.cpu_parts() if server is not None else {}
         m = measure(cmds[name], env=env, cwd=ROOT)
         if m["rc"] != 0:
             raise RuntimeError(f"{name} at {n_tokens:,} tokens failed (exit {m['rc']}): {m['stderr'][-2000:]}")
         rec = {"wall_seconds": m["seconds"], "cpu_seconds": m["cpu_seconds"], "peak_rss_bytes": m["peak_rss_bytes"]}
-        if server is not None:
-            rec["server_cpu_seconds"] = server.cpu_seconds() - cpu0
+        if server is not None:  # the server side's CPU time (with the counting proxy's, also apart)
+            parts = {k: v - cpu0.get(k, 0.0) for k, v in server.cpu_parts().items()}
+            rec["server_cpu_seconds"] = sum(parts.values())
+            rec["server_cpu_parts"] = parts
         if name in STEP_FUNCS:
             rec.update(json.loads(m["stdout"]))
         elif name == "info":
@@ -427,6 +429,15 @@ def _label(r: dict[str, Any]) -> str:
     return f"{r['tokens']:,} ({r['storage']}" + (f", {r['s3_server']})" if r.get("s3_server") else ")")
 
 
+def _server_cpu_text(rec: dict[str, Any]) -> str:
+    """The server side's CPU seconds of a step, the counting proxy's share in brackets where it has one."""
+    srv = rec.get("server_cpu_seconds")
+    if srv is None:
+        return ""
+    proxy = rec.get("server_cpu_parts", {}).get("proxy")
+    return f"{srv:.1f}" + ("" if proxy is None else f" ({proxy:.1f})")
+
+
 def _methods_text(by_method: dict[str, int | float], fmt: str = ",") -> str:
     return ", ".join(f"{k} {v:{fmt}}" for k, v in sorted(by_method.items()))
 
@@ -446,7 +457,8 @@ def s3_table(res: list[dict[str, Any]]) -> list[str]:
         lines += ["", f"S3 store of {r['tokens']:,} tokens ({r['n_chunks']} chunks, server: {server}): harvest "
                   f"{hr['chunk_objects']:.2f} chunk objects and {hr['all']:.2f} requests in all per chunk "
                   f"(commits, lease, creation and finishing included).", "",
-                  "| step | tokens/CPU-s on S3 | on local disk | S3 / local | server CPU-s | S3 with server CPU / local "
+                  "| step | tokens/CPU-s on S3 | on local disk | S3 / local | server CPU-s (proxy) "
+                  "| S3 with server CPU / local "
                   "| wall S3 / local | requests (by method) | activation chunk GETs / chunks fetched |",
                   "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
         for s in STEPS:
@@ -461,7 +473,7 @@ def s3_table(res: list[dict[str, Any]]) -> list[str]:
             lines.append(f"| {s} | {'' if mine is None else f'{mine:,.0f}'} | "
                          f"{'' if theirs is None else f'{theirs:,.0f}'} | "
                          f"{'' if not (mine and theirs) else f'{mine / theirs:.2f}'} | "
-                         f"{'' if srv is None else f'{srv:.1f}'} | "
+                         f"{_server_cpu_text(r[s])} | "
                          f"{'' if not (with_srv and theirs) else f'{with_srv / theirs:.2f}'} | "
                          f"{'' if wall is None else f'{wall:.2f}'} | {_methods_text(q['by_method'])} | {gets} |")
         ops = r["harvest"].get("operations")

@@ -227,12 +227,15 @@ def _own_cpu_seconds() -> float:
 @dataclasses.dataclass
 class Served:
     """A running loopback S3 server: the AWS_* variables that reach it; the list its requests are
-    noted in (None when not counted); the CPU seconds it has used so far (its own process, and this
-    process's share: the counting proxy, or moto itself)."""
+    noted in (None when not counted); the CPU seconds used so far on its side, by part ("server": rclone's
+    process or moto, in this process; "proxy": the counting proxy, this process's CPU time)."""
 
     env: dict[str, str]
     requests: list[tuple[str, str, str]] | None
-    cpu_seconds: Callable[[], float]
+    cpu_parts: Callable[[], dict[str, float]]
+
+    def cpu_seconds(self) -> float:
+        return sum(self.cpu_parts().values())
 
 
 # ------------------------------------------------------------------------------------------ rclone
@@ -263,8 +266,11 @@ def rclone_server(folder: str | os.PathLike, buckets: tuple[str, ...] = ("acts",
                 port = proxy.start()
             rclone_pid = proc.pid
 
-            def cpu() -> float:
-                return _process_cpu_seconds(rclone_pid) + (_own_cpu_seconds() if proxy is not None else 0.0)
+            def cpu() -> dict[str, float]:
+                parts = {"server": _process_cpu_seconds(rclone_pid)}
+                if proxy is not None:
+                    parts["proxy"] = _own_cpu_seconds()
+                return parts
 
             with patched_environ(_env(f"http://127.0.0.1:{port}")) as env:
                 yield Served(env, requests, cpu)
@@ -353,6 +359,6 @@ def counting_s3(kind: str, folder: str | os.PathLike, buckets: tuple[str, ...],
             yield server
     elif kind == "moto":
         with moto_s3(buckets, requests=requests) as env:
-            yield Served(env, requests, _own_cpu_seconds)
+            yield Served(env, requests, lambda: {"server": _own_cpu_seconds()})
     else:
         raise ValueError(f"unknown S3 server {kind!r}: {', '.join(SERVERS)}")
