@@ -361,9 +361,14 @@ def harvest_operations(log: list[tuple[str, str, str]], store: str) -> dict[str,
     what follows (the harvest's result: the store's size, listed)."""
     from actcache.common.lease import lock_url
 
+    from urllib.parse import unquote
+
     lease_key = "/" + lock_url(store).removeprefix("s3://")
+    bucket, _, lease_name = lease_key.partition("/")[2].partition("/")
     root_meta = "/" + store.removeprefix("s3://").rstrip("/") + "/zarr.json"
-    is_lease = [path == lease_key for _, path, _ in log]
+    # the lease object itself, or a listing of the lease's name as a folder (s3fs's exists())
+    is_lease = [path == lease_key or (path == f"/{bucket}" and f"prefix={lease_name}/" in unquote(query))
+                for _, path, query in log]
     chunk_puts = [i for i, (m, path, _) in enumerate(log) if m == "PUT" and _array(path) is not None]
     first = chunk_puts[0] if chunk_puts else len(log)
     last = chunk_puts[-1] if chunk_puts else len(log) - 1

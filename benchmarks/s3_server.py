@@ -126,10 +126,14 @@ class CountingProxy:
 
     async def _shutdown(self) -> None:
         self._server.close()
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for _ in range(10):  # a cancelled connection may still be starting its copy task
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            if not tasks:
+                return
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.sleep(0)
 
     def _run(self) -> None:
         loop = self._loop = asyncio.new_event_loop()
