@@ -578,13 +578,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     res = [r for r in report["results"] if r.get("storage", "local") == report["results"][0].get("storage", "local")]
     x = [r["tokens"] for r in res]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    pairs = s3_pairs(report["results"])
+    fig, axes = plt.subplots(1, 3 if pairs else 2, figsize=(16.5 if pairs else 11, 4))
+    ax1, ax2 = axes[0], axes[1]
+    if pairs:
+        s3_bars(axes[2], pairs)
     for s, key in RATES:
         line, = ax1.plot(x, [cpu_rate(r, s) for r in res], marker="o", label=f"{s} (per CPU-second)")
         ax1.plot(x, [r[s][key] for r in res], marker=".", linestyle=":", color=line.get_color())
     for s in STEPS:
         ax2.plot(x, [r[s]["peak_rss_bytes"] / 2**20 for r in res], marker="o", label=s)
+    where = f"{res[0].get('storage', 'local').replace('local', 'local disk')}: " if pairs else ""
     for ax, title in ((ax1, "tokens per CPU-second (dotted: per wall second)"), (ax2, "peak resident memory (MiB)")):
+        title = where + title
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("store size (tokens)")
@@ -595,6 +601,47 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def s3_pairs(results: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(local, S3) results of the same size."""
+    local = {r["tokens"]: r for r in results if r.get("storage", "local") == "local"}
+    return [(local[r["tokens"]], r) for r in results if r.get("storage") == "s3" and r["tokens"] in local]
+
+
+def s3_bars(ax: Any, pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+    """Per step, S3 over local disk: tokens per CPU-second of the step's process (solid), the same with the
+    server side's CPU time added (hatched), per wall second of the whole process (light)."""
+    import numpy as np
+
+    steps = [s for s, _ in RATES]
+    width = 0.8 / (3 * len(pairs))
+    top = 1.0
+    for i, (base, r) in enumerate(pairs):
+        def ratio(f):
+            return [(f(r, s) / f(base, s)) if f(r, s) and f(base, s) else np.nan for s in steps]
+
+        def with_server(rec, s):
+            n = step_tokens(rec, s)
+            return n / (rec[s]["cpu_seconds"] + rec[s].get("server_cpu_seconds", 0.0)) if n else None
+
+        x0 = np.arange(len(steps)) + (i * 3 - 1.5 * len(pairs) + 0.5) * width
+        tag = f"{r['tokens']:,}: " if len(pairs) > 1 else ""
+        bars = [ratio(cpu_rate), ratio(with_server), [base[s]["wall_seconds"] / r[s]["wall_seconds"] for s in steps]]
+        ax.bar(x0, bars[0], width, label=f"{tag}per CPU-second", color="C0")
+        ax.bar(x0 + width, bars[1], width, label=f"{tag}per CPU-second, server's added",
+               color="white", edgecolor="C0", hatch="//")
+        ax.bar(x0 + 2 * width, bars[2], width, label=f"{tag}per wall second (the whole process)", color="C0",
+               alpha=0.35)
+        top = max([top] + [v for b in bars for v in b if v == v])
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_ylim(0, top * 1.45)  # room for the legend above the bars
+    ax.set_xticks(range(len(steps)), steps)
+    ax.set_ylabel("S3 / local disk")
+    server = pairs[0][1].get("s3_server") or "moto"
+    ax.set_title(f"S3 ({server}, loopback) over local disk")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
 
 
 # ------------------------------------------------------------------------------------------ main
