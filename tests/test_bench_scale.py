@@ -33,6 +33,20 @@ def test_a_size_that_does_not_fit_is_refused_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "r").exists() and list((tmp_path / "w").iterdir()) == []
 
 
+def test_a_store_that_does_not_fit_moto_memory_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """moto keeps the store in memory: a store larger than the memory available is refused in one line
+    that names rclone (here 1 MiB available: less than moto itself needs beside a toy store)."""
+    monkeypatch.setattr(bench_scale, "available_memory", lambda: 1 << 20)
+    with pytest.raises(SystemExit) as e:
+        bench_scale.main(["--sizes", "4096", "--d-model", "32", "--vocab", "300", "--ctx", "32",
+                          "--storage", "local,s3", "--s3-server", "moto",
+                          "--work", str(tmp_path / "w"), "--results", str(tmp_path / "r")])
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in memory" in err[0] and "--s3-server rclone" in err[0], err
+    assert not (tmp_path / "r").exists() and list((tmp_path / "w").iterdir()) == []
+
+
 def test_benchmark_runs_end_to_end_at_toy_sizes_on_disk_and_on_s3(tmp_path):
     """Every step on a local store, then on a loopback S3 server that counts requests (a chunk of a
     one-hook store is written as 4 objects: tokens, activations, digest, statistics)."""
