@@ -80,6 +80,19 @@ def test_normalisation_from_stats_gives_mean_squared_norm_d(store):
     assert float(ld.next_batch().double().pow(2).sum(1).mean()) == pytest.approx(d, rel=1e-3)
 
 
+@pytest.mark.parametrize("left_out", [[], [3], [0, 1, 2, 3, 4, 5, 6], list(range(1, 10, 2))])
+def test_normalisation_of_a_subset_of_chunks_is_the_direct_one(store, left_out, monkeypatch):
+    """From the summary less the chunks left out (few left out), or from the chunks' partial sums read
+    a few at a time (many left out): both are E||x||^2 = d over exactly the chunks kept."""
+    import actcache.train.loader as loader_module
+
+    monkeypatch.setattr(loader_module, "PARTIALS_PER_READ", 3)
+    keep = [j for j in range(store.n_committed) if j not in left_out]
+    x = np.concatenate([store.activations(HOOK)[slice(*store.chunk_row_range(j))] for j in keep]).astype(np.float64)
+    direct = np.sqrt(x.shape[1] / (x ** 2).sum(1).mean())
+    assert normalisation_scale(store, HOOK, keep) == pytest.approx(direct, rel=1e-9)
+
+
 def test_skip_special_tokens_leaves_out_bos_positions(store):
     ld = loader(store, batch_size=256, skip_special_tokens=True, normalize=False)
     tokens = torch.from_numpy(store.tokens[:].reshape(-1))

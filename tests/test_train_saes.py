@@ -94,14 +94,15 @@ def _dense_reference(sae, x, dead, arch):
     return loss + aux / 32
 
 
+@pytest.mark.parametrize("batch", [32, 256])  # 256: the compiled top-k selection (from 64 rows)
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka_batchtopk"])
-def test_sparse_paths_give_the_dense_gradients(arch, one_thread):
+def test_sparse_paths_give_the_dense_gradients(arch, batch, one_thread):
     torch.manual_seed(0)
     sae = build_sae(_cfg(arch), torch.Generator().manual_seed(0))
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_()
-    x = torch.randn(32, 16)
+    x = torch.randn(batch, 16)
     dead = torch.rand(64) < 0.5
     sae.step_loss(x, 1.0, dead, True).loss.backward()
     sparse = {n: p.grad.clone() for n, p in sae.named_parameters()}

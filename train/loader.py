@@ -53,18 +53,33 @@ def normalisation_scale(store: ActivationStore, hook: str, chunks: list[int] | N
 
     `chunks`: the chunks training reads (held-out chunks excluded); default every committed chunk."""
     d = store.manifest.hook(hook).d
-    if chunks is None:
-        s = store.stats(hook)
-        count, mean_sq = s["count"], float(np.sum(s["var"] + s["mean"] ** 2))
-    else:  # from the per-chunk partial sums of exactly these chunks: sum over dims of E[x_d^2]
-        idx = sorted(chunks)
-        part = store.partial_table(hook, idx, ("count", "sumsq")) if idx else {}
-        count = float(part["count"].sum()) if idx else 0.0
-        if count:
-            mean_sq = float(np.sum(part["sumsq"].sum(axis=0) / count))
+    count, sumsq = _count_and_sumsq(store, hook, range(store.n_committed) if chunks is None else sorted(chunks))
     if not count:
         raise UserError(f"the store {store.url} has no statistics for {hook!r}; finish the harvest first")
+    mean_sq = float(np.sum(sumsq / count))  # sum over dims of E[x_d^2]
     return math.sqrt(d / mean_sq) if mean_sq > 0 else 1.0
+
+
+PARTIALS_PER_READ = 256  # per-chunk partial sums read at a time: memory bounded by this, not by the store
+
+
+def _count_and_sumsq(store: ActivationStore, hook: str, chunks: "range | list[int]") -> tuple[float, np.ndarray]:
+    """Tokens and per-dimension sum of squares of a hook over these committed chunks. A complete store
+    keeps its summary (what finalize wrote, over every chunk): that, less the few chunks left out (the
+    held-out part); else the chunks' own partial sums, a block at a time."""
+    d = store.manifest.hook(hook).d
+    left_out = sorted(set(range(store.n_committed)) - set(chunks))
+    if store.manifest.complete and store.n_committed == store.n_chunks and len(left_out) < len(chunks):
+        s = store.summary(hook)
+        count, sumsq = float(s["count"]), s["count"] * (np.asarray(s["var"]) + np.asarray(s["mean"]) ** 2)
+        sign, todo = -1.0, left_out
+    else:
+        count, sumsq, sign, todo = 0.0, np.zeros(d), 1.0, list(chunks)
+    for i in range(0, len(todo), PARTIALS_PER_READ):
+        part = store.partial_table(hook, todo[i:i + PARTIALS_PER_READ], ("count", "sumsq"))
+        count += sign * float(part["count"].sum())
+        sumsq = sumsq + sign * part["sumsq"].sum(axis=0)
+    return count, sumsq
 
 
 def held_out_ranges(store: ActivationStore, held_out: "list[int] | tuple[int, int] | None" = None

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..sparse_ops import gather_pre, sparse_decode, topk_code
+from ..sparse_ops import ByLatent, gather_pre, sparse_decode, topk_code
+from ..sparse_kernels import topk_entries
 from .base import StepOut, TrainingSAE, mse, register
 
 
@@ -34,16 +35,17 @@ class TopKSAE(TrainingSAE):
     unit_norm_decoder = True
 
     def _code(self, pre):
-        rows, cols = topk_code(pre, self.cfg.k)
-        return rows, cols, None
+        """The active entries: (rows, cols, offsets or None, their pre-activations)."""
+        rows, cols, values = topk_code(pre, self.cfg.k)
+        return rows, cols, None, values
 
     @torch.no_grad()
     def init_b_dec(self, sample: torch.Tensor) -> None:
         super().init_b_dec(sample)
         if self.transcoder:
             return
-        _, xc, _, cols, offsets, vals = self._encode_sparse(sample)
-        recon = sparse_decode(cols, vals, offsets, self.W_dec)
+        _, xc, by, cols, offsets, vals = self._encode_sparse(sample)
+        recon = sparse_decode(cols, vals, offsets, self.W_dec, by)
         # <recon, xc> is a sum of relu(p) * p >= 0: the factor is positive unless nothing fired
         factor = (recon * xc).sum() / recon.pow(2).sum()
         if torch.isfinite(factor) and factor > 0:
@@ -52,13 +54,14 @@ class TopKSAE(TrainingSAE):
     def _encode_sparse(self, x):
         xc = self.encoder_input(x).detach()
         with torch.no_grad():
-            pre = xc @ self.W_enc + self.b_enc
-        rows, cols, offsets = self._code(pre)
+            pre = torch.addmm(self.b_enc, xc, self.W_enc)
+        rows, cols, offsets, values = self._code(pre)
         flat_cols = cols.reshape(-1)
-        values = pre.reshape(-1).index_select(0, rows * pre.shape[1] + flat_cols)
-        pre_active = gather_pre(values, xc, self.W_enc, self.b_enc, self.input_bias(), rows, flat_cols)
+        values = values.reshape(-1)
+        by = ByLatent(rows, flat_cols, pre.shape[1])
+        pre_active = gather_pre(values, xc, self.W_enc, self.b_enc, self.input_bias(), by)
         vals = torch.relu(pre_active).reshape(cols.shape)
-        return pre, xc, rows, cols, offsets, vals
+        return pre, xc, by, cols, offsets, vals
 
     def _aux_loss(self, x, x_hat, pre, xc, dead):
         """AuxK: the top aux_k dead latents (by pre-activation) reconstruct the residual x - x_hat
@@ -66,13 +69,14 @@ class TopKSAE(TrainingSAE):
         aux_k = min(self.cfg.aux_k, pre.shape[1])
         with torch.no_grad():
             masked = pre.masked_fill(~dead[None, :], float("-inf"))
-            _, cols = masked.topk(aux_k, dim=1, sorted=False)
+            _, cols = topk_entries(masked, aux_k)
         rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(aux_k)
         flat_cols = cols.reshape(-1)
         values = pre.reshape(-1).index_select(0, rows * pre.shape[1] + flat_cols)
-        vals = torch.relu(gather_pre(values, xc, self.W_enc, self.b_enc, self.input_bias(), rows, flat_cols))
+        by = ByLatent(rows, flat_cols, pre.shape[1])
+        vals = torch.relu(gather_pre(values, xc, self.W_enc, self.b_enc, self.input_bias(), by))
         vals = (vals * dead.index_select(0, flat_cols)).reshape(cols.shape)
-        recon = sparse_decode(cols, vals, None, self.W_dec)
+        recon = sparse_decode(cols, vals, None, self.W_dec, by)
         residual = (x - x_hat).detach()
         n_dead = dead.sum().to(x.dtype)
         scale = torch.clamp(n_dead / aux_k, max=1.0)
@@ -80,8 +84,8 @@ class TopKSAE(TrainingSAE):
 
     def step_loss(self, x, coefficient, dead, aux_on, target=None):
         y = x if target is None else target
-        pre, xc, rows, cols, offsets, vals = self._encode_sparse(x)
-        x_hat = self.add_skip(sparse_decode(cols, vals, offsets, self.W_dec) + self.b_dec, x)
+        pre, xc, by, cols, offsets, vals = self._encode_sparse(x)
+        x_hat = self.add_skip(sparse_decode(cols, vals, offsets, self.W_dec, by) + self.b_dec, x)
         rec = mse(x_hat, y)
         terms = {"mse": rec}
         loss = rec
