@@ -75,9 +75,9 @@ class Metrics:
         self.out_sq += _sum(norm_out.pow(2))
         self.dot += _sum((x * x_hat).sum(-1))
         if latents is not None:
-            active = latents != 0
-            self.l0 += _sum(active)
-            fired = active.sum(0).double().cpu()
+            # exact integer counts; torch sums a bool matrix through an int64 copy, several times slower
+            self.l0 += float(torch.count_nonzero(latents))
+            fired = (latents != 0).sum(0, dtype=torch.int32).double().cpu()
             self.fired = fired if self.fired is None else self.fired + fired
 
     @property

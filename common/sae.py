@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from .errors import UserError, first_line
+from .sparse_kernels import topk_entries
 from .outputs import CFG_FILENAME, SPARSITY_FILENAME, WEIGHTS_FILENAME  # an SAE folder's names: one home
 
 # the SAELens release whose on-disk format these folders follow
@@ -75,7 +76,10 @@ def _encode_topk(sae, x):
     if sae.cfg.rescale_acts_by_decoder_norm:
         raise UserError("rescale_acts_by_decoder_norm SAEs are not supported")
     pre = _pre(sae, x) + sae.b_enc
-    vals, idx = pre.topk(int(sae.cfg.k), dim=-1, sorted=False)
+    if pre.dim() == 2:
+        vals, idx = topk_entries(pre, int(sae.cfg.k))
+    else:
+        vals, idx = pre.topk(int(sae.cfg.k), dim=-1, sorted=False)
     return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
 
 

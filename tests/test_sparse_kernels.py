@@ -5,7 +5,7 @@ grouping by latent gives a stable sort's order."""
 import pytest
 import torch
 
-from actcache.train.sparse_kernels import _fast_path, group_by, topk_entries
+from actcache.common.sparse_kernels import _fast_path, group_by, topk_entries
 
 
 def topk_columns(pre, k):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .sparse_kernels import group_by, topk_entries
+from ..common.sparse_kernels import group_by, topk_entries
 
 
 class ByLatent:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..sparse_ops import ByLatent, gather_pre, sparse_decode, topk_code
-from ..sparse_kernels import topk_entries
+from ...common.sparse_kernels import topk_entries
 from .base import StepOut, TrainingSAE, mse, register
 
 

@@ -1,14 +1,15 @@
-"""Compiled CPU kernels of a TopK SAE's step: the k largest pre-activations of every token (on the CPU
-the largest single cost of a sweep after the encoder's matrix product), and the active entries
-regrouped by latent for the weight gradients.
+"""Compiled CPU kernels of TopK SAEs: the k largest pre-activations of every token (on the CPU the
+largest single cost of a training step after the encoder's matrix product, and of encoding with a
+trained TopK SAE), and the active entries regrouped by latent for the weight gradients.
 
-Top-k: torch.topk on the CPU copies each row into (value, index) pairs and partially sorts them. Here each
-row is selected by radix select on the bits of its float32 values (keys in the order of the floats),
-a pass to build an 11-bit histogram and two more over the few candidates left, and a last pass that
-writes out the indices above the threshold; ties at the threshold go to the lowest columns. Compiled
-with numba (without the GIL), run on as many threads as torch uses, each on its own block of rows;
-numba's own parallel loops are not used, as their thread pool is a second OpenMP runtime beside
-torch's and the two spin against each other. Other devices, dtypes and sizes use torch.topk.
+Top-k: torch.topk on the CPU copies each row into (value, index) pairs and partially sorts them.
+Here each row is selected by radix select on the bits of its float32 values (keys in the order of
+the floats): a pass to build an 11-bit histogram, two more over the few candidates left, and a last
+pass that writes out the entries above the threshold; ties at the threshold go to the lowest
+columns. Compiled with numba (without the GIL) and run on as many threads as torch uses, each on its
+own block of rows, from a small thread pool: in a check, numba's own parallel loops beside torch's
+thread team made a training step several times slower on 2 cores. Other devices, dtypes and sizes
+use torch.topk.
 
 The set of columns is the same as torch.topk's (bar ties); their order within a row is ascending.
 
