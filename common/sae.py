@@ -76,10 +76,7 @@ def _encode_topk(sae, x):
     if sae.cfg.rescale_acts_by_decoder_norm:
         raise UserError("rescale_acts_by_decoder_norm SAEs are not supported")
     pre = _pre(sae, x) + sae.b_enc
-    if pre.dim() == 2:
-        vals, idx = topk_entries(pre, int(sae.cfg.k))
-    else:
-        vals, idx = pre.topk(int(sae.cfg.k), dim=-1, sorted=False)
+    vals, idx = topk_entries(pre, int(sae.cfg.k))
     return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
 
 

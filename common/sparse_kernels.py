@@ -123,11 +123,12 @@ def _workers(n: int) -> ThreadPoolExecutor | None:
 
 
 def topk_entries(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest entries of each row of `pre` ([rows, n]): (values [rows, k], columns int64 [rows, k]).
+    """The k largest entries along the last dimension of `pre` ([rows, n]: (values [rows, k], columns
+    int64 [rows, k]); other shapes, devices and dtypes go to torch.topk).
 
     NaN ranks above every number, as in torch.topk."""
     if not _fast_path(pre, k):
-        return pre.topk(k, dim=1, sorted=False)
+        return pre.topk(k, dim=-1, sorted=False)
     select = _compile()["select"]
     a = pre.contiguous().numpy()
     cols = torch.empty((pre.shape[0], k), dtype=torch.int64)
