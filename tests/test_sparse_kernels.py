@@ -1,11 +1,11 @@
 """The compiled kernels against torch: the top-k selection gives torch.topk's set of columns in every
 row (random rows, rows full of ties, negative and infinite values, the sizes a sweep uses); the
-grouping by latent gives a stable sort's order."""
+grouping by latent gives a stable sort's order; the entries' dot products match float64."""
 
 import pytest
 import torch
 
-from actcache.common.sparse_kernels import _fast_path, group_by, topk_entries
+from actcache.common.sparse_kernels import _fast_path, entry_dots, group_by, topk_entries
 
 
 def topk_columns(pre, k):
@@ -85,3 +85,23 @@ def test_group_by_is_a_stable_sort(n_groups):
     assert torch.equal(grouped, rows[order])
     counts = torch.bincount(cols, minlength=n_groups)
     assert torch.equal(offsets, counts.cumsum(0) - counts)
+
+
+@pytest.mark.parametrize("d", [128, 77])
+def test_entry_dots_against_float64(d):
+    g = torch.Generator().manual_seed(d)
+    a, b = torch.randn(600, d, generator=g), torch.randn(300, d, generator=g)
+    rows = torch.arange(600).repeat_interleave(16)
+    cols = torch.randint(0, 300, (rows.numel(),), generator=g)
+    want = (a.double()[rows] * b.double()[cols]).sum(1)
+    before = torch.get_num_threads()
+    try:
+        got = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got.append(entry_dots(a, rows, b, cols))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got[0].double(), want, rtol=1e-5, atol=1e-5)
+    # one order of summation whatever the thread count: the same bits
+    assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])

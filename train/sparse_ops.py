@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..common.sparse_kernels import group_by, topk_entries
+from ..common.sparse_kernels import entry_dots, group_by, topk_entries
 
 
 class ByLatent:
@@ -83,7 +83,10 @@ class _SparseDecode(torch.autograd.Function):
     def backward(ctx, grad):
         vals, W_dec, cols, offsets = ctx.saved_tensors
         grad_vals = grad_W_dec = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and grad.device.type == "cpu":
+            # each entry's weight gets the dot product of its token's gradient and its latent's row
+            grad_vals = entry_dots(grad, ctx.by.rows, W_dec, cols.reshape(-1)).reshape(vals.shape)
+        elif ctx.needs_input_grad[0]:
             # the gradient of the entries' weights alone: embedding_bag's own backward, W_dec held fixed
             with torch.enable_grad():
                 v = vals.detach().requires_grad_()
