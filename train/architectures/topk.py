@@ -54,7 +54,7 @@ class TopKSAE(TrainingSAE):
     def _encode_sparse(self, x):
         xc = self.encoder_input(x).detach()
         with torch.no_grad():
-            pre = torch.addmm(self.b_enc, xc, self.W_enc)
+            pre = torch.addmm(self.b_enc, xc, self.W_enc, out=self._pre_buffer(xc.shape[0]))
         rows, cols, offsets, values = self._code(pre)
         flat_cols = cols.reshape(-1)
         values = values.reshape(-1)
@@ -62,6 +62,17 @@ class TopKSAE(TrainingSAE):
         pre_active = gather_pre(values, xc, self.W_enc, self.b_enc, self.input_bias(), by)
         vals = torch.relu(pre_active).reshape(cols.shape)
         return pre, xc, by, cols, offsets, vals
+
+    def _pre_buffer(self, rows: int) -> torch.Tensor:
+        """The pre-activations' matrix [rows, d_sae], reused from step to step: on the CPU a fresh one of
+        this size (tens of MB) is mapped anew each time, and writing it page by page costs over half as
+        much as the encoder's product. It lives for one step (the code's values and the AuxK input are
+        taken from it before the next)."""
+        shape = (rows, self.W_enc.shape[1])
+        buf = self.__dict__.get("_pre")
+        if buf is None or buf.shape != shape or buf.device != self.W_enc.device or buf.dtype != self.W_enc.dtype:
+            buf = self.__dict__["_pre"] = torch.empty(shape, device=self.W_enc.device, dtype=self.W_enc.dtype)
+        return buf
 
     def _aux_loss(self, x, x_hat, pre, xc, dead):
         """AuxK: the top aux_k dead latents (by pre-activation) reconstruct the residual x - x_hat
