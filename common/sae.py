@@ -75,9 +75,14 @@ def _encode_jumprelu(sae, x):
 def _encode_topk(sae, x):
     if sae.cfg.rescale_acts_by_decoder_norm:
         raise UserError("rescale_acts_by_decoder_norm SAEs are not supported")
-    pre = _pre(sae, x) + sae.b_enc
+    pre = _pre(sae, x)
+    pre += sae.b_enc
     vals, idx = topk_entries(pre, int(sae.cfg.k))
-    return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+    if pre.requires_grad:
+        return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+    # the pre-activations' own matrix holds the code: on the CPU each fresh matrix this size is mapped
+    # page by page, which costs over half as much as the encoder's product
+    return pre.zero_().scatter_(-1, idx, torch.relu(vals))
 
 
 def _encode_gated(sae, x):
