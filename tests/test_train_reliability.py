@@ -153,8 +153,8 @@ def crash_after_checkpoint(monkeypatch, store_url: str, sweep: dict, out: Path, 
     """Run a sweep that dies right after writing its checkpoint of `step` (last_words(trainer) runs first)."""
     original = trainer_module.Trainer.checkpoint
 
-    def checkpoint_then_die(self):
-        original(self)
+    def checkpoint_then_die(self, wait=True):
+        original(self)  # written and on disk before the crash
         if self.step == step:
             if last_words is not None:
                 last_words(self)

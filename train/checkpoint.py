@@ -145,10 +145,11 @@ def decode_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def save_checkpoint(out: Path, state: dict[str, Any], before_replace: Callable[[], None] | None = None) -> Path:
-    """Atomically replace out/checkpoint.safetensors with `state`."""
+def save_checkpoint(out: Path, state: "dict[str, Any] | bytes", before_replace: Callable[[], None] | None = None
+                    ) -> Path:
+    """Atomically replace out/checkpoint.safetensors with `state` (or the bytes encode_checkpoint made of it)."""
     path = Path(out) / CHECKPOINT
-    atomic_write(path, encode_checkpoint(state), before_replace)
+    atomic_write(path, state if isinstance(state, bytes) else encode_checkpoint(state), before_replace)
     return path
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from ..common.outputs import METRICS_FILE
 from ..common.progress import log, token_bar
 from ..common.seeding import generator
 
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint, write_error
+from .checkpoint import atomic_write, encode_checkpoint, load_checkpoint, save_checkpoint, write_error
 from .config import SAEConfig, SweepConfig
 from .loader import ActivationLoader
 from .architectures import TrainingSAE, build_sae
@@ -127,6 +128,10 @@ class Trainer:
         self.members = build_members(cfg, device)
         self.step = 0
         self.last_checkpoint_step: int | None = None
+        # the checkpoint being written: its file is written and flushed to disk on a thread of its own while
+        # training goes on (the state is encoded first, so later steps do not change it)
+        self._writer: ThreadPoolExecutor | None = None
+        self._writing: tuple[Future, int] | None = None
         self.train_seconds = 0.0
         self.lease = None  # the run folder's lease, checked before every checkpoint replaces the last one
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -171,15 +176,36 @@ class Trainer:
         log.info(f"resuming at step {self.step} of {self.cfg.n_steps}")
         return True
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, wait: bool = True) -> None:
+        """Replace the checkpoint with this step's state. wait=False returns once the state is encoded; the
+        file is written on a thread while training goes on, and the next checkpoint (or wait_for_checkpoint)
+        waits for it and raises its error, if any."""
         self.check_finite()
-        save_checkpoint(self.checkpoint_dir, self.state_dict(), self.lease.check if self.lease is not None else None)
-        self.last_checkpoint_step = self.step
+        self.wait_for_checkpoint()
+        data = encode_checkpoint(self.state_dict())
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="actcache-checkpoint")
+        check = self.lease.check if self.lease is not None else None
+        self._writing = (self._writer.submit(save_checkpoint, self.checkpoint_dir, data, check), self.step)
+        if wait:
+            self.wait_for_checkpoint()
+
+    def wait_for_checkpoint(self) -> None:
+        """Wait until the checkpoint being written is on disk (raising its error, if it failed)."""
+        if self._writing is not None:
+            future, step = self._writing
+            self._writing = None
+            future.result()
+            self.last_checkpoint_step = step
 
     def check_finite(self) -> None:
         for m in self.members:
             bad = int(m.first_bad)
             if bad >= 0:
+                try:
+                    self.wait_for_checkpoint()  # so that the message names the last checkpoint on disk
+                except UserError:
+                    pass
                 kept = (f"the last good checkpoint (step {self.last_checkpoint_step}) is kept in {self.out}"
                         if self.last_checkpoint_step is not None else "no checkpoint had been written yet")
                 raise UserError(f"SAE {m.cfg.name!r}: the loss became NaN or infinite at step {bad}; training "
@@ -208,12 +234,21 @@ class Trainer:
                 if self.step % every_ckpt == 0 and self.step < n_steps:
                     self.train_seconds += time.perf_counter() - t0
                     t0 = time.perf_counter()
-                    self.checkpoint()
+                    self.checkpoint(wait=False)
                 bar.update(cfg.batch_tokens)
+            self.train_seconds += time.perf_counter() - t0
+            self.checkpoint()
+        except BaseException:
+            try:  # whatever stopped training, the checkpoint being written is finished (or fails) first
+                self.wait_for_checkpoint()
+            except Exception:  # noqa: BLE001  (the error that stopped training is the one to report)
+                pass
+            raise
         finally:
             bar.close()
-        self.train_seconds += time.perf_counter() - t0
-        self.checkpoint()
+            if self._writer is not None:
+                self._writer.shutdown()
+                self._writer = None
 
     def _step_member(self, m: Member, batch: dict[str, torch.Tensor]):
         step = self.step
