@@ -10,6 +10,9 @@ that every side finds them in the page cache:
                compressed local chunk before CodedChunks, and how it decodes a remote one);
   decode_into  the same chunks decoded in order into one reused buffer (store.read_chunk_into): what
                the loader's readers do, the floor of decoding;
+  decode_convert  decode_into, each chunk then converted in order to scaled float32 in one reused
+               buffer: the floor of any loader that hands out float32 rows (no shuffle, no batches).
+               decode_convert / raw is the most a CPU loader can reach of the raw read (`ceiling`);
   loader       ActivationLoader with the trainer's defaults (batch 4096, window 8 chunks, 4 reader
                threads, special tokens left out, normalised float32 batches on the CPU), its steady
                state: an epoch's worth of batches after the first; with the CPU time of each of its threads (readers, window assembler, the
@@ -51,7 +54,7 @@ from benchmarks.saelens_loader_side import peak_rss_bytes  # the same measure on
 
 HOOK = "blocks.0.hook_resid_pre"
 ROOT = Path(__file__).resolve().parents[1]
-SIDES = ("raw", "raw_zarr", "decode_into", "loader", "saelens")
+SIDES = ("raw", "raw_zarr", "decode_into", "decode_convert", "loader", "saelens")
 WORK_PREFIX = "bench_loader_cpu_"
 
 
@@ -99,13 +102,17 @@ def child(side: str, store_url: str, hook: str, batch: int, window_chunks: int, 
         for j in range(n):
             store.read_chunk(hook, j)
         tokens = rows
-    elif side == "decode_into":
+    elif side in ("decode_into", "decode_convert"):
         r0, r1 = store.chunk_row_range(0)
-        buf = torch.empty((r1 - r0, store.manifest.hook(hook).d), dtype=torch.float16).numpy()
+        half = torch.empty((r1 - r0, store.manifest.hook(hook).d), dtype=torch.float16)
+        single = torch.empty(half.shape, dtype=torch.float32)
+        buf, convert, scale = half.numpy(), side == "decode_convert", 0.5  # any scale: the cost is the same
         c, w = time.process_time(), time.perf_counter()
         for j in range(n):
             a, b = store.chunk_row_range(j)
             store.read_chunk_into(hook, j, buf[:b - a])
+            if convert:
+                torch.mul(half[:b - a], scale, out=single[:b - a])
         tokens = rows
     elif side == "loader":
         loader = ActivationLoader(store, hook, batch, seed=0, window_chunks=window_chunks, threads=threads,
@@ -225,6 +232,12 @@ def run(tokens: int, rounds: int, work: Path, store_url: str | None, hook: str, 
                 ratios[f"loader / {other}, per {unit.replace('_s', '-second')}"] = _spread(
                     [(a["tokens"] / a[unit]) / (b["tokens"] / b[unit]) for a, b in zip(per["loader"], per[other])])
         result["summary"], result["ratios"] = summary, ratios
+        if "decode_convert" in per:
+            result["ceiling"] = {
+                "decode_convert / raw, per CPU-second": _spread(
+                    [(a["tokens"] / a["cpu_s"]) / (b["tokens"] / b["cpu_s"]) for a, b in zip(per["decode_convert"], per["raw"])]),
+                "note": "the most any loader of float32 rows on this CPU can reach of the raw read: it must at "
+                        "least decode every row (as the raw read does) and write it out as float32"}
         threads_cpu = [m["thread_cpu_s"] for m in per["loader"]]
         result["loader_profile"] = {
             "cpu_s_by_thread_role": {k: statistics.median(t.get(k, 0.0) for t in threads_cpu) for k in threads_cpu[0]},
