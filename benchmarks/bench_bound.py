@@ -236,13 +236,17 @@ def main(argv: list[str] | None = None) -> dict:
     configs = [tuple(int(v) for v in c.split("x")) for c in a.configs.split(",")] if a.configs else None
     work = Path(a.work or tempfile.mkdtemp(prefix="bench-bound-"))
     work.mkdir(parents=True, exist_ok=True)
-    store = a.store
-    if store is None:
-        plan0 = plan_for(a.steps, SYNTHETIC_HOOK, configs, a.batch_size)
-        tokens = parse_count(a.store_tokens) if a.store_tokens else plan0.sweep_tokens
-        store = synthetic_store(work / "bound.zarr", tokens, a.d_model)
-    plan = plan_for(a.steps, a.hook or SYNTHETIC_HOOK, configs, a.batch_size)
-    res = run(store, plan, [int(t) for t in a.threads.split(",")], a.rounds, work)
+    try:
+        store = a.store
+        if store is None:
+            plan0 = plan_for(a.steps, SYNTHETIC_HOOK, configs, a.batch_size)
+            tokens = parse_count(a.store_tokens) if a.store_tokens else plan0.sweep_tokens
+            store = synthetic_store(work / "bound.zarr", tokens, a.d_model)
+        plan = plan_for(a.steps, a.hook or SYNTHETIC_HOOK, configs, a.batch_size)
+        res = run(store, plan, [int(t) for t in a.threads.split(",")], a.rounds, work)
+    finally:
+        if a.work is None:  # the temporary folder is ours: the synthetic store and the sweep's output
+            shutil.rmtree(work, ignore_errors=True)
     res["command"] = "python -m benchmarks.bench_bound " + " ".join(argv if argv is not None else sys.argv[1:])
     res["date"] = time.strftime("%Y-%m-%d %H:%M")
     emit_result(res, a.out, indent=1)
