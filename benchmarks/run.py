@@ -602,11 +602,16 @@ def main(argv: list[str] | None = None) -> dict:
 def results_paths(results: Path, date: str, host: str, quick: bool, kind: str = "") -> dict[str, Path | None]:
     """Where a run's results go. A quick run is a smoke test: it goes under results/quick/ and never
     replaces latest.md (the full run docs/performance.md quotes) or latest-<kind>.md (a full run of a kind of
-    benchmark, e.g. the sweeps at batch 4096)."""
+    benchmark, e.g. the sweeps at batch 4096). A full run never replaces the report of an earlier one: a second
+    run the same day is `<stem>-run2`, then -run3 and so on (the docs quote reports by name)."""
     folder = results / "quick" if quick else results
     stem = f"{date}-{host}" + (f"-{kind}" if kind else "")
     latest = None if quick else results / (f"latest-{kind}.md" if kind else "latest.md")
-    return {"json": folder / f"{stem}.json", "md": folder / f"{stem}.md", "latest": latest}
+    name, n = stem, 1
+    while not quick and ((folder / f"{name}.json").exists() or (folder / f"{name}.md").exists()):
+        n += 1
+        name = f"{stem}-run{n}"
+    return {"json": folder / f"{name}.json", "md": folder / f"{name}.md", "latest": latest}
 
 
 def _command(a) -> str:

@@ -220,6 +220,22 @@ def test_saelens_side_trains_from_our_store_and_evaluates(tmp_path, saelens_pyth
     assert ev["explained_variance"] > 0.5, ev
 
 
+def test_a_second_full_run_the_same_day_keeps_the_first_report(tmp_path):
+    """The docs quote reports by file name: a later run the same day goes to -run2, -run3, never over them."""
+    first = br.results_paths(tmp_path, "2026-01-01", "h", quick=False, kind="sweep4096")
+    assert first["md"] == tmp_path / "2026-01-01-h-sweep4096.md"
+    first["md"].write_text("first")
+    second = br.results_paths(tmp_path, "2026-01-01", "h", quick=False, kind="sweep4096")
+    assert second["md"] == tmp_path / "2026-01-01-h-sweep4096-run2.md"
+    assert second["json"] == tmp_path / "2026-01-01-h-sweep4096-run2.json"
+    second["json"].write_text("{}")
+    assert br.results_paths(tmp_path, "2026-01-01", "h", quick=False, kind="sweep4096")["md"].name == \
+        "2026-01-01-h-sweep4096-run3.md"
+    assert br.results_paths(tmp_path, "2026-01-02", "h", quick=False, kind="sweep4096")["md"].name == \
+        "2026-01-02-h-sweep4096.md"
+    assert first["md"].read_text() == "first"
+
+
 def test_sweep4096_run_reports_the_sweeps_with_multi_sae_runner_and_keeps_its_own_latest():
     """`make bench-sweep4096` (sweeps only, batch 4096): SAELens's MultiSAETrainingRunner is a row,
     its SAEs are scored beside the others, and its full run has its own latest file, never latest.md."""
