@@ -3,14 +3,17 @@ at d_model 768) over a fixed number of tokens of a large store, against the enco
 memory against the bound the top-k structures set.
 
   rate     in one process, alternated, in CPU-seconds of the process: the SAE encoding the same
-           tokens already in memory (the limit), and `collect_top_contexts` as `actcache features`
-           runs it (read and decode each chunk, encode, keep the per-latent statistics);
+           tokens already in memory (the limit: `encode`, the dense code, and `encode_entries`, the
+           positive entries straight from the selection, which is what the pass asks of a TopK SAE), and
+           `collect_top_contexts` as `actcache features` runs it (read and decode each chunk, encode,
+           keep the per-latent statistics);
   memory   in a child process of its own: resident memory before the pass (interpreter, torch, the
            SAE's weights) and the peak during it, against
 
              accumulators  d_sae x (12 top + 8 n_bins + 20 n_groups per_group + 24) bytes
-             encode batch  B x d_sae x 4 bytes, about 3 alive (pre-activations, the top-k, the sparse
-                           result), B = max(128, min(8192, 2**26 // (4 d_sae))) rows
+             encode batch  B x d_sae x 4 bytes, at most 3 alive (pre-activations, the top-k, a dense
+                           code; a TopK SAE's entries need only the first), B = max(128, min(8192,
+                           2**26 // (4 d_sae))) rows
              chunks        3 x rows x d x 2 (the chunk in use, two read ahead) + rows x d x 4 (float32)
 
            (train/features/contexts.py, LatentAccumulator: the per-latent arrays; api.py: B, the read-ahead).
@@ -78,24 +81,33 @@ def rates(store_url: str, d_sae: int, k: int, tokens: int, rounds: int) -> dict:
             for name, s in saes.items():
                 s.encode(xs[hooks[name]][r:r + B])
 
+    def entries_only() -> None:
+        for r in range(0, n, B):
+            for name, s in saes.items():
+                s.encode_entries(xs[hooks[name]][r:r + B])
+
     def the_pass() -> None:
         collect_top_contexts(store, saes, hooks, (a, b), FeatureOptions(), "cpu")
 
     rows = []
+    sides = (("encode", encode_only), ("entries", entries_only), ("pass", the_pass))
     with torch.no_grad():
         for _ in range(rounds):
             row = {}
-            for name, fn in (("encode", encode_only), ("pass", the_pass)):
+            for name, fn in sides:
                 w, c = time.perf_counter(), time.process_time()
                 fn()
                 row[name] = {"wall": time.perf_counter() - w, "cpu": time.process_time() - c}
             rows.append(row)
-    best = {k_: {m: min(r[k_][m] for r in rows) for m in ("wall", "cpu")} for k_ in ("encode", "pass")}
+    best = {k_: {m: min(r[k_][m] for r in rows) for m in ("wall", "cpu")} for k_, _ in sides}
     return {"tokens": n, "d": d, "d_sae": d_sae, "k": k, "batch_rows": B, "torch_threads": torch.get_num_threads(),
             "rounds": rows, "best": best,
             "encode_tokens_per_cpu_s": n / best["encode"]["cpu"], "pass_tokens_per_cpu_s": n / best["pass"]["cpu"],
             "pass_fraction_of_encode_cpu": best["encode"]["cpu"] / best["pass"]["cpu"],
-            "pass_fraction_of_encode_wall": best["encode"]["wall"] / best["pass"]["wall"]}
+            "pass_fraction_of_encode_wall": best["encode"]["wall"] / best["pass"]["wall"],
+            "entries_tokens_per_cpu_s": n / best["entries"]["cpu"],
+            "pass_fraction_of_entries_cpu": best["entries"]["cpu"] / best["pass"]["cpu"],
+            "pass_fraction_of_entries_wall": best["entries"]["wall"] / best["pass"]["wall"]}
 
 
 def child_memory(argv: list[str]) -> None:

@@ -85,6 +85,19 @@ def _encode_topk(sae, x):
     return pre.zero_().scatter_(-1, idx, torch.relu(vals))
 
 
+def _entries_topk(sae, x):
+    """The positive entries of a TopK code, (rows, cols, values) by row then column, without its matrix."""
+    pre = _pre(sae, x)
+    pre += sae.b_enc
+    k = int(sae.cfg.k)
+    vals, idx = topk_entries(pre, k)
+    rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
+    order = torch.sort(rows * pre.shape[1] + idx.reshape(-1)).indices
+    rows, cols, vals = rows[order], idx.reshape(-1)[order], vals.reshape(-1)[order]
+    on = vals > 0
+    return rows[on], cols[on], vals[on]
+
+
 def _encode_gated(sae, x):
     pre = _pre(sae, x)
     active = (pre + sae.b_gate) > 0
@@ -97,6 +110,8 @@ INFERENCE_FORMS: dict[str, InferenceForm] = {}
 ENTRY_POINT_GROUP = "actcache.inference_forms"
 # the encoders of the forms below, for architectures that register forms of their own
 encode_relu, encode_jumprelu, encode_topk = _encode_standard, _encode_jumprelu, _encode_topk
+# encoders whose positive entries can be had without the dense code (SAE.encode_entries)
+_ENTRIES = {_encode_topk: _entries_topk}
 # weight names by form (a live view of INFERENCE_FORMS)
 WEIGHT_KEYS: dict[str, tuple[str, ...]] = {}
 
@@ -263,6 +278,17 @@ class SAE(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latent activations [..., d_sae] of activations x [..., d_in]."""
         return self.form.encode(self, x)
+
+    def encode_entries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The positive latent activations of activations x [B, d_in] as entries (rows, latents, values),
+        ordered by row then latent: what `(f > 0).nonzero()` and f at those places give for f = encode(x).
+        A TopK form's entries come from its selection directly, without the [B, d_sae] matrix."""
+        entries = _ENTRIES.get(self.form.encode)
+        if entries is not None and x.dim() == 2:
+            return entries(self, x)
+        f = self.encode(x)
+        r, c = (f > 0).nonzero(as_tuple=True)
+        return r, c, f[r, c]
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """The reconstruction [..., d_out] of latent activations f [..., d_sae] (d_out = d_in for an SAE;

@@ -133,6 +133,37 @@ def test_streaming_equals_brute_force_with_ties(qstore, batch_rows):
         assert got[name].n_tokens == sum(1 for t in qstore.tokens[a:b].reshape(-1) if t not in (1, 2))
 
 
+def test_topk_entries_feed_the_same_statistics_as_the_dense_code():
+    """collect_top_contexts takes a TopK SAE's positive entries from its selection (encode_entries),
+    without the dense code: the same entries as (f > 0).nonzero() of encode, and the same statistics."""
+    g = torch.Generator().manual_seed(3)
+    d, d_sae, k = 32, 512, 16
+    w = {"W_enc": torch.randn(d, d_sae, generator=g), "b_enc": torch.randn(d_sae, generator=g) - 3,
+         "W_dec": torch.randn(d_sae, d, generator=g), "b_dec": torch.zeros(d)}
+    sae = SAE(SAEConfig(architecture="topk", d_in=d, d_sae=d_sae, k=k, metadata=Metadata(hook_name=HOOK)), w)
+    dense, entries = LatentAccumulator(d_sae, top=5), LatentAccumulator(d_sae, top=5)
+    start, dropped = 0, 0
+    for rows in (300, 40, 257, 300):  # 40: fewer rows than the compiled selection takes
+        x = torch.randn(rows, d, generator=g) * 3
+        x[: rows // 2] *= 0.01  # rows near zero: b_enc alone, mostly negative, so some top-k entries are not > 0
+        token = torch.arange(start, start + rows)
+        start += rows
+        with torch.no_grad():
+            r, c, v = sae.encode_entries(x)
+            f = sae.encode(x)
+        r2, c2 = (f > 0).nonzero(as_tuple=True)
+        assert torch.equal(r, r2) and torch.equal(c, c2) and torch.equal(v, f[r2, c2])
+        dropped += rows * k - r.numel()  # top-k entries that are not positive are not activations
+        dense.update(f, token)
+        entries.update_entries(r, c, v, token)
+    assert dropped > 0
+    a, b = dense.result(), entries.result()
+    assert a.n_tokens == b.n_tokens == start
+    for name in ("count", "act_sum", "top_val", "top_idx", "hist_exp", "hist", "sample_key", "sample_val",
+                 "sample_idx"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
 def test_accumulator_rescales_like_a_final_histogram():
     """Values that grow by many powers of two across batches: bins and samples merge exactly."""
     g = torch.Generator().manual_seed(0)

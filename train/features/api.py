@@ -258,8 +258,7 @@ def collect_top_contexts(store: ActivationStore, saes: dict[str, SAE], hooks: di
             for r in range(0, rows.size, rows_per_batch):
                 t = token_index[r:r + rows_per_batch]
                 for name, sae in saes.items():
-                    f = sae.encode(xs[hooks[name]][r:r + rows_per_batch])
-                    acc[name].update(f, t)
+                    acc[name].update_entries(*sae.encode_entries(xs[hooks[name]][r:r + rows_per_batch]), t)
             bar.update(flat.size)
     bar.close()
     return {n: a_.result() for n, a_ in acc.items()}

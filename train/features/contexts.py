@@ -114,31 +114,46 @@ class LatentAccumulator:
     @torch.no_grad()
     def update(self, f: torch.Tensor, token: torch.Tensor) -> None:
         """f: latent activations [B, d_sae]; token: int64 [B], the store row of each activation."""
-        if f.device.type != "cpu" or torch.get_num_threads() == 1:
-            return self._update(f, token)
+        self._one_thread(self._update, f, token)
+
+    @torch.no_grad()
+    def update_entries(self, rows: torch.Tensor, lat: torch.Tensor, v: torch.Tensor, token: torch.Tensor) -> None:
+        """The same from the batch's positive activations alone (SAE.encode_entries): rows, lat, v [n] in
+        row-major order (by row, then latent), as `(f > 0).nonzero()` gives them; token: int64 [B]."""
+        self._one_thread(self._update_entries, rows, lat, v, token, None)
+
+    @staticmethod
+    def _one_thread(fn, *args) -> None:
+        if args[0].device.type != "cpu" or torch.get_num_threads() == 1:
+            return fn(*args)
         # on the CPU the bookkeeping is many small operations on the batch's non-zero entries:
         # one thread does them several times faster than a team that must meet at every one
         # (measured: 4-8x on a busy 2-core machine), and leaves the cores to the encoder
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            self._update(f, token)
+            fn(*args)
         finally:
             torch.set_num_threads(threads)
 
     def _update(self, f: torch.Tensor, token: torch.Tensor) -> None:
-        self.n_tokens += int(f.shape[0])
         r, lat = (f > 0).nonzero(as_tuple=True)
+        self._update_entries(r, lat, f[r, lat], token, f)
+
+    def _update_entries(self, r: torch.Tensor, lat: torch.Tensor, v: torch.Tensor, token: torch.Tensor,
+                        f: torch.Tensor | None) -> None:
+        """f, where the caller has it: the dense batch, for a shortcut when a batch has many candidates."""
+        self.n_tokens += int(token.shape[0])
         if lat.numel() == 0:
             return
-        v = f[r, lat].float()
+        v = v.float()
         t = token[r]
         fired = torch.bincount(lat, minlength=self.d)
         self.count += fired
         self.act_sum += torch.bincount(lat, weights=v.double(), minlength=self.d)
 
         # the histogram range: the smallest power of two above each latent's largest activation so far
-        bmax = torch.zeros(self.d, device=f.device).scatter_reduce_(0, lat, v, "amax")
+        bmax = torch.zeros(self.d, device=v.device).scatter_reduce_(0, lat, v, "amax")
         e_new = torch.frexp(bmax).exponent.long()  # bmax < 2**e_new
         need = (fired > 0) & (e_new > self.exp)
         if bool(need.any()):
@@ -152,7 +167,7 @@ class LatentAccumulator:
         self.hist.view(-1).index_add_(0, lat * self.n_bins + bins, torch.ones_like(bins))
 
         keep = v > self.top_val[lat, -1]  # strictly: an equal value comes later, so it ranks lower
-        if int(keep.sum()) > 4 * self.d * self.top and f.shape[0] > self.top:
+        if f is not None and int(keep.sum()) > 4 * self.d * self.top and f.shape[0] > self.top:
             # many candidates (the first batches): none below the batch's own k-th value can enter
             kth = f.topk(self.top, dim=0).values[-1]
             keep &= v >= kth[lat]
