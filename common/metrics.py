@@ -58,7 +58,9 @@ class Metrics:
         self.fired = None if d_sae is None else torch.zeros(int(d_sae), dtype=torch.float64)
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, x_hat: torch.Tensor, latents: torch.Tensor | None = None) -> None:
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, latents: torch.Tensor | None = None,
+               active: torch.Tensor | None = None) -> None:
+        """active: instead of latents, the latent of each non-zero entry of the batch's code (SAE.forward_entries)."""
         x_hat = x_hat.to(x.dtype)
         sx = x.sum(0).double().cpu()
         self.sum_x = sx if self.sum_x is None else self.sum_x + sx
@@ -79,6 +81,12 @@ class Metrics:
             self.l0 += float(torch.count_nonzero(latents))
             fired = (latents != 0).sum(0, dtype=torch.int32).double().cpu()
             self.fired = fired if self.fired is None else self.fired + fired
+        elif active is not None:
+            if self.fired is None:
+                raise ValueError("counting active latents needs Metrics(d_sae)")
+            self.l0 += float(active.numel())
+            fired = torch.bincount(active, minlength=self.fired.numel()).double().cpu()
+            self.fired = self.fired + fired
 
     @property
     def total_variance(self) -> float:

@@ -298,10 +298,27 @@ class SAE(nn.Module):
     def forward_with_activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(output [..., d_out], latent activations [..., d_sae]) of input activations x."""
         f = self.encode(x)
-        out = self.decode(f)
+        return self._with_skip(self.decode(f), x), f
+
+    @property
+    def sparse_code(self) -> bool:
+        """Whether encode_entries gets the code's entries without its dense matrix (the TopK forms)."""
+        return self.form.encode in _ENTRIES
+
+    def forward_entries(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(output [B, d_out], the code's positive entries (rows, latents, values)) of activations x [B, d_in]:
+        forward_with_activations without the dense code, the output summed over the active latents'
+        decoder rows (the same up to float rounding; for sparse codes, the TopK forms)."""
+        rows, cols, vals = self.encode_entries(x)
+        offsets = torch.searchsorted(rows, torch.arange(x.shape[0], device=rows.device))
+        out = torch.nn.functional.embedding_bag(cols, self.W_dec, offsets, mode="sum",
+                                                per_sample_weights=vals.to(self.W_dec.dtype)) + self.b_dec
+        return self._with_skip(out, x), (rows, cols, vals)
+
+    def _with_skip(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if "W_skip" in self.form.weight_keys:
             out = out + x.to(self.W_skip.dtype) @ self.W_skip.t()
-        return out, f
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_activations(x)[0]

@@ -117,6 +117,34 @@ def test_heldout_metrics_match_a_brute_force_computation(store_url):
     assert sum(h["counts"]) + h["never"] == sae.cfg.d_sae
 
 
+def test_a_topk_saes_sparse_forward_scores_as_its_dense_code(store_url):
+    """The sweep's final evaluation runs a TopK SAE without its dense code (forward_entries, Metrics(active=)):
+    the same counts exactly, the same reconstruction metrics up to float rounding, and both match float64."""
+    from actcache.common.metrics import Metrics
+
+    store = ActivationStore.open(store_url)
+    sae = make_sae("topk")
+    assert sae.sparse_code and not make_sae("random").sparse_code
+    ctx = store.manifest.context_size
+    x = torch.from_numpy(np.asarray(store.activations(HOOK)[100 * ctx:120 * ctx], dtype=np.float32))
+    with torch.no_grad():
+        out, (rows, cols, vals) = sae.forward_entries(x)
+        dense_out, f = sae.forward_with_activations(x)
+    assert torch.allclose(out, dense_out, rtol=1e-5, atol=1e-6)
+    dense, sparse = Metrics(sae.cfg.d_sae), Metrics(sae.cfg.d_sae)
+    dense.update(x, dense_out, f)
+    sparse.update(x, out, active=cols)
+    a, b = dense.result(), sparse.result()
+    for key in ("l0", "dead_fraction", "dense_fraction", "feature_density_histogram"):
+        assert a[key] == b[key], key
+    assert torch.equal(a["log10_density"], b["log10_density"])
+    xd, fd = x.double(), f.double()
+    xh = fd @ sae.W_dec.double() + sae.b_dec.double()
+    ev = float(1 - (xd - xh).pow(2).sum() / (xd - xd.mean(0)).pow(2).sum())
+    assert b["explained_variance"] == pytest.approx(ev, rel=1e-5)
+    assert b["l0"] == pytest.approx(float((fd != 0).sum(1).double().mean()))
+
+
 # ------------------------------------------------------------------------------------------ the CLI
 def _run_folder(tmp_path, store_url, saes, run_json):
     run = tmp_path / "run"

@@ -133,8 +133,12 @@ def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, dev
             for name, s in saes.items():
                 s.to(device)
                 hook, hook_out = hooks[name]
-                out, f = s.forward_with_activations(xs[hook])
-                acc[name].update(xs[hook_out], out, f)
+                if s.sparse_code:  # the TopK forms: no dense code, the output summed over the active rows
+                    out, (_, cols, _) = s.forward_entries(xs[hook])
+                    acc[name].update(xs[hook_out], out, active=cols)
+                else:
+                    out, f = s.forward_with_activations(xs[hook])
+                    acc[name].update(xs[hook_out], out, f)
                 s.to("cpu")
             bar.update(loader.batch_size)
     finally:
