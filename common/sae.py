@@ -72,12 +72,18 @@ def _encode_jumprelu(sae, x):
     return torch.relu(pre) * (pre > sae.threshold)
 
 
-def _encode_topk(sae, x):
+def _topk(sae, x):
+    """A TopK encoder's pre-activations and its k largest of each row: (pre, values, columns)."""
     if sae.cfg.rescale_acts_by_decoder_norm:
         raise UserError("rescale_acts_by_decoder_norm SAEs are not supported")
     pre = _pre(sae, x)
     pre += sae.b_enc
     vals, idx = topk_entries(pre, int(sae.cfg.k))
+    return pre, vals, idx
+
+
+def _encode_topk(sae, x):
+    pre, vals, idx = _topk(sae, x)
     if pre.requires_grad:
         return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
     # the pre-activations' own matrix holds the code: on the CPU each fresh matrix this size is mapped
@@ -87,11 +93,8 @@ def _encode_topk(sae, x):
 
 def _entries_topk(sae, x):
     """The positive entries of a TopK code, (rows, cols, values) by row then column, without its matrix."""
-    pre = _pre(sae, x)
-    pre += sae.b_enc
-    k = int(sae.cfg.k)
-    vals, idx = topk_entries(pre, k)
-    rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
+    pre, vals, idx = _topk(sae, x)
+    rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(idx.shape[1])
     order = torch.sort(rows * pre.shape[1] + idx.reshape(-1)).indices
     rows, cols, vals = rows[order], idx.reshape(-1)[order], vals.reshape(-1)[order]
     on = vals > 0
