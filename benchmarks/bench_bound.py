@@ -40,7 +40,7 @@ from actcache.common.store import ActivationStore
 from actcache.train import train_sweep
 from actcache.train.config import SweepConfig, load_config, resolve
 from actcache.train.loader import ActivationLoader
-from actcache.train.trainer import Trainer, build_members, optimise_member, output_hook
+from actcache.train.trainer import Trainer, build_members, each_member, optimise_member, output_hook
 from benchmarks.run import SWEEP4096, SWEEP4096_MODEL, Plan, sweep_toml
 from benchmarks.report import emit_result
 
@@ -100,8 +100,8 @@ def arithmetic(cfg: SweepConfig, batches: list[dict[str, torch.Tensor]], steps: 
                ) -> dict[str, float]:
     """The SAE arithmetic of the sweep alone, timed over its steps: per step and SAE the loss (forward),
     the backward, the SAE's gradient projection, clipping, the Adam step and the decoder renormalisation,
-    by the trainer's own optimise_member, without the trainer's bookkeeping; the SAEs start as the
-    trainer's (same seed, same b_dec)."""
+    by the trainer's own optimise_member, spread over the cores as the trainer spreads them (each_member),
+    without the trainer's bookkeeping; the SAEs start as the trainer's (same seed, same b_dec)."""
     device = torch.device("cpu")
     members = build_members(cfg, device)
     for m in members:
@@ -110,8 +110,8 @@ def arithmetic(cfg: SweepConfig, batches: list[dict[str, torch.Tensor]], steps: 
     t = clock()
     for step in range(cfg.n_steps if steps is None else steps):
         batch = batches[step]
-        for m in members:
-            optimise_member(m, batch, step, cfg.n_steps, not_dead[m.cfg.name], False)
+        each_member(lambda m: optimise_member(m, batch, step, cfg.n_steps, not_dead[m.cfg.name], False),
+                    members, device, cfg.batch_tokens)
     return since(t)
 
 

@@ -26,7 +26,9 @@ from ..common.seeding import generator
 
 from .checkpoint import atomic_write, encode_checkpoint, load_checkpoint, save_checkpoint, write_error
 from .config import SAEConfig, SweepConfig
+from .distributed import step_cost
 from .loader import ActivationLoader
+from .threads import each_on_cores
 from .architectures import TrainingSAE, build_sae
 
 AUX_REFRESH_STEPS = 25  # how often the host looks at whether any latent is dead (switches AuxK on)
@@ -111,6 +113,12 @@ def optimise_member(m: Member, batch: dict[str, torch.Tensor], step: int, n_step
     m.opt.step()
     m.sae.after_optimizer_step()
     return out, lr
+
+
+def each_member(fn, members: list[Member], device: torch.device, batch_tokens: int) -> list:
+    """[fn(m) for m in members], on a CPU the SAEs spread over its cores (train/threads.py), the
+    dearest step first."""
+    return each_on_cores(fn, members, device, cost=lambda m: step_cost(m.cfg, batch_tokens))
 
 
 class Trainer:
@@ -225,7 +233,8 @@ class Trainer:
                     for m in self.members:
                         m.sae.init_b_dec(batch[output_hook(m.cfg)])
                 logging = self.step % cfg.log_every_steps == 0 or self.step == n_steps - 1
-                outs = [self._step_member(m, batch) for m in self.members]
+                outs = each_member(lambda m: self._step_member(m, batch), self.members, self.device,
+                                   cfg.batch_tokens)
                 if logging:
                     self._log(batch, outs)
                 self.step += 1

@@ -1,0 +1,105 @@
+"""How the CPU's cores are shared among the SAEs of a sweep.
+
+torch runs each operation on a team of threads (`torch.get_num_threads()`). On the CPU a TopK SAE's
+step is a dense product followed by many short operations (the top-k selection, the regrouping of
+the active entries, sums over them): the team meets at the end of each, and its threads keep
+spinning on their cores for a while after it, where the next operation's own threads (the
+selection's) want to run. With several SAEs to step on the same batch there is a better split:
+each core steps whole SAEs, one after another, with torch at one thread, so that nothing waits
+for a team and no thread spins.
+
+Where an SAE's step runs does not change a bit of its result: each operation of a step gives the
+same bits at one thread as at several (tests/test_threads.py checks a sweep's steps both ways)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence, TypeVar
+
+import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch at one thread inside the block (the thread count is restored after it)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _workers(n: int) -> ThreadPoolExecutor:
+    """A pool of n threads, kept between calls; each runs torch at one thread."""
+    global _pool, _pool_size
+    with _lock:
+        if _pool is None or _pool_size != n:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(n, thread_name_prefix="actcache-sae",
+                                       initializer=torch.set_num_threads, initargs=(1,))
+            _pool_size = n
+        return _pool
+
+
+def each_on_cores(fn: Callable[[T], R], items: Sequence[T], device: torch.device,
+                  cost: Callable[[T], float] | None = None) -> list[R]:
+    """[fn(item) for item in items], the items spread over torch's threads on a CPU: each thread takes
+    the next item (the dearest first, by `cost`) and runs it with torch at one thread. One after
+    another, as torch would, on other devices, with one thread, or with a single item.
+
+    The items must not share state that fn changes. An exception raised by any item's fn is raised
+    here (the first in the items' order) once every started item has finished; items not started
+    yet are not run."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2 or len(items) < 2:
+        return [fn(item) for item in items]
+    n = min(threads, len(items))
+    order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost else list(range(len(items)))
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for i in order:
+        todo.put(i)
+    results: list = [None] * len(items)
+    errors: dict[int, BaseException] = {}
+    stop = threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results[i] = fn(items[i])
+            except BaseException as e:  # noqa: BLE001  (re-raised by the caller, below)
+                errors[i] = e
+                stop.set()
+
+    with one_torch_thread():
+        futures = [_workers(n - 1).submit(work) for _ in range(n - 1)]
+        try:
+            work()
+        finally:
+            try:  # the others finish the items they hold, whatever stopped this thread
+                for f in futures:
+                    f.result()
+            except BaseException:
+                stop.set()
+                raise
+    if errors:
+        raise errors[min(errors)]
+    return results
