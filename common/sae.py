@@ -93,10 +93,9 @@ def _encode_topk(sae, x):
 
 def _entries_topk(sae, x):
     """The positive entries of a TopK code, (rows, cols, values) by row then column, without its matrix."""
-    pre, vals, idx = _topk(sae, x)
+    pre, vals, idx = _topk(sae, x)  # the columns of each row ascending
     rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(idx.shape[1])
-    order = torch.sort(rows * pre.shape[1] + idx.reshape(-1)).indices
-    rows, cols, vals = rows[order], idx.reshape(-1)[order], vals.reshape(-1)[order]
+    cols, vals = idx.reshape(-1), vals.reshape(-1)
     on = vals > 0
     return rows[on], cols[on], vals[on]
 

@@ -12,7 +12,8 @@ threads as torch uses, each on its own block of rows, from a small thread pool: 
 own parallel loops beside torch's thread team made a training step several times slower on 2 cores.
 Other devices, dtypes and sizes use torch.topk.
 
-The set of columns is the same as torch.topk's (bar ties); their order within a row is ascending.
+The set of columns is the same as torch.topk's (bar ties); their order within a row is ascending
+(torch.topk's, where it is used, are sorted to match).
 
 Grouping by latent: a counting sort (stable: within a latent the entries keep their order), in place
 of torch.sort on the CPU."""
@@ -144,11 +145,14 @@ def _workers(n: int) -> ThreadPoolExecutor | None:
 
 def topk_entries(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest entries along the last dimension of `pre` ([rows, n]: (values [rows, k], columns
-    int64 [rows, k]); other shapes, devices and dtypes go to torch.topk).
+    int64 [rows, k]), the columns of each row in ascending order; other shapes, devices and dtypes go
+    to torch.topk, whose columns are then sorted).
 
     NaN ranks above every number, as in torch.topk."""
     if not _fast_path(pre, k):
-        return pre.topk(k, dim=-1, sorted=False)
+        values, cols = pre.topk(k, dim=-1, sorted=False)
+        cols, order = cols.sort(dim=-1)
+        return values.gather(-1, order), cols
     a = pre.contiguous().numpy()
     cols = torch.empty((pre.shape[0], k), dtype=torch.int64)
     values = torch.empty((pre.shape[0], k), dtype=pre.dtype)

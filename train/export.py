@@ -25,6 +25,7 @@ from .architectures import TrainingSAE
 from .config import SweepConfig
 from .flags import flags_of, short
 from .loader import ActivationLoader, held_out_ranges
+from .threads import each_on_cores
 from ..common.sae import SAE, SAELENS_FORMAT_VERSION, SPARSITY_FILENAME, Metadata, SAEConfig, write_safetensors
 
 # model specs this package loads that other tools know by another name: spec -> (hub name, GGUF file)
@@ -130,8 +131,9 @@ def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, dev
     try:
         for _ in range(n_batches):
             xs = loader.next_batches()
-            for name, s in saes.items():
-                s.to(device)
+
+            def one(name: str) -> None:
+                s = saes[name].to(device)
                 hook, hook_out = hooks[name]
                 if s.sparse_code:  # the TopK forms: no dense code, the output summed over the active rows
                     out, (_, cols, _) = s.forward_entries(xs[hook])
@@ -140,6 +142,9 @@ def evaluate(saes: dict[str, SAE], store: ActivationStore, cfg: SweepConfig, dev
                     out, f = s.forward_with_activations(xs[hook])
                     acc[name].update(xs[hook_out], out, f)
                 s.to("cpu")
+
+            # on a CPU the SAEs are spread over its cores, each with torch at one thread (train/threads.py)
+            each_on_cores(one, list(saes), device, cost=lambda name: saes[name].cfg.d_in * saes[name].cfg.d_sae)
             bar.update(loader.batch_size)
     finally:
         bar.close()
