@@ -10,7 +10,7 @@ from tests.conftest import make_sweep
 from tests.synthetic import make_store
 from actcache.train.architectures import ARCHITECTURES
 from actcache.train.config import load_config, resolve
-from actcache.train.threads import each_on_cores, one_torch_thread
+from actcache.train.threads import each_on_cores, one_torch_thread, spread_pays
 from actcache.train.trainer import build_members, each_member, optimise_member, output_hook
 from actcache.common.store import ActivationStore
 
@@ -104,6 +104,22 @@ def test_items_run_on_every_thread_and_in_order_of_the_items():
     assert out == [i * 10 for i in range(8)]
     assert len({name for name, _ in seen}) == 2, "both threads took items"
     assert all(t == 1 for _, t in seen), "each item ran with torch at one thread"
+
+
+def test_uneven_items_are_left_to_torchs_own_threads():
+    assert spread_pays([1] * 8, 2) and spread_pays([2, 2, 2, 2, 1, 1, 1, 1], 2) and spread_pays([1] * 8, 8)
+    assert not spread_pays([10, 1], 2)  # one SAE far dearer than the other: its core would do nearly all
+    assert not spread_pays([1] * 8, 16)  # fewer SAEs than threads: half the cores would idle
+    assert not spread_pays([1], 2) and not spread_pays([1, 1], 1)
+    seen = []
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = each_on_cores(lambda i: seen.append((threading.current_thread(), torch.get_num_threads())) or i,
+                            [0, 1], torch.device("cpu"), cost=lambda i: 10 if i == 0 else 1)
+    finally:
+        torch.set_num_threads(n)
+    assert out == [0, 1] and seen == [(threading.main_thread(), 2)] * 2
 
 
 def test_the_first_error_in_item_order_is_raised_and_threads_are_restored():
