@@ -44,14 +44,14 @@ def one_torch_thread() -> Iterator[None]:
 
 
 def _workers(n: int) -> ThreadPoolExecutor:
-    """A pool of n threads, kept between calls; each runs torch at one thread."""
+    """A pool of n threads, kept between calls. They run work only while torch is at one thread
+    (each_on_cores), and a thread's torch takes the count in force at its first operation: one."""
     global _pool, _pool_size
     with _lock:
         if _pool is None or _pool_size != n:
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(n, thread_name_prefix="actcache-sae",
-                                       initializer=torch.set_num_threads, initargs=(1,))
+            _pool = ThreadPoolExecutor(n, thread_name_prefix="actcache-sae")
             _pool_size = n
         return _pool
 
