@@ -1,20 +1,29 @@
 """The SAEs of a sweep spread over the CPU's cores: the same bits as stepping them one after another
-with torch's own threads, every architecture; errors and the thread count as a user relies on."""
+with torch's own threads, at any thread count, every architecture; errors and the thread count as a
+user relies on."""
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import make_sweep
+from tests.conftest import make_sweep, write_sweep
 from tests.synthetic import make_store
 from actcache.train.architectures import ARCHITECTURES
 from actcache.train.config import load_config, resolve
 from actcache.train.threads import each_on_cores, one_torch_thread, spread_pays
 from actcache.train.trainer import build_members, each_member, optimise_member, output_hook
+from actcache.common.outputs import WEIGHTS_FILENAME
 from actcache.common.store import ActivationStore
 
+ROOT = Path(__file__).resolve().parents[1]
+
 HOOK = "blocks.0.hook_resid_pre"
+OUT = "blocks.0.hook_mlp_out"
 SAES = [
     {"name": "relu", "architecture": "standard", "l1_coefficient": 0.5},
     {"name": "gated", "architecture": "gated", "l1_coefficient": 1.0},
@@ -23,38 +32,42 @@ SAES = [
     {"name": "topk-wide", "architecture": "topk", "k": 48, "expansion": 16},
     {"name": "batchtopk", "architecture": "batchtopk", "k": 24},
     {"name": "matryoshka", "architecture": "matryoshka_batchtopk", "k": 24, "matryoshka_widths": [128]},
+    {"name": "tc", "architecture": "transcoder", "hook_out": OUT, "l1_coefficient": 0.5},
+    {"name": "skip-tc", "architecture": "skip_transcoder", "hook_out": OUT, "l1_coefficient": 0.5},
+    {"name": "topk-tc", "architecture": "topk_transcoder", "hook_out": OUT, "k": 24},
+    {"name": "jump-tc", "architecture": "jumprelu_transcoder", "hook_out": OUT, "l0_coefficient": 0.5},
+    {"name": "jump-skip-tc", "architecture": "jumprelu_skip_transcoder", "hook_out": OUT, "l0_coefficient": 0.5},
 ]
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """Every architecture but the transcoders on one store, and batches large enough that torch and
-    the compiled kernels split their work over threads (1,024 tokens, d 64, up to 1,024 latents)."""
+    """Every architecture on one store, and batches large enough that torch and the compiled kernels
+    split their work over threads (1,024 tokens, d 64, up to 1,024 latents)."""
     root = tmp_path_factory.mktemp("threads")
-    make_store(root / "s.zarr", d=64, n_features=96, n_sequences=256, context_size=32, chunk_sequences=16)
+    make_store(root / "s.zarr", d=64, n_features=96, n_sequences=256, context_size=32, chunk_sequences=16,
+               hooks=(HOOK, OUT), maps={OUT: HOOK})
     store = ActivationStore.open(str(root / "s.zarr"))
     cfg = resolve(load_config(make_sweep(*SAES, defaults={"expansion": 8}, batch_tokens=1024, tokens=4096,
                                          seed=3)), store)
     gen = torch.Generator().manual_seed(0)
-    batches = [{HOOK: torch.randn(1024, 64, generator=gen) * 3 + 1} for _ in range(4)]
-    return cfg, batches
+    batches = [{h: torch.randn(1024, 64, generator=gen) * 3 + 1 for h in (HOOK, OUT)} for _ in range(4)]
+    return cfg, batches, str(root / "s.zarr")
 
 
 def test_every_architecture_of_the_sweep_is_here():
     names = {s["architecture"] for s in SAES}
-    assert names == {a for a, cls in ARCHITECTURES.items() if not getattr(cls, "transcoder", False)}
+    assert names == set(ARCHITECTURES)
 
 
 def _train(cfg, batches, spread: bool, threads: int) -> list[dict[str, torch.Tensor]]:
-    """The SAEs initialised at two threads (the initial scale's sums depend on the thread count), then
-    stepped at `threads`."""
+    """The sweep's SAEs initialised and stepped at `threads`, as the trainer does."""
     n = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     try:
         members = build_members(cfg, torch.device("cpu"))
         for m in members:
             m.sae.init_b_dec(batches[0][output_hook(m.cfg)])
-        torch.set_num_threads(threads)
         dead = {m.cfg.name: torch.rand(m.cfg.d_sae, generator=torch.Generator().manual_seed(1)) < 0.3
                 for m in members}
         for step, batch in enumerate(batches):
@@ -70,18 +83,40 @@ def _train(cfg, batches, spread: bool, threads: int) -> list[dict[str, torch.Ten
         torch.set_num_threads(n)
 
 
-def test_spread_over_cores_gives_the_bits_of_one_after_another(sweep):
-    cfg, batches = sweep
+def test_the_weights_are_the_same_at_any_thread_count_spread_or_not(sweep):
+    cfg, batches, _ = sweep
     alone_two = _train(cfg, batches, spread=False, threads=2)
     alone_one = _train(cfg, batches, spread=False, threads=1)
+    alone_three = _train(cfg, batches, spread=False, threads=3)
     spread = _train(cfg, batches, spread=True, threads=2)
-    for c, a, b, s in zip(cfg.saes, alone_two, alone_one, spread):
+    for c, a, b, t, s in zip(cfg.saes, alone_two, alone_one, alone_three, spread):
         for k in a:
-            assert torch.equal(a[k], b[k]), (c.name, k, "steps at two threads against one")
+            assert torch.equal(a[k], b[k]), (c.name, k, "two threads against one")
+            assert torch.equal(a[k], t[k]), (c.name, k, "two threads against three")
             assert torch.equal(a[k], s[k]), (c.name, k, "spread over the cores against one after another")
     # and training moved the weights (the comparison is not of untouched initial values)
     fresh = build_members(cfg, torch.device("cpu"))
     assert not torch.equal(fresh[3].sae.W_enc, spread[3]["W_enc"])
+
+
+def test_a_sweep_from_the_command_line_exports_the_same_weights_at_one_and_two_threads(sweep, tmp_path):
+    """`actcache train` in a fresh process at OMP_NUM_THREADS=1 and 2: byte-identical weight files (the
+    TopK SAEs spread over the cores at two threads, the standard one alone on torch's two threads)."""
+    cfg_path = write_sweep(make_sweep({"name": "topk", "architecture": "topk", "k": 24},
+                                      {"name": "topk-wide", "architecture": "topk", "k": 48, "expansion": 16},
+                                      {"name": "relu", "architecture": "standard", "l1_coefficient": 0.5},
+                                      defaults={"expansion": 8}, batch_tokens=1024, tokens=8192, seed=3,
+                                      eval_tokens=2048), tmp_path / "sweep.toml")
+    weights = {}
+    for threads in ("1", "2"):
+        out = tmp_path / f"out-{threads}"
+        proc = subprocess.run([sys.executable, "-m", "actcache", "train", sweep[2], "--config", str(cfg_path),
+                               "--out", str(out), "--no-progress"], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+        assert proc.returncode == 0, proc.stderr
+        weights[threads] = {p.parent.name: p.read_bytes() for p in out.glob(f"*/{WEIGHTS_FILENAME}")}
+    assert set(weights["1"]) == {"topk", "topk-wide", "relu"}
+    assert weights["1"] == weights["2"]
 
 
 def test_items_run_on_every_thread_and_in_order_of_the_items():

@@ -9,7 +9,7 @@ each core steps whole SAEs, one after another, with torch at one thread, so that
 for a team and no thread spins.
 
 Where an SAE's step runs does not change a bit of its result: each operation of a step gives the
-same bits at one thread as at several (tests/test_threads.py checks a sweep's steps both ways)."""
+same bits at one thread as at several (tests/test_threads.py checks every architecture both ways)."""
 
 from __future__ import annotations
 

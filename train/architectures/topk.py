@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..sparse_ops import ByLatent, gather_pre, sparse_decode, topk_code
@@ -46,10 +48,12 @@ class TopKSAE(TrainingSAE):
             return
         _, xc, by, cols, offsets, vals = self._encode_sparse(sample)
         recon = sparse_decode(cols, vals, offsets, self.W_dec, by)
-        # <recon, xc> is a sum of relu(p) * p >= 0: the factor is positive unless nothing fired
-        factor = (recon * xc).sum() / recon.pow(2).sum()
-        if torch.isfinite(factor) and factor > 0:
-            self.W_enc.mul_(factor)
+        # <recon, xc> is a sum of relu(p) * p >= 0: the factor is positive unless nothing fired. The sums
+        # are taken token by token, then exactly: torch sums a whole matrix in an order that depends on
+        # its thread count, and the weights would then too
+        num, den = _exact_sum((recon * xc).sum(1)), _exact_sum(recon.pow(2).sum(1))
+        if den > 0 and math.isfinite(num / den) and num / den > 0:
+            self.W_enc.mul_(num / den)
 
     def _encode_sparse(self, x):
         xc = self.encoder_input(x).detach()
@@ -122,3 +126,8 @@ class TopKSAE(TrainingSAE):
     def export_state(self, scale, scale_out=None):
         arch, extra, st = super().export_state(scale, scale_out)
         return arch, {**extra, "k": int(self.cfg.k), "rescale_acts_by_decoder_norm": False}, st
+
+
+def _exact_sum(v: torch.Tensor) -> float:
+    """The sum of a vector's values, correctly rounded (the same whatever the order or thread count)."""
+    return math.fsum(v.double().cpu().tolist())
