@@ -76,6 +76,7 @@ def features_page(folder: str) -> str:
 LOCK_SUFFIX = ".actcache-lock"
 # what publish() leaves only while it runs (a killed process may leave one: never an output)
 TEMP_MARK = ".actcache-tmp-"
+PROBE_MARK = f"{TEMP_MARK}probe-"  # the empty file a command creates and removes to see that it may write a folder
 
 
 def rank_dir(out: str | Path, rank: int, world: int) -> Path:
@@ -311,7 +312,7 @@ def owned_entries(out: str | Path, kind: Kind) -> tuple[list[Path], list[Path]]:
         if p.name.endswith(LOCK_SUFFIX):
             continue
         if kind is RUN:  # its SAE folders and features output hold only what actcache writes there, too
-            mine = (p.is_file() and p.name in RUN_FILES) or (p.is_dir() and not p.is_symlink() and (
+            mine = (p.is_file() and p.name in RUN_FILES) or _is_probe(p) or (p.is_dir() and not p.is_symlink() and (
                 ((p.name in sae_names or is_sae_folder(p)) and not _foreign_in_sae(p))
                 or (is_features(p) and not foreign_entries(p, FEATURES))
                 or p.name.startswith(RANK_DIR_PREFIX) or p.name.startswith(TEMP_MARK)))
@@ -324,8 +325,14 @@ def owned_entries(out: str | Path, kind: Kind) -> tuple[list[Path], list[Path]]:
 def _foreign_in_sae(folder: Path) -> bool:
     """Whether an SAE folder of a run holds anything besides the files actcache writes in it (a README
     a user added before sharing it, say)."""
-    return any(not (q.is_file() and not q.is_symlink() and q.name.removesuffix(".tmp") in SAE_FILES)
+    return any(not (q.is_file() and not q.is_symlink() and q.name.removesuffix(".tmp") in SAE_FILES) and not _is_probe(q)
                for q in folder.iterdir())
+
+
+def _is_probe(p: Path) -> bool:
+    """A probe file of probe_writable: there for an instant while another command starts (an eval that
+    was paused right then, say), and actcache's own."""
+    return p.name.startswith(PROBE_MARK) and p.is_file() and not p.is_symlink()
 
 
 def _inside(q: Path, kind: Kind) -> list[str]:
@@ -481,7 +488,7 @@ def probe_writable(folder: str | os.PathLike, what: str) -> None:
     an error after minutes of work."""
     folder = Path(folder)
     try:
-        fd, name = tempfile.mkstemp(prefix=f"{TEMP_MARK}probe-", dir=folder)
+        fd, name = tempfile.mkstemp(prefix=PROBE_MARK, dir=folder)
     except OSError as e:
         raise UserError(f"cannot write {what} in {folder} ({e.strerror or e}); make the folder writable or "
                         "copy it somewhere that is") from None

@@ -153,6 +153,23 @@ def test_a_users_file_in_a_runs_sae_folder_or_features_output_refuses_train_over
     assert not (run / "features").exists()
 
 
+def test_another_commands_write_probe_is_not_a_users_file(world, tmp_path):
+    """eval creates and removes a probe file in a run and its SAE folders before its work; a train
+    --overwrite that came at that instant called it a file actcache did not write, instead of naming
+    the eval that holds the run."""
+    import tempfile
+
+    run = tmp_path / "run"
+    shutil.copytree(world / "run", run)
+    for folder in (run, run / "t"):
+        fd, name = tempfile.mkstemp(prefix=outputs.PROBE_MARK, dir=folder)
+        os.close(fd)
+        assert outputs.owned_entries(run, outputs.RUN)[1] == [], folder
+        os.unlink(name)
+    (run / "t" / "notes.txt").write_text("keep")  # while a user's file still is
+    assert outputs.owned_entries(run, outputs.RUN)[1] == [run / "t"]
+
+
 def test_an_output_holding_a_users_files_is_not_replaced(kind, world, tmp_path, capfd):
     """A user's file or folder beside our own entries, or a link to elsewhere among them, refuses
     --overwrite of the whole output (a features output and a store lost them before)."""
