@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..threads import one_torch_thread
+
 NO_EXP = -(2**40)  # exponent of a latent that has not fired yet
 KEY_BITS = 40
 KEY_EMPTY = 2**KEY_BITS  # sample key of an empty slot (real keys are below it)
@@ -124,17 +126,13 @@ class LatentAccumulator:
 
     @staticmethod
     def _one_thread(fn, *args) -> None:
-        if args[0].device.type != "cpu" or torch.get_num_threads() == 1:
+        if args[0].device.type != "cpu":
             return fn(*args)
         # on the CPU the bookkeeping is many small operations on the batch's non-zero entries:
         # one thread does them several times faster than a team that must meet at every one
         # (measured: 4-8x on a busy 2-core machine), and leaves the cores to the encoder
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_torch_thread():
             fn(*args)
-        finally:
-            torch.set_num_threads(threads)
 
     def _update(self, f: torch.Tensor, token: torch.Tensor) -> None:
         r, lat = (f > 0).nonzero(as_tuple=True)
