@@ -26,10 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from .pools import kept_pool
+
 _lock = threading.Lock()
 _kernels: dict = {}
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
 
 
 def _compile() -> dict:
@@ -132,15 +132,7 @@ def _fast_path(pre: torch.Tensor, k: int) -> bool:
 
 def _workers(n: int) -> ThreadPoolExecutor | None:
     """A pool of n - 1 threads (the caller's is the n-th), kept between calls."""
-    global _pool, _pool_size
-    if n <= 1:
-        return None
-    with _lock:
-        if _pool is None or _pool_size != n - 1:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool, _pool_size = ThreadPoolExecutor(n - 1, thread_name_prefix="actcache-topk"), n - 1
-        return _pool
+    return kept_pool("topk", n - 1) if n > 1 else None
 
 
 def topk_entries(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,12 +21,10 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
+from ..common.pools import kept_pool
+
 T = TypeVar("T")
 R = TypeVar("R")
-
-_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
 
 
 @contextmanager
@@ -46,14 +44,7 @@ def one_torch_thread() -> Iterator[None]:
 def _workers(n: int) -> ThreadPoolExecutor:
     """A pool of n threads, kept between calls. They run work only while torch is at one thread
     (each_on_cores), and a thread's torch takes the count in force at its first operation: one."""
-    global _pool, _pool_size
-    with _lock:
-        if _pool is None or _pool_size != n:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(n, thread_name_prefix="actcache-sae")
-            _pool_size = n
-        return _pool
+    return kept_pool("sae", n)
 
 
 # Spreading pays where the items fill the threads evenly enough: the dearest-first schedule must end
